@@ -1,0 +1,105 @@
+"""Whisper-compatible log-mel features in torch (CPU or GPU).
+
+Matches `transformers.WhisperFeatureExtractor` (its torch branch) value for value: periodic Hann
+window, centred reflect-padded STFT, power spectrum without the last frame, Slaney mel filters,
+log10 with a floor 8 decades below each example's maximum, then (x + 4) / 4.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import CheckpointMismatchError
+
+LOG_FLOOR = 1e-10  # power floor before log10
+DYNAMIC_RANGE = 8.0  # decades kept below each example's maximum
+
+
+@dataclass(frozen=True)
+class FeatureConfig:
+    """The fields of Whisper's `preprocessor_config.json` that shape the features."""
+
+    sampling_rate: int = 16_000  # Hz
+    n_fft: int = 400  # samples (25 ms)
+    hop_length: int = 160  # samples (10 ms)
+    feature_size: int = 128  # mel bins
+    chunk_length: int = 30  # seconds per window
+
+    @property
+    def samples_per_window(self) -> int:
+        return self.sampling_rate * self.chunk_length
+
+    @classmethod
+    def from_file(cls, path: Path) -> FeatureConfig:
+        try:
+            raw = json.loads(path.read_text())
+            return cls(**{k: int(raw[k]) for k in ("sampling_rate", "n_fft", "hop_length", "feature_size",
+                                                    "chunk_length")})
+        except FileNotFoundError:
+            raise
+        except (KeyError, TypeError, ValueError) as e:
+            raise CheckpointMismatchError(f"{path}: not a Whisper preprocessor config ({e})") from e
+
+
+def _hz_to_mel(hz: np.ndarray) -> np.ndarray:
+    """Slaney mel scale: linear below 1 kHz, logarithmic above."""
+    hz = np.asarray(hz, dtype=np.float64)
+    f_sp = 200.0 / 3.0
+    min_log_hz, logstep = 1000.0, math.log(6.4) / 27.0
+    mel = hz / f_sp
+    log_region = hz >= min_log_hz
+    mel[log_region] = min_log_hz / f_sp + np.log(hz[log_region] / min_log_hz) / logstep
+    return mel
+
+
+def _mel_to_hz(mel: np.ndarray) -> np.ndarray:
+    mel = np.asarray(mel, dtype=np.float64)
+    f_sp = 200.0 / 3.0
+    min_log_hz, logstep = 1000.0, math.log(6.4) / 27.0
+    min_log_mel = min_log_hz / f_sp
+    hz = mel * f_sp
+    log_region = mel >= min_log_mel
+    hz[log_region] = min_log_hz * np.exp(logstep * (mel[log_region] - min_log_mel))
+    return hz
+
+
+def mel_filters(cfg: FeatureConfig) -> np.ndarray:
+    """Slaney-normalised triangular filters, shape (n_fft // 2 + 1, n_mels), float64."""
+    n_freqs = cfg.n_fft // 2 + 1
+    fft_hz = np.linspace(0.0, cfg.sampling_rate / 2, n_freqs)
+    edges_mel = np.linspace(_hz_to_mel(np.array([0.0]))[0],
+                            _hz_to_mel(np.array([cfg.sampling_rate / 2]))[0], cfg.feature_size + 2)
+    edges_hz = _mel_to_hz(edges_mel)
+    widths = np.diff(edges_hz)
+    slopes = edges_hz[None, :] - fft_hz[:, None]  # (n_freqs, n_mels + 2)
+    rising = -slopes[:, :-2] / widths[:-1]
+    falling = slopes[:, 2:] / widths[1:]
+    filters = np.maximum(0.0, np.minimum(rising, falling))
+    return filters * (2.0 / (edges_hz[2:] - edges_hz[:-2]))[None, :]
+
+
+class LogMel:
+    """Callable turning (B, n_samples) float32 audio into (B, n_mels, n_samples // hop) features."""
+
+    def __init__(self, cfg: FeatureConfig, device: torch.device | str = "cpu") -> None:
+        self.cfg = cfg
+        self.device = torch.device(device)
+        self.window = torch.hann_window(cfg.n_fft, device=self.device)
+        self.filters = torch.from_numpy(mel_filters(cfg)).to(self.device, torch.float32)
+
+    def __call__(self, audio: torch.Tensor) -> torch.Tensor:
+        """audio: (B, N) float32 at cfg.sampling_rate -> log-mel (B, n_mels, N // hop)."""
+        audio = audio.to(self.device, torch.float32)
+        spec = torch.stft(audio, self.cfg.n_fft, self.cfg.hop_length, window=self.window, return_complex=True)
+        power = spec[..., :-1].abs() ** 2  # (B, n_freqs, frames)
+        mel = self.filters.T @ power  # (B, n_mels, frames)
+        log = torch.clamp(mel, min=LOG_FLOOR).log10()
+        peak = log.amax(dim=(1, 2), keepdim=True)
+        log = torch.maximum(log, peak - DYNAMIC_RANGE)
+        return (log + 4.0) / 4.0

@@ -1,0 +1,1 @@
+"""Writers of tiny random checkpoints in the official on-disk formats, for tests and `glmvoice selftest`."""

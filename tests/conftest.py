@@ -1,0 +1,52 @@
+"""Shared test setup: seeded, single-threaded torch, an isolated GLMVOICE_HOME, the golden folder."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def golden_dir() -> Path | None:
+    """The golden fixture folder, or None where a user's fresh clone simply lacks it.
+
+    In CI (``CI`` set) or when ``GLMVOICE_GOLDEN_DIR`` is given, a missing folder is a failure,
+    never a skip.
+    """
+    explicit = os.environ.get("GLMVOICE_GOLDEN_DIR")
+    path = Path(explicit) if explicit else REPO_ROOT.parent / "shared" / "golden"
+    if path.is_dir():
+        return path
+    if explicit or os.environ.get("CI"):
+        pytest.fail(f"golden fixtures not found at {path} (GLMVOICE_GOLDEN_DIR / CI is set)")
+    return None
+
+
+@pytest.fixture(scope="session")
+def golden() -> Path:
+    path = golden_dir()
+    if path is None:
+        pytest.skip("no golden fixture folder (set GLMVOICE_GOLDEN_DIR)")
+    return path
+
+
+@pytest.fixture(autouse=True)
+def _isolated_env(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Never touch the user's cache or the network from a test."""
+    home = tmp_path_factory.mktemp("glmvoice_home")
+    monkeypatch.setenv("GLMVOICE_HOME", str(home))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.delenv("GLMVOICE_DEBUG", raising=False)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _torch_threads() -> None:
+    """Numerical results move slightly with the thread count: pin it (the fixtures used 2)."""
+    try:
+        import torch
+    except ImportError:  # pragma: no cover - torch is a hard dependency
+        return
+    torch.set_num_threads(2)

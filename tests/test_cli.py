@@ -1,0 +1,106 @@
+"""The CLI shell: instant --help/--version without torch, one-line errors, `tokenize`."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+from typer.testing import CliRunner
+
+from glmvoice_cli import __version__
+from glmvoice_cli.cli import app
+from glmvoice_cli.tiny.tokenizer import write_tiny_tokenizer
+
+runner = CliRunner()
+
+
+def run_module(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "glmvoice_cli", *args], capture_output=True, text=True,
+                          timeout=120)
+
+
+@pytest.mark.parametrize("args", [["--help"], ["--version"], ["tokenize", "--help"]])
+def test_help_and_version_import_neither_torch_nor_sounddevice(args: list[str]) -> None:
+    code = ("import sys; from glmvoice_cli.cli import app\n"
+            f"try:\n    app({args!r})\nexcept SystemExit as e:\n    assert e.code in (0, None), e.code\n"
+            "heavy = [m for m in ('torch', 'sounddevice', 'transformers') if m in sys.modules]\n"
+            "assert not heavy, heavy\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+
+
+def test_version() -> None:
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0
+    assert result.stdout.strip() == f"glmvoice {__version__}"
+
+
+@pytest.fixture(scope="module")
+def tiny_tok(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_tiny_tokenizer(tmp_path_factory.mktemp("tok"))
+
+
+@pytest.fixture()
+def wavs(tmp_path: Path) -> list[Path]:
+    rng = np.random.default_rng(0)
+    paths = []
+    for i, (seconds, rate, channels) in enumerate([(1.0, 16_000, 1), (2.0, 44_100, 2)]):
+        path = tmp_path / f"a{i}.wav"
+        sf.write(path, 0.2 * rng.standard_normal((int(seconds * rate), channels)), rate, subtype="PCM_16")
+        paths.append(path)
+    return paths
+
+
+def test_tokenize_plain_and_json(tiny_tok: Path, wavs: list[Path]) -> None:
+    single = runner.invoke(app, ["tokenize", str(wavs[0]), "--tokenizer", str(tiny_tok)])
+    assert single.exit_code == 0, single.output
+    ids = [int(x) for x in single.stdout.split()]
+    assert len(ids) == 13  # ceil(16000 / 1280)
+
+    result = runner.invoke(app, ["tokenize", *map(str, wavs), "--tokenizer", str(tiny_tok), "--json"])
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [r["file"] for r in rows] == [str(w) for w in wavs]
+    assert [len(r["tokens"]) for r in rows] == [13, 25]
+    assert [r["seconds"] for r in rows] == [1.0, 2.0]
+    assert rows[0]["tokens"] == ids
+
+    multi = runner.invoke(app, ["tokenize", *map(str, wavs), "--tokenizer", str(tiny_tok)])
+    assert multi.stdout.splitlines()[0] == f"{wavs[0]}: {' '.join(map(str, ids))}"
+
+
+@pytest.mark.parametrize(
+    "make_args, message",
+    [
+        (lambda tok, tmp: ["tokenize", str(tmp / "missing.wav"), "--tokenizer", str(tok)], "not found"),
+        (lambda tok, tmp: ["tokenize", str(tmp / "a0.wav")], "--tokenizer"),
+        (lambda tok, tmp: ["tokenize", str(tmp / "a0.wav"), "--tokenizer", str(tmp / "nowhere")], "folder not found"),
+        (lambda tok, tmp: ["tokenize", str(tmp / "junk.wav"), "--tokenizer", str(tok)], "not a readable audio"),
+        (lambda tok, tmp: ["tokenize", str(tmp / "a0.wav"), "--tokenizer", str(tok), "--device", "cuda:7"], "CUDA"),
+    ],
+)
+def test_tokenize_errors_are_one_line(tiny_tok: Path, wavs: list[Path], tmp_path: Path, make_args, message) -> None:
+    (tmp_path / "junk.wav").write_text("this is not audio\n")
+    result = runner.invoke(app, make_args(tiny_tok, tmp_path))
+    assert result.exit_code != 0
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.stderr
+
+
+def test_errors_via_the_real_entry_point_have_no_traceback(tmp_path: Path) -> None:
+    done = run_module("tokenize", str(tmp_path / "missing.wav"), "--tokenizer", str(tmp_path))
+    assert done.returncode == 2
+    assert "Traceback" not in done.stderr
+    assert done.stderr.strip().startswith("error: audio file not found")
+
+
+def test_debug_shows_the_traceback(tmp_path: Path) -> None:
+    done = run_module("--debug", "tokenize", str(tmp_path / "missing.wav"), "--tokenizer", str(tmp_path))
+    assert done.returncode != 0
+    assert "Traceback" in done.stderr and "AudioError" in done.stderr
