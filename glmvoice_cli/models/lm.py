@@ -1,0 +1,278 @@
+"""VoiceLM: streaming interleaved text + audio generation from GLM-4-Voice.
+
+`VoiceLM.stream(conversation, user_input)` is a generator of typed events, one per sampled token:
+`TextPiece` (text, whole UTF-8 characters only), `AudioTokens` (speech-tokenizer indices for the
+decoder) and finally `TurnEnd` with its reason. The caller owns the `Conversation`: its token-id
+history and the KV cache that goes with it. A new turn only prefills what the cache lacks; a
+cut-short turn is trimmed with `Conversation.keep_heard` so that the history holds only what the user
+actually heard.
+"""
+
+from __future__ import annotations
+
+import inspect
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from glmvoice_cli.models.prompts import InputMode, UserInput, turn_ids
+from glmvoice_cli.models.text_tokenizer import USER, TextStreamDecoder, TextTokenizer
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import GlmForCausalLM
+
+    from glmvoice_cli.models.lm_checkpoint import LoadOptions
+
+DEFAULT_TEMPERATURE = 0.2  # official web demo defaults
+DEFAULT_TOP_P = 0.8
+DEFAULT_MAX_NEW_TOKENS = 2000  # ~2.5 min of interleaved answer
+
+
+@dataclass(frozen=True)
+class GenerationOptions:
+    temperature: float = DEFAULT_TEMPERATURE  # 0 means greedy
+    top_p: float = DEFAULT_TOP_P  # nucleus mass kept; 1.0 disables
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
+    seed: int | None = None  # a fixed seed makes a turn reproducible on the same device
+
+
+class StopReason(str, Enum):
+    USER = "user"  # the model emitted <|user|>: its normal end of turn
+    EOS = "eos"  # <|endoftext|> or <|observation|>
+    MAX_TOKENS = "max_tokens"
+    CANCELLED = "cancelled"  # the cancel flag was set (barge-in)
+
+
+@dataclass(frozen=True)
+class TextPiece:
+    text: str  # may be '' while a multi-byte character is incomplete
+    token_id: int
+
+
+@dataclass(frozen=True)
+class AudioTokens:
+    indices: tuple[int, ...]  # speech-tokenizer indices in [0, n_audio_tokens)
+
+
+@dataclass(frozen=True)
+class TurnEnd:
+    reason: StopReason
+    n_generated: int  # tokens of this turn kept in the history (the stop token excluded)
+
+
+LMEvent = TextPiece | AudioTokens | TurnEnd
+
+
+@dataclass
+class Conversation:
+    """Token-id history and its KV cache. Create with `VoiceLM.new_conversation`."""
+
+    system_mode: InputMode | None = None  # set by the first turn
+    ids: list[int] = field(default_factory=list)  # committed history
+    cache: Any = None  # a transformers Cache holding exactly `cached_ids`
+    cached_ids: list[int] = field(default_factory=list)
+    last_output_start: int | None = None  # where the last answer begins in `ids`
+    last_prefill_tokens: int = 0  # how many ids the last prefill actually ran through the model
+
+    @property
+    def last_output(self) -> list[int]:
+        return [] if self.last_output_start is None else self.ids[self.last_output_start :]
+
+    def keep_heard(self, n_tokens: int) -> None:
+        """Keep only the first `n_tokens` of the last answer (what the user heard before barge-in)."""
+        if self.last_output_start is None:
+            raise ValueError("no answer to trim")
+        if not 0 <= n_tokens <= len(self.last_output):
+            raise ValueError(f"n_tokens {n_tokens} outside [0, {len(self.last_output)}]")
+        del self.ids[self.last_output_start + n_tokens :]
+        _crop_cache(self, common_prefix_length(self.cached_ids, self.ids))
+
+
+def tokens_through_audio(output: list[int], tokenizer: TextTokenizer, n_audio: int) -> int:
+    """How many answer tokens to keep so that exactly the first `n_audio` audio tokens are kept.
+
+    The text interleaved before the last heard audio token is kept, the text after it is not.
+    """
+    if n_audio <= 0:
+        return 0
+    seen = 0
+    for position, token_id in enumerate(output):
+        if tokenizer.is_audio(token_id):
+            seen += 1
+            if seen == n_audio:
+                return position + 1
+    return len(output)
+
+
+def common_prefix_length(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
+
+
+def _crop_cache(conv: Conversation, length: int) -> None:
+    if length >= len(conv.cached_ids):
+        return
+    if length == 0 or conv.cache is None:
+        conv.cache, conv.cached_ids = None, []
+        return
+    conv.cache.crop(length - len(conv.cached_ids))  # a negative count removes tokens from the end
+    del conv.cached_ids[length:]
+
+
+class VoiceLM:
+    """A GlmForCausalLM plus its tokenizer, generating one token at a time with an explicit cache."""
+
+    def __init__(self, model: GlmForCausalLM, tokenizer: TextTokenizer) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.user_id = tokenizer.token_id(USER)
+        # transformers 5.x renamed `past_key_values` to `cache`; accept both.
+        params = inspect.signature(model.forward).parameters
+        self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
+
+    @classmethod
+    def from_folder(cls, folder: Path, options: LoadOptions | None = None) -> VoiceLM:
+        """Load an official ChatGLM-format checkpoint folder (weights, config and tokenizer)."""
+        from glmvoice_cli.models.lm_checkpoint import load_lm
+
+        return cls(load_lm(folder, options), TextTokenizer.from_folder(folder))
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.get_input_embeddings().weight.device
+
+    def new_conversation(self) -> Conversation:
+        return Conversation()
+
+    # ------------------------------------------------------------------ forward
+
+    def prefill(self, conv: Conversation, ids: list[int]) -> torch.Tensor:
+        """Run `conv.ids + ids` through the model, reusing the cache; logits of the last position [V].
+
+        `ids` are appended to the history. Only the part the cache lacks is computed
+        (`conv.last_prefill_tokens` says how much).
+        """
+        import torch
+        from transformers import DynamicCache
+
+        conv.ids.extend(ids)
+        if not conv.ids:
+            raise ValueError("nothing to prefill")
+        keep = common_prefix_length(conv.cached_ids, conv.ids)
+        keep = min(keep, len(conv.ids) - 1)  # always feed at least one id to get fresh logits
+        _crop_cache(conv, keep)
+        if conv.cache is None:
+            conv.cache = DynamicCache(config=self.model.config)
+        todo = conv.ids[len(conv.cached_ids) :]
+        conv.last_prefill_tokens = len(todo)
+        return self._forward(conv, torch.tensor([todo], device=self.device))
+
+    def _forward(self, conv: Conversation, ids: torch.Tensor) -> torch.Tensor:
+        """ids [1, T] -> logits [V] (fp32) of the last position; the cache grows by T."""
+        import torch
+
+        with torch.no_grad():
+            out = self.model(
+                input_ids=ids, use_cache=True, logits_to_keep=1, **{self._cache_kwarg: conv.cache}
+            )
+        conv.cached_ids.extend(ids[0].tolist())
+        logits = out.logits[0, -1].float()
+        logits[self.tokenizer.vocab_size :] = float("-inf")  # padded embedding rows are never tokens
+        return logits
+
+    # ------------------------------------------------------------------ generation
+
+    def stream(
+        self,
+        conv: Conversation,
+        user: UserInput,
+        options: GenerationOptions | None = None,
+        cancel: threading.Event | None = None,
+    ) -> Iterator[LMEvent]:
+        """Answer one user turn, yielding an event per sampled token and a final TurnEnd.
+
+        The answer is committed to `conv` as it is generated (also if the consumer stops early);
+        the stop token is not, since the next turn starts with <|user|> anyway.
+        """
+        options = options or GenerationOptions()
+        new_ids = turn_ids(self.tokenizer, user, conv.system_mode)
+        if conv.system_mode is None:
+            conv.system_mode = user.mode
+        if cancel is not None and cancel.is_set():
+            conv.ids.extend(new_ids)
+            conv.last_output_start = len(conv.ids)
+            yield TurnEnd(StopReason.CANCELLED, 0)
+            return
+        logits = self.prefill(conv, new_ids)
+        conv.last_output_start = len(conv.ids)
+        yield from self._sample_loop(conv, logits, options, cancel)
+
+    def _sample_loop(
+        self,
+        conv: Conversation,
+        logits: torch.Tensor,
+        options: GenerationOptions,
+        cancel: threading.Event | None,
+    ) -> Iterator[LMEvent]:
+        import torch
+
+        generator = _make_generator(self.device, options.seed)
+        text = TextStreamDecoder(self.tokenizer)
+        eos = self.tokenizer.eos_ids
+        for n in range(options.max_new_tokens):
+            if cancel is not None and cancel.is_set():
+                yield from self._finish(conv, text, StopReason.CANCELLED)
+                return
+            token_id = sample_token(logits, options.temperature, options.top_p, generator)
+            if token_id in eos:
+                reason = StopReason.USER if token_id == self.user_id else StopReason.EOS
+                yield from self._finish(conv, text, reason)
+                return
+            conv.ids.append(token_id)
+            if self.tokenizer.is_audio(token_id):
+                yield AudioTokens((self.tokenizer.audio_index(token_id),))
+            else:
+                yield TextPiece(text.push(token_id), token_id)
+            if n + 1 < options.max_new_tokens:
+                logits = self._forward(conv, torch.tensor([[token_id]], device=self.device))
+        yield from self._finish(conv, text, StopReason.MAX_TOKENS)
+
+    def _finish(self, conv: Conversation, text: TextStreamDecoder, reason: StopReason) -> Iterator[LMEvent]:
+        tail = text.flush()
+        if tail:
+            yield TextPiece(tail, -1)
+        yield TurnEnd(reason, len(conv.last_output))
+
+
+def _make_generator(device: torch.device, seed: int | None) -> torch.Generator:
+    import torch
+
+    generator = torch.Generator(device=device)
+    if seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(seed)
+    return generator
+
+
+def sample_token(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator) -> int:
+    """logits [V] -> one id: greedy at temperature 0, else temperature then nucleus (top-p) sampling."""
+    import torch
+
+    if temperature <= 0:
+        return int(logits.argmax())
+    probs = torch.softmax(logits / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_probs, order = probs.sort(descending=True)
+        # keep a token while the mass before it is below top_p; the top token always stays
+        before = sorted_probs.cumsum(0) - sorted_probs
+        sorted_probs[before >= top_p] = 0.0
+        probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
+    return int(torch.multinomial(probs, 1, generator=generator))

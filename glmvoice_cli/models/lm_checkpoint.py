@@ -1,0 +1,377 @@
+"""Load the official ChatGLM-format GLM-4-Voice checkpoint into `transformers.GlmForCausalLM`.
+
+The official folder (THUDM/glm-4-voice-9b) holds a `model_type: chatglm` config.json, safetensors
+shards with `transformer.*` keys and `auto_map` entries pointing at Python files we never run. We map
+the config fields onto `GlmConfig` and each official tensor onto its native key(s) while the shards
+stream in: the model is built on the meta device and every parameter is filled in place, so a 9B
+model never holds a second full copy in memory.
+
+Every file, key and shape is checked against the config before the first weight is read, and every
+problem is a one-line `CheckpointError` naming the file and the key or field.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from glmvoice_cli.errors import CheckpointMismatchError, ModelNotFoundError
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import GlmConfig, GlmForCausalLM
+
+CONFIG_FILE = "config.json"
+SINGLE_WEIGHTS_FILE = "model.safetensors"
+SHARD_INDEX_FILE = "model.safetensors.index.json"
+
+ROPE_BASE = 10_000.0  # ChatGLM: theta = 10000 * rope_ratio
+ROTARY_FRACTION = 0.5  # ChatGLM rotates the first half of each head's dims (interleaved pairs)
+
+# Fields GlmForCausalLM hard-wires: a checkpoint that sets them otherwise computes something else.
+REQUIRED_FLAGS: dict[str, bool] = {
+    "rmsnorm": True,
+    "post_layer_norm": True,
+    "original_rope": True,
+    "add_bias_linear": False,
+    "apply_residual_connection_post_layernorm": False,
+}
+REQUIRED_INTS = (
+    "padded_vocab_size",
+    "hidden_size",
+    "ffn_hidden_size",
+    "num_layers",
+    "num_attention_heads",
+    "kv_channels",
+)
+DEFAULT_SEQ_LENGTH = 8192  # positions; the real voice config's seq_length is unconfirmed
+
+QUANT_BITS = (4, 8)
+
+OFFICIAL_PREFIX = "transformer."
+DROPPED_KEYS = frozenset({"transformer.rotary_pos_emb.inv_freq"})  # recomputed from rope_ratio
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    """How to place the model. None means 'choose automatically'."""
+
+    device: str | None = None  # "cuda", "cuda:1", "mps", "cpu"; auto: cuda > mps > cpu
+    dtype: str | None = None  # "fp32" | "bf16" | "fp16" (or full names); auto: bf16 on cuda, else fp32
+    quantize_bits: int | None = None  # 4 (NF4) or 8 through bitsandbytes, CUDA only
+    attn_implementation: str = "sdpa"  # or "eager"
+
+
+# --------------------------------------------------------------------------- config
+
+
+def read_chatglm_config(folder: Path) -> dict[str, Any]:
+    """The raw config.json of an official checkpoint folder."""
+    path = Path(folder) / CONFIG_FILE
+    if not path.is_file():
+        raise ModelNotFoundError(f"{path}: not found (expected a ChatGLM-format GLM-4-Voice checkpoint)")
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CheckpointMismatchError(f"{path}: unreadable JSON ({exc})") from exc
+    if not isinstance(raw, dict):
+        raise CheckpointMismatchError(f"{path}: expected a JSON object")
+    return raw
+
+
+def _field(raw: dict[str, Any], name: str, source: Path, kind: type) -> Any:
+    if name not in raw:
+        raise CheckpointMismatchError(f"{source}: missing field '{name}'")
+    value = raw[name]
+    if kind is int and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+        raise CheckpointMismatchError(f"{source}: field '{name}' must be a positive integer, got {value!r}")
+    return value
+
+
+def validate_chatglm_config(raw: dict[str, Any], source: Path) -> None:
+    """Raise CheckpointMismatchError for any field GlmForCausalLM cannot represent."""
+    model_type = raw.get("model_type")
+    if model_type != "chatglm":
+        raise CheckpointMismatchError(f"{source}: field 'model_type' is {model_type!r}, expected 'chatglm'")
+    for name, expected in REQUIRED_FLAGS.items():
+        if name in raw and bool(raw[name]) != expected:
+            raise CheckpointMismatchError(
+                f"{source}: field '{name}' is {raw[name]!r}; only {expected} is supported"
+            )
+    for name in REQUIRED_INTS:
+        _field(raw, name, source, int)
+    heads, hidden, head_dim = raw["num_attention_heads"], raw["hidden_size"], raw["kv_channels"]
+    if heads * head_dim != hidden:
+        raise CheckpointMismatchError(
+            f"{source}: field 'kv_channels' ({head_dim}) x 'num_attention_heads' ({heads}) != 'hidden_size' ({hidden})"
+        )
+    if raw.get("multi_query_attention", False):
+        groups = _field(raw, "multi_query_group_num", source, int)
+        if heads % groups:
+            raise CheckpointMismatchError(
+                f"{source}: field 'multi_query_group_num' ({groups}) does not divide num_attention_heads ({heads})"
+            )
+    ratio = raw.get("rope_ratio", 1)
+    if isinstance(ratio, bool) or not isinstance(ratio, int | float) or ratio <= 0:
+        raise CheckpointMismatchError(
+            f"{source}: field 'rope_ratio' must be a positive number, got {ratio!r}"
+        )
+    if raw.get("num_hidden_layers", raw["num_layers"]) != raw["num_layers"]:
+        raise CheckpointMismatchError(f"{source}: field 'num_hidden_layers' disagrees with 'num_layers'")
+
+
+def glm_config_from_chatglm(raw: dict[str, Any], source: Path) -> GlmConfig:
+    """Map a validated ChatGLM config dict onto the native `GlmConfig`."""
+    from transformers import GlmConfig
+
+    validate_chatglm_config(raw, source)
+    heads = raw["num_attention_heads"]
+    kv_heads = raw["multi_query_group_num"] if raw.get("multi_query_attention", False) else heads
+    vocab = raw["padded_vocab_size"]
+    pad = raw.get("pad_token_id")
+    eos = raw.get("eos_token_id")
+    return GlmConfig(
+        vocab_size=vocab,
+        hidden_size=raw["hidden_size"],
+        intermediate_size=raw["ffn_hidden_size"],
+        num_hidden_layers=raw["num_layers"],
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        head_dim=raw["kv_channels"],
+        hidden_act="silu",
+        rms_norm_eps=float(raw.get("layernorm_epsilon", 1e-5)),
+        attention_bias=bool(raw.get("add_qkv_bias", False)),
+        max_position_embeddings=int(raw.get("seq_length") or DEFAULT_SEQ_LENGTH),
+        tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
+        rope_parameters={
+            "rope_type": "default",
+            "rope_theta": ROPE_BASE * float(raw.get("rope_ratio", 1)),
+            "partial_rotary_factor": ROTARY_FRACTION,
+        },
+        eos_token_id=eos,
+        # nn.Embedding(padding_idx) only matters for training; keep it only when it is in range.
+        pad_token_id=pad if isinstance(pad, int) and 0 <= pad < vocab else None,
+        use_cache=True,
+    )
+
+
+# --------------------------------------------------------------------------- keys
+
+
+def official_shapes(cfg: GlmConfig) -> dict[str, tuple[int, ...]]:
+    """Every official key the config implies, with its shape (the inv_freq buffer is optional)."""
+    hidden, head_dim = cfg.hidden_size, cfg.head_dim
+    qkv = (cfg.num_attention_heads + 2 * cfg.num_key_value_heads) * head_dim
+    shapes: dict[str, tuple[int, ...]] = {
+        "transformer.embedding.word_embeddings.weight": (cfg.vocab_size, hidden),
+        "transformer.encoder.final_layernorm.weight": (hidden,),
+        "transformer.output_layer.weight": (cfg.vocab_size, hidden),
+    }
+    for i in range(cfg.num_hidden_layers):
+        p = f"transformer.encoder.layers.{i}."
+        shapes[p + "input_layernorm.weight"] = (hidden,)
+        shapes[p + "self_attention.query_key_value.weight"] = (qkv, hidden)
+        if cfg.attention_bias:
+            shapes[p + "self_attention.query_key_value.bias"] = (qkv,)
+        shapes[p + "self_attention.dense.weight"] = (hidden, cfg.num_attention_heads * head_dim)
+        shapes[p + "post_attention_layernorm.weight"] = (hidden,)
+        shapes[p + "mlp.dense_h_to_4h.weight"] = (2 * cfg.intermediate_size, hidden)
+        shapes[p + "mlp.dense_4h_to_h.weight"] = (hidden, cfg.intermediate_size)
+    return shapes
+
+
+_LAYER_RENAMES = {
+    "input_layernorm.weight": "input_layernorm.weight",
+    "self_attention.dense.weight": "self_attn.o_proj.weight",
+    "post_attention_layernorm.weight": "post_attention_layernorm.weight",
+    "mlp.dense_h_to_4h.weight": "mlp.gate_up_proj.weight",  # [gate | up] in both layouts
+    "mlp.dense_4h_to_h.weight": "mlp.down_proj.weight",
+}
+_TOP_RENAMES = {
+    "transformer.embedding.word_embeddings.weight": "model.embed_tokens.weight",
+    "transformer.encoder.final_layernorm.weight": "model.norm.weight",
+    "transformer.output_layer.weight": "lm_head.weight",
+}
+
+
+def map_official_tensor(key: str, tensor: torch.Tensor, cfg: GlmConfig) -> list[tuple[str, torch.Tensor]]:
+    """One official tensor -> its native (key, tensor) pairs; the fused qkv splits in three.
+
+    query_key_value rows are [q: nh*hd | k: ng*hd | v: ng*hd], a plain contiguous split.
+    """
+    if key in _TOP_RENAMES:
+        return [(_TOP_RENAMES[key], tensor)]
+    layer_prefix = "transformer.encoder.layers."
+    index, _, rest = key[len(layer_prefix) :].partition(".")
+    native = f"model.layers.{index}."
+    if rest in _LAYER_RENAMES:
+        return [(native + _LAYER_RENAMES[rest], tensor)]
+    kind = rest.rsplit(".", 1)[-1]  # "weight" | "bias"
+    q_rows = cfg.num_attention_heads * cfg.head_dim
+    kv_rows = cfg.num_key_value_heads * cfg.head_dim
+    q, k, v = tensor.split([q_rows, kv_rows, kv_rows], dim=0)
+    return [
+        (f"{native}self_attn.q_proj.{kind}", q),
+        (f"{native}self_attn.k_proj.{kind}", k),
+        (f"{native}self_attn.v_proj.{kind}", v),
+    ]
+
+
+# --------------------------------------------------------------------------- files
+
+
+def weight_files(folder: Path) -> dict[str, Path]:
+    """Official key -> the safetensors file holding it (sharded index or a single file)."""
+    folder = Path(folder)
+    index = folder / SHARD_INDEX_FILE
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise CheckpointMismatchError(f"{index}: not a safetensors index with a 'weight_map'") from exc
+        files = {key: folder / name for key, name in weight_map.items()}
+        for path in sorted(set(files.values())):
+            if not path.is_file():
+                raise ModelNotFoundError(f"{path}: shard listed in {index.name} is missing")
+        return files
+    single = folder / SINGLE_WEIGHTS_FILE
+    if not single.is_file():
+        raise ModelNotFoundError(f"{single}: not found (and no {SHARD_INDEX_FILE})")
+    return {key: single for key in _file_keys(single)}
+
+
+def _file_keys(path: Path) -> list[str]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return list(handle.keys())
+    except Exception as exc:  # safetensors raises its own error types for truncated headers
+        raise CheckpointMismatchError(f"{path}: unreadable safetensors file ({exc})") from exc
+
+
+def check_weight_files(files: dict[str, Path], cfg: GlmConfig) -> None:
+    """Compare every file's keys and shapes with the config, reading only the headers."""
+    from safetensors import safe_open
+
+    expected = official_shapes(cfg)
+    seen: set[str] = set()
+    for path in sorted(set(files.values())):
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                present = set(handle.keys())
+                listed = [key for key, where in files.items() if where == path and key not in present]
+                if listed:
+                    raise CheckpointMismatchError(f"{path}: key '{listed[0]}' listed in the index is absent")
+                for key in present:
+                    if key in DROPPED_KEYS:
+                        continue
+                    if key not in expected:
+                        raise CheckpointMismatchError(f"{path}: unexpected key '{key}'")
+                    shape = tuple(handle.get_slice(key).get_shape())
+                    if shape != expected[key]:
+                        raise CheckpointMismatchError(
+                            f"{path}: key '{key}' has shape {list(shape)}, config implies {list(expected[key])}"
+                        )
+                    seen.add(key)
+        except CheckpointMismatchError:
+            raise
+        except Exception as exc:
+            raise CheckpointMismatchError(f"{path}: unreadable safetensors file ({exc})") from exc
+    missing = sorted(set(expected) - seen)
+    if missing:
+        where = files.get(missing[0], min(set(files.values())))
+        raise CheckpointMismatchError(f"{where}: missing key '{missing[0]}' ({len(missing)} missing in all)")
+
+
+def iter_official_tensors(files: dict[str, Path]) -> Iterator[tuple[str, torch.Tensor]]:
+    """Stream (official key, tensor) one at a time, shard by shard (the dropped buffer is skipped)."""
+    from safetensors import safe_open
+
+    by_file: dict[Path, list[str]] = {}
+    for key, path in files.items():
+        by_file.setdefault(path, []).append(key)
+    for path in sorted(by_file):
+        with safe_open(str(path), framework="pt") as handle:
+            for key in by_file[path]:
+                if key not in DROPPED_KEYS:
+                    yield key, handle.get_tensor(key)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_lm_config(folder: Path) -> GlmConfig:
+    """Read, validate and map the config of an official checkpoint folder."""
+    folder = Path(folder)
+    return glm_config_from_chatglm(read_chatglm_config(folder), folder / CONFIG_FILE)
+
+
+def load_lm(folder: Path, options: LoadOptions | None = None) -> GlmForCausalLM:
+    """The official ChatGLM checkpoint in `folder` as an eval-mode `GlmForCausalLM`.
+
+    All headers are checked before any weight is read; tensors stream in one at a time.
+    """
+    options = options or LoadOptions()
+    folder = Path(folder)
+    cfg = load_lm_config(folder)
+    files = weight_files(folder)
+    check_weight_files(files, cfg)
+    from glmvoice_cli.models.device import pick_device, pick_dtype
+
+    device = pick_device(options.device)
+    dtype = pick_dtype(options.dtype, device)
+    if options.quantize_bits is not None:
+        from glmvoice_cli.models.lm_quant import load_quantized
+
+        return load_quantized(files, cfg, device, dtype, options)
+    cfg._attn_implementation = options.attn_implementation
+    return _load_dense(files, cfg, device, dtype)
+
+
+def _load_dense(
+    files: dict[str, Path], cfg: GlmConfig, device: torch.device, dtype: torch.dtype
+) -> GlmForCausalLM:
+    import torch
+    from transformers import GlmForCausalLM
+
+    with torch.device("meta"):
+        model = GlmForCausalLM(cfg)
+    targets = dict(model.named_parameters())
+    filled: set[str] = set()
+    for key, tensor in iter_official_tensors(files):
+        for native, part in map_official_tensor(key, tensor, cfg):
+            _assign_parameter(model, native, part.to(device=device, dtype=dtype), targets)
+            filled.add(native)
+    missing = sorted(set(targets) - filled)
+    if missing:  # unreachable after check_weight_files, kept as the loader's own invariant
+        raise CheckpointMismatchError(f"{min(set(files.values()))}: no tensor for '{missing[0]}'")
+    _rebuild_rotary(model, device)
+    return model.eval().requires_grad_(False)
+
+
+def _assign_parameter(model: torch.nn.Module, native: str, value: torch.Tensor, targets: dict) -> None:
+    import torch
+
+    if native not in targets:
+        raise CheckpointMismatchError(f"no native parameter '{native}' for this config")
+    if tuple(targets[native].shape) != tuple(value.shape):
+        raise CheckpointMismatchError(
+            f"'{native}' has shape {list(value.shape)}, model expects {list(targets[native].shape)}"
+        )
+    owner_name, _, attr = native.rpartition(".")
+    owner = model.get_submodule(owner_name)
+    # contiguous(): the qkv split yields views; each parameter must own its memory.
+    setattr(owner, attr, torch.nn.Parameter(value.contiguous(), requires_grad=False))
+
+
+def _rebuild_rotary(model: GlmForCausalLM, device: torch.device) -> None:
+    """The rotary tables are non-persistent buffers left on meta: recompute them in fp32 on `device`."""
+    import torch
+
+    rotary_cls = type(model.model.rotary_emb)
+    with torch.device(device):
+        model.model.rotary_emb = rotary_cls(model.config)
