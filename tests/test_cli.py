@@ -104,3 +104,65 @@ def test_debug_shows_the_traceback(tmp_path: Path) -> None:
     done = run_module("--debug", "tokenize", str(tmp_path / "missing.wav"), "--tokenizer", str(tmp_path))
     assert done.returncode != 0
     assert "Traceback" in done.stderr and "AudioError" in done.stderr
+
+
+def _write(path: Path, data: np.ndarray, rate: int, subtype: str) -> Path:
+    sf.write(path, data, rate, subtype=subtype)
+    return path
+
+
+GOOD_FILES = {  # name -> (seconds, rate, channels, subtype): these just work
+    "u8.wav": (1.0, 16_000, 1, "PCM_U8"),
+    "hi_rate.wav": (1.0, 96_000, 1, "PCM_24"),
+    "six_channels.wav": (1.0, 48_000, 6, "FLOAT"),
+    "stereo.flac": (1.0, 44_100, 2, "PCM_16"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(GOOD_FILES))
+def test_tokenize_accepts_any_format(tiny_tok: Path, tmp_path: Path, name: str) -> None:
+    seconds, rate, channels, subtype = GOOD_FILES[name]
+    data = 0.3 * np.random.default_rng(1).standard_normal((int(seconds * rate), channels))
+    path = _write(tmp_path / name, data, rate, subtype)
+    result = runner.invoke(app, ["tokenize", str(path), "--tokenizer", str(tiny_tok), "--json"])
+    assert result.exit_code == 0, result.output
+    assert len(json.loads(result.stdout)["tokens"]) == 13
+
+
+def test_tokenize_silence_gives_tokens(tiny_tok: Path, tmp_path: Path) -> None:
+    path = _write(tmp_path / "silence.wav", np.zeros(32_000), 16_000, "PCM_16")
+    result = runner.invoke(app, ["tokenize", str(path), "--tokenizer", str(tiny_tok)])
+    assert result.exit_code == 0 and len(result.stdout.split()) == 25
+
+
+def _bad_files(tmp: Path) -> dict[str, Path]:
+    empty = tmp / "empty.wav"
+    empty.write_bytes(b"")
+    zero = _write(tmp / "zero.wav", np.zeros((0, 1)), 16_000, "PCM_16")
+    nan = np.zeros(16_000, np.float32)
+    nan[100] = np.nan
+    nan_file = _write(tmp / "nan.wav", nan, 16_000, "FLOAT")
+    text = tmp / "text.wav"
+    text.write_text("hello, I am not audio")
+    return {"empty": empty, "zero-length": zero, "nan": nan_file, "non-audio": text}
+
+
+@pytest.mark.parametrize("kind,message", [("empty", "empty"), ("zero-length", "no samples"),
+                                          ("nan", "NaN"), ("non-audio", "not a readable audio file")])
+def test_tokenize_bad_audio_is_one_line(tiny_tok: Path, tmp_path: Path, kind: str, message: str) -> None:
+    path = _bad_files(tmp_path)[kind]
+    result = runner.invoke(app, ["tokenize", str(path), "--tokenizer", str(tiny_tok)])
+    assert result.exit_code == 2
+    assert isinstance(result.exception, SystemExit)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0] and str(path) in lines[0], result.stderr
+
+
+def test_tokenize_truncated_file_warns_and_keeps_the_readable_part(tiny_tok: Path, tmp_path: Path) -> None:
+    full = _write(tmp_path / "full.wav", 0.2 * np.random.default_rng(2).standard_normal(64_000), 16_000, "PCM_16")
+    cut = tmp_path / "cut.wav"
+    cut.write_bytes(full.read_bytes()[: 44 + 2 * 32_000])  # header + the first 2 s of 4 s
+    result = runner.invoke(app, ["tokenize", str(cut), "--tokenizer", str(tiny_tok)])
+    assert result.exit_code == 0, result.output
+    assert len(result.stdout.split()) == 25
+    assert result.stderr.startswith("warning: ") and "cut.wav" in result.stderr
