@@ -1,0 +1,420 @@
+"""The three model stages on the Hugging Face Hub: which files each needs, whether a folder holds
+them, and how to fetch them.
+
+Pure with respect to location: every function takes the stage folder it works on, and
+`settings.py` decides where that folder is. huggingface_hub is imported inside `download_stage`,
+so listing or inspecting models never pays for it. Nothing here prints; progress goes to an
+optional `DownloadReporter`.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import shutil
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from .errors import CheckpointError, GlmVoiceError, ModelNotFoundError
+
+DEFAULT_REVISION = "main"
+_OFFLINE_ENVS = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+_TRUE = {"1", "on", "yes", "true"}
+_HTTP_CLIENT_MODULES = {"httpx", "httpx2", "httpcore", "requests", "urllib3"}
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One model of the pipeline and the files a folder of it must hold."""
+
+    name: str  # "tokenizer" | "lm" | "decoder": also the folder name under the models root
+    repo_id: str  # official Hugging Face repository
+    files: tuple[str, ...]  # fetched, and required for the folder to count as complete
+    extra_files: tuple[str, ...] = ()  # fetched when the repository has them, never required
+    weights_index: str | None = None  # JSON index whose "weight_map" names the weight shards
+    single_weights: str | None = None  # an unsharded file that may stand in for the index and shards
+    approx_bytes: int = 0  # published download size, shown before a download is offered
+    title: str = ""  # what the stage does, for listings
+
+    @property
+    def fetch_command(self) -> str:
+        return f"glmvoice models download {self.name}"
+
+
+TOKENIZER = Stage(
+    name="tokenizer",
+    repo_id="THUDM/glm-4-voice-tokenizer",
+    files=("config.json", "preprocessor_config.json", "model.safetensors"),
+    approx_bytes=1_458_349_056 + 4_000,  # fp32 Whisper-VQ encoder + two JSON files
+    title="speech tokenizer (16 kHz speech -> audio tokens)",
+)
+LM = Stage(
+    name="lm",
+    repo_id="THUDM/glm-4-voice-9b",
+    files=("config.json", "tokenizer.model", "tokenizer_config.json"),
+    # transformers runs without generation_config.json, and locally written folders omit it
+    extra_files=("generation_config.json",),
+    weights_index="model.safetensors.index.json",
+    single_weights="model.safetensors",
+    approx_bytes=19_090_000_000 + 6_000_000,  # 4 bf16 shards + tokenizer files
+    title="GLM-4-Voice-9B language model (text and audio tokens)",
+)
+DECODER = Stage(
+    name="decoder",
+    repo_id="THUDM/glm-4-voice-decoder",
+    files=("config.yaml", "flow.pt", "hift.pt"),
+    approx_bytes=445_000_000 + 81_900_000 + 4_447,
+    title="speech decoder (audio tokens -> 22.05 kHz speech)",
+)
+
+STAGES: dict[str, Stage] = {s.name: s for s in (TOKENIZER, LM, DECODER)}
+
+
+def get_stage(name: str) -> Stage:
+    """The stage called `name`, or a ModelNotFoundError listing the valid names."""
+    try:
+        return STAGES[name]
+    except KeyError:
+        raise ModelNotFoundError(f"unknown model {name!r}; choose one of {', '.join(STAGES)}") from None
+
+
+# --------------------------------------------------------------------------- inspection
+
+
+@dataclass(frozen=True)
+class StageStatus:
+    """What a folder holds of one stage."""
+
+    stage: Stage
+    path: Path
+    required: tuple[str, ...]  # every file the folder needs, in fetch order
+    missing: tuple[str, ...]  # required files absent or empty (an unreadable index is listed too)
+    size_bytes: int  # all files under the folder
+
+    @property
+    def exists(self) -> bool:
+        return self.path.is_dir()
+
+    @property
+    def complete(self) -> bool:
+        return self.exists and not self.missing
+
+    @property
+    def state(self) -> str:
+        """One word for listings: complete, incomplete or absent."""
+        if self.complete:
+            return "complete"
+        return "incomplete" if self.exists and any(self.path.iterdir()) else "absent"
+
+
+def _is_safe_name(name: str) -> bool:
+    """A shard name must stay inside its folder: no separators, no dot-files, no drive letters."""
+    return (
+        bool(name) and "/" not in name and "\\" not in name and ":" not in name and not name.startswith(".")
+    )
+
+
+def read_shard_names(index_path: Path) -> tuple[str, ...]:
+    """Sorted, unique weight files named by a safetensors index's "weight_map"."""
+    try:
+        weight_map = json.loads(index_path.read_text(encoding="utf-8"))["weight_map"]
+        names = sorted({str(v) for v in weight_map.values()})
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"{index_path}: unreadable weight index, key 'weight_map' ({e})") from e
+    unsafe = [n for n in names if not _is_safe_name(n)]
+    if unsafe or not names:
+        what = f"unsafe file name {unsafe[0]!r}" if unsafe else "no weight files"
+        raise CheckpointError(f"{index_path}: key 'weight_map' names {what}")
+    return tuple(names)
+
+
+def _nonempty(path: Path) -> bool:
+    return path.is_file() and path.stat().st_size > 0
+
+
+def required_files(stage: Stage, folder: Path) -> tuple[str, ...]:
+    """The files `folder` must hold; for a sharded stage this depends on the index found there.
+
+    Raises CheckpointError when the index exists but cannot be read.
+    """
+    files = list(stage.files)
+    if stage.weights_index is None:
+        return tuple(files)
+    index = folder / stage.weights_index
+    if _nonempty(index):
+        return (*files, stage.weights_index, *read_shard_names(index))
+    if stage.single_weights is not None and _nonempty(folder / stage.single_weights):
+        return (*files, stage.single_weights)
+    return (*files, stage.weights_index)  # the official layout: its shards are known once it exists
+
+
+def folder_size(folder: Path) -> int:
+    """Bytes of all regular files under `folder` (0 when it does not exist)."""
+    if not folder.is_dir():
+        return 0
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file() and not p.is_symlink())
+
+
+def inspect_stage(stage: Stage, folder: Path) -> StageStatus:
+    """Which of the stage's files `folder` holds (present means present and non-empty)."""
+    folder = Path(folder)
+    try:
+        required = required_files(stage, folder)
+        missing = tuple(f for f in required if not _nonempty(folder / f))
+    except CheckpointError:
+        required = (*stage.files, stage.weights_index or "")
+        missing = (
+            *(f for f in stage.files if not _nonempty(folder / f)),
+            f"{stage.weights_index} (unreadable)",
+        )
+    return StageStatus(stage, folder, required, missing, folder_size(folder))
+
+
+def require_complete(stage: Stage, folder: Path, source: str | None = None) -> Path:
+    """`folder` if it holds every file of `stage`, else ModelNotFoundError saying what to do, on one line.
+
+    `source` names where the folder came from when the user chose it (e.g. "--lm" or
+    "GLMVOICE_MODELS"); None means the download cache.
+    """
+    status = inspect_stage(stage, folder)
+    if status.complete:
+        return status.path
+    shown = ", ".join(status.missing[:3]) + (", ..." if len(status.missing) > 3 else "")
+    what = "folder does not exist" if not status.exists else f"missing {shown}"
+    if source is None:
+        raise ModelNotFoundError(
+            f"the {stage.name} model is not downloaded ({folder}: {what}); "
+            f"fetch it with `{stage.fetch_command}`"
+        )
+    raise ModelNotFoundError(
+        f"the {stage.name} model folder {folder} (from {source}) is incomplete: {what}; "
+        f"fix that path or fetch the model with `{stage.fetch_command}`"
+    )
+
+
+def remove_stage(folder: Path) -> int:
+    """Delete a stage folder and return the bytes freed (0 when it was absent)."""
+    freed = folder_size(folder)
+    if folder.is_dir():
+        shutil.rmtree(folder)
+    elif folder.exists():
+        folder.unlink()
+    return freed
+
+
+# --------------------------------------------------------------------------- download
+
+
+class DownloadReporter(Protocol):
+    """Receives per-file progress, each file named "<stage>/<file>" (e.g. "lm/config.json").
+
+    Only files actually transferred are reported; the CLI renders them, the library never prints.
+    """
+
+    def file_started(self, name: str, total: int | None, initial: int) -> None: ...
+
+    def file_advanced(self, name: str, n: int) -> None: ...
+
+    def file_total(self, name: str, total: int) -> None: ...
+
+    def file_finished(self, name: str) -> None: ...
+
+
+class _ReporterBar:
+    """Just enough of tqdm's interface for huggingface_hub's plain-HTTP and Xet downloads.
+
+    huggingface_hub accepts any callable as `tqdm_class` and calls it with tqdm keyword arguments;
+    `update_transfer` existing makes its Xet reporter feed this single bar instead of creating a
+    second one, and network bytes are ignored in favour of bytes written.
+    """
+
+    def __init__(self, reporter: DownloadReporter | None, name: str, **kwargs: Any) -> None:
+        self._reporter, self._name = reporter, name
+        self._total: int | None = kwargs.get("total")
+        self.n = int(kwargs.get("initial") or 0)
+        self.format_dict: dict[str, Any] = {}
+        if reporter is not None:
+            reporter.file_started(name, self._total, self.n)
+
+    @property
+    def total(self) -> int | None:
+        return self._total
+
+    @total.setter
+    def total(self, value: int | None) -> None:
+        self._total = value
+        if self._reporter is not None and value is not None:
+            self._reporter.file_total(self._name, int(value))
+
+    def update(self, n: float | None = 1) -> None:
+        step = int(n or 0)
+        self.n += step
+        if self._reporter is not None and step:
+            self._reporter.file_advanced(self._name, step)
+
+    def update_transfer(self, n: float | None = 1) -> None:
+        pass  # network bytes: counted through update() once written
+
+    def set_postfix_str(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def set_transfer_postfix_str(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def set_description(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def refresh(self) -> None:
+        pass
+
+    def close(self) -> None:
+        if self._reporter is not None:
+            self._reporter.file_finished(self._name)
+            self._reporter = None  # close may be called twice (context exit, then explicitly)
+
+    def __enter__(self) -> _ReporterBar:  # noqa: PYI034 - Self needs Python 3.11
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def is_offline() -> bool:
+    """HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE) as set now; huggingface_hub itself reads it at import."""
+    return any(os.environ.get(k, "").strip().lower() in _TRUE for k in _OFFLINE_ENVS)
+
+
+def hub_endpoint() -> str | None:
+    """HF_ENDPOINT as set now (a mirror), or None for huggingface.co."""
+    value = os.environ.get("HF_ENDPOINT", "").strip().rstrip("/")
+    return value or None
+
+
+def download_stage(
+    stage: Stage,
+    folder: Path,
+    *,
+    revision: str = DEFAULT_REVISION,
+    endpoint: str | None = None,
+    reporter: DownloadReporter | None = None,
+    force: bool = False,
+) -> StageStatus:
+    """Fetch the files of `stage` into `folder` and return its final status.
+
+    Files already there and unchanged on the Hub are kept; a transfer cut mid-file is resumed
+    with HTTP Range requests. `endpoint` defaults to HF_ENDPOINT and the token to HF_TOKEN
+    (huggingface_hub's own lookup). Offline (HF_HUB_OFFLINE), nothing is fetched: a complete
+    folder is returned, anything else is a ModelNotFoundError naming the missing files.
+    """
+    folder = Path(folder)
+    if is_offline():
+        return _offline_status(stage, folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    fetch = functools.partial(
+        _fetch_file,
+        stage,
+        folder,
+        revision=revision,
+        endpoint=endpoint or hub_endpoint(),
+        reporter=reporter,
+        force=force,
+    )
+    for name in stage.files:
+        fetch(name)
+    for name in stage.extra_files:
+        fetch(name, optional=True)
+    if stage.weights_index is not None:
+        fetch(stage.weights_index)
+        for shard in read_shard_names(folder / stage.weights_index):
+            fetch(shard)
+    status = inspect_stage(stage, folder)
+    if not status.complete:
+        raise CheckpointError(
+            f"{stage.name}: download finished but {folder} still lacks {', '.join(status.missing)}"
+        )
+    return status
+
+
+def _offline_status(stage: Stage, folder: Path) -> StageStatus:
+    status = inspect_stage(stage, folder)
+    if status.complete:
+        return status
+    missing = ", ".join(status.missing) if status.exists else "all files"
+    raise ModelNotFoundError(
+        f"HF_HUB_OFFLINE is set and the {stage.name} model in {folder} is missing {missing}; "
+        f"unset HF_HUB_OFFLINE and run `{stage.fetch_command}`"
+    )
+
+
+def _fetch_file(
+    stage: Stage,
+    folder: Path,
+    filename: str,
+    *,
+    revision: str,
+    endpoint: str | None,
+    reporter: DownloadReporter | None,
+    force: bool,
+    optional: bool = False,
+) -> None:
+    """Download one file with huggingface_hub into `folder`, translating its errors to one line."""
+    import huggingface_hub as hf
+    from huggingface_hub import errors as hf_errors
+
+    try:
+        hf.hf_hub_download(
+            stage.repo_id,
+            filename,
+            revision=revision,
+            local_dir=folder,
+            endpoint=endpoint,
+            force_download=force,
+            tqdm_class=functools.partial(_ReporterBar, reporter, f"{stage.name}/{filename}"),  # type: ignore[arg-type]
+        )
+    except hf_errors.OfflineModeIsEnabled as e:
+        raise ModelNotFoundError(_offline_line(stage, folder, filename)) from e
+    except hf_errors.LocalEntryNotFoundError as e:  # before EntryNotFoundError: it subclasses it
+        cause = e.__cause__
+        if isinstance(cause, hf_errors.OfflineModeIsEnabled):
+            raise ModelNotFoundError(_offline_line(stage, folder, filename)) from e
+        raise GlmVoiceError(_network_line(stage, filename, endpoint, cause or e)) from e
+    except hf_errors.EntryNotFoundError:  # the file is not in the repository (HTTP 404)
+        if optional:
+            return
+        raise ModelNotFoundError(f"{stage.repo_id}@{revision} has no file {filename}") from None
+    except (hf_errors.HfHubHTTPError, OSError, ValueError) as e:
+        raise GlmVoiceError(_network_line(stage, filename, endpoint, e)) from e
+    except Exception as e:  # transport errors of the HTTP client share no base class we can import cheaply
+        if type(e).__module__.split(".")[0] not in _HTTP_CLIENT_MODULES:
+            raise
+        raise GlmVoiceError(_network_line(stage, filename, endpoint, e)) from e
+
+
+def _offline_line(stage: Stage, folder: Path, filename: str) -> str:
+    return (
+        f"HF_HUB_OFFLINE is set and the {stage.name} model in {folder} is missing {filename}; "
+        f"unset HF_HUB_OFFLINE and run `{stage.fetch_command}`"
+    )
+
+
+def _network_line(stage: Stage, filename: str, endpoint: str | None, error: BaseException) -> str:
+    reason = " ".join(str(error).split()) or type(error).__name__
+    if len(reason) > 200:
+        reason = reason[:197] + "..."
+    where = endpoint or "https://huggingface.co"
+    return (
+        f"could not download {stage.repo_id}/{filename} from {where}: {reason}; "
+        f"run `{stage.fetch_command}` again to resume"
+    )
+
+
+def describe_missing(statuses: Iterable[StageStatus]) -> list[str]:
+    """One line per incomplete stage, naming the command that completes it."""
+    return [
+        f"{s.stage.name}: {s.state} in {s.path}; run `{s.stage.fetch_command}`"
+        for s in statuses
+        if not s.complete
+    ]

@@ -1,0 +1,201 @@
+"""Where things are: the cache root, the config file, and the model folder each command uses.
+
+A model folder is chosen, first match wins:
+
+1. ``--tokenizer/--lm/--decoder PATH``, then ``--models DIR`` (``DIR/<stage>``)   command-line flags
+2. ``GLMVOICE_TOKENIZER/_LM/_DECODER``, then ``GLMVOICE_MODELS``                  environment
+3. ``[paths] tokenizer/lm/decoder``, then ``models`` in ``config.toml``            config file
+4. ``<cache root>/models/<stage>``, filled by ``glmvoice models download``        cache
+
+The cache root is ``GLMVOICE_HOME``, else the platform cache folder. The config file is
+``GLMVOICE_CONFIG``, else ``config.toml`` in the platform config folder; relative paths in it
+are taken from its own folder. Everything is read when asked for, never at import.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import UsageError
+from .hub import STAGES, get_stage, require_complete
+
+APP_NAME = "glmvoice"
+ENV_HOME = "GLMVOICE_HOME"
+ENV_CONFIG = "GLMVOICE_CONFIG"
+ENV_MODELS = "GLMVOICE_MODELS"
+CONFIG_FILENAME = "config.toml"
+MODELS_SUBDIR = "models"
+CONFIG_PATHS_TABLE = "paths"  # [paths] tokenizer = "...", lm = "...", decoder = "..."
+CONFIG_MODELS_KEY = "models"  # models = "DIR", a folder with tokenizer/, lm/, decoder/
+
+
+def stage_env(stage: str) -> str:
+    """The environment variable that points one stage elsewhere, e.g. GLMVOICE_LM."""
+    return f"GLMVOICE_{stage.upper()}"
+
+
+def _env_path(name: str) -> Path | None:
+    value = os.environ.get(name, "").strip()
+    return Path(value).expanduser() if value else None
+
+
+def cache_root() -> Path:
+    """GLMVOICE_HOME, else the platform cache folder (e.g. ~/.cache/glmvoice)."""
+    explicit = _env_path(ENV_HOME)
+    if explicit is not None:
+        return explicit
+    import platformdirs
+
+    return Path(platformdirs.user_cache_dir(APP_NAME))
+
+
+def models_root() -> Path:
+    """The folder `glmvoice models download` fills: <cache root>/models."""
+    return cache_root() / MODELS_SUBDIR
+
+
+def stage_cache_dir(stage: str) -> Path:
+    """The download cache folder of one stage: <cache root>/models/<stage>."""
+    return models_root() / get_stage(stage).name
+
+
+def config_path() -> Path:
+    """GLMVOICE_CONFIG, else config.toml in the platform config folder (it need not exist)."""
+    explicit = _env_path(ENV_CONFIG)
+    if explicit is not None:
+        return explicit
+    import platformdirs
+
+    return Path(platformdirs.user_config_dir(APP_NAME)) / CONFIG_FILENAME
+
+
+def load_config(path: Path | None = None) -> dict[str, Any]:
+    """The parsed config file, or {} when there is none; bad TOML is a one-line UsageError."""
+    path = config_path() if path is None else path
+    if not path.is_file():
+        return {}
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover - Python 3.10
+        import tomli as tomllib
+    try:
+        with path.open("rb") as f:
+            return tomllib.load(f)
+    except (OSError, tomllib.TOMLDecodeError) as e:
+        raise UsageError(f"config file {path} is not valid TOML: {e}") from e
+
+
+def _config_value(config: dict[str, Any], path: Path, keys: tuple[str, ...]) -> Path | None:
+    """A path-valued key of the config file, relative to the file's folder; a non-string is an error."""
+    node: Any = config
+    for key in keys:
+        if not isinstance(node, dict) or key not in node:
+            return None
+        node = node[key]
+    if not isinstance(node, str) or not node.strip():
+        raise UsageError(f"config file {path}: key {'.'.join(keys)!r} must be a non-empty path string")
+    value = Path(node.strip()).expanduser()
+    return value if value.is_absolute() else path.parent / value
+
+
+@dataclass(frozen=True)
+class ModelLocation:
+    """Where one stage's folder is and which setting chose it."""
+
+    stage: str
+    path: Path
+    source: str | None  # e.g. "--lm", "GLMVOICE_MODELS", "config.toml [paths] lm"; None: the cache
+
+    @property
+    def source_label(self) -> str:
+        return self.source or "cache"
+
+
+def locate(
+    stage: str,
+    *,
+    models: str | Path | None = None,
+    override: str | Path | None = None,
+    config: dict[str, Any] | None = None,
+) -> ModelLocation:
+    """The folder `stage` is read from, following the precedence in this module's docstring.
+
+    `override` is the per-stage flag (--tokenizer/--lm/--decoder), `models` the --models flag.
+    `config` is the parsed config file (read from disk when None). Nothing is checked on disk.
+    """
+    name = get_stage(stage).name
+    if override is not None and str(override).strip():
+        return ModelLocation(name, Path(override).expanduser(), f"--{name}")
+    if models is not None and str(models).strip():
+        return ModelLocation(name, Path(models).expanduser() / name, "--models")
+    for env, sub in ((stage_env(name), None), (ENV_MODELS, name)):
+        value = _env_path(env)
+        if value is not None:
+            return ModelLocation(name, value / sub if sub else value, env)
+    path = config_path()
+    config = load_config(path) if config is None else config
+    label = path.name
+    direct = _config_value(config, path, (CONFIG_PATHS_TABLE, name))
+    if direct is not None:
+        return ModelLocation(name, direct, f"{label} [{CONFIG_PATHS_TABLE}] {name}")
+    shared = _config_value(config, path, (CONFIG_MODELS_KEY,))
+    if shared is not None:
+        return ModelLocation(name, shared / name, f"{label} {CONFIG_MODELS_KEY}")
+    return ModelLocation(name, stage_cache_dir(name), None)
+
+
+def resolve_model_dir(
+    stage: str,
+    *,
+    models: str | Path | None = None,
+    override: str | Path | None = None,
+) -> Path:
+    """The folder of `stage` that a command should load, checked to hold every file it needs.
+
+    Raises ModelNotFoundError with one line naming what is missing and, for the cache, the
+    exact command that fetches it (``glmvoice models download lm``).
+    """
+    where = locate(stage, models=models, override=override)
+    return require_complete(get_stage(where.stage), where.path, where.source)
+
+
+@dataclass(frozen=True)
+class ModelPaths:
+    """The three folders a full pipeline loads."""
+
+    tokenizer: Path
+    lm: Path
+    decoder: Path
+
+
+def resolve_models(
+    *,
+    models: str | Path | None = None,
+    tokenizer: str | Path | None = None,
+    lm: str | Path | None = None,
+    decoder: str | Path | None = None,
+    stages: tuple[str, ...] = tuple(STAGES),
+) -> dict[str, Path]:
+    """Checked folders for `stages` (all three by default), keyed by stage name.
+
+    A command that needs only some stages (transcribe needs no decoder) passes them, so a
+    missing decoder does not stop it.
+    """
+    overrides = {"tokenizer": tokenizer, "lm": lm, "decoder": decoder}
+    return {s: resolve_model_dir(s, models=models, override=overrides[s]) for s in stages}
+
+
+def resolve_model_paths(
+    *,
+    models: str | Path | None = None,
+    tokenizer: str | Path | None = None,
+    lm: str | Path | None = None,
+    decoder: str | Path | None = None,
+) -> ModelPaths:
+    """All three checked folders as a ModelPaths."""
+    found = resolve_models(models=models, tokenizer=tokenizer, lm=lm, decoder=decoder)
+    return ModelPaths(found["tokenizer"], found["lm"], found["decoder"])

@@ -1,0 +1,149 @@
+"""glmvoice_cli.settings: cache root, config file and the precedence of model locations."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from glmvoice_cli import hub, settings
+from glmvoice_cli.errors import ModelNotFoundError, UsageError
+
+ENV_NAMES = ("GLMVOICE_MODELS", "GLMVOICE_TOKENIZER", "GLMVOICE_LM", "GLMVOICE_DECODER", "GLMVOICE_CONFIG")
+
+
+@pytest.fixture(autouse=True)
+def _clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    for name in ENV_NAMES:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("GLMVOICE_CONFIG", str(tmp_path / "cfg" / "config.toml"))  # absent unless written
+
+
+def _write_config(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "cfg" / "config.toml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def _complete(folder: Path, stage: hub.Stage) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    names = list(stage.files) + ([stage.single_weights] if stage.single_weights else [])
+    for n in names:
+        (folder / n).write_bytes(b"x")
+    return folder
+
+
+def test_cache_root_from_env_else_platformdirs(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("GLMVOICE_HOME", str(tmp_path / "home"))
+    assert settings.cache_root() == tmp_path / "home"
+    assert settings.stage_cache_dir("lm") == tmp_path / "home" / "models" / "lm"
+    monkeypatch.delenv("GLMVOICE_HOME")
+    import platformdirs
+
+    assert settings.cache_root() == Path(platformdirs.user_cache_dir("glmvoice"))
+
+
+def test_config_path_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    import platformdirs
+
+    monkeypatch.delenv("GLMVOICE_CONFIG")
+    assert settings.config_path() == Path(platformdirs.user_config_dir("glmvoice")) / "config.toml"
+
+
+# Each case: which settings are present, and which one must win for the lm stage.
+PRECEDENCE = [
+    ({"flag", "models_flag", "env", "env_models", "cfg", "cfg_models"}, "flag"),
+    ({"models_flag", "env", "env_models", "cfg", "cfg_models"}, "models_flag"),
+    ({"env", "env_models", "cfg", "cfg_models"}, "env"),
+    ({"env_models", "cfg", "cfg_models"}, "env_models"),
+    ({"cfg", "cfg_models"}, "cfg"),
+    ({"cfg_models"}, "cfg_models"),
+    (set(), "cache"),
+]
+
+
+@pytest.mark.parametrize(("present", "winner"), PRECEDENCE)
+def test_flag_beats_env_beats_config_beats_cache(
+    present: set[str], winner: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    places = {k: tmp_path / k for k in ("flag", "models_flag", "env", "env_models", "cfg", "cfg_models")}
+    expected = {
+        "flag": (places["flag"], "--lm"),
+        "models_flag": (places["models_flag"] / "lm", "--models"),
+        "env": (places["env"], "GLMVOICE_LM"),
+        "env_models": (places["env_models"] / "lm", "GLMVOICE_MODELS"),
+        "cfg": (places["cfg"], "config.toml [paths] lm"),
+        "cfg_models": (places["cfg_models"] / "lm", "config.toml models"),
+        "cache": (settings.stage_cache_dir("lm"), None),
+    }
+    if "env" in present:
+        monkeypatch.setenv("GLMVOICE_LM", str(places["env"]))
+    if "env_models" in present:
+        monkeypatch.setenv("GLMVOICE_MODELS", str(places["env_models"]))
+    lines = []
+    if "cfg_models" in present:
+        lines.append(f'models = "{places["cfg_models"]}"')
+    if "cfg" in present:
+        lines += ["[paths]", f'lm = "{places["cfg"]}"']
+    _write_config(tmp_path, "\n".join(lines) + "\n")
+    where = settings.locate(
+        "lm",
+        models=places["models_flag"] if "models_flag" in present else None,
+        override=places["flag"] if "flag" in present else None,
+    )
+    assert (where.path, where.source) == expected[winner]
+    assert settings.locate("decoder").stage == "decoder"  # other stages resolve independently
+
+
+def test_config_paths_are_relative_to_the_config_file(tmp_path: Path) -> None:
+    config = _write_config(tmp_path, 'models = "weights"\n[paths]\ndecoder = "~/dec"\n')
+    assert settings.locate("tokenizer").path == config.parent / "weights" / "tokenizer"
+    assert settings.locate("decoder").path == Path("~/dec").expanduser()
+
+
+@pytest.mark.parametrize("text", ["models = [1, 2\n", "models = 3\n", '[paths]\nlm = ""\n'])
+def test_bad_config_is_a_one_line_usage_error(tmp_path: Path, text: str) -> None:
+    config = _write_config(tmp_path, text)
+    with pytest.raises(UsageError) as info:
+        settings.locate("lm")
+    message = str(info.value)
+    assert str(config) in message and "\n" not in message
+
+
+def test_flags_do_not_read_a_broken_config(tmp_path: Path) -> None:
+    _write_config(tmp_path, "not toml at all [")
+    assert settings.locate("lm", override=tmp_path / "x").path == tmp_path / "x"
+
+
+def test_resolve_model_dir_checks_the_folder(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    with pytest.raises(ModelNotFoundError) as info:
+        settings.resolve_model_dir("lm")
+    message = str(info.value)
+    assert "\n" not in message and "`glmvoice models download lm`" in message
+    _complete(settings.stage_cache_dir("lm"), hub.LM)
+    assert settings.resolve_model_dir("lm") == settings.stage_cache_dir("lm")
+
+    monkeypatch.setenv("GLMVOICE_TOKENIZER", str(tmp_path / "elsewhere"))
+    with pytest.raises(ModelNotFoundError, match="GLMVOICE_TOKENIZER"):
+        settings.resolve_model_dir("tokenizer")
+
+
+def test_resolve_models_with_a_models_folder(tmp_path: Path) -> None:
+    root = tmp_path / "M"
+    for stage in hub.STAGES.values():
+        _complete(root / stage.name, stage)
+    paths = settings.resolve_model_paths(models=root)
+    assert paths == settings.ModelPaths(root / "tokenizer", root / "lm", root / "decoder")
+    other_lm = _complete(tmp_path / "other_lm", hub.LM)
+    assert settings.resolve_models(models=root, lm=other_lm, stages=("lm",)) == {"lm": other_lm}
+
+
+def test_only_the_requested_stages_are_checked(tmp_path: Path) -> None:
+    root = tmp_path / "M"
+    _complete(root / "tokenizer", hub.TOKENIZER)
+    _complete(root / "lm", hub.LM)
+    found = settings.resolve_models(models=root, stages=("tokenizer", "lm"))
+    assert set(found) == {"tokenizer", "lm"}
+    with pytest.raises(ModelNotFoundError, match="decoder"):
+        settings.resolve_models(models=root)
