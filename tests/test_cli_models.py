@@ -1,0 +1,183 @@
+"""`glmvoice models download|list|path|rm` against a local fake hub (typer's CliRunner)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from glmvoice_cli import hub, settings
+from glmvoice_cli.commands.models import human_size, models_app
+from glmvoice_cli.errors import ModelNotFoundError
+from tests.fake_hub import FakeHub, serving
+
+runner = CliRunner()
+
+
+@pytest.fixture
+def fake_hub(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[FakeHub]:
+    with serving(monkeypatch, tmp_path) as fake:
+        yield fake
+
+
+@pytest.fixture(autouse=True)
+def _no_user_settings(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    for name in ("GLMVOICE_MODELS", "GLMVOICE_TOKENIZER", "GLMVOICE_LM", "GLMVOICE_DECODER"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("GLMVOICE_CONFIG", str(tmp_path / "no-config.toml"))
+
+
+def _listing(*args: str) -> dict[str, dict]:
+    result = runner.invoke(models_app, ["list", "--json", *args])
+    assert result.exit_code == 0, result.output
+    return {row["model"]: row for row in json.loads(result.stdout)}
+
+
+def test_download_all_then_list(fake_hub: FakeHub) -> None:
+    result = runner.invoke(models_app, ["download", "all"])
+    assert result.exit_code == 0, result.output
+    for name in hub.STAGES:
+        assert f"{name}: complete" in result.stdout
+    rows = _listing()
+    for name, row in rows.items():
+        assert row["complete"] and row["missing"] == []
+        assert row["path"] == str(settings.stage_cache_dir(name)) and row["source"] == "cache"
+        assert row["size_bytes"] > 0
+    table = runner.invoke(models_app, ["list"])
+    assert table.exit_code == 0 and table.stdout.count("complete") == 3 and "hint" not in table.stdout
+
+
+def test_download_one_stage_into_a_models_folder(fake_hub: FakeHub, tmp_path: Path) -> None:
+    result = runner.invoke(models_app, ["download", "decoder", "--dir", str(tmp_path / "M"), "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert {n.rsplit("/", 1)[0] for n in fake_hub.fetched()} == {hub.DECODER.repo_id}
+    assert settings.resolve_model_dir("decoder", models=tmp_path / "M") == tmp_path / "M" / "decoder"
+    rows = _listing("--dir", str(tmp_path / "M"))
+    assert rows["decoder"]["complete"] and rows["lm"]["state"] == "absent"
+
+
+def test_download_shows_rich_progress_on_stderr(fake_hub: FakeHub) -> None:
+    result = runner.invoke(models_app, ["download", "tokenizer"])
+    assert result.exit_code == 0, result.output
+    assert "tokenizer/model.safetensors" in result.stderr
+    assert "tokenizer/model.safetensors" not in result.stdout  # stdout keeps the summary only
+
+
+def test_download_offline_without_cache_fails_in_one_line(
+    fake_hub: FakeHub, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    result = runner.invoke(models_app, ["download", "lm"])
+    assert result.exit_code != 0
+    assert isinstance(result.exception, ModelNotFoundError)
+    message = str(result.exception)
+    assert "\n" not in message and "`glmvoice models download lm`" in message
+    assert fake_hub.seen == []
+
+
+def test_list_shows_incomplete_and_the_fix(tmp_path: Path) -> None:
+    folder = settings.stage_cache_dir("decoder")
+    folder.mkdir(parents=True)
+    (folder / "config.yaml").write_text("x: 1\n")
+    rows = _listing()
+    assert rows["decoder"]["state"] == "incomplete"
+    assert rows["decoder"]["missing"] == ["flow.pt", "hift.pt"]
+    table = runner.invoke(models_app, ["list"])
+    assert "incomplete (missing 2)" in table.stdout
+    assert "run `glmvoice models download decoder`" in table.stdout
+
+
+def test_list_and_path_follow_env_and_config(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("GLMVOICE_LM", str(tmp_path / "my_lm"))
+    config = tmp_path / "config.toml"
+    config.write_text('[paths]\ndecoder = "dec"\n')
+    monkeypatch.setenv("GLMVOICE_CONFIG", str(config))
+    rows = _listing()
+    assert (rows["lm"]["path"], rows["lm"]["source"]) == (str(tmp_path / "my_lm"), "GLMVOICE_LM")
+    assert rows["decoder"]["path"] == str(tmp_path / "dec")
+    assert runner.invoke(models_app, ["path", "lm"]).stdout.strip() == str(tmp_path / "my_lm")
+    assert runner.invoke(models_app, ["path", "tokenizer"]).stdout.strip() == str(
+        settings.stage_cache_dir("tokenizer")
+    )
+
+
+def test_path_prints_the_cache_root(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("GLMVOICE_HOME", str(tmp_path / "home"))
+    assert runner.invoke(models_app, ["path"]).stdout.strip() == str(tmp_path / "home")
+    assert runner.invoke(models_app, ["path", "all"]).stdout.strip() == str(tmp_path / "home" / "models")
+
+
+def _fake_stage(name: str) -> Path:
+    folder = settings.stage_cache_dir(name)
+    folder.mkdir(parents=True)
+    for n in hub.STAGES[name].files:
+        (folder / n).write_bytes(b"0123456789")
+    return folder
+
+
+def test_rm_asks_unless_yes(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    folder = _fake_stage("decoder")
+    kept = runner.invoke(models_app, ["rm", "decoder"], input="n\n")
+    assert kept.exit_code == 0 and "kept" in kept.stdout and folder.is_dir()
+    removed = runner.invoke(models_app, ["rm", "decoder"], input="y\n")
+    assert removed.exit_code == 0 and not folder.exists()
+    assert "30 B freed" in removed.stdout
+    _fake_stage("tokenizer")
+    _fake_stage("lm")
+    everything = runner.invoke(models_app, ["rm", "all", "--yes"])
+    assert everything.exit_code == 0
+    assert not any(settings.stage_cache_dir(n).exists() for n in hub.STAGES)
+
+
+def test_rm_never_touches_folders_chosen_by_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    mine = tmp_path / "my_decoder"
+    mine.mkdir()
+    (mine / "flow.pt").write_bytes(b"keep me")
+    monkeypatch.setenv("GLMVOICE_DECODER", str(mine))
+    result = runner.invoke(models_app, ["rm", "decoder", "--yes"])
+    assert result.exit_code == 0 and "nothing at" in result.stdout
+    assert (mine / "flow.pt").read_bytes() == b"keep me"
+
+
+def test_unknown_model_is_a_usage_error() -> None:
+    result = runner.invoke(models_app, ["download", "vocoder"])
+    assert result.exit_code == 2
+
+
+def test_registers_under_a_root_app() -> None:
+    root = typer.Typer()
+
+    @root.callback()
+    def _root() -> None:
+        """Stand-in for the glmvoice root app."""
+
+    root.add_typer(models_app, name="models")
+    result = runner.invoke(root, ["models", "path"])
+    assert result.exit_code == 0 and result.stdout.strip() == str(settings.cache_root())
+
+
+def test_models_commands_do_not_import_torch() -> None:
+    code = (
+        "import sys\nfrom glmvoice_cli.commands.models import models_app\n"
+        "try:\n    models_app(['list'])\nexcept SystemExit as e:\n    assert e.code in (0, None), e.code\n"
+        "heavy = [m for m in ('torch', 'transformers', 'huggingface_hub') if m in sys.modules]\n"
+        "assert not heavy, heavy\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert done.returncode == 0, done.stderr
+
+
+@pytest.mark.parametrize(
+    ("n", "text"),
+    [(0, "0 B"), (999, "999 B"), (12_345, "12 kB"), (445_000_000, "445.0 MB"), (1_458_349_056, "1.46 GB")],
+)
+def test_human_size(n: int, text: str) -> None:
+    assert human_size(n) == text
