@@ -266,7 +266,7 @@ def check_weight_files(files: dict[str, Path], cfg: GlmConfig) -> None:
                 listed = [key for key, where in files.items() if where == path and key not in present]
                 if listed:
                     raise CheckpointMismatchError(f"{path}: key '{listed[0]}' listed in the index is absent")
-                for key in present:
+                for key in sorted(present):
                     if key in DROPPED_KEYS:
                         continue
                     if key not in expected:
