@@ -13,8 +13,8 @@ import typer
 from typer.testing import CliRunner
 
 from glmvoice_cli import hub, settings
-from glmvoice_cli.commands.models import human_size, models_app
-from glmvoice_cli.errors import ModelNotFoundError
+from glmvoice_cli.commands.models import ensure_models, human_size, models_app
+from glmvoice_cli.errors import CheckpointError, ModelNotFoundError
 from tests.fake_hub import FakeHub, serving
 
 runner = CliRunner()
@@ -181,3 +181,37 @@ def test_models_commands_do_not_import_torch() -> None:
 )
 def test_human_size(n: int, text: str) -> None:
     assert human_size(n) == text
+
+
+def test_verify_command(fake_hub: FakeHub) -> None:
+    assert runner.invoke(models_app, ["download", "decoder", "-q"]).exit_code == 0
+    good = runner.invoke(models_app, ["verify", "decoder"])
+    assert good.exit_code == 0 and "decoder: 3 ok" in good.stdout
+    (settings.stage_cache_dir("decoder") / "hift.pt").write_bytes(b"garbage")
+    bad = runner.invoke(models_app, ["verify", "decoder"])
+    assert isinstance(bad.exception, CheckpointError)
+    assert "hift.pt" in str(bad.exception) and "glmvoice models download decoder" in str(bad.exception)
+
+
+def test_ensure_models_offers_the_missing_download(
+    fake_hub: FakeHub, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    answers: list[str] = []
+
+    def confirm(text: str, **kwargs: object) -> bool:
+        answers.append(text)
+        return True
+
+    monkeypatch.setattr(typer, "confirm", confirm)
+    found = ensure_models(("tokenizer", "decoder"), offer=True)
+    assert found == {n: settings.stage_cache_dir(n) for n in ("tokenizer", "decoder")}
+    assert len(answers) == 1 and "tokenizer (" in answers[0] and "decoder (" in answers[0]
+    assert ensure_models(("decoder",), offer=True) == {"decoder": settings.stage_cache_dir("decoder")}
+    assert len(answers) == 1  # nothing missing: no second question
+
+
+def test_ensure_models_without_offer_raises_one_line(tmp_path: Path) -> None:
+    with pytest.raises(ModelNotFoundError, match="`glmvoice models download lm`"):
+        ensure_models(("lm",), offer=False)
+    with pytest.raises(ModelNotFoundError, match="--lm"):
+        ensure_models(("lm",), overrides={"lm": tmp_path / "nowhere"}, offer=True)

@@ -278,3 +278,30 @@ def test_remove_stage_reports_freed_bytes(tmp_path: Path) -> None:
     assert hub.remove_stage(tmp_path / "decoder") == 30
     assert not (tmp_path / "decoder").exists()
     assert hub.remove_stage(tmp_path / "decoder") == 0
+
+
+# --------------------------------------------------------------------------- checksums
+
+
+def test_verify_after_download_and_after_corruption(fake_hub: FakeHub, tmp_path: Path) -> None:
+    from glmvoice_cli import integrity
+
+    folder = tmp_path / "lm"
+    hub.download_stage(hub.LM, folder)
+    result = integrity.verify_stage(hub.LM, folder)
+    assert result.ok and set(result.good) == set(hub.inspect_stage(hub.LM, folder).required)
+    shard = _shards(fake_hub)[0]
+    data = bytearray((folder / shard).read_bytes())
+    data[10] ^= 0xFF
+    (folder / shard).write_bytes(bytes(data))
+    (folder / "config.json").write_text('{"edited": true}')
+    result = integrity.verify_stage(hub.LM, folder)
+    assert not result.ok and set(result.bad) == {shard, "config.json"}
+
+
+def test_verify_folder_without_records(tmp_path: Path) -> None:
+    from glmvoice_cli import integrity
+
+    _fill(tmp_path, list(hub.DECODER.files))
+    result = integrity.verify_stage(hub.DECODER, tmp_path)
+    assert result.ok and result.unverified == hub.DECODER.files and result.good == ()

@@ -8,13 +8,15 @@ go to stdout. No torch here.
 from __future__ import annotations
 
 import json
+import sys
 from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from .. import hub, settings
+from .. import hub, integrity, settings
+from ..errors import CheckpointError
 
 models_app = typer.Typer(
     name="models",
@@ -94,6 +96,22 @@ def _progress():  # type: ignore[no-untyped-def]
     )
 
 
+def _download_one(
+    stage: hub.Stage,
+    dest: Path,
+    *,
+    revision: str = hub.DEFAULT_REVISION,
+    force: bool = False,
+    quiet: bool = False,
+) -> hub.StageStatus:
+    if quiet:
+        return hub.download_stage(stage, dest, revision=revision, force=force)
+    with _progress() as progress:
+        return hub.download_stage(
+            stage, dest, revision=revision, force=force, reporter=_RichReporter(progress)
+        )
+
+
 @models_app.command("download")
 def download(
     which: Annotated[Which, typer.Argument(help="Which model to fetch.")] = Which.all,
@@ -111,15 +129,39 @@ def download(
     transfer resumes. Honours HF_ENDPOINT (a mirror), HF_TOKEN and HF_HUB_OFFLINE.
     """
     for stage in _stages(which):
-        dest = _target(stage, root)
-        if quiet:
-            status = hub.download_stage(stage, dest, revision=revision, force=force)
-        else:
-            with _progress() as progress:
-                status = hub.download_stage(
-                    stage, dest, revision=revision, force=force, reporter=_RichReporter(progress)
-                )
+        status = _download_one(stage, _target(stage, root), revision=revision, force=force, quiet=quiet)
         typer.echo(f"{stage.name}: {status.state}, {human_size(status.size_bytes)} in {status.path}")
+
+
+def ensure_models(
+    stages: tuple[str, ...],
+    *,
+    models: str | Path | None = None,
+    overrides: dict[str, str | Path | None] | None = None,
+    offer: bool | None = None,
+) -> dict[str, Path]:
+    """Checked model folders for a command, offering to download what the cache lacks.
+
+    The offer (one prompt on stderr, with the total size) is made only for stages that would
+    come from the cache, online, and when `offer` is True or (None) stdin and stderr are
+    terminals; otherwise the first missing stage raises its one-line ModelNotFoundError.
+    """
+    overrides = overrides or {}
+    where = {s: settings.locate(s, models=models, override=overrides.get(s)) for s in stages}
+    absent = [
+        s
+        for s in stages
+        if where[s].source is None and not hub.inspect_stage(hub.STAGES[s], where[s].path).complete
+    ]
+    if offer is None:
+        offer = sys.stdin.isatty() and sys.stderr.isatty()
+    if absent and offer and not hub.is_offline():
+        total = sum(hub.STAGES[s].approx_bytes for s in absent)
+        names = ", ".join(f"{s} ({human_size(hub.STAGES[s].approx_bytes)})" for s in absent)
+        if typer.confirm(f"Not downloaded yet: {names}. Download {human_size(total)} now?", err=True):
+            for s in absent:
+                _download_one(hub.STAGES[s], where[s].path)
+    return {s: hub.require_complete(hub.STAGES[s], where[s].path, where[s].source) for s in stages}
 
 
 def _inspect(stage: hub.Stage, root: Path | None) -> tuple[settings.ModelLocation, hub.StageStatus]:
@@ -208,3 +250,30 @@ def remove(
             continue
         freed = hub.remove_stage(folder)
         typer.echo(f"{stage.name}: removed {folder} ({human_size(freed)} freed)")
+
+
+@models_app.command("verify")
+def verify(
+    which: Annotated[Which, typer.Argument(help="Which model to check.")] = Which.all,
+    root: Annotated[Path | None, typer.Option("--dir", help="Check DIR/<model> instead.")] = None,
+) -> None:
+    """Recompute the checksums of downloaded files and compare them with the Hub's."""
+    failures: list[str] = []
+    for stage in _stages(which):
+        folder = root / stage.name if root is not None else settings.locate(stage.name).path
+        result = integrity.verify_stage(stage, folder)
+        line = f"{stage.name}: {len(result.good)} ok, {len(result.unverified)} without a checksum record"
+        if result.bad or result.missing:
+            line += f", {len(result.bad)} corrupt, {len(result.missing)} missing"
+        typer.echo(line)
+        if result.bad:
+            failures.append(
+                f"{stage.name} file {result.bad[0]} in {folder} does not match its checksum; "
+                f"delete it and run `{stage.fetch_command}`"
+            )
+        elif result.missing:
+            failures.append(
+                f"{stage.name} in {folder} is missing {result.missing[0]}; run `{stage.fetch_command}`"
+            )
+    if failures:
+        raise CheckpointError(failures[0])
