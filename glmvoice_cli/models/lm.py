@@ -136,6 +136,8 @@ class VoiceLM:
         # transformers 5.x renamed `past_key_values` to `cache`; accept both.
         params = inspect.signature(model.forward).parameters
         self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
+        keep = next((name for name in ("logits_to_keep", "num_logits_to_keep") if name in params), None)
+        self._keep_last = {keep: 1} if keep else {}  # compute lm_head for the last position only
 
     @classmethod
     def from_folder(cls, folder: Path, options: LoadOptions | None = None) -> VoiceLM:
@@ -180,7 +182,7 @@ class VoiceLM:
 
         with torch.no_grad():
             out = self.model(
-                input_ids=ids, use_cache=True, logits_to_keep=1, **{self._cache_kwarg: conv.cache}
+                input_ids=ids, use_cache=True, **self._keep_last, **{self._cache_kwarg: conv.cache}
             )
         conv.cached_ids.extend(ids[0].tolist())
         logits = out.logits[0, -1].float()
