@@ -56,7 +56,7 @@ class Forcer:
             out[..., -1, self.script[step]] += FORCE
         return out
 
-    def __enter__(self) -> Forcer:
+    def __enter__(self) -> Forcer:  # noqa: PYI034 - a test helper, never subclassed
         return self
 
     def __exit__(self, *exc: object) -> None:
