@@ -1,0 +1,251 @@
+"""Turn segmentation: 16 kHz microphone samples in, speech onsets and whole utterances out.
+
+`Segmenter` is a pure state machine. It cuts the incoming samples into fixed frames, asks a
+per-frame classifier "is this speech?" (webrtcvad by default, any callable in tests) and emits:
+
+- `SpeechStarted` once an onset is confirmed by `start_frames` voiced frames in a row (a click or a
+  cough shorter than that never starts a turn; barge-in listens to this event);
+- `Utterance` when `hangover_ms` of non-speech has followed the last voiced frame, or when the turn
+  reaches `max_turn_s` (then `truncated=True` and the next utterance continues seamlessly, with no
+  new `SpeechStarted`);
+- `SpeechDiscarded` when a confirmed onset ended up shorter than `min_turn_ms` of speech (or when
+  the part after a max-length cut holds no speech at all: the long turn simply ended at the cut).
+
+Every event carries sample positions on the input timeline (sample 0 = first sample pushed since the
+last reset), so latencies can be measured without a clock. The utterance keeps `pre_roll_ms` of
+audio before the onset, because the VAD fires only once the first syllable is well under way.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from glmvoice_cli.config import SAMPLE_RATE_IN
+from glmvoice_cli.errors import GlmVoiceError, UsageError
+
+FrameClassifier = Callable[[np.ndarray], bool]  # (frame_samples,) int16 -> is speech
+
+WEBRTC_FRAME_MS = (10, 20, 30)  # the only frame lengths webrtcvad accepts
+WEBRTC_RATES = (8_000, 16_000, 32_000, 48_000)  # Hz, the only rates webrtcvad accepts
+INT16_SCALE = 32_767  # float [-1, 1] -> int16 full scale
+MS_PER_SECOND = 1_000
+
+
+@dataclass(frozen=True)
+class VadConfig:
+    """How speech turns are found in the microphone stream."""
+
+    aggressiveness: int = 2  # webrtcvad mode: 0 keeps most audio as speech, 3 filters non-speech hardest
+    frame_ms: int = 30  # classifier frame length: 10, 20 or 30 ms
+    start_frames: int = 3  # voiced frames in a row that confirm an onset (3 x 30 ms = 90 ms)
+    hangover_ms: int = 700  # non-speech after the last voiced frame that ends the turn
+    pre_roll_ms: int = 300  # audio kept before the onset, so the first syllable is not clipped
+    post_roll_ms: int = 150  # audio kept after the last voiced frame (soft word endings)
+    max_turn_s: float = 30.0  # a turn this long is cut (truncated) and continues as a new utterance
+    min_turn_ms: int = 250  # confirmed onsets with less speech than this are discarded
+    sample_rate: int = SAMPLE_RATE_IN  # Hz
+
+    def __post_init__(self) -> None:
+        if self.aggressiveness not in (0, 1, 2, 3):
+            raise UsageError(f"VAD aggressiveness must be 0, 1, 2 or 3, not {self.aggressiveness}")
+        if self.frame_ms not in WEBRTC_FRAME_MS:
+            raise UsageError(f"VAD frame length must be 10, 20 or 30 ms, not {self.frame_ms}")
+        if self.sample_rate not in WEBRTC_RATES:
+            raise UsageError(f"VAD sample rate must be one of {WEBRTC_RATES} Hz, not {self.sample_rate}")
+        if self.start_frames < 1:
+            raise UsageError(f"VAD start frames must be at least 1, not {self.start_frames}")
+        for name in ("hangover_ms", "pre_roll_ms", "post_roll_ms", "min_turn_ms"):
+            if getattr(self, name) < 0:
+                raise UsageError(f"VAD {name} must not be negative, not {getattr(self, name)}")
+        if self.hangover_ms < self.frame_ms:
+            raise UsageError(f"VAD hangover ({self.hangover_ms} ms) must be at least one frame ({self.frame_ms} ms)")
+        if self.max_turn_s * MS_PER_SECOND < self.frame_ms * (self.start_frames + 1):
+            raise UsageError(f"VAD max turn length {self.max_turn_s} s is shorter than an onset")
+
+    @property
+    def frame_samples(self) -> int:
+        return self.sample_rate * self.frame_ms // MS_PER_SECOND
+
+    def frames(self, ms: float) -> int:
+        """Whole frames covering ``ms`` milliseconds (rounded up)."""
+        return -(-round(ms) // self.frame_ms)
+
+    def samples(self, ms: float) -> int:
+        return round(ms * self.sample_rate / MS_PER_SECOND)
+
+
+@dataclass(frozen=True)
+class SpeechStarted:
+    """A confirmed speech onset."""
+
+    at_sample: int  # first sample of the first voiced frame of the confirming run
+    confirmed_at: int  # sample just after the frame that confirmed it (when the event was decided)
+
+
+@dataclass(frozen=True)
+class Utterance:
+    """One turn of speech, pre-roll and post-roll included."""
+
+    samples: np.ndarray = field(repr=False)  # (end_sample - start_sample,) float32 at the config rate
+    start_sample: int
+    end_sample: int  # exclusive
+    truncated: bool = False  # cut at max_turn_s; the speech goes on in the next utterance
+    sample_rate: int = SAMPLE_RATE_IN  # Hz
+
+    @property
+    def seconds(self) -> float:
+        return len(self.samples) / self.sample_rate
+
+
+@dataclass(frozen=True)
+class SpeechDiscarded:
+    """A confirmed onset that held less than min_turn_ms of speech (a cough, a door)."""
+
+    start_sample: int
+    end_sample: int
+
+
+SegmentEvent = SpeechStarted | Utterance | SpeechDiscarded
+
+
+@dataclass
+class SegmenterState:
+    """Everything the segmenter remembers between pushes; a fresh one is the reset state."""
+
+    position: int = 0  # samples classified so far (whole frames), on the input timeline
+    pending: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.float32))  # partial frame
+    recent: deque[np.ndarray] = field(default_factory=deque)  # idle: frames kept for pre-roll + onset
+    voiced_run: int = 0  # idle: voiced frames in a row
+    in_turn: bool = False
+    turn: list[np.ndarray] = field(default_factory=list)  # frames of the current turn
+    turn_start: int = 0  # sample where the current turn's audio begins
+    onset: int = 0  # first voiced sample of the current turn
+    last_voiced_end: int = 0  # sample just after the turn's last voiced frame
+    silent_run: int = 0  # in a turn: non-voiced frames in a row
+    continued: bool = False  # the current turn goes on after a max-length cut
+
+
+class Segmenter:
+    """Feed samples with `push`, get events back; `finish` at end of input; `reset` to start over."""
+
+    def __init__(self, config: VadConfig | None = None, classifier: FrameClassifier | None = None) -> None:
+        self.config = config or VadConfig()
+        self.classifier = classifier or WebRtcClassifier(self.config.aggressiveness, self.config.sample_rate)
+        self.state = SegmenterState()
+        self._recent_frames = self.config.frames(self.config.pre_roll_ms) + self.config.start_frames
+        self.state.recent = deque(maxlen=self._recent_frames)
+
+    def reset(self, at_sample: int = 0) -> None:
+        """Forget everything; the next sample pushed is ``at_sample`` on the timeline."""
+        self.state = SegmenterState(position=at_sample, recent=deque(maxlen=self._recent_frames))
+
+    @property
+    def in_turn(self) -> bool:
+        return self.state.in_turn
+
+    def push(self, samples: np.ndarray) -> list[SegmentEvent]:
+        """(n,) int16 or float32 mono samples at the config rate, any n -> events, in order."""
+        data = _as_float32(samples)
+        st, n = self.state, self.config.frame_samples
+        if len(st.pending):
+            data = np.concatenate([st.pending, data])
+        whole = len(data) - len(data) % n
+        st.pending = data[whole:].copy()
+        events: list[SegmentEvent] = []
+        for start in range(0, whole, n):
+            events.extend(self._frame(data[start : start + n]))
+        return events
+
+    def finish(self) -> list[SegmentEvent]:
+        """End of input: close a turn in progress as if its hangover had passed."""
+        st = self.state
+        st.pending = np.zeros(0, dtype=np.float32)
+        if not st.in_turn:
+            return []
+        return [self._close_turn(truncated=False)]
+
+    def _frame(self, frame: np.ndarray) -> list[SegmentEvent]:
+        st = self.state
+        voiced = bool(self.classifier(_as_int16(frame)))
+        frame_start = st.position
+        st.position += len(frame)
+        if not st.in_turn:
+            return self._idle_frame(frame, frame_start, voiced)
+        st.turn.append(frame)
+        if voiced:
+            st.silent_run = 0
+            st.last_voiced_end = st.position
+        else:
+            st.silent_run += 1
+        if st.silent_run >= self.config.frames(self.config.hangover_ms):
+            return [self._close_turn(truncated=False)]
+        if st.position - st.turn_start >= self.config.samples(self.config.max_turn_s * MS_PER_SECOND):
+            return [self._close_turn(truncated=True)]
+        return []
+
+    def _idle_frame(self, frame: np.ndarray, frame_start: int, voiced: bool) -> list[SegmentEvent]:
+        st, cfg = self.state, self.config
+        st.recent.append(frame)
+        st.voiced_run = st.voiced_run + 1 if voiced else 0
+        if st.voiced_run < cfg.start_frames:
+            return []
+        onset = st.position - st.voiced_run * cfg.frame_samples
+        kept = min(len(st.recent), st.voiced_run + cfg.frames(cfg.pre_roll_ms))
+        st.turn = list(st.recent)[-kept:]
+        st.turn_start = st.position - kept * cfg.frame_samples
+        st.in_turn, st.onset, st.last_voiced_end, st.silent_run = True, onset, st.position, 0
+        st.recent.clear()
+        st.voiced_run = 0
+        return [SpeechStarted(at_sample=onset, confirmed_at=st.position)]
+
+    def _close_turn(self, truncated: bool) -> SegmentEvent:
+        """Cut the current turn; a truncated one continues at once in a new turn."""
+        st, cfg = self.state, self.config
+        audio = np.concatenate(st.turn) if st.turn else np.zeros(0, dtype=np.float32)
+        if truncated:
+            end = st.position
+        else:
+            end = min(st.position, st.last_voiced_end + cfg.samples(cfg.post_roll_ms))
+        start, speech = st.turn_start, st.last_voiced_end - st.onset
+        end = max(end, start)
+        samples = audio[: end - start]
+        if truncated:
+            st.turn, st.turn_start, st.onset, st.silent_run, st.continued = [], end, end, 0, True
+            return Utterance(samples, start, end, True, cfg.sample_rate)
+        # the tail of a cut turn is kept however short, unless it holds no speech at all
+        short = speech <= 0 if st.continued else speech < cfg.samples(cfg.min_turn_ms)
+        st.in_turn, st.turn, st.silent_run, st.continued = False, [], 0, False
+        if short:
+            return SpeechDiscarded(start, end)
+        return Utterance(samples, start, end, False, cfg.sample_rate)
+
+
+class WebRtcClassifier:
+    """webrtcvad's GMM voice detector as a FrameClassifier (imported on first use)."""
+
+    def __init__(self, aggressiveness: int = 2, sample_rate: int = SAMPLE_RATE_IN) -> None:
+        try:
+            import webrtcvad
+        except ImportError as e:
+            raise GlmVoiceError("webrtcvad is not installed (pip install webrtcvad-wheels)") from e
+        self._vad = webrtcvad.Vad(aggressiveness)
+        self._rate = sample_rate
+
+    def __call__(self, frame: np.ndarray) -> bool:
+        return bool(self._vad.is_speech(np.ascontiguousarray(frame, dtype=np.int16).tobytes(), self._rate))
+
+
+def _as_float32(samples: np.ndarray) -> np.ndarray:
+    """int16 -> float32 in [-1, 1]; float input is kept as float32; always 1-D."""
+    samples = np.asarray(samples).reshape(-1)
+    if samples.dtype == np.int16:
+        return samples.astype(np.float32) / INT16_SCALE
+    return samples.astype(np.float32, copy=False)
+
+
+def _as_int16(frame: np.ndarray) -> np.ndarray:
+    return (np.clip(frame, -1.0, 1.0) * INT16_SCALE).astype(np.int16)
