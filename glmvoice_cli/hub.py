@@ -23,6 +23,8 @@ from .errors import CheckpointError, GlmVoiceError, ModelNotFoundError
 DEFAULT_REVISION = "main"
 _OFFLINE_ENVS = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
 _TRUE = {"1", "on", "yes", "true"}
+_MAX_REASON_CHARS = 200  # of the library's message, inside our one-line error
+_AUTH_STATUSES = (401, 403)
 _HTTP_CLIENT_MODULES = {"httpx", "httpx2", "httpcore", "requests", "urllib3"}
 
 
@@ -182,8 +184,7 @@ def require_complete(stage: Stage, folder: Path, source: str | None = None) -> P
     status = inspect_stage(stage, folder)
     if status.complete:
         return status.path
-    shown = ", ".join(status.missing[:3]) + (", ..." if len(status.missing) > 3 else "")
-    what = "folder does not exist" if not status.exists else f"missing {shown}"
+    what = "folder does not exist" if not status.exists else f"missing {short_list(status.missing)}"
     if source is None:
         raise ModelNotFoundError(
             f"the {stage.name} model is not downloaded ({folder}: {what}); "
@@ -193,6 +194,12 @@ def require_complete(stage: Stage, folder: Path, source: str | None = None) -> P
         f"the {stage.name} model folder {folder} (from {source}) is incomplete: {what}; "
         f"fix that path or fetch the model with `{stage.fetch_command}`"
     )
+
+
+def short_list(names: Iterable[str], limit: int = 3) -> str:
+    """ "a, b, c, ..." : enough names to act on while keeping an error on one line."""
+    names = list(names)
+    return ", ".join(names[:limit]) + (", ..." if len(names) > limit else "")
 
 
 def remove_stage(folder: Path) -> int:
@@ -226,18 +233,25 @@ class DownloadReporter(Protocol):
 class _ReporterBar:
     """Just enough of tqdm's interface for huggingface_hub's plain-HTTP and Xet downloads.
 
-    huggingface_hub accepts any callable as `tqdm_class` and calls it with tqdm keyword arguments;
-    `update_transfer` existing makes its Xet reporter feed this single bar instead of creating a
-    second one, and network bytes are ignored in favour of bytes written.
+    huggingface_hub instantiates `tqdm_class` itself with tqdm keyword arguments, so the reporter
+    and file name are bound in a subclass (`bound`). `update_transfer` existing makes its Xet
+    reporter feed this single bar instead of creating a second one; network bytes are ignored in
+    favour of bytes written.
     """
 
-    def __init__(self, reporter: DownloadReporter | None, name: str, **kwargs: Any) -> None:
-        self._reporter, self._name = reporter, name
+    _bound: tuple[DownloadReporter | None, str] = (None, "")
+
+    @classmethod
+    def bound(cls, reporter: DownloadReporter | None, name: str) -> type[_ReporterBar]:
+        return type("_BoundReporterBar", (cls,), {"_bound": (reporter, name)})
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._reporter, self._name = self._bound
         self._total: int | None = kwargs.get("total")
         self.n = int(kwargs.get("initial") or 0)
         self.format_dict: dict[str, Any] = {}
-        if reporter is not None:
-            reporter.file_started(name, self._total, self.n)
+        if self._reporter is not None:
+            self._reporter.file_started(self._name, self._total, self.n)
 
     @property
     def total(self) -> int | None:
@@ -333,7 +347,7 @@ def download_stage(
     status = inspect_stage(stage, folder)
     if not status.complete:
         raise CheckpointError(
-            f"{stage.name}: download finished but {folder} still lacks {', '.join(status.missing)}"
+            f"{stage.name}: download finished but {folder} still lacks {short_list(status.missing)}"
         )
     return status
 
@@ -342,7 +356,7 @@ def _offline_status(stage: Stage, folder: Path) -> StageStatus:
     status = inspect_stage(stage, folder)
     if status.complete:
         return status
-    missing = ", ".join(status.missing) if status.exists else "all files"
+    missing = short_list(status.missing) if status.exists else "all files"
     raise ModelNotFoundError(
         f"HF_HUB_OFFLINE is set and the {stage.name} model in {folder} is missing {missing}; "
         f"unset HF_HUB_OFFLINE and run `{stage.fetch_command}`"
@@ -372,7 +386,7 @@ def _fetch_file(
             local_dir=folder,
             endpoint=endpoint,
             force_download=force,
-            tqdm_class=functools.partial(_ReporterBar, reporter, f"{stage.name}/{filename}"),  # type: ignore[arg-type]
+            tqdm_class=_ReporterBar.bound(reporter, f"{stage.name}/{filename}"),  # type: ignore[arg-type]
         )
     except hf_errors.OfflineModeIsEnabled as e:
         raise ModelNotFoundError(_offline_line(stage, folder, filename)) from e
@@ -400,13 +414,26 @@ def _offline_line(stage: Stage, folder: Path, filename: str) -> str:
     )
 
 
+def _reason(error: BaseException) -> str:
+    """A short cause: "HTTP 401 Unauthorized (server's message)" or the error's first line."""
+    response = getattr(error, "response", None)
+    status = getattr(response, "status_code", None)
+    if isinstance(status, int):
+        phrase = str(getattr(response, "reason_phrase", "") or "")
+        detail = getattr(response, "headers", {}).get("X-Error-Message")
+        reason = f"HTTP {status} {phrase}".strip() + (f" ({detail})" if detail else "")
+        if status in _AUTH_STATUSES:
+            reason += "; check HF_TOKEN: it is missing, invalid or lacks access to the repository"
+        return reason
+    lines = str(error).strip().splitlines()
+    reason = lines[0] if lines else type(error).__name__
+    return reason if len(reason) <= _MAX_REASON_CHARS else reason[: _MAX_REASON_CHARS - 3] + "..."
+
+
 def _network_line(stage: Stage, filename: str, endpoint: str | None, error: BaseException) -> str:
-    reason = " ".join(str(error).split()) or type(error).__name__
-    if len(reason) > 200:
-        reason = reason[:197] + "..."
     where = endpoint or "https://huggingface.co"
     return (
-        f"could not download {stage.repo_id}/{filename} from {where}: {reason}; "
+        f"could not download {stage.repo_id}/{filename} from {where}: {_reason(error)}; "
         f"run `{stage.fetch_command}` again to resume"
     )
 

@@ -57,6 +57,7 @@ class FakeHub:
     # files are named "<repo_id>/<filename>" in the fault sets and in queries
     cut: set[str] = field(default_factory=set)  # files whose first full GET is cut mid-file
     fail_resume: set[str] = field(default_factory=set)  # files whose Range GETs answer 503
+    token: str | None = None  # when set, hub requests without "Bearer <token>" answer 401
     seen: list[Seen] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -177,6 +178,8 @@ class _Handler(BaseHTTPRequestHandler):
         head, sep, tail = path.lstrip("/").partition("/resolve/")
         revision, _, filename = tail.partition("/")
         files = self.hub.repos.get(head) if sep else None
+        if self.hub.token and self.headers.get("Authorization") != f"Bearer {self.hub.token}":
+            return self._empty(401, {"X-Error-Message": "Invalid credentials in Authorization header"})
         if files is None:
             return self._empty(404, {"X-Error-Code": "RepoNotFound"})
         commit = self.hub.commit(head)

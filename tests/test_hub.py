@@ -305,3 +305,16 @@ def test_verify_folder_without_records(tmp_path: Path) -> None:
     _fill(tmp_path, list(hub.DECODER.files))
     result = integrity.verify_stage(hub.DECODER, tmp_path)
     assert result.ok and result.unverified == hub.DECODER.files and result.good == ()
+
+
+def test_rejected_token_names_hf_token(
+    fake_hub: FakeHub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fake_hub.token = "hf_right"
+    monkeypatch.setenv("HF_TOKEN", "hf_wrong")
+    with pytest.raises(GlmVoiceError) as info:
+        hub.download_stage(hub.DECODER, tmp_path / "decoder")
+    message = _one_line(info.value)
+    assert "HF_TOKEN" in message and "glmvoice models download decoder" in message
+    monkeypatch.setenv("HF_TOKEN", "hf_right")
+    assert hub.download_stage(hub.DECODER, tmp_path / "decoder").complete
