@@ -1,0 +1,133 @@
+"""Events from the chat engine to its consumers (the live view, the session store, tests).
+
+The engine's worker thread puts these on a queue; consumers only read them. Every event is a frozen
+dataclass holding plain data (numbers, strings, numpy arrays), so nothing here imports torch and an
+event can cross threads without copying model state.
+
+One spoken exchange produces, in order::
+
+    StatusChanged(LISTENING) -> UserTurnStarted -> UserUtterance -> StatusChanged(THINKING)
+    -> TextDelta / AudioChunk ... (interleaved, StatusChanged(SPEAKING) at the first chunk)
+    -> TurnEnded -> StatusChanged(LISTENING)
+
+A barge-in inserts UserTurnStarted and Interrupted before the assistant's TurnEnded(interrupted=True).
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from glmvoice_cli.config import SAMPLE_RATE_OUT
+
+
+class ChatState(enum.Enum):
+    """What the assistant is doing; the value is the label the status line shows."""
+
+    IDLE = "idle"  # not started, or ended
+    LISTENING = "listening"  # waiting for, or recording, the user's turn
+    THINKING = "thinking"  # the utterance is being tokenized, the LM has not produced audio yet
+    SPEAKING = "speaking"  # decoded audio is being played
+    INTERRUPTED = "interrupted"  # barge-in: generation stopped, playback flushed
+
+
+@dataclass(frozen=True)
+class TurnTimings:
+    """Latency breakdown of one assistant turn; None where the turn never got that far."""
+
+    first_token_s: float | None = None  # end of the user's speech -> first LM token
+    first_audio_s: float | None = None  # end of the user's speech -> first decoded audio block
+    real_time_factor: float | None = None  # generation + decoding time / seconds of audio produced
+    tokens: int = 0  # LM tokens generated (text and audio)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict (the session transcript stores it)."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TurnTimings:
+        """The inverse of to_dict; unknown keys (from a newer version) are ignored."""
+        known = {
+            k: data[k] for k in ("first_token_s", "first_audio_s", "real_time_factor", "tokens") if k in data
+        }
+        return cls(**known)
+
+
+@dataclass(frozen=True)
+class UserTurnStarted:
+    """Voice activity confirmed: the user has started speaking (also the barge-in trigger)."""
+
+
+@dataclass(frozen=True)
+class UserUtterance:
+    """The user's turn is complete: spoken (duration_s > 0) or typed (typed=True, text set)."""
+
+    duration_s: float  # seconds of speech, 0.0 for a typed turn
+    text: str | None = None  # the transcript (with --transcribe-user) or the typed text
+    audio_path: str | None = None  # where the turn's audio was saved, when it was
+    typed: bool = False  # entered with the keyboard rather than spoken
+
+
+@dataclass(frozen=True)
+class TextDelta:
+    """A piece of the assistant's text, as the LM produces it."""
+
+    text: str
+
+
+@dataclass(frozen=True, eq=False)  # arrays make == ambiguous: compare events by identity
+class AudioChunk:
+    """A block of decoded assistant speech, ready to play."""
+
+    samples: np.ndarray  # (n,) float32 in [-1, 1]
+    sample_rate: int = SAMPLE_RATE_OUT  # Hz
+
+    @property
+    def seconds(self) -> float:
+        return len(self.samples) / self.sample_rate
+
+
+@dataclass(frozen=True)
+class Interrupted:
+    """Barge-in: the assistant's answer was cut; played_s is how much of it the user heard."""
+
+    played_s: float | None = None  # seconds of the answer actually played before the cut
+
+
+@dataclass(frozen=True)
+class TurnEnded:
+    """The assistant's turn is over, finished or cut."""
+
+    interrupted: bool = False
+    reason: str = "done"  # "done" | "max_tokens" | "barge_in" | "cancelled" | "error"
+    timings: TurnTimings = field(default_factory=TurnTimings)
+
+
+@dataclass(frozen=True)
+class Failed:
+    """A stage failed; the message is one line for the user. The session goes on or ends."""
+
+    message: str
+
+
+@dataclass(frozen=True)
+class StatusChanged:
+    """The engine's state, and the microphone's input level, for the status line."""
+
+    state: ChatState
+    level: float = 0.0  # input RMS, linear, full scale = 1.0
+
+
+ChatEvent = (
+    UserTurnStarted
+    | UserUtterance
+    | TextDelta
+    | AudioChunk
+    | Interrupted
+    | TurnEnded
+    | Failed
+    | StatusChanged
+)

@@ -1,0 +1,416 @@
+"""Saved conversations: one folder per session, written as it goes so a crash loses nothing said.
+
+Layout of a session folder (``<data root>/sessions/<ID>``, or the folder given as ``session_dir``)::
+
+    meta.json           written once at creation: id, created, mode, model paths, format version
+    transcript.jsonl    append-only, one JSON object per turn, flushed and fsynced on each write
+    audio/0001-user.wav       16 kHz, the user's speech
+    audio/0002-assistant.wav  22.05 kHz, what the assistant said (the played part when interrupted)
+
+A turn's audio is written before its transcript line, so a line never names a missing file. The
+data root is ``GLMVOICE_HOME`` when set, else the platform data folder. Loading tolerates a last
+line cut by a crash (skipped, with a warning); resuming drops that fragment before appending.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import threading
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from glmvoice_cli.audio.io import write_audio
+from glmvoice_cli.config import SAMPLE_RATE_IN, SAMPLE_RATE_OUT
+from glmvoice_cli.errors import GlmVoiceError
+from glmvoice_cli.events import TurnTimings
+from glmvoice_cli.settings import APP_NAME, ENV_HOME
+
+SESSIONS_SUBDIR = "sessions"
+TRANSCRIPT_FILE = "transcript.jsonl"
+META_FILE = "meta.json"
+AUDIO_SUBDIR = "audio"
+FORMAT_VERSION = 1  # bumped when a field changes meaning
+ID_TIME_FORMAT = "%Y%m%d-%H%M%S"  # UTC, so IDs sort by creation time
+ID_RANDOM_BYTES = 2  # 4 hex characters: two sessions started in the same second still differ
+ID_ATTEMPTS = 8  # fresh random suffixes tried before giving up on a free folder name
+ROLES = ("user", "assistant")
+
+
+class SessionError(GlmVoiceError):
+    """A session folder cannot be created, written or read."""
+
+
+class SessionNotFoundError(SessionError):
+    """No saved session has the given ID or path."""
+
+
+@dataclass(frozen=True)
+class TurnRecord:
+    """One line of transcript.jsonl."""
+
+    role: str  # "user" | "assistant"
+    audio: str | None  # the turn's wav, relative to the session folder; None for a typed or silent turn
+    text: str | None  # transcript, typed text or the assistant's text; None where there is none
+    token_ids: tuple[int, ...]  # the ids the LM history keeps for this turn (trimmed when interrupted)
+    interrupted: bool  # assistant turns cut by barge-in; always False for user turns
+    timings: dict[str, Any] | None  # TurnTimings.to_dict() for assistant turns
+    created: str  # ISO 8601, UTC
+    duration_s: float | None = None  # seconds of audio in `audio`
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["token_ids"] = list(self.token_ids)
+        return data
+
+    @classmethod
+    def from_json(cls, data: Any) -> TurnRecord:
+        """Parse one decoded line; ValueError or TypeError says what is wrong with it."""
+        if not isinstance(data, dict):
+            raise TypeError("not a JSON object")
+        if data.get("role") not in ROLES:
+            raise ValueError(f"role must be one of {ROLES}, got {data.get('role')!r}")
+        ids = data.get("token_ids") or []
+        if not isinstance(ids, list) or not all(isinstance(i, int) for i in ids):
+            raise TypeError("token_ids must be a list of integers")
+        return cls(
+            role=data["role"],
+            audio=data.get("audio"),
+            text=data.get("text"),
+            token_ids=tuple(ids),
+            interrupted=bool(data.get("interrupted", False)),
+            timings=data.get("timings"),
+            created=str(data.get("created", "")),
+            duration_s=data.get("duration_s"),
+        )
+
+
+@dataclass(frozen=True)
+class SavedSession:
+    """A session read back from disk (what `--resume` starts from)."""
+
+    id: str
+    path: Path
+    meta: dict[str, Any]
+    turns: tuple[TurnRecord, ...]
+    warnings: tuple[str, ...] = ()  # one line each: skipped lines, a missing meta.json
+
+
+@dataclass(frozen=True)
+class SessionInfo:
+    """One row of list_sessions()."""
+
+    id: str
+    path: Path
+    created: str | None
+    mode: str | None
+    turns: int  # complete transcript lines
+
+
+def sessions_root() -> Path:
+    """<GLMVOICE_HOME>/sessions when set, else <platform data folder>/sessions."""
+    home = os.environ.get(ENV_HOME, "").strip()
+    if home:
+        return Path(home).expanduser() / SESSIONS_SUBDIR
+    import platformdirs
+
+    return Path(platformdirs.user_data_dir(APP_NAME)) / SESSIONS_SUBDIR
+
+
+def new_session_id(now: datetime | None = None) -> str:
+    """'20261125-092752-a3f1': UTC creation time and a short random suffix."""
+    now = now or datetime.now(timezone.utc)
+    return f"{now.strftime(ID_TIME_FORMAT)}-{secrets.token_hex(ID_RANDOM_BYTES)}"
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+
+
+def _reason(e: OSError) -> str:
+    return e.strerror or str(e)
+
+
+class SessionStore:
+    """Appends the turns of one session to its folder; safe to call from any one thread at a time."""
+
+    def __init__(self, path: Path, turns: Sequence[TurnRecord] = (), warnings: Sequence[str] = ()) -> None:
+        self.path = path
+        self.id = path.name
+        self.turns: list[TurnRecord] = list(turns)
+        self.warnings = tuple(warnings)
+        self._lock = threading.Lock()
+
+    @property
+    def transcript_path(self) -> Path:
+        return self.path / TRANSCRIPT_FILE
+
+    @classmethod
+    def create(
+        cls,
+        *,
+        session_dir: str | Path | None = None,
+        models: Mapping[str, str | Path] | None = None,
+        mode: str = "voice",
+        extra: Mapping[str, Any] | None = None,
+    ) -> SessionStore:
+        """A new, empty session in `session_dir`, else in a fresh folder under sessions_root().
+
+        `models` maps stage name to the folder used; `extra` is merged into meta.json (JSON values).
+        """
+        path = _claim_folder(session_dir)
+        meta = {
+            "format": FORMAT_VERSION,
+            "id": path.name,
+            "created": _now(),
+            "mode": mode,
+            "models": {k: str(v) for k, v in (models or {}).items()},
+            "sample_rates": {"user": SAMPLE_RATE_IN, "assistant": SAMPLE_RATE_OUT},
+            **dict(extra or {}),
+        }
+        try:
+            (path / AUDIO_SUBDIR).mkdir(exist_ok=True)
+            _write_atomic(path / META_FILE, json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
+            (path / TRANSCRIPT_FILE).touch()
+            _fsync_dir(path)
+        except OSError as e:
+            raise SessionError(f"cannot write session folder {path}: {_reason(e)}") from e
+        return cls(path)
+
+    @classmethod
+    def resume(cls, ref: str | Path, root: Path | None = None) -> SessionStore:
+        """Reopen a saved session (ID or folder) to append to it; a cut last line is dropped first."""
+        saved = load_session(ref, root)
+        try:
+            _repair_tail(saved.path / TRANSCRIPT_FILE)
+            (saved.path / AUDIO_SUBDIR).mkdir(exist_ok=True)
+        except OSError as e:
+            raise SessionError(f"cannot write session folder {saved.path}: {_reason(e)}") from e
+        return cls(saved.path, saved.turns, saved.warnings)
+
+    def append_user(
+        self,
+        samples: np.ndarray | None = None,
+        *,
+        text: str | None = None,
+        token_ids: Sequence[int] = (),
+        timings: TurnTimings | Mapping[str, Any] | None = None,
+        sample_rate: int = SAMPLE_RATE_IN,
+    ) -> TurnRecord:
+        """Save a user turn: its speech (n,) float32 at sample_rate Hz, or None for a typed turn."""
+        return self._append("user", samples, sample_rate, text, token_ids, False, timings)
+
+    def append_assistant(
+        self,
+        samples: np.ndarray | None = None,
+        *,
+        text: str | None = None,
+        token_ids: Sequence[int] = (),
+        interrupted: bool = False,
+        timings: TurnTimings | Mapping[str, Any] | None = None,
+        sample_rate: int = SAMPLE_RATE_OUT,
+    ) -> TurnRecord:
+        """Save an assistant turn: the audio played (n,) float32 at sample_rate Hz, its text and ids."""
+        return self._append("assistant", samples, sample_rate, text, token_ids, interrupted, timings)
+
+    def _append(
+        self,
+        role: str,
+        samples: np.ndarray | None,
+        sample_rate: int,
+        text: str | None,
+        token_ids: Sequence[int],
+        interrupted: bool,
+        timings: TurnTimings | Mapping[str, Any] | None,
+    ) -> TurnRecord:
+        with self._lock:
+            audio, duration = self._write_turn_audio(role, samples, sample_rate)
+            record = TurnRecord(
+                role=role,
+                audio=audio,
+                text=text if text else None,
+                token_ids=tuple(int(i) for i in token_ids),
+                interrupted=interrupted,
+                timings=timings.to_dict() if isinstance(timings, TurnTimings) else _plain(timings),
+                created=_now(),
+                duration_s=duration,
+            )
+            line = json.dumps(record.to_json(), ensure_ascii=False) + "\n"
+            try:
+                with self.transcript_path.open("a", encoding="utf-8") as fh:
+                    fh.write(line)
+                    fh.flush()
+                    os.fsync(fh.fileno())
+            except OSError as e:
+                raise SessionError(f"cannot append to {self.transcript_path}: {_reason(e)}") from e
+            self.turns.append(record)
+            return record
+
+    def _write_turn_audio(
+        self, role: str, samples: np.ndarray | None, sample_rate: int
+    ) -> tuple[str | None, float | None]:
+        """Write the turn's wav (fsynced); (relative path, seconds), or (None, None) without audio."""
+        if samples is None or len(samples) == 0:
+            return None, None
+        number = len(self.turns) + 1
+        while (self.path / (relative := f"{AUDIO_SUBDIR}/{number:04d}-{role}.wav")).exists():
+            number += 1  # a file left by a turn whose line was lost or skipped: keep it
+        target = self.path / relative
+        write_audio(target, np.asarray(samples, dtype=np.float32).reshape(-1), sample_rate)
+        try:
+            with target.open("ab") as fh:
+                os.fsync(fh.fileno())
+        except OSError as e:
+            raise SessionError(f"cannot write {target}: {_reason(e)}") from e
+        return relative, round(len(samples) / sample_rate, 3)
+
+    def audio_file(self, record: TurnRecord) -> Path | None:
+        """The absolute path of a turn's audio, or None."""
+        return None if record.audio is None else self.path / record.audio
+
+
+def _plain(timings: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    return None if timings is None else dict(timings)
+
+
+def _claim_folder(session_dir: str | Path | None) -> Path:
+    """Create the session folder; a given folder may exist but must not hold a transcript yet."""
+    if session_dir is not None:
+        path = Path(session_dir).expanduser()
+        transcript = path / TRANSCRIPT_FILE
+        if transcript.is_file() and transcript.stat().st_size > 0:
+            raise SessionError(f"{path} already holds a session; continue it with --resume {path}")
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise SessionError(f"cannot create session folder {path}: {_reason(e)}") from e
+        return path
+    root = sessions_root()
+    for _ in range(ID_ATTEMPTS):
+        path = root / new_session_id()
+        try:
+            path.mkdir(parents=True, exist_ok=False)
+            return path
+        except FileExistsError:
+            continue
+        except OSError as e:
+            raise SessionError(f"cannot create session folder {path}: {_reason(e)}") from e
+    raise SessionError(f"cannot find a free session folder name under {root}")
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w", encoding="utf-8") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make new directory entries durable where the platform allows it (not on Windows)."""
+    if not hasattr(os, "O_DIRECTORY"):
+        return
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _repair_tail(transcript: Path) -> None:
+    """Before appending: end the file with a newline, dropping a fragment a crash left unparsable."""
+    data = transcript.read_bytes() if transcript.exists() else b""
+    if not data or data.endswith(b"\n"):
+        return
+    cut = data.rfind(b"\n") + 1
+    try:
+        json.loads(data[cut:].decode("utf-8"))
+        complete = True
+    except ValueError:  # UnicodeDecodeError and JSONDecodeError both derive from it
+        complete = False
+    with transcript.open("r+b") as fh:
+        if complete:
+            fh.seek(0, os.SEEK_END)
+            fh.write(b"\n")
+        else:
+            fh.truncate(cut)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def resolve_session(ref: str | Path, root: Path | None = None) -> Path:
+    """A session folder from an ID (under root) or a path; SessionNotFoundError otherwise."""
+    root = root if root is not None else sessions_root()
+    text = str(ref)
+    is_name = not Path(text).is_absolute() and "/" not in text and os.sep not in text
+    candidates = ([root / text] if is_name else []) + [Path(text).expanduser()]
+    for path in candidates:
+        if (path / TRANSCRIPT_FILE).is_file():
+            return path
+    if not is_name and Path(text).is_dir():
+        raise SessionNotFoundError(f"{text} is not a glmvoice session folder (no {TRANSCRIPT_FILE})")
+    raise SessionNotFoundError(f"unknown session {text!r}: no such ID in {root} and no such folder")
+
+
+def load_session(ref: str | Path, root: Path | None = None) -> SavedSession:
+    """Read a session's meta and turns; bad lines are skipped with a warning, never fatal."""
+    path = resolve_session(ref, root)
+    warnings: list[str] = []
+    meta: dict[str, Any] = {}
+    try:
+        loaded = json.loads((path / META_FILE).read_text(encoding="utf-8"))
+        meta = loaded if isinstance(loaded, dict) else {}
+    except (OSError, ValueError) as e:
+        warnings.append(f"{path / META_FILE}: unreadable ({e.__class__.__name__}); using defaults")
+    try:
+        data = (path / TRANSCRIPT_FILE).read_bytes()
+    except OSError as e:
+        raise SessionError(f"cannot read {path / TRANSCRIPT_FILE}: {_reason(e)}") from e
+    turns = _parse_transcript(data, path / TRANSCRIPT_FILE, warnings)
+    return SavedSession(path.name, path, meta, tuple(turns), tuple(warnings))
+
+
+def _parse_transcript(data: bytes, where: Path, warnings: list[str]) -> list[TurnRecord]:
+    lines = data.split(b"\n")
+    turns: list[TurnRecord] = []
+    for number, raw in enumerate(lines, start=1):
+        if not raw.strip():
+            continue
+        try:
+            turns.append(TurnRecord.from_json(json.loads(raw.decode("utf-8"))))
+        except (ValueError, TypeError) as e:
+            if number == len(lines):  # no newline after it: the write was cut
+                warnings.append(f"{where}: last line is incomplete (cut by a crash?); skipped it")
+            else:
+                warnings.append(f"{where}: line {number} is not a valid turn ({e}); skipped it")
+    return turns
+
+
+def list_sessions(root: Path | None = None) -> list[SessionInfo]:
+    """Saved sessions under root (default sessions_root()), oldest first."""
+    root = root if root is not None else sessions_root()
+    if not root.is_dir():
+        return []
+    found: list[SessionInfo] = []
+    for path in root.iterdir():
+        transcript = path / TRANSCRIPT_FILE
+        if not transcript.is_file():
+            continue
+        try:
+            meta = json.loads((path / META_FILE).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            meta = {}
+        meta = meta if isinstance(meta, dict) else {}
+        try:
+            count = transcript.read_bytes().count(b"\n")
+        except OSError:
+            count = 0
+        found.append(SessionInfo(path.name, path, meta.get("created"), meta.get("mode"), count))
+    return sorted(found, key=lambda s: (s.created or "", s.id))

@@ -1,0 +1,268 @@
+"""The live transcript: a pure state updated by engine events, a pure render, and a thin Live loop.
+
+`TranscriptState.apply(event)` folds one event (see `events.py`) into the conversation so far;
+`render(state)` turns that into a Rich renderable; `LiveView` owns a `rich.live.Live`, reads events
+from a queue with a timeout, and redraws. Only `LiveView` touches the terminal, so tests check the
+first two with a recording console and no thread.
+"""
+
+from __future__ import annotations
+
+import math
+import queue
+import threading
+from dataclasses import dataclass, field
+
+from rich.console import Console, Group, RenderableType
+from rich.live import Live
+from rich.text import Text
+
+from glmvoice_cli.events import (
+    AudioChunk,
+    ChatEvent,
+    ChatState,
+    Failed,
+    Interrupted,
+    StatusChanged,
+    TextDelta,
+    TurnEnded,
+    TurnTimings,
+    UserTurnStarted,
+    UserUtterance,
+)
+
+MAX_TURNS_SHOWN = 12  # older turns collapse into one line so the live region fits a terminal
+METER_CELLS = 20  # width of the input level meter, in characters
+METER_FLOOR_DB = -60.0  # dBFS shown as an empty meter
+POLL_S = 0.1  # seconds LiveView waits for an event before checking its stop flag
+REFRESH_PER_SECOND = 12  # redraws per second while events stream in
+MAX_EVENTS_PER_REDRAW = 256  # events folded in before a redraw, so a burst never starves the screen
+CURSOR = "▌"  # trails the assistant's text while it streams
+
+_STATE_STYLE = {
+    ChatState.IDLE: "dim",
+    ChatState.LISTENING: "bold green",
+    ChatState.THINKING: "bold yellow",
+    ChatState.SPEAKING: "bold magenta",
+    ChatState.INTERRUPTED: "bold red",
+}
+
+
+@dataclass
+class TurnView:
+    """One turn as the view shows it."""
+
+    role: str  # "user" | "assistant"
+    text: str = ""  # transcript (user) or streamed text so far (assistant)
+    duration_s: float | None = None  # user: seconds of speech; None while still speaking
+    typed: bool = False  # user turn entered with the keyboard
+    audio_s: float = 0.0  # assistant: seconds of audio received
+    open: bool = True  # user: still speaking; assistant: still streaming
+    interrupted: bool = False
+    failed: str | None = None  # the error that ended this turn
+    timings: TurnTimings | None = None
+
+
+@dataclass
+class TranscriptState:
+    """The conversation so far and the status line; changed only through `apply`."""
+
+    turns: list[TurnView] = field(default_factory=list)
+    status: ChatState = ChatState.IDLE
+    level: float = 0.0  # input RMS, linear, full scale = 1.0
+    error: str | None = None  # the last Failed message
+
+    def apply(self, event: ChatEvent) -> None:
+        """Fold one engine event into the state (unknown events are ignored)."""
+        if isinstance(event, StatusChanged):
+            self.status, self.level = event.state, event.level
+        elif isinstance(event, UserTurnStarted):
+            if self._open("user") is None:
+                self.turns.append(TurnView("user"))
+        elif isinstance(event, UserUtterance):
+            self._apply_utterance(event)
+        elif isinstance(event, TextDelta):
+            self._assistant().text += event.text
+        elif isinstance(event, AudioChunk):
+            self._assistant().audio_s += event.seconds
+        elif isinstance(event, Interrupted):
+            turn = self._open("assistant") or self._last("assistant")
+            if turn is not None:
+                turn.interrupted = True
+        elif isinstance(event, TurnEnded):
+            self._apply_turn_end(event)
+        elif isinstance(event, Failed):
+            self.error = event.message
+            turn = self._open("assistant")
+            if turn is not None:
+                turn.failed, turn.open = event.message, False
+
+    def _apply_utterance(self, event: UserUtterance) -> None:
+        turn = self._open("user")
+        if turn is None:
+            turn = TurnView("user")
+            self.turns.append(turn)
+        turn.duration_s, turn.typed, turn.open = event.duration_s, event.typed, False
+        turn.text = event.text or ""
+        self.error = None  # a new turn: the last failure no longer describes the state
+
+    def _apply_turn_end(self, event: TurnEnded) -> None:
+        turn = self._open("assistant")
+        if turn is None:  # a turn that produced nothing still shows its timings
+            turn = TurnView("assistant")
+            self.turns.append(turn)
+        turn.open = False
+        turn.interrupted = turn.interrupted or event.interrupted
+        turn.timings = event.timings
+
+    def _open(self, role: str) -> TurnView | None:
+        """The turn of `role` still in progress (a user may start speaking over a streaming answer)."""
+        return next((t for t in reversed(self.turns) if t.role == role and t.open), None)
+
+    def _last(self, role: str) -> TurnView | None:
+        return next((t for t in reversed(self.turns) if t.role == role), None)
+
+    def _assistant(self) -> TurnView:
+        turn = self._open("assistant")
+        if turn is None:
+            turn = TurnView("assistant")
+            self.turns.append(turn)
+        return turn
+
+
+def render(state: TranscriptState, max_turns: int = MAX_TURNS_SHOWN) -> RenderableType:
+    """The transcript (the last `max_turns` turns) above the status line."""
+    parts: list[RenderableType] = []
+    hidden = max(0, len(state.turns) - max_turns)
+    if hidden:
+        parts.append(Text(f"… {hidden} earlier turn{'s' if hidden > 1 else ''}", style="dim"))
+    for turn in state.turns[hidden:]:
+        parts.extend(_render_turn(turn))
+    parts.append(Text(""))
+    parts.append(status_line(state))
+    return Group(*parts)
+
+
+def _render_turn(turn: TurnView) -> list[RenderableType]:
+    if turn.role == "user":
+        return [_user_line(turn)]
+    lines: list[RenderableType] = [_assistant_line(turn)]
+    if turn.timings is not None:
+        lines.append(Text("    " + timings_text(turn.timings), style="dim"))
+    return lines
+
+
+def _user_line(turn: TurnView) -> Text:
+    line = Text("you  ", style="bold cyan")
+    if turn.open:
+        line.append("speaking…", style="italic dim")
+        return line
+    if turn.typed:
+        line.append("(typed) ", style="dim")
+    else:
+        line.append(f"({turn.duration_s or 0.0:.1f} s) ", style="dim")
+    line.append(turn.text if turn.text else "[speech]", style="" if turn.text else "dim")
+    return line
+
+
+def _assistant_line(turn: TurnView) -> Text:
+    line = Text("glm  ", style="bold magenta")
+    if turn.text:
+        line.append(turn.text)
+    elif turn.open:
+        line.append("thinking…", style="italic dim")
+    if turn.open:
+        line.append(CURSOR, style="magenta")
+    if turn.audio_s and not turn.text:
+        line.append(f"[{turn.audio_s:.1f} s of speech]", style="dim")
+    if turn.interrupted:
+        line.append("  ⏹ interrupted", style="bold yellow")
+    if turn.failed:
+        line.append(f"  ✗ failed: {turn.failed}", style="bold red")
+    return line
+
+
+def timings_text(timings: TurnTimings) -> str:
+    """One line: 'first token 0.31 s · first audio 0.62 s · RTF 0.48 · 42 tokens'."""
+    parts = [
+        f"first token {_seconds(timings.first_token_s)}",
+        f"first audio {_seconds(timings.first_audio_s)}",
+        f"RTF {timings.real_time_factor:.2f}" if timings.real_time_factor is not None else "RTF –",
+        f"{timings.tokens} tokens",
+    ]
+    return " · ".join(parts)
+
+
+def _seconds(value: float | None) -> str:
+    return "–" if value is None else f"{value:.2f} s"
+
+
+def status_line(state: TranscriptState) -> Text:
+    """'● listening  mic ▕█████░░░░░▏ -32 dB', plus the last error."""
+    line = Text("● ", style=_STATE_STYLE[state.status])
+    line.append(state.status.value, style=_STATE_STYLE[state.status])
+    db = level_db(state.level)
+    filled = round(METER_CELLS * (db - METER_FLOOR_DB) / -METER_FLOOR_DB)
+    line.append("   mic ▕", style="dim")
+    line.append("█" * filled, style="green" if db < -6.0 else "red")
+    line.append("░" * (METER_CELLS - filled) + "▏", style="dim")
+    line.append(f" {db:.0f} dB" if db > METER_FLOOR_DB else " silent", style="dim")
+    if state.error:
+        line.append(f"   error: {state.error}", style="bold red")
+    return line
+
+
+def level_db(level: float) -> float:
+    """Linear RMS (full scale 1.0) -> dBFS, clamped to [METER_FLOOR_DB, 0]."""
+    if not level > 0.0 or not math.isfinite(level):
+        return METER_FLOOR_DB
+    return min(0.0, max(METER_FLOOR_DB, 20.0 * math.log10(level)))
+
+
+class LiveView:
+    """Draws the transcript live from a queue of events until a `None` sentinel or a stop Event.
+
+    Every wait on the queue has a timeout, so a stalled engine never freezes the view and
+    `stop.set()` ends it within POLL_S.
+    """
+
+    def __init__(self, console: Console | None = None, poll_s: float = POLL_S) -> None:
+        self.console = console or Console()
+        self.poll_s = poll_s
+        self.state = TranscriptState()
+
+    def run(self, events: queue.Queue, stop: threading.Event | None = None) -> TranscriptState:
+        """Consume events until the sentinel (None) or `stop` is set; returns the final state."""
+        stop = stop or threading.Event()
+        with Live(
+            render(self.state),
+            console=self.console,
+            refresh_per_second=REFRESH_PER_SECOND,
+            transient=False,
+            redirect_stdout=False,
+            redirect_stderr=False,
+        ) as live:
+            while not stop.is_set():
+                ended = self._drain(events)
+                live.update(render(self.state))
+                if ended:
+                    break
+        return self.state
+
+    def _drain(self, events: queue.Queue) -> bool:
+        """Wait up to poll_s for one event, then take what else is queued; True at the sentinel."""
+        try:
+            event = events.get(timeout=self.poll_s)
+        except queue.Empty:
+            return False
+        applied = 0
+        while event is not None:
+            self.state.apply(event)
+            applied += 1
+            if applied >= MAX_EVENTS_PER_REDRAW:
+                return False  # redraw now; the rest waits for the next pass
+            try:
+                event = events.get_nowait()
+            except queue.Empty:
+                return False
+        return True
