@@ -11,7 +11,9 @@ from __future__ import annotations
 import math
 import queue
 import threading
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from rich.console import Console, Group, RenderableType
 from rich.live import Live
@@ -30,6 +32,9 @@ from glmvoice_cli.events import (
     UserTurnStarted,
     UserUtterance,
 )
+
+if TYPE_CHECKING:
+    from glmvoice_cli.session_store import TurnRecord
 
 MAX_TURNS_SHOWN = 12  # older turns collapse into one line so the live region fits a terminal
 METER_CELLS = 20  # width of the input level meter, in characters
@@ -128,6 +133,26 @@ class TranscriptState:
             turn = TurnView("assistant")
             self.turns.append(turn)
         return turn
+
+
+def replay(records: Iterable[TurnRecord]) -> TranscriptState:
+    """The view of a saved conversation (for --resume): closed turns, their text and timings."""
+    state = TranscriptState()
+    for record in records:
+        timings = TurnTimings.from_dict(record.timings) if record.timings else None
+        state.turns.append(
+            TurnView(
+                role=record.role,
+                text=record.text or "",
+                duration_s=record.duration_s or 0.0,
+                typed=record.role == "user" and record.audio is None,
+                audio_s=(record.duration_s or 0.0) if record.role == "assistant" else 0.0,
+                open=False,
+                interrupted=record.interrupted,
+                timings=timings,
+            )
+        )
+    return state
 
 
 def render(state: TranscriptState, max_turns: int = MAX_TURNS_SHOWN) -> RenderableType:

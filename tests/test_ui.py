@@ -28,6 +28,7 @@ from glmvoice_cli.ui import (
     TranscriptState,
     level_db,
     render,
+    replay,
 )
 
 
@@ -177,3 +178,15 @@ def test_live_view_folds_a_burst_larger_than_one_redraw():
     events.put(None)
     state = LiveView(_console(), poll_s=0.01).run(events)
     assert state.turns[0].text == "x" * 600
+
+
+def test_replay_shows_a_saved_conversation(tmp_path):
+    from glmvoice_cli.session_store import SessionStore
+
+    store = SessionStore.create(session_dir=tmp_path / "S")
+    store.append_user(np.zeros(16000, dtype=np.float32), text="hello")
+    store.append_user(None, text="typed")
+    store.append_assistant(None, text="cut short", interrupted=True, timings=TurnTimings(0.1, 0.2, 0.3, 5))
+    out = text_of(replay(store.turns))
+    assert "(1.0 s) hello" in out and "(typed) typed" in out
+    assert "cut short" in out and "interrupted" in out and "5 tokens" in out and CURSOR not in out
