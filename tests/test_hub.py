@@ -318,3 +318,13 @@ def test_rejected_token_names_hf_token(
     assert "HF_TOKEN" in message and "glmvoice models download decoder" in message
     monkeypatch.setenv("HF_TOKEN", "hf_right")
     assert hub.download_stage(hub.DECODER, tmp_path / "decoder").complete
+
+
+def test_mirror_from_hf_endpoint_at_call_time(fake_hub: FakeHub, tmp_path: Path) -> None:
+    """huggingface_hub fixed its ENDPOINT at import; HF_ENDPOINT set later still takes effect."""
+    import huggingface_hub.constants as hf_constants
+
+    assert hf_constants.ENDPOINT != fake_hub.endpoint
+    assert hub.hub_endpoint() == fake_hub.endpoint
+    assert hub.download_stage(hub.TOKENIZER, tmp_path / "tokenizer").complete
+    assert {s.server for s in fake_hub.seen} == {"hub", "cdn"}
