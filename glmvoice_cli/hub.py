@@ -204,6 +204,9 @@ def short_list(names: Iterable[str], limit: int = 3) -> str:
 
 def remove_stage(folder: Path) -> int:
     """Delete a stage folder and return the bytes freed (0 when it was absent)."""
+    if folder.is_symlink():  # a link the user made: drop the link, never what it points to
+        folder.unlink()
+        return 0
     freed = folder_size(folder)
     if folder.is_dir():
         shutil.rmtree(folder)

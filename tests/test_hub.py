@@ -328,3 +328,10 @@ def test_mirror_from_hf_endpoint_at_call_time(fake_hub: FakeHub, tmp_path: Path)
     assert hub.hub_endpoint() == fake_hub.endpoint
     assert hub.download_stage(hub.TOKENIZER, tmp_path / "tokenizer").complete
     assert {s.server for s in fake_hub.seen} == {"hub", "cdn"}
+
+
+def test_remove_stage_drops_a_link_but_not_its_target(tmp_path: Path) -> None:
+    _fill(tmp_path / "real", list(hub.DECODER.files))
+    (tmp_path / "link").symlink_to(tmp_path / "real", target_is_directory=True)
+    assert hub.remove_stage(tmp_path / "link") == 0
+    assert not (tmp_path / "link").exists() and (tmp_path / "real" / "flow.pt").is_file()
