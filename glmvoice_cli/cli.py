@@ -17,6 +17,7 @@ from typer.core import TyperGroup
 
 from . import __version__
 from .commands import tokenize as _tokenize
+from .commands.models import models_app
 from .errors import GlmVoiceError
 
 _DEBUG_ENV = "GLMVOICE_DEBUG"
@@ -78,6 +79,7 @@ def _root(
 
 
 app.command("tokenize")(_tokenize.tokenize)
+app.add_typer(models_app, name="models")
 
 
 

@@ -78,8 +78,8 @@ def test_tokenize_plain_and_json(tiny_tok: Path, wavs: list[Path]) -> None:
     "make_args, message",
     [
         (lambda tok, tmp: ["tokenize", str(tmp / "missing.wav"), "--tokenizer", str(tok)], "not found"),
-        (lambda tok, tmp: ["tokenize", str(tmp / "a0.wav")], "--tokenizer"),
-        (lambda tok, tmp: ["tokenize", str(tmp / "a0.wav"), "--tokenizer", str(tmp / "nowhere")], "folder not found"),
+        (lambda tok, tmp: ["tokenize", str(tmp / "a0.wav")], "glmvoice models download tokenizer"),
+        (lambda tok, tmp: ["tokenize", str(tmp / "a0.wav"), "--tokenizer", str(tmp / "nowhere")], "folder does not exist"),
         (lambda tok, tmp: ["tokenize", str(tmp / "junk.wav"), "--tokenizer", str(tok)], "not a readable audio"),
         (lambda tok, tmp: ["tokenize", str(tmp / "a0.wav"), "--tokenizer", str(tok), "--device", "cuda:7"], "CUDA"),
     ],

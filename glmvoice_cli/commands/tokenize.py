@@ -8,8 +8,6 @@ from typing import Annotated, Optional
 
 import typer
 
-from ..errors import UsageError
-
 DeviceOpt = Annotated[Optional[str], typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.")]
 DtypeOpt = Annotated[Optional[str], typer.Option("--dtype", help="fp32 (default) or bf16.")]
 
@@ -17,7 +15,9 @@ DtypeOpt = Annotated[Optional[str], typer.Option("--dtype", help="fp32 (default)
 def tokenize(
     files: Annotated[list[Path], typer.Argument(help="Audio files (wav, flac, ogg, mp3; any rate or channels).")],
     tokenizer: Annotated[Optional[Path], typer.Option(
-        "--tokenizer", help="Folder of THUDM/glm-4-voice-tokenizer (config.json, model.safetensors, ...).")] = None,
+        "--tokenizer", help="Folder of THUDM/glm-4-voice-tokenizer (default: the downloaded one).")] = None,
+    models: Annotated[Optional[Path], typer.Option(
+        "--models", help="A folder holding tokenizer/, lm/ and decoder/.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per line: file, tokens, seconds.")] = False,
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,
@@ -26,14 +26,14 @@ def tokenize(
     """Print the speech token ids (12.5 per second) of each FILE; all files are encoded in one batch."""
     from ..audio.io import load_audio
     from ..tokenizer import SpeechTokenizer
+    from .models import ensure_models
 
-    if tokenizer is None:
-        raise UsageError("no tokenizer given: pass --tokenizer DIR (a folder of THUDM/glm-4-voice-tokenizer)")
     audios = [load_audio(f) for f in files]  # every file is checked before the model loads
+    folder = ensure_models(("tokenizer",), models=models, overrides={"tokenizer": tokenizer})["tokenizer"]
     for audio in audios:
         for warning in audio.warnings:
             typer.secho(f"warning: {warning}", fg=typer.colors.YELLOW, err=True)
-    model = SpeechTokenizer.from_pretrained(tokenizer, device=device, dtype=dtype, micro_batch=batch_size)
+    model = SpeechTokenizer.from_pretrained(folder, device=device, dtype=dtype, micro_batch=batch_size)
     for path, audio, ids in zip(files, audios, model.encode([a.samples for a in audios])):
         if as_json:
             typer.echo(json.dumps({"file": str(path), "tokens": ids, "seconds": round(audio.seconds, 3)}))
