@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import torch
@@ -288,3 +293,20 @@ def test_consumer_stopping_early_keeps_what_was_generated(lm: VoiceLM) -> None:
         stream.close()
     assert [e.indices for e in first] == [(2,)] * 3
     assert conv.last_output == [lm.tokenizer.audio_offset + 2] * 3
+
+
+def test_benchmark_quick_smoke(tmp_path: Path) -> None:
+    """benchmarks/lm.py --quick runs end to end on a tiny model and writes its JSON."""
+    root = Path(__file__).resolve().parent.parent
+    out = tmp_path / "lm.json"
+    subprocess.run(
+        [sys.executable, str(root / "benchmarks" / "lm.py"), "--quick", "--out", str(out)],
+        check=True,
+        cwd=root,
+        env={**os.environ, "PYTHONPATH": str(root)},
+        capture_output=True,
+        timeout=300,
+    )
+    result = json.loads(out.read_text())
+    assert result["greedy_ids_match"] is True
+    assert result["ours"]["new_tokens"] == result["generate_with_streamer"]["new_tokens"]

@@ -1,0 +1,231 @@
+"""LM generation benchmark: our streaming loop against `model.generate` with a streamer.
+
+Same random GLM-4-Voice model (written in the official ChatGLM format by our tiny writer, loaded by
+our loader), same prompt (a first spoken turn), same sampling settings (the demo's temperature 0.2,
+top_p 0.8), measured side by side in one process. The baseline is what the reference server does:
+`generate` in a thread feeding a queue streamer, the consumer reading token ids as they come.
+
+Reports time to first token, time to first audio token, decode tokens/s and peak memory as JSON;
+also checks that both produce the same ids under greedy decoding. The output layer rows of the EOS
+tokens and of the padded vocabulary are zeroed, so that no random model stops early and `generate`
+(which does not mask the padding) samples from the same tokens as our loop.
+
+    python benchmarks/lm.py [--quick] [--device cpu|cuda] [--size scaled|full] [--out results.json]
+
+`scaled` (default) is a ~0.5B configuration with the real vocabulary; `full` is the 9B shape (GPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import queue
+import resource
+import statistics
+import tempfile
+import threading
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+import transformers
+from transformers.generation.streamers import BaseStreamer
+
+from glmvoice_cli.models.lm import AudioTokens, GenerationOptions, TurnEnd, VoiceLM
+from glmvoice_cli.models.lm_checkpoint import LoadOptions
+from glmvoice_cli.models.prompts import SpeechInput, turn_ids
+from glmvoice_cli.tiny.lm import TinyLMSpec, write_tiny_lm
+
+REAL_VOCAB = 168_960  # padded vocabulary of glm-4-voice-9b
+REAL_AUDIO_TOKENS = 16_384
+REAL_RESERVED = 1_008  # slots between <|end_of_audio|> and <|audio_0|> in the real tokenizer
+SIZES = {
+    "quick": TinyLMSpec(hidden_size=64, num_layers=2, num_heads=4, kv_groups=2, ffn_hidden_size=128),
+    "scaled": TinyLMSpec(
+        hidden_size=1024, num_layers=12, num_heads=16, kv_groups=2, ffn_hidden_size=3072,
+        n_audio_tokens=REAL_AUDIO_TOKENS, n_reserved=REAL_RESERVED, padded_vocab_size=REAL_VOCAB,
+    ),
+    "full": TinyLMSpec(
+        hidden_size=4096, num_layers=40, num_heads=32, kv_groups=2, ffn_hidden_size=13696,
+        n_audio_tokens=REAL_AUDIO_TOKENS, n_reserved=REAL_RESERVED, padded_vocab_size=REAL_VOCAB,
+    ),
+}  # fmt: skip
+PROMPT_AUDIO_TOKENS = 150  # a 12 s spoken question at 12.5 tokens/s
+GREEDY_CHECK_TOKENS = 16
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+class QueueStreamer(BaseStreamer):
+    """The reference server's pattern: generate() puts ids on a queue, a consumer reads them."""
+
+    def __init__(self) -> None:
+        self.queue: queue.Queue[int | None] = queue.Queue()
+        self.prompt_seen = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self.prompt_seen:  # the first call carries the prompt
+            self.prompt_seen = True
+            return
+        for token_id in value.reshape(-1).tolist():
+            self.queue.put(token_id)
+
+    def end(self) -> None:
+        self.queue.put(None)
+
+
+def silence_stops(lm: VoiceLM) -> None:
+    """Zero the output rows of EOS ids and padded ids: logit 0 never wins against the random rows."""
+    weight = lm.model.lm_head.weight
+    with torch.no_grad():
+        weight[lm.tokenizer.vocab_size :] = 0
+        for token_id in lm.tokenizer.eos_ids:
+            weight[token_id] = 0
+
+
+def _timings(start: float, stamps: list[float], first_audio: float | None) -> dict:
+    decode = stamps[-1] - stamps[0] if len(stamps) > 1 else float("nan")
+    return {
+        "new_tokens": len(stamps),
+        "time_to_first_token_s": stamps[0] - start,
+        "time_to_first_audio_s": None if first_audio is None else first_audio - start,
+        "decode_tokens_per_s": (len(stamps) - 1) / decode if decode > 0 else None,
+        "total_s": stamps[-1] - start,
+    }
+
+
+def run_ours(lm: VoiceLM, prompt: SpeechInput, options: GenerationOptions) -> tuple[dict, list[int]]:
+    conv = lm.new_conversation()
+    sync(lm.device)
+    start = time.perf_counter()
+    stamps: list[float] = []
+    first_audio = None
+    for event in lm.stream(conv, prompt, options):
+        if isinstance(event, TurnEnd):
+            break
+        stamps.append(time.perf_counter())
+        if isinstance(event, AudioTokens) and first_audio is None:
+            first_audio = stamps[-1]
+    return _timings(start, stamps, first_audio), conv.last_output
+
+
+def run_generate(lm: VoiceLM, prompt_ids: list[int], options: GenerationOptions) -> tuple[dict, list[int]]:
+    ids = torch.tensor([prompt_ids], device=lm.device)
+    streamer = QueueStreamer()
+    sampling = {"do_sample": True, "temperature": options.temperature, "top_p": options.top_p}
+    kwargs = {
+        "input_ids": ids,
+        "attention_mask": torch.ones_like(ids),
+        "max_new_tokens": options.max_new_tokens,
+        "streamer": streamer,
+        "eos_token_id": sorted(lm.tokenizer.eos_ids),
+        "pad_token_id": lm.tokenizer.token_id("<|endoftext|>"),
+        **(sampling if options.temperature > 0 else {"do_sample": False}),
+    }
+    sync(lm.device)
+    start = time.perf_counter()
+    worker = threading.Thread(target=lm.model.generate, kwargs=kwargs)
+    worker.start()
+    stamps: list[float] = []
+    tokens: list[int] = []
+    first_audio = None
+    while (token_id := streamer.queue.get(timeout=600)) is not None:
+        stamps.append(time.perf_counter())
+        tokens.append(token_id)
+        if first_audio is None and lm.tokenizer.is_audio(token_id):
+            first_audio = stamps[-1]
+    worker.join()
+    return _timings(start, stamps, first_audio), tokens
+
+
+def summarize(runs: list[dict]) -> dict:
+    """Median over the repeats, plus the best run (the least disturbed by other load on the machine)."""
+    out: dict = {}
+    for key in runs[0]:
+        values = [r[key] for r in runs if r[key] is not None]
+        out[key] = round(statistics.median(values), 4) if values else None
+    rates = [r["decode_tokens_per_s"] or 0.0 for r in runs]
+    ttfa = [r["time_to_first_audio_s"] for r in runs if r["time_to_first_audio_s"] is not None]
+    out["best_decode_tokens_per_s"] = round(max(rates), 4)
+    out["best_time_to_first_audio_s"] = round(min(ttfa), 4) if ttfa else None
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument(
+        "--quick", action="store_true", help="tiny model, short prompt, one repetition (smoke test)"
+    )
+    ap.add_argument("--size", choices=["scaled", "full"], default="scaled")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default=None, help="fp32 | bf16 | fp16 (default: bf16 on cuda, fp32 on cpu)")
+    ap.add_argument("--new-tokens", type=int, default=None)
+    ap.add_argument("--repeats", type=int, default=None)
+    ap.add_argument("--out", help="write the JSON here as well as to stdout")
+    args = ap.parse_args()
+    size = "quick" if args.quick else args.size
+    new_tokens = args.new_tokens or (16 if args.quick else 200)
+    repeats = args.repeats or (1 if args.quick else 3)
+    n_audio = 20 if args.quick else PROMPT_AUDIO_TOKENS
+
+    load_before = os.getloadavg()[0]
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = write_tiny_lm(Path(tmp) / "lm", replace(SIZES[size], seed=0))
+        t = time.perf_counter()
+        lm = VoiceLM.from_folder(folder, LoadOptions(device=args.device, dtype=args.dtype))
+        load_s = time.perf_counter() - t
+    silence_stops(lm)
+    prompt = SpeechInput(tuple(i * 7 % lm.tokenizer.n_audio_tokens for i in range(n_audio)))
+    prompt_ids = turn_ids(lm.tokenizer, prompt, None)
+    options = GenerationOptions(max_new_tokens=new_tokens, seed=0)
+
+    greedy = replace(options, temperature=0.0, max_new_tokens=GREEDY_CHECK_TOKENS)
+    _, ours_greedy = run_ours(lm, prompt, greedy)  # also the warm-up
+    _, ref_greedy = run_generate(lm, prompt_ids, greedy)
+    ours, ref = [], []
+    for _ in range(repeats):  # interleaved, so that drift affects both alike
+        ours.append(run_ours(lm, prompt, options)[0])
+        ref.append(run_generate(lm, prompt_ids, options)[0])
+
+    results = {
+        "benchmark": "lm",
+        "size": size,
+        "params_m": round(sum(p.numel() for p in lm.model.parameters()) / 1e6, 1),
+        "config": {
+            k: getattr(lm.model.config, k) for k in ("hidden_size", "num_hidden_layers", "vocab_size")
+        },
+        "device": str(lm.device),
+        "dtype": str(lm.model.lm_head.weight.dtype).removeprefix("torch."),
+        "threads": torch.get_num_threads(),
+        "prompt_tokens": len(prompt_ids),
+        "new_tokens": new_tokens,
+        "repeats": repeats,
+        "sampling": {"temperature": options.temperature, "top_p": options.top_p},
+        "load_s": round(load_s, 2),
+        "ours": summarize(ours),
+        "generate_with_streamer": summarize(ref),
+        "greedy_ids_match": ours_greedy == ref_greedy,
+        "peak_rss_mb": round(peak_rss_mb(), 1),
+        "load_average_1min": {"before": load_before, "after": os.getloadavg()[0]},  # other jobs skew timings
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
+        "machine": platform.processor() or platform.machine(),
+    }
+    text = json.dumps(results, indent=2)
+    print(text)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text + "\n", encoding="utf-8")
+
+
+if __name__ == "__main__":
+    main()
