@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -241,11 +242,9 @@ class AudioDecoder:
         state.samples_out += speech.shape[-1]
         return speech, mel, cache_in, source
 
-    @staticmethod
-    def _check_tokens(tokens: Iterable[int]) -> list[int]:
+    def _check_tokens(self, tokens: Iterable[int]) -> list[int]:
         ids = [int(t) for t in tokens]
-        if any(t < 0 for t in ids):
-            raise UsageError("speech tokens must be non-negative integers")
+        check_vocabulary(ids, self.flow.cfg.vocab_size)
         return ids
 
 
@@ -265,3 +264,25 @@ def fade_in_out(fade_in: torch.Tensor, fade_out: torch.Tensor) -> torch.Tensor:
 
 def _to_numpy(speech: torch.Tensor) -> np.ndarray:
     return speech.reshape(-1).detach().cpu().numpy().astype(np.float32, copy=False)
+
+
+def check_vocabulary(tokens: list[int], vocab_size: int) -> None:
+    """Token ids must index the flow's embedding table (UsageError naming the first bad id)."""
+    bad = [t for t in tokens if not 0 <= t < vocab_size]
+    if bad:
+        raise UsageError(f"speech token {bad[0]} out of range: this decoder knows ids 0..{vocab_size - 1}")
+
+
+def synthesize(decoder_dir: str | Path, tokens: list[int], *, stream: bool = False, reference: bool = False,
+               seed: int | None = None) -> tuple[np.ndarray, int]:
+    """Load the decoder in `decoder_dir` and turn `tokens` into (float32 samples, sample rate)."""
+    from .models.decoder_checkpoint import load_decoder
+
+    models = load_decoder(Path(decoder_dir))
+    decoder = AudioDecoder(models, REFERENCE_SCHEDULE if reference else DEFAULT_SCHEDULE, seed=seed)
+    if stream:
+        chunks = list(decoder.stream(tokens))
+        audio = np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.float32)
+    else:
+        audio = decoder.decode(tokens)
+    return audio, decoder.sample_rate

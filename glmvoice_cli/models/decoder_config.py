@@ -95,21 +95,30 @@ def _resolve(node: Any, root: dict[str, Any], depth: int = 0) -> Any:
     return node
 
 
-def load_hyperpyyaml(path: Path) -> dict[str, Any]:
-    """Parse a hyperpyyaml file into plain data (dicts, lists, scalars, Tagged), refs resolved."""
-    if not path.is_file():
-        raise ModelNotFoundError(f"{path}: decoder config not found")
+def parse_hyperpyyaml(text: str, where: Path = Path(CONFIG_FILE)) -> dict[str, Any]:
+    """Parse hyperpyyaml text into plain data (dicts, lists, scalars, Tagged), refs resolved."""
     try:
-        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_SafeHyperLoader)  # noqa: S506 (safe subclass)
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raw = yaml.load(text, Loader=_SafeHyperLoader)  # noqa: S506 (a SafeLoader subclass)
+    except yaml.YAMLError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{path}: unreadable YAML ({first})") from e
+        raise CheckpointError(f"{where}: unreadable YAML ({first})") from e
     if not isinstance(raw, dict):
-        raise CheckpointError(f"{path}: expected a mapping at the top level")
+        raise CheckpointError(f"{where}: expected a mapping at the top level")
     try:
         return _resolve(raw, raw)
     except KeyError as e:
-        raise CheckpointError(f"{path}: unresolvable !ref {e.args[0]!r}") from e
+        raise CheckpointError(f"{where}: unresolvable !ref {e.args[0]!r}") from e
+
+
+def load_hyperpyyaml(path: Path) -> dict[str, Any]:
+    """Read and parse a hyperpyyaml file without importing or calling anything it names."""
+    if not path.is_file():
+        raise ModelNotFoundError(f"{path}: decoder config not found")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: unreadable config ({type(e).__name__})") from e
+    return parse_hyperpyyaml(text, path)
 
 
 @dataclass(frozen=True)

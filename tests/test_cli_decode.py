@@ -1,0 +1,136 @@
+"""`glmvoice decode` on tiny checkpoints: token files, stdin, formats, errors, and a round trip."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import typer
+from typer.testing import CliRunner
+
+from glmvoice_cli.cli import _Group
+from glmvoice_cli.cli import app as main_app
+from glmvoice_cli.commands.decode import decode, parse_tokens
+from glmvoice_cli.errors import UsageError
+from glmvoice_cli.models.flow import mel_frames
+from glmvoice_cli.tiny.decoder import TinyDecoderSpec, write_tiny_decoder
+from glmvoice_cli.tiny.tokenizer import TinyTokenizerSpec, write_tiny_tokenizer
+
+SAMPLE_RATE = 22_050
+runner = CliRunner()
+
+
+def _app() -> typer.Typer:
+    """A stand-in for the main app until `decode` is registered there (same error handling)."""
+    app = typer.Typer(cls=_Group, add_completion=False, pretty_exceptions_enable=False)
+    app.command("decode")(decode)
+
+    @app.callback()
+    def _root() -> None:
+        """glmvoice (test)"""
+
+    return app
+
+
+app = _app()
+
+
+@pytest.fixture(scope="module")
+def tiny_dec(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_tiny_decoder(tmp_path_factory.mktemp("dec"), TinyDecoderSpec(vocab_size=64))
+
+
+@pytest.mark.parametrize(("text", "ids"), [
+    ("1 2 3\n4", [1, 2, 3, 4]), ("1,2, 3", [1, 2, 3]), ("[5, 6]", [5, 6]),
+    ('{"file": "a.wav", "tokens": [7, 8]}\n{"file": "b.wav", "tokens": [9]}\n', [7, 8, 9]),
+])
+def test_parse_tokens(text: str, ids: list[int]) -> None:
+    assert parse_tokens(text) == ids
+
+
+@pytest.mark.parametrize("text", ["", "1 x 3", "[1, -2]", "[1.5]", '{"t": [1]}', "[true]"])
+def test_parse_tokens_rejects(text: str) -> None:
+    with pytest.raises(UsageError):
+        parse_tokens(text)
+
+
+@pytest.mark.parametrize(("suffix", "stream"), [(".wav", False), (".flac", True), (".ogg", False)])
+def test_decode_formats(tiny_dec: Path, tmp_path: Path, suffix: str, stream: bool) -> None:
+    tokens = tmp_path / "t.txt"
+    tokens.write_text(" ".join(str(i % 64) for i in range(30)))
+    out = tmp_path / f"out{suffix}"
+    args = ["decode", str(tokens), "--decoder", str(tiny_dec), "-o", str(out), "--seed", "1"]
+    result = runner.invoke(app, args + (["--stream"] if stream else []))
+    assert result.exit_code == 0, result.output
+    data, rate = sf.read(out)
+    assert rate == SAMPLE_RATE
+    assert len(data) == mel_frames(30, 12.5) * 256
+
+
+def test_decode_stdin_json_reference_schedule(tiny_dec: Path, tmp_path: Path) -> None:
+    out = tmp_path / "o.wav"
+    payload = json.dumps(list(range(40)))
+    result = runner.invoke(app, ["decode", "-", "--decoder", str(tiny_dec), "-o", str(out), "--stream",
+                                 "--schedule", "reference"], input=payload)
+    assert result.exit_code == 0, result.output
+    assert sf.info(out).frames > 0
+
+
+@pytest.mark.parametrize(("content", "extra", "message", "code"), [
+    ("1 2 x", [], "integers", 2),
+    ("1 2 999", [], "out of range", 2),
+    (None, [], "token file not found", 2),
+    ("1 2 3", ["--schedule", "fast"], "unknown schedule", 2),
+    ("1 2 3", ["-o", "out.mp4"], "cannot write", 2),
+])
+def test_decode_errors_are_one_line(tiny_dec: Path, tmp_path: Path, content: str | None, extra: list[str],
+                                    message: str, code: int) -> None:
+    tokens = tmp_path / "t.txt"
+    if content is not None:
+        tokens.write_text(content)
+    args = ["decode", str(tokens), "--decoder", str(tiny_dec), "-o", str(tmp_path / "o.wav"), *extra]
+    if "-o" in extra:
+        args = ["decode", str(tokens), "--decoder", str(tiny_dec), *extra]
+    result = runner.invoke(app, args)
+    assert result.exit_code == code, result.output
+    assert message in result.output and "Traceback" not in result.output
+
+
+def test_decode_bad_checkpoint_is_one_line(tiny_dec: Path, tmp_path: Path) -> None:
+    tokens = tmp_path / "t.txt"
+    tokens.write_text("1 2 3")
+    result = runner.invoke(app, ["decode", str(tokens), "--decoder", str(tmp_path / "none"), "-o",
+                                 str(tmp_path / "o.wav")])
+    assert result.exit_code == 3 and "decoder folder not found" in result.output
+
+
+def test_decode_module_imports_no_torch() -> None:
+    code = "import sys; import glmvoice_cli.commands.decode\nassert 'torch' not in sys.modules\n"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+
+
+def test_tokenize_then_decode_round_trip(tiny_dec: Path, tmp_path: Path) -> None:
+    tok_dir = write_tiny_tokenizer(tmp_path / "tok", TinyTokenizerSpec(codebook=64))
+    wav = tmp_path / "in.wav"
+    seconds = 2.0
+    t = np.arange(int(seconds * 16_000)) / 16_000
+    sf.write(wav, 0.3 * np.sin(2 * np.pi * 220 * t) * (1 + np.sin(2 * np.pi * 3 * t)) / 2, 16_000)
+    tokenized = runner.invoke(main_app, ["tokenize", str(wav), "--tokenizer", str(tok_dir), "--json"])
+    assert tokenized.exit_code == 0, tokenized.output
+    tokens_file = tmp_path / "tokens.jsonl"
+    tokens_file.write_text(tokenized.stdout)
+    n_tokens = len(json.loads(tokenized.stdout)["tokens"])
+    assert n_tokens == 25  # 12.5 tokens per second
+    out = tmp_path / "out.wav"
+    result = runner.invoke(app, ["decode", str(tokens_file), "--decoder", str(tiny_dec), "-o", str(out), "--stream"])
+    assert result.exit_code == 0, result.output
+    data, rate = sf.read(out)
+    assert rate == SAMPLE_RATE and data.ndim == 1
+    assert len(data) == mel_frames(n_tokens, 12.5) * 256
+    assert abs(len(data) / rate - seconds) < 0.1
