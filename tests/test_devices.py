@@ -6,6 +6,8 @@ No test opens real audio hardware: the sounddevice module is replaced by `FakeSd
 from __future__ import annotations
 
 import builtins
+import json
+import subprocess
 import sys
 import types
 from pathlib import Path
@@ -326,3 +328,45 @@ def test_the_protocols_are_met_by_every_implementation() -> None:
         assert isinstance(sink.played, int) and callable(sink.write) and callable(sink.flush)
         sink.close()
     assert devices.AudioSource is not None and devices.AudioSink is not None
+
+
+# --- `glmvoice devices` -------------------------------------------------------------------------
+
+
+def _devices_app():  # type: ignore[no-untyped-def]
+    import typer
+
+    from glmvoice_cli.commands.devices import devices as devices_command
+
+    app = typer.Typer()
+    app.command()(devices_command)
+    return app
+
+
+def test_devices_command_lists_both_kinds(fake_sd: FakeSd) -> None:
+    from typer.testing import CliRunner
+
+    result = CliRunner().invoke(_devices_app(), [])
+    assert result.exit_code == 0, result.output
+    assert "USB Mic" in result.output and "Built-in Speakers" in result.output and "ALSA" in result.output
+    result = CliRunner().invoke(_devices_app(), ["--json"])
+    rows = [json.loads(line) for line in result.output.splitlines()]
+    assert [r["name"] for r in rows] == ["USB Mic", "Built-in Speakers"] and rows[0]["is_default_input"]
+
+
+def test_devices_command_without_portaudio_raises_the_device_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    from typer.testing import CliRunner
+
+    monkeypatch.setitem(sys.modules, "sounddevice", None)  # import sounddevice -> ImportError
+    result = CliRunner().invoke(_devices_app(), [])
+    assert isinstance(result.exception, AudioDeviceError)
+    assert "sounddevice" in str(result.exception)
+
+
+def test_the_devices_command_module_imports_neither_torch_nor_sounddevice() -> None:
+    code = ("import sys, glmvoice_cli.commands.devices\n"
+            "heavy = [m for m in ('torch', 'sounddevice', 'livekit') if m in sys.modules]\n"
+            "assert not heavy, heavy\n")
+    done = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
