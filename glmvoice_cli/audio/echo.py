@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import threading
 from collections import deque
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 import numpy as np
 
@@ -174,7 +174,7 @@ class WebRtcEchoCanceller(_FramedCanceller):
         self._noise_suppression = noise_suppression
         self._apm = self._new_apm()
 
-    def _new_apm(self) -> object:
+    def _new_apm(self) -> Any:
         return self._rtc.AudioProcessingModule(echo_cancellation=True,
                                                noise_suppression=self._noise_suppression)
 
@@ -186,7 +186,7 @@ class WebRtcEchoCanceller(_FramedCanceller):
         self._apm.process_stream(frame)  # in place
         return np.frombuffer(frame.data, dtype=np.int16).astype(np.float32) / INT16_SCALE
 
-    def _frame_of(self, samples: np.ndarray) -> object:
+    def _frame_of(self, samples: np.ndarray) -> Any:
         pcm = (np.clip(samples, -1.0, 1.0) * INT16_SCALE).astype(np.int16)
         return self._rtc.AudioFrame(bytearray(pcm.tobytes()), self.sample_rate, 1, len(pcm))
 
