@@ -105,17 +105,29 @@ def _timings(start: float, stamps: list[float], first_audio: float | None) -> di
 
 
 def run_ours(lm: VoiceLM, prompt: SpeechInput, options: GenerationOptions) -> tuple[dict, list[int]]:
+    """Our loop in a fresh worker thread feeding a queue, as the session runs it (and as generate runs).
+
+    Both sides run in a fresh thread: a thread that calls torch after another thread's OpenMP team has
+    gone can be several times slower on CPU, which would skew a main-thread vs worker-thread comparison.
+    """
     conv = lm.new_conversation()
+    events: queue.Queue = queue.Queue()
+
+    def produce() -> None:
+        for event in lm.stream(conv, prompt, options):
+            events.put(event)
+
     sync(lm.device)
     start = time.perf_counter()
+    worker = threading.Thread(target=produce)
+    worker.start()
     stamps: list[float] = []
     first_audio = None
-    for event in lm.stream(conv, prompt, options):
-        if isinstance(event, TurnEnd):
-            break
+    while not isinstance(event := events.get(timeout=600), TurnEnd):
         stamps.append(time.perf_counter())
         if isinstance(event, AudioTokens) and first_audio is None:
             first_audio = stamps[-1]
+    worker.join()
     return _timings(start, stamps, first_audio), conv.last_output
 
 
