@@ -10,7 +10,10 @@ the reference at 22.05 kHz (resampled inside), seconds 3-6: AEC3 39 dB, NLMS 44 
 
 from __future__ import annotations
 
+import shutil
+import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -24,9 +27,11 @@ from glmvoice_cli.audio.echo import (
     make_echo_canceller,
     webrtc_available,
 )
+from glmvoice_cli.audio.echo_gate import GATE_ATTENUATION_DB, EchoGate
 from glmvoice_cli.audio.fakes import ArraySource, EchoLoop, RecordingSink
+from glmvoice_cli.audio.io import load_audio
 from glmvoice_cli.audio.playback import VirtualClock
-from glmvoice_cli.audio.vad import Segmenter, SpeechStarted, VadConfig
+from glmvoice_cli.audio.vad import Segmenter, SpeechStarted, Utterance, VadConfig
 from glmvoice_cli.errors import GlmVoiceError, UsageError
 
 RATE, OUT_RATE = 16_000, 22_050
@@ -189,3 +194,73 @@ def test_own_voice_through_the_fake_room_triggers_the_vad_only_without_cancellat
         assert onsets, "the simulated echo must be loud enough to trigger barge-in"
     else:
         assert onsets == []
+
+
+# --- the residual-echo gate ---------------------------------------------------------------------
+
+
+def test_the_gate_is_open_while_nothing_plays() -> None:
+    gate = EchoGate()
+    frame = voice(0.01)
+    assert gate(frame, [np.zeros(160, dtype=np.float32)]) is frame
+    assert gate(frame, []) is frame and gate.gated == 0
+
+
+def test_the_gate_silences_the_leak_and_passes_a_louder_talker() -> None:
+    gate = EchoGate()
+    rng = np.random.default_rng(0)
+    frames = (0.1 * rng.standard_normal((101, 160))).astype(np.float32)  # a steady reference
+    for f in frames[:100]:  # a leak 10 dB under the reference: gated
+        out = gate(0.3 * f, [f])
+        np.testing.assert_allclose(db(out), db(0.3 * f) - GATE_ATTENUATION_DB, atol=0.1)
+    assert gate.gated == 100 and gate.coupling < 0.2  # it learned how much leaks
+    talker = voice(0.01, level=0.1)  # as loud as the reference, 10 dB over the leak: the user
+    assert gate(talker, [frames[100]]) is talker
+
+
+def _spoken(text: str, tmp_path: Path, rate: int = RATE) -> np.ndarray:
+    exe = shutil.which("espeak-ng")
+    if exe is None:
+        pytest.skip("espeak-ng is not installed")
+    path = tmp_path / "say.wav"
+    subprocess.run([exe, "-w", str(path), text], check=True, timeout=60)
+    return load_audio(path, rate).samples
+
+
+@pytest.mark.parametrize("mode", ["off", *MODES])
+def test_barge_in_on_the_fakes_fires_on_the_user_and_never_on_the_echo(mode: str, tmp_path: Path) -> None:
+    """The whole loop on a virtual clock: the user asks, the assistant answers into a room that
+    echoes it back at gain 0.6 after 30 ms, the user interrupts. Without cancellation the echo
+    itself interrupts the answer at once; with it, only the user does, and the answer is cut
+    within 200 ms of the detected onset on the recorded output's timeline."""
+    question, interruption = _spoken("What is the weather like today?", tmp_path), _spoken("Wait, stop.", tmp_path)
+    answer = _spoken("Sure. The weather today is sunny with a light breeze from the west, and it will "
+                     "be warm in the afternoon, so it is a good day for a walk.", tmp_path, OUT_RATE)
+    pause = np.zeros(3 * RATE, dtype=np.float32)
+    user = np.concatenate([pause[: RATE // 2], question, pause, interruption, pause])
+    user_onset = (RATE // 2 + len(question) + len(pause)) / RATE  # seconds
+    clock = VirtualClock()
+    ec = make_echo_canceller(mode)
+    sink = RecordingSink(sample_rate=OUT_RATE, clock=clock, on_played=ec.reference)
+    mic = EchoLoop(ArraySource(user, RATE, clock=clock), sink, delay_s=ECHO_DELAY_S, gain=0.6)
+    seg = Segmenter(VadConfig())
+    barge_ins, answered = [], 0
+    while (block := mic.read()) is not None:
+        for event in seg.push(ec.process(block)):
+            if isinstance(event, Utterance) and sink.pending == 0 and answered == 0:
+                sink.write(answer)
+                answered = sink.length  # where the answer starts on the output timeline
+            elif isinstance(event, SpeechStarted) and sink.pending > 0:
+                sink.flush()
+                barge_ins.append((event.at_sample / RATE, sink.length / OUT_RATE))
+    sink.close()
+    assert answered
+    if mode == "off":
+        assert barge_ins and barge_ins[0][0] < user_onset - 1.0  # the assistant interrupted itself
+        return
+    assert len(barge_ins) == 1
+    onset, cut = barge_ins[0]
+    assert user_onset - 0.05 <= onset <= user_onset + 0.3
+    heard = np.flatnonzero(np.abs(sink.recording()) > 1e-3)
+    assert heard[-1] / OUT_RATE <= onset + 0.2  # nothing of the answer plays 200 ms after the onset
+    assert cut <= onset + 0.2

@@ -10,6 +10,10 @@ reference ("far end"); the microphone is the "near end". Three cancellers share 
   where livekit is not installed. Linear only: less suppression, no double-talk handling.
 - `NullEchoCanceller`: passes the microphone through (`--headphones`: no acoustic echo to remove).
 
+After either adaptive canceller, an `EchoGate` (see echo_gate.py) attenuates what is left of the
+echo while the filter is still learning, so the VAD cannot mistake it for the user (``gate=False``
+turns it off, to measure the canceller alone).
+
 Both sides are buffered into 10 ms frames; `process` returns every complete frame it can clean,
 so blocks of a multiple of 10 ms (the 30 ms capture blocks) usually come back whole, at once (the
 NLMS filter may hold a frame back, up to 50 ms, until its reference has arrived). The reference
@@ -25,6 +29,7 @@ from typing import Any, Literal, Protocol
 
 import numpy as np
 
+from glmvoice_cli.audio.echo_gate import EchoGate
 from glmvoice_cli.audio.stream_resample import StreamResampler
 from glmvoice_cli.config import SAMPLE_RATE_IN
 from glmvoice_cli.errors import GlmVoiceError, UsageError
@@ -92,9 +97,10 @@ class _FramedCanceller:
 
     pairs = False
 
-    def __init__(self, sample_rate: int) -> None:
+    def __init__(self, sample_rate: int, gate: bool = True) -> None:
         self.sample_rate = sample_rate
         self.frame = sample_rate * FRAME_MS // 1_000
+        self.gate = EchoGate() if gate else None  # residual-echo gate (the double-talk guard)
         self._lock = threading.Lock()
         self._resamplers: dict[int, StreamResampler] = {}
         self._far: deque[np.ndarray] = deque(maxlen=int(REFERENCE_QUEUE_S * 1_000 / FRAME_MS))
@@ -126,7 +132,8 @@ class _FramedCanceller:
             far = self._take_far()
             if far is None:
                 break
-            out.append(self._process_frame(self._near.popleft(), far))
+            cleaned = self._process_frame(self._near.popleft(), far)
+            out.append(self.gate(cleaned, far) if self.gate is not None else cleaned)
         return np.concatenate(out) if out else np.zeros(0, dtype=np.float32)
 
     def _take_far(self) -> list[np.ndarray] | None:
@@ -154,6 +161,8 @@ class _FramedCanceller:
             self._far_pending = np.zeros(0, dtype=np.float32)
             self._far_seen = False
         self._near.clear()
+        if self.gate is not None:
+            self.gate.reset()
         self._near_pending = np.zeros(0, dtype=np.float32)
 
 
@@ -164,11 +173,11 @@ class WebRtcEchoCanceller(_FramedCanceller):
     estimates the speaker-to-microphone delay itself, ``stream_delay_ms`` is only its hint.
     """
 
-    def __init__(self, sample_rate: int = SAMPLE_RATE_IN, stream_delay_ms: int = 0,
+    def __init__(self, sample_rate: int = SAMPLE_RATE_IN, gate: bool = True, stream_delay_ms: int = 0,
                  noise_suppression: bool = False) -> None:
         if sample_rate not in APM_RATES:
             raise UsageError(f"WebRTC echo cancellation needs {APM_RATES} Hz, not {sample_rate}")
-        super().__init__(sample_rate)
+        super().__init__(sample_rate, gate)
         self._rtc = _import_livekit_rtc()
         self.stream_delay_ms = stream_delay_ms
         self._noise_suppression = noise_suppression
@@ -208,9 +217,9 @@ class NlmsEchoCanceller(_FramedCanceller):
     reference must arrive no later than its echo.
     """
 
-    def __init__(self, sample_rate: int = SAMPLE_RATE_IN, tail_ms: int = NLMS_TAIL_MS,
+    def __init__(self, sample_rate: int = SAMPLE_RATE_IN, gate: bool = True, tail_ms: int = NLMS_TAIL_MS,
                  step: float = NLMS_STEP) -> None:
-        super().__init__(sample_rate)
+        super().__init__(sample_rate, gate)
         self.partitions = -(-tail_ms // FRAME_MS)
         self.step = step
         self._init_filter()
@@ -273,17 +282,19 @@ class NlmsEchoCanceller(_FramedCanceller):
         self._init_filter()
 
 
-def make_echo_canceller(mode: EchoMode = "auto", sample_rate: int = SAMPLE_RATE_IN) -> EchoCanceller:
+def make_echo_canceller(mode: EchoMode = "auto", sample_rate: int = SAMPLE_RATE_IN,
+                        gate: bool = True) -> EchoCanceller:
     """"off" -> pass-through; "webrtc" -> AEC3 (needs livekit); "nlms" -> numpy fallback;
-    "auto" -> AEC3 where livekit imports, else NLMS."""
+    "auto" -> AEC3 where livekit imports, else NLMS. ``gate``: add the residual-echo gate."""
     if mode == "off":
         return NullEchoCanceller(sample_rate)
     if mode == "nlms":
-        return NlmsEchoCanceller(sample_rate)
+        return NlmsEchoCanceller(sample_rate, gate)
     if mode == "webrtc":
-        return WebRtcEchoCanceller(sample_rate)
+        return WebRtcEchoCanceller(sample_rate, gate)
     if mode == "auto":
-        return WebRtcEchoCanceller(sample_rate) if webrtc_available() else NlmsEchoCanceller(sample_rate)
+        use_webrtc = webrtc_available()
+        return (WebRtcEchoCanceller if use_webrtc else NlmsEchoCanceller)(sample_rate, gate)
     raise UsageError(f"unknown echo cancellation mode {mode!r} (auto, webrtc, nlms or off)")
 
 
