@@ -279,6 +279,16 @@ def test_microphone_resamples_to_16k_and_reports_a_lost_device(fake_sd: FakeSd) 
     assert stream.closed
 
 
+def test_a_microphone_whose_callbacks_stop_is_lost_too(fake_sd: FakeSd, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(devices, "STALL_S", 0.0)  # the stream still claims to run, but is silent
+    mic = Microphone()
+    with pytest.raises(AudioDeviceError, match="unplugged"):
+        mic.read(timeout=0.01)
+    spk = Speaker()
+    with pytest.raises(AudioDeviceError, match="unplugged"):
+        spk.write(np.ones(10, dtype=np.float32))
+
+
 def test_speaker_plays_from_the_buffer_and_counts_in_22k_samples(fake_sd: FakeSd) -> None:
     taps: list[int] = []
     spk = Speaker("speakers", on_played=lambda block, rate: taps.append(rate))

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import queue
+import time
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any, Literal, Protocol
@@ -30,6 +31,7 @@ DeviceSpec = int | str | None  # index, (part of a) name, or None for the system
 
 CAPTURE_BLOCK_MS = 30  # microphone callback block: one VAD frame
 PLAYBACK_BLOCK_MS = 20  # speaker callback block: small, so a flush is heard within ~20 ms
+STALL_S = 2.0  # a running stream whose callback has not run for this long is a lost device
 CAPTURE_QUEUE_BLOCKS = 200  # 6 s of capture buffered before the oldest blocks are dropped
 RESAMPLE_QUALITY = "HQ"
 PORTAUDIO_HINT = "install PortAudio, e.g. `apt install libportaudio2` or `brew install portaudio`"
@@ -164,6 +166,7 @@ class Microphone:
         self._queue: queue.Queue[np.ndarray] = queue.Queue(maxsize=CAPTURE_QUEUE_BLOCKS)
         self._resampler = _stream_resampler(self.device_rate, sample_rate)
         self._closed = False
+        self._last_callback = time.monotonic()
         blocksize = self.device_rate * block_ms // 1000
         try:
             self._stream = sd.InputStream(samplerate=self.device_rate, blocksize=blocksize,
@@ -173,7 +176,8 @@ class Microphone:
         except (sd.PortAudioError, ValueError) as e:
             raise AudioDeviceError(f"cannot open microphone {self.info.name!r}: {e} ({DEVICES_HINT})") from e
 
-    def _callback(self, indata: np.ndarray, frames: int, time: Any, status: Any) -> None:
+    def _callback(self, indata: np.ndarray, frames: int, when: Any, status: Any) -> None:
+        self._last_callback = time.monotonic()
         if status and getattr(status, "input_overflow", False):
             self.overflows += 1
         block = indata[:, 0].copy()
@@ -198,7 +202,8 @@ class Microphone:
         return block
 
     def _check_alive(self) -> None:
-        if not self._closed and not self._stream.active:
+        stalled = time.monotonic() - self._last_callback > STALL_S
+        if not self._closed and (stalled or not self._stream.active):
             raise AudioDeviceError(
                 f"microphone {self.info.name!r} stopped delivering audio (unplugged?); {DEVICES_HINT}"
             )
@@ -230,6 +235,7 @@ class Speaker:
         self._resampled = np.zeros(0, dtype=np.float32)  # device-rate samples not yet output
         self._pull_block = sample_rate * block_ms // 1000
         self._closed = False
+        self._last_callback = time.monotonic()
         try:
             self._stream = sd.OutputStream(samplerate=self.device_rate,
                                            blocksize=self.device_rate * block_ms // 1000,
@@ -239,7 +245,8 @@ class Speaker:
         except (sd.PortAudioError, ValueError) as e:
             raise AudioDeviceError(f"cannot open speaker {self.info.name!r}: {e} ({DEVICES_HINT})") from e
 
-    def _callback(self, outdata: np.ndarray, frames: int, time: Any, status: Any) -> None:
+    def _callback(self, outdata: np.ndarray, frames: int, when: Any, status: Any) -> None:
+        self._last_callback = time.monotonic()
         if status and getattr(status, "output_underflow", False):
             self.underflows += 1
         outdata[:, 0] = self._next(frames)
@@ -255,7 +262,8 @@ class Speaker:
         return out
 
     def write(self, block: np.ndarray) -> None:
-        if not self._closed and not self._stream.active:
+        stalled = time.monotonic() - self._last_callback > STALL_S
+        if not self._closed and (stalled or not self._stream.active):
             raise AudioDeviceError(f"speaker {self.info.name!r} stopped playing (unplugged?); {DEVICES_HINT}")
         self.buffer.write(block)
 
