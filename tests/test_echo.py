@@ -5,7 +5,9 @@ below about -50 dBFS, where webrtcvad no longer hears a synthetic voice at all (
 that takes 24 dB, and 30 dB leaves a margin. Measured on this synthetic echo (linear path, 30 ms
 delay, seconds 2-6): WebRTC AEC3 41 dB (30 dB already in the first second), the NLMS fallback
 45 dB (but 4 dB in the first second and 20 dB in the second: it converges more slowly). With
-the reference at 22.05 kHz (resampled inside), seconds 3-6: AEC3 39 dB, NLMS 44 dB.
+the reference at 22.05 kHz (resampled inside), seconds 3-6: AEC3 39 dB, NLMS 44 dB. These are the
+cancellers alone (gate=False); the residual-echo gate after them removes another 60 dB from
+frames that hold echo only, so it is tested apart (and in the barge-in loop).
 """
 
 from __future__ import annotations
@@ -18,7 +20,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soxr
-from scipy.signal import lfilter
 
 from glmvoice_cli.audio.echo import (
     NlmsEchoCanceller,
@@ -50,7 +51,7 @@ def far_end(seconds: float, rate: int = RATE, seed: int = 0) -> np.ndarray:
     """Speech-like noise: low-pass coloured, with a 4 Hz syllable envelope, -20 dBFS."""
     rng = np.random.default_rng(seed)
     n = int(seconds * rate)
-    x = lfilter([1.0], [1.0, -0.9], rng.standard_normal(n))
+    x = np.convolve(rng.standard_normal(n), 0.9 ** np.arange(120))[:n]  # AR(1) low-pass colouring
     x *= 0.55 + 0.45 * np.sin(2 * np.pi * 4 * np.arange(n) / rate)
     return (0.1 * x / np.std(x)).astype(np.float32)
 
@@ -70,7 +71,7 @@ def room(x: np.ndarray, seed: int = 1) -> np.ndarray:
     ir = np.zeros(delay + 200)
     ir[delay:] = rng.standard_normal(200) * np.exp(-np.arange(200) / 40)
     ir *= 0.5 / np.sqrt(np.sum(ir**2))
-    return lfilter(ir, [1.0], x).astype(np.float32)
+    return np.convolve(x, ir)[: len(x)].astype(np.float32)
 
 
 def cancel(ec, reference: np.ndarray, ref_rate: int, mic: np.ndarray) -> np.ndarray:  # type: ignore[no-untyped-def]
@@ -87,7 +88,7 @@ def cancel(ec, reference: np.ndarray, ref_rate: int, mic: np.ndarray) -> np.ndar
 def test_a_delayed_echo_of_the_played_signal_is_suppressed(mode: str) -> None:
     far = far_end(6.0)
     echo = room(far)
-    out = cancel(make_echo_canceller(mode), far, RATE, echo)
+    out = cancel(make_echo_canceller(mode, gate=False), far, RATE, echo)  # the canceller alone
     assert len(out) == len(echo)
     settled = slice(2 * RATE, 6 * RATE)
     assert db(echo[settled]) - db(out[settled]) >= MIN_SUPPRESSION_DB
@@ -97,18 +98,19 @@ def test_a_delayed_echo_of_the_played_signal_is_suppressed(mode: str) -> None:
 def test_the_reference_may_come_at_the_speaker_rate(mode: str) -> None:
     far22 = far_end(6.0, OUT_RATE)
     echo = room(soxr.resample(far22, OUT_RATE, RATE))
-    out = cancel(make_echo_canceller(mode), far22, OUT_RATE, echo)
+    out = cancel(make_echo_canceller(mode, gate=False), far22, OUT_RATE, echo)
     settled = slice(3 * RATE, 6 * RATE)
     assert db(echo[settled]) - db(out[settled]) >= MIN_SUPPRESSION_DB
 
 
+@pytest.mark.parametrize("gate", [False, True])
 @pytest.mark.parametrize("mode", MODES)
-def test_the_users_voice_survives_double_talk_and_the_filter_does_not_diverge(mode: str) -> None:
+def test_the_users_voice_survives_double_talk_and_the_filter_does_not_diverge(mode: str, gate: bool) -> None:
     far = far_end(8.0)
     echo = room(far)
     near = np.zeros_like(echo)
     near[5 * RATE : 6 * RATE] = voice(1.0)
-    out = cancel(make_echo_canceller(mode), far, RATE, echo + near)
+    out = cancel(make_echo_canceller(mode, gate=gate), far, RATE, echo + near)
     talk = slice(5 * RATE, 6 * RATE)
     assert abs(db(out[talk]) - db(near[talk])) <= 3.0  # the user is still heard at full level
     if mode == "nlms":  # the two-path guard keeps the foreground filter intact

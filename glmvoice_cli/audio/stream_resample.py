@@ -13,7 +13,6 @@ from __future__ import annotations
 from math import gcd
 
 import numpy as np
-from scipy.signal import firwin
 
 HALF_TAPS = 32  # input samples on each side of the filter centre: ~1.5 ms latency at 22.05 kHz
 KAISER_BETA = 8.6  # about 85 dB stopband
@@ -27,8 +26,8 @@ class StreamResampler:
         common = gcd(rate_in, rate_out)
         self.up, self.down = rate_out // common, rate_in // common
         taps = 2 * HALF_TAPS
-        prototype = firwin(taps * self.up, CUTOFF_FRACTION * min(rate_in, rate_out),
-                           window=("kaiser", KAISER_BETA), fs=rate_in * self.up) * self.up
+        prototype = lowpass(taps * self.up, CUTOFF_FRACTION * min(rate_in, rate_out), rate_in * self.up)
+        prototype *= self.up  # zero-stuffing by `up` divides the gain by `up`
         # (up, taps): row r holds the taps that meet the input samples for output phase r
         self._bank = prototype.reshape(taps, self.up).T.astype(np.float64)
         self._history = np.zeros(taps - 1)  # the last taps-1 input samples (zeros before the start)
@@ -53,3 +52,10 @@ class StreamResampler:
         phase = outputs * self.down - newest * self.up  # (m,) in [0, up)
         index = newest[:, None] - np.arange(taps)[None, :] - base  # (m, taps) into data
         return np.einsum("mt,mt->m", data[index], self._bank[phase]).astype(np.float32)
+
+
+def lowpass(n: int, cutoff: float, rate: float) -> np.ndarray:
+    """(n,) linear-phase Kaiser-windowed sinc low-pass with unit DC gain (cutoff, rate in Hz)."""
+    t = np.arange(n) - (n - 1) / 2
+    h = np.sinc(2 * cutoff / rate * t) * np.kaiser(n, KAISER_BETA)
+    return h / h.sum()
