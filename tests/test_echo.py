@@ -32,6 +32,7 @@ from glmvoice_cli.audio.echo_gate import GATE_ATTENUATION_DB, EchoGate
 from glmvoice_cli.audio.fakes import ArraySource, EchoLoop, RecordingSink
 from glmvoice_cli.audio.io import load_audio
 from glmvoice_cli.audio.playback import VirtualClock
+from glmvoice_cli.audio.stream_resample import HALF_TAPS, StreamResampler
 from glmvoice_cli.audio.vad import Segmenter, SpeechStarted, Utterance, VadConfig
 from glmvoice_cli.errors import GlmVoiceError, UsageError
 
@@ -266,3 +267,23 @@ def test_barge_in_on_the_fakes_fires_on_the_user_and_never_on_the_echo(mode: str
     heard = np.flatnonzero(np.abs(sink.recording()) > 1e-3)
     assert heard[-1] / OUT_RATE <= onset + 0.2  # nothing of the answer plays 200 ms after the onset
     assert cut <= onset + 0.2
+
+
+def test_the_reference_resampler_is_causal_accurate_and_blocking_invariant() -> None:
+    rng = np.random.default_rng(0)
+    t = np.arange(2 * OUT_RATE) / OUT_RATE
+    tone = np.sin(2 * np.pi * 440 * t).astype(np.float32)
+    resampler = StreamResampler(OUT_RATE, RATE)
+    pieces, start = [], 0
+    while start < len(tone):  # random block sizes, as an audio callback delivers them
+        n = int(rng.integers(1, 900))
+        pieces.append(resampler(tone[start : start + n]))
+        start += n
+    out = np.concatenate(pieces)
+    assert len(out) == 2 * RATE  # every input block yields its outputs at once
+    np.testing.assert_array_equal(out, StreamResampler(OUT_RATE, RATE)(tone))
+    delay = HALF_TAPS / OUT_RATE  # the fixed latency, 1.5 ms
+    ideal = np.sin(2 * np.pi * 440 * (np.arange(len(out)) / RATE - delay))
+    assert db(out[100:] - ideal[100:]) - db(ideal) < -60
+    alias = StreamResampler(OUT_RATE, RATE)(np.sin(2 * np.pi * 10_000 * t).astype(np.float32))
+    assert db(alias[100:]) < -90  # 10 kHz cannot fold back into the 16 kHz band
