@@ -16,6 +16,7 @@ import typer
 from typer.core import TyperGroup
 
 from . import __version__
+from .commands import devices as _devices
 from .commands import tokenize as _tokenize
 from .commands.models import models_app
 from .errors import GlmVoiceError
@@ -79,6 +80,7 @@ def _root(
 
 
 app.command("tokenize")(_tokenize.tokenize)
+app.command("devices")(_devices.devices)
 app.add_typer(models_app, name="models")
 
 
