@@ -69,7 +69,10 @@ LMEvent = TextPiece | AudioTokens | TurnEnd
 
 @dataclass
 class Conversation:
-    """Token-id history and its KV cache. Create with `VoiceLM.new_conversation`."""
+    """Token-id history and its KV cache. Create with `VoiceLM.new_conversation`.
+
+    One turn at a time: a conversation is not shared by two running streams.
+    """
 
     system_mode: InputMode | None = None  # set by the first turn
     ids: list[int] = field(default_factory=list)  # committed history
@@ -148,7 +151,7 @@ class VoiceLM:
 
     @property
     def device(self) -> torch.device:
-        return self.model.get_input_embeddings().weight.device
+        return self.model.lm_head.weight.device
 
     def new_conversation(self) -> Conversation:
         return Conversation()
@@ -200,13 +203,28 @@ class VoiceLM:
     ) -> Iterator[LMEvent]:
         """Answer one user turn, yielding an event per sampled token and a final TurnEnd.
 
-        The answer is committed to `conv` as it is generated (also if the consumer stops early);
-        the stop token is not, since the next turn starts with <|user|> anyway.
+        The first turn of `conv` fixes its system prompt (from the input mode); later turns, spoken
+        or typed, only add their user part.
         """
-        options = options or GenerationOptions()
         new_ids = turn_ids(self.tokenizer, user, conv.system_mode)
         if conv.system_mode is None:
             conv.system_mode = user.mode
+        return self.stream_ids(conv, new_ids, options, cancel)
+
+    def stream_ids(
+        self,
+        conv: Conversation,
+        new_ids: list[int],
+        options: GenerationOptions | None = None,
+        cancel: threading.Event | None = None,
+    ) -> Iterator[LMEvent]:
+        """Append raw prompt ids to the history and generate from there (see `stream`).
+
+        The answer is committed to `conv` as it is generated (also if the consumer stops early);
+        the stop token is not, since the next turn starts with <|user|> anyway. Cancellation is
+        checked before every step, so a set `cancel` ends the turn within one token.
+        """
+        options = options or GenerationOptions()
         if cancel is not None and cancel.is_set():
             conv.ids.extend(new_ids)
             conv.last_output_start = len(conv.ids)

@@ -163,8 +163,8 @@ def glm_config_from_chatglm(raw: dict[str, Any], source: Path) -> GlmConfig:
 
 def official_shapes(cfg: GlmConfig) -> dict[str, tuple[int, ...]]:
     """Every official key the config implies, with its shape (the inv_freq buffer is optional)."""
-    hidden, head_dim = cfg.hidden_size, cfg.head_dim
-    qkv = (cfg.num_attention_heads + 2 * cfg.num_key_value_heads) * head_dim
+    hidden, head_dim = cfg.hidden_size, int(cfg.head_dim or 0)
+    qkv = (cfg.num_attention_heads + 2 * int(cfg.num_key_value_heads or 0)) * head_dim
     shapes: dict[str, tuple[int, ...]] = {
         "transformer.embedding.word_embeddings.weight": (cfg.vocab_size, hidden),
         "transformer.encoder.final_layernorm.weight": (hidden,),
@@ -210,8 +210,9 @@ def map_official_tensor(key: str, tensor: torch.Tensor, cfg: GlmConfig) -> list[
     if rest in _LAYER_RENAMES:
         return [(native + _LAYER_RENAMES[rest], tensor)]
     kind = rest.rsplit(".", 1)[-1]  # "weight" | "bias"
-    q_rows = cfg.num_attention_heads * cfg.head_dim
-    kv_rows = cfg.num_key_value_heads * cfg.head_dim
+    head_dim = int(cfg.head_dim or 0)  # always set by glm_config_from_chatglm
+    q_rows = cfg.num_attention_heads * head_dim
+    kv_rows = int(cfg.num_key_value_heads or 0) * head_dim
     q, k, v = tensor.split([q_rows, kv_rows, kv_rows], dim=0)
     return [
         (f"{native}self_attn.q_proj.{kind}", q),

@@ -120,10 +120,8 @@ def test_greedy_through_the_streaming_loop(voice_lm: VoiceLM, reference: dict) -
     _require_in_tokenizer_range(voice_lm, reference)
     conv = voice_lm.new_conversation()
     expected = reference["greedy_ids"][0].tolist()
-    logits = voice_lm.prefill(conv, reference["input_ids"][0].tolist())
-    conv.last_output_start = len(conv.ids)
     options = GenerationOptions(temperature=0.0, max_new_tokens=len(expected))
-    events = list(voice_lm._sample_loop(conv, logits, options, None))
+    events = list(voice_lm.stream_ids(conv, reference["input_ids"][0].tolist(), options))
     assert conv.last_output == expected
     assert events[-1].n_generated == len(expected)
 
