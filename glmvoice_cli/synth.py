@@ -40,8 +40,8 @@ DEFAULT_SEED = 0
 class StreamSchedule:
     """How tokens are cut into blocks and how much earlier context each block sees."""
 
-    block_sizes: tuple[int, ...] = (10, 20, 40, 60)  # tokens per block; the last size repeats
-    context_tokens: int | None = 60  # prompt tokens re-encoded per block; None keeps all (reference)
+    block_sizes: tuple[int, ...] = (10, 20, 40, 80, 100)  # tokens per block; the last size repeats
+    context_tokens: int | None = 30  # prompt tokens re-encoded per block; None keeps all (reference)
     reference_prompt: bool = False  # feed back returned mels incl. the duplicated cache frame (Q9)
     reference_noise: bool = False  # seed-42 noise per call and sines restarting each block
     batch_guidance: bool = True  # run both guidance passes as one batch of two
@@ -216,11 +216,10 @@ class AudioDecoder:
     def _vocode(self, state: DecoderState, mel: torch.Tensor, finalize: bool
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Cache/overlap bookkeeping around one HiFT call -> (speech, vocoder input, cache in, source)."""
-        if state.cache_mel is not None:
+        cache_in = torch.zeros(1, 1, 0)
+        if state.cache_mel is not None and state.cache_source is not None:
             mel = torch.cat([state.cache_mel, mel], dim=2)
             cache_in = state.cache_source
-        else:
-            cache_in = torch.zeros(1, 1, 0)
         if not finalize:
             state.mel_overlap = mel[:, :, -self.overlap_frames:]
             mel = mel[:, :, : -self.overlap_frames]
@@ -254,10 +253,11 @@ def fade_in_out(fade_in: torch.Tensor, fade_out: torch.Tensor) -> torch.Tensor:
     (1, 80, T), (1, 80, n) -> (1, 80, T). Evaluated in float64 like the reference (a float32
     tensor times a numpy float64 window), stored back as float32.
     """
-    n = fade_out.shape[-1]
-    window = torch.from_numpy(np.hamming(2 * n))
+    overlap = fade_out.shape[-1]
+    n = min(overlap, fade_in.shape[-1])  # a (pathologically) short block fades what it has
+    window = torch.from_numpy(np.hamming(2 * overlap)).to(fade_in.device)
     out = fade_in.clone()
-    mixed = fade_in[:, :, :n].double() * window[:n] + fade_out.double() * window[n:]
+    mixed = fade_in[:, :, :n].double() * window[:n] + fade_out[:, :, :n].double() * window[overlap : overlap + n]
     out[:, :, :n] = mixed.to(out.dtype)
     return out
 

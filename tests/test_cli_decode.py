@@ -111,7 +111,7 @@ def test_decode_bad_checkpoint_is_one_line(tiny_dec: Path, tmp_path: Path) -> No
 
 def test_decode_module_imports_no_torch() -> None:
     code = "import sys; import glmvoice_cli.commands.decode\nassert 'torch' not in sys.modules\n"
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
     assert done.returncode == 0, done.stderr
 
 

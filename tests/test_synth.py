@@ -87,7 +87,9 @@ def test_streamed_close_to_offline(streamed, offline) -> None:  # type: ignore[n
     streamed audio is close to, not equal to, the one-shot decode.
     """
     audio = np.concatenate(streamed(DEFAULT_SCHEDULE))
-    rms = lambda x: float(np.sqrt(np.mean(np.square(x))))  # noqa: E731
+    def rms(x: np.ndarray) -> float:
+        return float(np.sqrt(np.mean(np.square(x))))
+
     assert 0.7 < rms(audio) / rms(offline) < 1.4
     assert rms(audio - offline) < 0.8 * rms(offline)
     assert np.corrcoef(audio, offline)[0, 1] > 0.4

@@ -10,7 +10,7 @@ import json
 import re
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -69,15 +69,15 @@ def read_tokens(tokens: str) -> list[int]:
 def decode(
     tokens: Annotated[str, typer.Argument(help="File of speech token ids (whitespace or JSON), or - for stdin.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Audio file to write: .wav, .flac or .ogg.")],
-    decoder: Annotated[Optional[Path], typer.Option(
+    decoder: Annotated[Path | None, typer.Option(
         "--decoder", help="Folder of THUDM/glm-4-voice-decoder (default: the downloaded one).")] = None,
-    models: Annotated[Optional[Path], typer.Option(
+    models: Annotated[Path | None, typer.Option(
         "--models", help="A folder holding tokenizer/, lm/ and decoder/.")] = None,
     stream: Annotated[bool, typer.Option("--stream", help="Decode block by block, as the assistant speaks.")] = False,
     schedule: Annotated[str, typer.Option(
         "--schedule", help="With --stream: 'default' (first audio after 10 tokens) or 'reference' (the demo's).")
     ] = "default",
-    seed: Annotated[Optional[int], typer.Option("--seed", help="Seed of the decoder's noise (default 0; the reference schedule always seeds 42).")] = None,
+    seed: Annotated[int | None, typer.Option("--seed", help="Seed of the decoder's noise (default 0; the reference schedule always seeds 42).")] = None,
 ) -> None:
     """Turn speech token ids (12.5 per second) into 22.05 kHz speech."""
     ids = read_tokens(tokens)

@@ -41,7 +41,7 @@ def block_attention_mask(lengths: torch.Tensor, total: int, block_size: int) -> 
 
     lengths: (B,) valid tokens per row -> (B, total, total) bool.
     """
-    idx = torch.arange(total)
+    idx = torch.arange(total, device=lengths.device)
     causal = idx[None, :] <= idx[:, None]
     same_block = (idx[None, :] // block_size) == (idx[:, None] // block_size)
     pad = idx[None, :] < lengths[:, None]  # (B, T) real keys
@@ -71,7 +71,7 @@ class RelPositionAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor, pos_emb: torch.Tensor) -> torch.Tensor:
         """x: (B, T, D), mask: (B, T, T) bool, pos_emb: (1, 2T-1, D) -> (B, T, D)."""
-        b, t, _ = x.shape
+        b = x.shape[0]
         q = self.linear_q(x).view(b, -1, self.heads, self.d_k)  # (B, T, H, dk)
         k = self.linear_k(x).view(b, -1, self.heads, self.d_k).transpose(1, 2)  # (B, H, T, dk)
         v = self.linear_v(x).view(b, -1, self.heads, self.d_k).transpose(1, 2)
@@ -138,9 +138,9 @@ class BlockConformerEncoder(nn.Module):
     def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """x: (B, T, input_size) embedded tokens, lengths: (B,) -> (B, T, output_size)."""
         t = x.size(1)
-        mask = block_attention_mask(lengths, t, self.cfg.block_size)
+        mask = block_attention_mask(lengths.to(x.device), t, self.cfg.block_size)
         x = self.embed(x)
-        pos_emb = relative_position_table(t, self.cfg.output_size).to(x.dtype)
+        pos_emb = relative_position_table(t, self.cfg.output_size).to(device=x.device, dtype=x.dtype)
         for layer in self.encoders:
             x = layer(x, mask, pos_emb)
         return self.after_norm(x)

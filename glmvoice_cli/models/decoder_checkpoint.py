@@ -65,7 +65,11 @@ def load_strict(module: nn.Module, state: dict[str, torch.Tensor], path: Path) -
             )
         if not got.is_floating_point() and tensor.is_floating_point():
             raise CheckpointMismatchError(f"{path}: key {key!r} has dtype {got.dtype}, expected floating point")
-    module.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()}, strict=True)
+    # assign: the loaded tensors become the parameters (no second copy; the module may be on meta)
+    module.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()}, strict=True, assign=True)
+    leftover = [k for k, v in module.state_dict().items() if v.is_meta]
+    if leftover:  # pragma: no cover - every persistent tensor is in the checked state dict
+        raise CheckpointMismatchError(f"{path}: key {leftover[0]!r} was not loaded")
 
 
 @dataclass
@@ -87,17 +91,20 @@ def check_decoder_dir(directory: Path) -> None:
 
 def load_decoder(directory: Path, device: str | torch.device = "cpu") -> DecoderModels:
     """Build the flow model and the vocoder from `directory/config.yaml` and load their weights."""
+    import torch
+
     from .flow import FlowDecoder
     from .vocoder import HiFTGenerator
 
     directory = Path(directory)
     check_decoder_dir(directory)
     config = load_decoder_config(directory / CONFIG_FILE)
-    flow = FlowDecoder(config.flow)
+    with torch.device("meta"):  # no random init, no second copy of the weights
+        flow = FlowDecoder(config.flow)
+        hift = HiFTGenerator(config.hift)
     load_strict(flow, read_state_dict(directory / FLOW_FILE), directory / FLOW_FILE)
-    hift = HiFTGenerator(config.hift)
     load_strict(hift, read_state_dict(directory / HIFT_FILE), directory / HIFT_FILE)
     hift.fold_weight_norm()
-    flow.to(device).eval()
-    hift.to(device).eval()
+    flow.requires_grad_(False).to(device).eval()
+    hift.requires_grad_(False).to(device).eval()
     return DecoderModels(config=config, flow=flow, hift=hift)

@@ -98,7 +98,7 @@ def _resolve(node: Any, root: dict[str, Any], depth: int = 0) -> Any:
 def parse_hyperpyyaml(text: str, where: Path = Path(CONFIG_FILE)) -> dict[str, Any]:
     """Parse hyperpyyaml text into plain data (dicts, lists, scalars, Tagged), refs resolved."""
     try:
-        raw = yaml.load(text, Loader=_SafeHyperLoader)  # noqa: S506 (a SafeLoader subclass)
+        raw = yaml.load(text, Loader=_SafeHyperLoader)  # a SafeLoader subclass: no python/ tags
     except yaml.YAMLError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"{where}: unreadable YAML ({first})") from e

@@ -93,7 +93,7 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         """x: (B, T, C), bias: (B, T, T) additive -> (B, T, C)."""
-        b, t, _ = x.shape
+        b = x.shape[0]
         bias = bias.repeat_interleave(self.heads, dim=0).view(b, self.heads, -1, bias.shape[-1])
         q, k, v = self.to_q(x), self.to_k(x), self.to_v(x)
         head_dim = k.shape[-1] // self.heads
@@ -172,7 +172,7 @@ class ConditionalDecoder(nn.Module):
         dim_in = cfg.in_channels
         for i, dim_out in enumerate(chans):
             last = i == len(chans) - 1
-            resample = nn.Conv1d(dim_out, dim_out, 3, padding=1) if last else Downsample1D(dim_out)
+            resample: nn.Module = nn.Conv1d(dim_out, dim_out, 3, padding=1) if last else Downsample1D(dim_out)
             self.down_blocks.append(_stage(ResnetBlock1D(dim_in, dim_out, time_dim), dim_out, cfg, resample))
             dim_in = dim_out
         mid = chans[-1]
@@ -190,9 +190,10 @@ class ConditionalDecoder(nn.Module):
         self.final_proj = nn.Conv1d(up[-1], cfg.out_channels, 1)
 
     @staticmethod
-    def _transformers(x: torch.Tensor, mask: torch.Tensor, blocks: nn.ModuleList) -> torch.Tensor:
-        """x: (B, C, T), mask: (B, 1, T) -> (B, C, T) after the transformer blocks."""
-        x = x.transpose(1, 2).contiguous()
+    def _run_stage(stage: nn.Module, x: torch.Tensor, mask: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        """resnet then transformer blocks of one stage: x (B, C_in, T), mask (B, 1, T) -> (B, C, T)."""
+        resnet, blocks = stage[0], stage[1]  # type: ignore[index]
+        x = resnet(x, mask, temb).transpose(1, 2).contiguous()
         bias = torch.matmul(mask.transpose(1, 2).contiguous(), mask)  # (B, T, T) float 0/1, added
         for block in blocks:
             x = block(x, bias)
@@ -212,21 +213,21 @@ class ConditionalDecoder(nn.Module):
         spk = spks.unsqueeze(-1).expand(-1, -1, x.shape[-1])
         x = torch.cat([x, mu, spk, cond], dim=1)
         hiddens, masks = [], [mask]
-        for resnet, blocks, downsample in self.down_blocks:
+        for stage in self.down_blocks:
             m = masks[-1]
-            x = self._transformers(resnet(x, m, temb), m, blocks)
+            x = self._run_stage(stage, x, m, temb)
             hiddens.append(x)
-            x = downsample(x * m)
+            x = stage[2](x * m)  # type: ignore[index]
             masks.append(m[:, :, ::2])
         masks = masks[:-1]
         m = masks[-1]
-        for resnet, blocks in self.mid_blocks:
-            x = self._transformers(resnet(x, m, temb), m, blocks)
-        for resnet, blocks, upsample in self.up_blocks:
+        for stage in self.mid_blocks:
+            x = self._run_stage(stage, x, m, temb)
+        for stage in self.up_blocks:
             m = masks.pop()
             skip = hiddens.pop()
             x = torch.cat([x[:, :, : skip.shape[-1]], skip], dim=1)
-            x = self._transformers(resnet(x, m, temb), m, blocks)
-            x = upsample(x * m)
+            x = self._run_stage(stage, x, m, temb)
+            x = stage[2](x * m)  # type: ignore[index]
         x = self.final_block(x, m)
         return self.final_proj(x * m) * mask

@@ -92,8 +92,8 @@ class ConditionalCFM(nn.Module):
                 n_steps: int = N_TIMESTEPS, on_step: StepCallback | None = None, batched: bool = False
                 ) -> torch.Tensor:
         """noise, mu, cond: (1, 80, T); spks: (1, 80) -> mel (1, 80, T) at t = 1."""
-        mask = torch.ones(1, 1, mu.shape[-1], dtype=mu.dtype)
-        span = time_span(n_steps, self.scheduler, mu.dtype)
+        mask = torch.ones(1, 1, mu.shape[-1], dtype=mu.dtype, device=mu.device)
+        span = time_span(n_steps, self.scheduler, mu.dtype).to(mu.device)
         x, t, dt = noise, span[0].unsqueeze(0), span[1] - span[0]
         for step in range(1, len(span)):
             if on_step is not None:
@@ -129,14 +129,18 @@ class FlowDecoder(nn.Module):
         self.decoder = ConditionalCFM(cfg)
         self.eval()
 
+    @property
+    def device(self) -> torch.device:
+        return self.input_embedding.weight.device
+
     def n_frames(self, n_tokens: int) -> int:
         return mel_frames(n_tokens, self.cfg.input_frame_rate)
 
     def condition(self, tokens: torch.Tensor, trace: FlowTrace | None = None) -> torch.Tensor:
         """tokens: (1, N) int -> mu (1, 80, T) with T = n_frames(N)."""
         n = tokens.shape[1]
-        x = self.input_embedding(torch.clamp(tokens.long(), min=0))
-        h = self.encoder(x, torch.tensor([n]))
+        x = self.input_embedding(torch.clamp(tokens.long(), min=0).to(self.device))
+        h = self.encoder(x, torch.tensor([n], device=self.device))
         proj = self.encoder_proj(h)
         mu = self.length_regulator(proj, self.n_frames(n))
         if trace is not None:
@@ -147,7 +151,7 @@ class FlowDecoder(nn.Module):
         """(1, spk_embed_dim) x-vector (GLM-4-Voice passes zeros) -> (1, 80)."""
         if embedding is None:
             embedding = torch.zeros(1, self.cfg.spk_embed_dim)
-        return self.spk_embed_affine_layer(F.normalize(embedding, dim=1))
+        return self.spk_embed_affine_layer(F.normalize(embedding.to(self.device), dim=1))
 
     @torch.inference_mode()
     def inference(
@@ -173,9 +177,9 @@ class FlowDecoder(nn.Module):
         n_prompt = 0 if prompt_feat is None else prompt_feat.shape[1]
         mu = self.condition(tokens, trace)
         total = mu.shape[-1]
-        cond = torch.zeros(1, total, self.cfg.output_size)
-        if n_prompt:
-            cond[:, :n_prompt] = prompt_feat
+        cond = torch.zeros(1, total, self.cfg.output_size, device=mu.device)
+        if prompt_feat is not None and n_prompt:
+            cond[:, :n_prompt] = prompt_feat.to(mu.device)
         cond = cond.transpose(1, 2)
         spks = self.speaker(embedding)
         if trace is not None:
@@ -184,7 +188,7 @@ class FlowDecoder(nn.Module):
             noise = reference_noise(mu.shape, generator)
         if noise.shape != mu.shape:
             raise ValueError(f"noise shape {tuple(noise.shape)} != {tuple(mu.shape)}")
-        mel = self.decoder(noise, mu, spks, cond, on_step=on_step, batched=batch_guidance)
+        mel = self.decoder(noise.to(mu.device), mu, spks, cond, on_step=on_step, batched=batch_guidance)
         return mel[:, :, n_prompt:]
 
 

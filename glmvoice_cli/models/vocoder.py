@@ -125,8 +125,9 @@ class SourceModule(nn.Module):
         self.l_linear = nn.Linear(self.harmonics, 1)
 
     def draw(self, length: int, generator: torch.Generator | None) -> SourceDraws:
-        phase_u = torch.rand(1, self.harmonics, 1, generator=generator)
-        noise = torch.randn(1, self.harmonics, length, generator=generator)
+        device = generator.device if generator is not None else None
+        phase_u = torch.rand(1, self.harmonics, 1, generator=generator, device=device)
+        noise = torch.randn(1, self.harmonics, length, generator=generator, device=device)
         return SourceDraws(phase_u, noise)
 
     def sine_waves(self, f0: torch.Tensor, draws: SourceDraws, trace: dict[str, torch.Tensor] | None = None
@@ -135,18 +136,18 @@ class SourceModule(nn.Module):
         freq = torch.cat([f0 * (i + 1) / self.rate for i in range(self.harmonics)], dim=1)
         cycles = torch.cumsum(freq, dim=-1)
         if draws.cycle_offset is not None:
-            cycles = cycles + draws.cycle_offset
+            cycles = cycles + draws.cycle_offset.to(f0.device)
         if trace is not None:
             trace["cycles"] = cycles
         theta = 2 * np.pi * (cycles % 1)
-        low = torch.tensor(-np.pi, dtype=torch.float32)
-        high = torch.tensor(np.pi, dtype=torch.float32)
-        phase = low + draws.phase_u * (high - low)  # torch Uniform(-pi, pi), in float32
+        low = torch.tensor(-np.pi, dtype=torch.float32, device=f0.device)
+        high = torch.tensor(np.pi, dtype=torch.float32, device=f0.device)
+        phase = low + draws.phase_u.to(f0.device) * (high - low)  # torch Uniform(-pi, pi), in float32
         phase[:, 0, :] = 0
         sines = self.sine_amp * torch.sin(theta + phase)
         uv = (f0 > self.threshold).type(torch.float32)
         noise_amp = uv * self.noise_std + (1 - uv) * self.sine_amp / 3
-        return sines * uv + noise_amp * draws.noise
+        return sines * uv + noise_amp * draws.noise.to(f0.device)
 
     def forward(self, f0: torch.Tensor, draws: SourceDraws, trace: dict[str, torch.Tensor] | None = None
                 ) -> torch.Tensor:
@@ -156,6 +157,8 @@ class SourceModule(nn.Module):
 
 
 class HiFTGenerator(nn.Module):
+    stft_window: torch.Tensor
+
     def __init__(self, cfg: HiFTConfig) -> None:
         super().__init__()
         self.cfg = cfg
@@ -261,9 +264,10 @@ class HiFTGenerator(nn.Module):
 
         `cache_source` (1, 1, S) replaces the first S source samples (the previous call's tail).
         """
+        mel = mel.to(self.stft_window.device)
         s = self.source(mel, generator, draws, trace)
         if cache_source is not None and cache_source.shape[-1] > 0:
-            s[:, :, : cache_source.shape[-1]] = cache_source
+            s[:, :, : cache_source.shape[-1]] = cache_source.to(s.device)
         return self.decode(mel, s, trace), s
 
 

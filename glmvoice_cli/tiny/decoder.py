@@ -166,7 +166,9 @@ def random_decoder(spec: TinyDecoderSpec, config: DecoderConfig) -> DecoderModel
             hift.f0_predictor.classifier.bias.fill_(VOICED_F0_HZ)
             hift.f0_predictor.classifier.weight.mul_(5.0)
     hift.fold_weight_norm()
-    return DecoderModels(config=config, flow=flow.eval(), hift=hift.eval())
+    flow.requires_grad_(False).eval()
+    hift.requires_grad_(False).eval()
+    return DecoderModels(config=config, flow=flow, hift=hift)
 
 
 def write_tiny_decoder(directory: Path, spec: TinyDecoderSpec = TinyDecoderSpec()) -> Path:
