@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from glmvoice_cli.models.lm import (
+    NUCLEUS_CANDIDATES,
     AudioTokens,
     GenerationOptions,
     StopReason,
@@ -182,6 +183,15 @@ def test_sampling_rules() -> None:
     assert {sample_token(logits, 1.0, 1e-6, g) for _ in range(20)} == {1}  # tiny top_p keeps the top token
     seen = {sample_token(logits, 1.0, 0.9, g) for _ in range(200)}
     assert seen == {1, 2}  # the nucleus holds the two close tokens only
+
+
+def test_wide_nucleus_falls_back_to_a_full_sort() -> None:
+    n = 4 * NUCLEUS_CANDIDATES
+    logits = -torch.arange(n, dtype=torch.float32) * 1e-4  # nearly flat, strictly decreasing
+    g = torch.Generator().manual_seed(0)
+    seen = [sample_token(logits, 1.0, 0.5, g) for _ in range(500)]
+    assert max(seen) > NUCLEUS_CANDIDATES  # beyond the pre-sorted candidates
+    assert max(seen) < 0.55 * n  # but still inside the nucleus
 
 
 # ---------------------------------------------------------------- cancel

@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 DEFAULT_TEMPERATURE = 0.2  # official web demo defaults
 DEFAULT_TOP_P = 0.8
 DEFAULT_MAX_NEW_TOKENS = 2000  # ~2.5 min of interleaved answer
+NUCLEUS_CANDIDATES = 1024  # ids sorted for top-p before falling back to a full-vocabulary sort
 
 
 @dataclass(frozen=True)
@@ -289,10 +290,13 @@ def sample_token(logits: torch.Tensor, temperature: float, top_p: float, generat
     if temperature <= 0:
         return int(logits.argmax())
     probs = torch.softmax(logits / temperature, dim=-1)
-    if top_p < 1.0:
-        sorted_probs, order = probs.sort(descending=True)
-        # keep a token while the mass before it is below top_p; the top token always stays
-        before = sorted_probs.cumsum(0) - sorted_probs
-        sorted_probs[before >= top_p] = 0.0
-        probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
-    return int(torch.multinomial(probs, 1, generator=generator))
+    if top_p >= 1.0:
+        return int(torch.multinomial(probs, 1, generator=generator))
+    # The nucleus almost always lies in the top few hundred ids: sort only those when it does (exact).
+    top_probs, top_ids = probs.topk(min(NUCLEUS_CANDIDATES, probs.numel()))
+    if float(top_probs.sum()) < top_p:
+        top_probs, top_ids = probs.sort(descending=True)
+    # keep a token while the mass before it is below top_p; the top token always stays
+    before = top_probs.cumsum(0) - top_probs
+    top_probs = top_probs.masked_fill(before >= top_p, 0.0)
+    return int(top_ids[torch.multinomial(top_probs, 1, generator=generator)])
