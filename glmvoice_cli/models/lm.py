@@ -50,8 +50,8 @@ class StopReason(str, Enum):
 
 @dataclass(frozen=True)
 class TextPiece:
-    text: str  # may be '' while a multi-byte character is incomplete
-    token_id: int
+    text: str  # may be '' while a multi-byte character is incomplete; a special token gives its name
+    token_id: int  # -1 for the pending bytes flushed at the end of a turn
 
 
 @dataclass(frozen=True)
