@@ -1,0 +1,51 @@
+"""A complete tiny model set (tokenizer/, lm/, decoder/) in the official formats, one audio vocabulary.
+
+Used by `glmvoice selftest` and the end-to-end tests: the LM's audio tokens, the tokenizer's codebook
+and the decoder's embedding all have `codebook` entries, and the audio rows of the LM's output layer
+are boosted so that a random model actually speaks (emits audio tokens) instead of only text.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from .decoder import TinyDecoderSpec, write_tiny_decoder
+from .lm import TinyLMSpec, write_tiny_lm
+from .tokenizer import TinyTokenizerSpec, write_tiny_tokenizer
+
+AUDIO_LOGIT_BOOST = 1.2  # scale of the audio rows of the LM head: a random model then mixes text and audio
+
+
+@dataclass(frozen=True)
+class TinyModelSet:
+    root: Path
+
+    @property
+    def dirs(self) -> dict[str, Path]:
+        return {stage: self.root / stage for stage in ("tokenizer", "lm", "decoder")}
+
+
+def write_tiny_model_set(root: str | Path, codebook: int = 128, seed: int = 0) -> TinyModelSet:
+    """Write tokenizer/, lm/ and decoder/ under `root`; returns their paths."""
+    root = Path(root)
+    write_tiny_tokenizer(root / "tokenizer", TinyTokenizerSpec(codebook=codebook, seed=seed))
+    write_tiny_lm(root / "lm", TinyLMSpec(n_audio_tokens=codebook, seed=seed))
+    _boost_audio_rows(root / "lm", codebook)
+    write_tiny_decoder(root / "decoder", TinyDecoderSpec(vocab_size=codebook, seed=seed))
+    return TinyModelSet(root)
+
+
+def _boost_audio_rows(folder: Path, n_audio: int) -> None:
+    """Scale the output-layer rows of the audio tokens, in place, keeping the official file layout."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    added = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))["added_tokens_decoder"]
+    first = next(int(i) for i, tok in added.items() if tok["content"] == "<|audio_0|>")
+    path = folder / "model.safetensors"
+    weights = load_file(path)
+    head = weights["transformer.output_layer.weight"]
+    head[first : first + n_audio] = (head[first : first + n_audio].float() * AUDIO_LOGIT_BOOST).to(head.dtype)
+    save_file(weights, str(path), metadata={"format": "pt"})
