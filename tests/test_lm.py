@@ -320,3 +320,26 @@ def test_benchmark_quick_smoke(tmp_path: Path) -> None:
     result = json.loads(out.read_text())
     assert result["greedy_ids_match"] is True
     assert result["ours"]["new_tokens"] == result["generate_with_streamer"]["new_tokens"]
+
+
+def test_text_only_never_samples_audio_and_instruction_precedes_speech(tmp_path) -> None:
+    from glmvoice_cli.models.lm import GenerationOptions, VoiceLM
+    from glmvoice_cli.models.prompts import SpeechInput, user_turn_ids
+    from glmvoice_cli.tiny.modelset import write_tiny_model_set
+
+    dirs = write_tiny_model_set(tmp_path / "m", codebook=32).dirs
+    lm = VoiceLM.from_folder(dirs["lm"])
+    tok = lm.tokenizer
+    user = SpeechInput((1, 2, 3), instruction="Transcribe:")
+    ids = user_turn_ids(tok, user)
+    begin = ids.index(tok.token_id("<|begin_of_audio|>"))
+    assert tok.decode(ids[1:begin]) == "\nTranscribe:"
+    assert ids[begin + 1 : begin + 4] == tok.audio_ids([1, 2, 3])
+
+    conv = lm.new_conversation()
+    spoken = [e for e in lm.stream(conv, user, GenerationOptions(max_new_tokens=40, seed=0))]
+    assert any(type(e).__name__ == "AudioTokens" for e in spoken), "the tiny set is built to emit audio"
+    conv = lm.new_conversation()
+    events = list(lm.stream(conv, user, GenerationOptions(max_new_tokens=40, seed=0, text_only=True)))
+    assert not any(type(e).__name__ == "AudioTokens" for e in events)
+    assert not any(tok.is_audio(i) for i in conv.last_output)

@@ -39,6 +39,7 @@ class GenerationOptions:
     top_p: float = DEFAULT_TOP_P  # nucleus mass kept; 1.0 disables
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
     seed: int | None = None  # a fixed seed makes a turn reproducible on the same device
+    text_only: bool = False  # mask the audio tokens out of the logits (transcription: no time spent on speech)
 
 
 class StopReason(str, Enum):
@@ -251,6 +252,9 @@ class VoiceLM:
             if cancel is not None and cancel.is_set():
                 yield from self._finish(conv, text, StopReason.CANCELLED)
                 return
+            if options.text_only:
+                start = self.tokenizer.audio_offset
+                logits[start : start + self.tokenizer.n_audio_tokens] = float("-inf")
             token_id = sample_token(logits, options.temperature, options.top_p, generator)
             if token_id in eos:
                 reason = StopReason.USER if token_id == self.user_id else StopReason.EOS

@@ -45,9 +45,14 @@ class InputMode(str, Enum):
 
 @dataclass(frozen=True)
 class SpeechInput:
-    """A spoken turn: speech-tokenizer indices in [0, n_audio_tokens)."""
+    """A spoken turn: speech-tokenizer indices in [0, n_audio_tokens).
+
+    `instruction`, when set, is a text instruction placed before the speech in the same user turn
+    (how `transcribe` asks for a transcript); a spoken chat turn has none.
+    """
 
     audio_tokens: tuple[int, ...]
+    instruction: str | None = None
 
     @property
     def mode(self) -> InputMode:
@@ -84,7 +89,7 @@ def user_turn_ids(tokenizer: TextTokenizer, user: UserInput) -> list[int]:
     """
     ids = [tokenizer.token_id(USER)]
     if isinstance(user, SpeechInput):
-        ids += tokenizer.encode("\n")
+        ids += tokenizer.encode("\n" + (user.instruction or ""))
         ids += [tokenizer.token_id(BEGIN_OF_AUDIO), *tokenizer.audio_ids(list(user.audio_tokens))]
         ids.append(tokenizer.token_id(END_OF_AUDIO))
     else:
