@@ -18,6 +18,8 @@ from typer.core import TyperGroup
 from . import __version__
 from .commands import devices as _devices
 from .commands import tokenize as _tokenize
+from .commands import transcribe as _transcribe
+from .commands import tts as _tts
 from .commands.models import models_app
 from .errors import GlmVoiceError
 
@@ -79,6 +81,8 @@ def _root(
         os.environ[_DEBUG_ENV] = "1"
 
 
+app.command("tts")(_tts.tts)
+app.command("transcribe")(_transcribe.transcribe)
 app.command("tokenize")(_tokenize.tokenize)
 app.command("devices")(_devices.devices)
 app.add_typer(models_app, name="models")

@@ -1,0 +1,32 @@
+"""Options shared by the commands that load models (types only: nothing heavy is imported)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+ModelsOpt = Annotated[Optional[Path], typer.Option(
+    "--models", help="A folder holding tokenizer/, lm/ and decoder/ (default: the download cache).")]
+TokenizerOpt = Annotated[Optional[Path], typer.Option("--tokenizer", help="Speech tokenizer folder.")]
+LmOpt = Annotated[Optional[Path], typer.Option("--lm", help="Language model folder (glm-4-voice-9b).")]
+DecoderOpt = Annotated[Optional[Path], typer.Option("--decoder", help="Speech decoder folder.")]
+DeviceOpt = Annotated[Optional[str], typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.")]
+DtypeOpt = Annotated[Optional[str], typer.Option(
+    "--dtype", help="Language model precision: auto (bf16 on CUDA, else fp32), fp32, bf16 or fp16.")]
+QuantizeOpt = Annotated[Optional[int], typer.Option(
+    "--quantize", help="Load the language model in 4 or 8 bits (CUDA, needs glmvoice[quant]).")]
+MaxTokensOpt = Annotated[Optional[int], typer.Option(
+    "--max-new-tokens", min=1, help="Cap on generated tokens per answer (or per piece / window).")]
+SeedOpt = Annotated[Optional[int], typer.Option("--seed", help="Seed for sampling and the decoder's noise.")]
+
+
+def load_assistant(stages: tuple[str, ...], *, models: Path | None, overrides: dict[str, Path | None],
+                   device: str | None, dtype: str | None, quantize: int | None = None, seed: int | None = None):
+    """Find (or offer to fetch) the stages' folders and load them."""
+    from ..pipeline import Assistant, LoadSettings
+    from .models import ensure_models
+
+    dirs = ensure_models(stages, models=models, overrides=overrides)
+    return Assistant.load(dirs, LoadSettings(device=device, dtype=dtype, quantize_bits=quantize, seed=seed))

@@ -1,0 +1,54 @@
+"""`glmvoice transcribe`: speech files to text with the language model, one model load for all."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from .common import DeviceOpt, DtypeOpt, LmOpt, MaxTokensOpt, ModelsOpt, QuantizeOpt, TokenizerOpt, load_assistant
+
+
+def transcribe(
+    files: Annotated[list[Path], typer.Argument(help="Audio files (wav, flac, ogg, mp3; any rate or channels).")],
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object per file: file, text, seconds, "
+                                          "tokens, timings.")] = False,
+    prompt: Annotated[Optional[str], typer.Option(help="Replace the transcription instruction.")] = None,
+    window: Annotated[float, typer.Option(min=1.0, help="Seconds of audio per model call.")] = 30.0,
+    models: ModelsOpt = None, tokenizer: TokenizerOpt = None, lm: LmOpt = None,
+    device: DeviceOpt = None, dtype: DtypeOpt = None, quantize: QuantizeOpt = None,
+    max_new_tokens: MaxTokensOpt = None,
+) -> None:
+    """Transcribe each FILE with GLM-4-Voice (the speech plus an instruction, text-only output)."""
+    from rich.console import Console
+
+    from ..audio.io import load_audio
+    from ..transcribe import TRANSCRIBE_MAX_NEW_TOKENS
+    from ..transcribe import transcribe as run
+
+    err = Console(stderr=True)
+    audios = [load_audio(f) for f in files]  # every file is checked before the models load
+    start = time.perf_counter()
+    assistant = load_assistant(("tokenizer", "lm"), models=models, overrides={"tokenizer": tokenizer, "lm": lm},
+                               device=device, dtype=dtype, quantize=quantize)
+    load_s = time.perf_counter() - start
+    for path, audio in zip(files, audios):
+        for warning in audio.warnings:
+            err.print(f"[yellow]warning:[/] {warning}", highlight=False)
+        with err.status(f"transcribing {path.name}") as status:
+            def progress(done: int, total: int) -> None:
+                status.update(f"transcribing {path.name}: window {done}/{total}")
+
+            result = run(assistant, audio.samples, prompt=prompt, window_s=window,
+                         max_new_tokens=max_new_tokens or TRANSCRIBE_MAX_NEW_TOKENS, on_window=progress)
+        if as_json:
+            typer.echo(json.dumps({"file": str(path), "text": result.text, "seconds": round(result.seconds, 3),
+                                   "tokens": result.speech_tokens, "generated_tokens": result.generated_tokens,
+                                   "timings": {"load_s": round(load_s, 3), **result.timings}}, ensure_ascii=False))
+        elif len(files) == 1:
+            typer.echo(result.text)
+        else:
+            typer.echo(f"{path}: {result.text}")

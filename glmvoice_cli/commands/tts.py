@@ -1,0 +1,121 @@
+"""`glmvoice tts`: speak a text with GLM-4-Voice, streamed to the speaker and/or written to a file."""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from ..errors import UsageError
+from ..instructions import DIALECTS, EMOTIONS, SPEEDS
+from .common import (DecoderOpt, DeviceOpt, DtypeOpt, LmOpt, MaxTokensOpt, ModelsOpt, QuantizeOpt, SeedOpt,
+                     load_assistant)
+
+DRAIN_POLL_S = 0.05  # how often to check that the speaker has played everything
+
+
+def tts(
+    text: Annotated[Optional[str], typer.Argument(help="Text to speak; '-' or nothing reads stdin.")] = None,
+    file: Annotated[Optional[Path], typer.Option("--file", "-f", help="Read the text from this file.")] = None,
+    output: Annotated[Optional[Path], typer.Option(
+        "--output", "-o", help="Write the speech here (.wav, .flac, .ogg; '-' = WAV on stdout).")] = None,
+    play: Annotated[bool, typer.Option("--play", help="Also play it (the default when no -o is given).")] = False,
+    emotion: Annotated[str, typer.Option(help=f"One of: {', '.join(EMOTIONS)}.")] = "neutral",
+    speed: Annotated[str, typer.Option(help=f"One of: {', '.join(SPEEDS)}.")] = "normal",
+    dialect: Annotated[str, typer.Option(help=f"One of: {', '.join(DIALECTS)}.")] = "mandarin",
+    instruction: Annotated[Optional[str], typer.Option(
+        help="Your own instruction instead of the template; '{text}' marks where the text goes.")] = None,
+    output_device: Annotated[Optional[str], typer.Option(help="Speaker name or index (see glmvoice devices).")
+                             ] = None,
+    models: ModelsOpt = None, lm: LmOpt = None, decoder: DecoderOpt = None,
+    device: DeviceOpt = None, dtype: DtypeOpt = None, quantize: QuantizeOpt = None,
+    max_new_tokens: MaxTokensOpt = None, seed: SeedOpt = None,
+) -> None:
+    """Speak TEXT with GLM-4-Voice, in the chosen emotion, speed and dialect (long texts go sentence by sentence)."""
+    from ..instructions import SpeakingStyle
+
+    style = SpeakingStyle(emotion=emotion, speed=speed, dialect=dialect)
+    words = _read_text(text, file)
+    _check_output(output)
+    speaker = _open_speaker(output_device) if play or output is None else None
+    try:
+        assistant = load_assistant(("lm", "decoder"), models=models, overrides={"lm": lm, "decoder": decoder},
+                                   device=device, dtype=dtype, quantize=quantize, seed=seed)
+        _run(assistant, words, style, instruction, output, speaker, max_new_tokens, seed)
+    finally:
+        if speaker is not None:
+            speaker.close()
+
+
+def _run(assistant, words, style, instruction, output, speaker, max_new_tokens, seed) -> None:  # type: ignore[no-untyped-def]
+    """Stream the events: text to the console, audio to the speaker; the file is written even on Ctrl-C."""
+    import numpy as np
+
+    from ..audio.io import write_audio
+    from ..events import AudioChunk, TextDelta
+    from ..models.lm import GenerationOptions
+    from ..speak import TTS_MAX_NEW_TOKENS, speak
+
+    echo = sys.stderr if str(output) == "-" else sys.stdout
+    options = GenerationOptions(max_new_tokens=max_new_tokens or TTS_MAX_NEW_TOKENS, seed=seed)
+    chunks: list[np.ndarray] = []
+    cancel = threading.Event()
+    try:
+        for event in speak(assistant, words, style, instruction, options, cancel):
+            if isinstance(event, TextDelta):
+                echo.write(event.text)
+                echo.flush()
+            elif isinstance(event, AudioChunk):
+                chunks.append(event.samples)
+                if speaker is not None:
+                    speaker.write(event.samples)
+        echo.write("\n")
+    finally:  # Ctrl-C included: keep what was spoken so far
+        rate = assistant.decoder.sample_rate
+        if output is not None:
+            write_audio(output, np.concatenate(chunks) if chunks else np.zeros(0, np.float32), rate)
+    if speaker is not None:
+        while speaker.pending > 0:
+            time.sleep(DRAIN_POLL_S)
+
+
+def _read_text(text: str | None, file: Path | None) -> str:
+    if file is not None:
+        if text is not None:
+            raise UsageError("give the text either as an argument or with --file, not both")
+        try:
+            words = file.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise UsageError(f"cannot read text file {file}: {e}") from e
+    elif text is None or text == "-":
+        if sys.stdin is None or sys.stdin.isatty():
+            raise UsageError('no text: pass it as an argument, with --file, or on stdin (glmvoice tts "Hello")')
+        words = sys.stdin.read()
+    else:
+        words = text
+    if not words.strip():
+        raise UsageError("the text to speak is empty")
+    return words.strip()
+
+
+def _check_output(output: Path | None) -> None:
+    """Fail before generating, not after, on an output path that cannot be written."""
+    from ..audio.io import WRITE_FORMATS
+
+    if output is None or str(output) == "-":
+        return
+    if output.suffix.lower() not in WRITE_FORMATS:
+        raise UsageError(f"cannot write {output}: use one of {', '.join(WRITE_FORMATS)} (or - for stdout)")
+    if not output.parent.exists():
+        raise UsageError(f"cannot write {output}: folder {output.parent} does not exist")
+
+
+def _open_speaker(device: str | None):  # type: ignore[no-untyped-def]
+    from ..audio.devices import Speaker
+
+    spec: int | str | None = int(device) if device and device.isdigit() else device
+    return Speaker(spec)

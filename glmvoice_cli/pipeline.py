@@ -1,0 +1,131 @@
+"""The three stages composed, without threads or I/O: speech or text in, events out.
+
+    16 kHz samples -> SpeechTokenizer -> VoiceLM.stream -> AudioDecoder.push/flush -> AudioChunk events
+
+`Assistant.respond` is a generator: it yields TextDelta and AudioChunk events as the language model
+samples and the decoder completes blocks, then one TurnEnded with the turn's timings. The chat engine
+runs it in a worker thread; `tts` and `transcribe` iterate it directly.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from .events import AudioChunk, TextDelta, TurnEnded, TurnTimings
+
+if TYPE_CHECKING:
+    from .models.lm import Conversation, GenerationOptions, VoiceLM
+    from .models.prompts import SpeechInput, UserInput
+    from .synth import AudioDecoder
+    from .tokenizer import SpeechTokenizer
+
+STAGE_ORDER = ("tokenizer", "lm", "decoder")
+
+
+@dataclass(frozen=True)
+class LoadSettings:
+    device: str | None = None  # auto: cuda > mps > cpu
+    dtype: str | None = None  # the language model's; auto: bf16 on CUDA, fp32 elsewhere
+    quantize_bits: int | None = None  # 4 or 8 (CUDA, bitsandbytes)
+    seed: int | None = None  # the decoder's noise seed
+
+
+@dataclass
+class StageTimes:
+    """Seconds spent loading each stage, for `selftest` and `doctor`."""
+
+    load: dict[str, float]
+
+
+class Assistant:
+    """The loaded stages a command needs (any of them may be absent when not needed)."""
+
+    def __init__(self, lm: VoiceLM, tokenizer: SpeechTokenizer | None = None,
+                 decoder: AudioDecoder | None = None) -> None:
+        self.lm, self.tokenizer, self.decoder = lm, tokenizer, decoder
+        self.load_seconds: dict[str, float] = {}
+
+    @classmethod
+    def load(cls, dirs: dict[str, Path], settings: LoadSettings = LoadSettings()) -> Assistant:
+        """Load the stages named in `dirs` (keys among tokenizer, lm, decoder); lm is required."""
+        from .models.decoder_checkpoint import load_decoder
+        from .models.device import pick_device
+        from .models.lm import VoiceLM
+        from .models.lm_checkpoint import LoadOptions
+        from .synth import AudioDecoder
+        from .tokenizer import SpeechTokenizer
+
+        device = pick_device(settings.device)
+        seconds: dict[str, float] = {}
+        loaded: dict[str, object] = {}
+        for stage in STAGE_ORDER:
+            if stage not in dirs:
+                continue
+            start = time.perf_counter()
+            if stage == "tokenizer":
+                loaded[stage] = SpeechTokenizer.from_pretrained(dirs[stage], device=str(device))
+            elif stage == "lm":
+                options = LoadOptions(device=str(device), dtype=settings.dtype, quantize_bits=settings.quantize_bits)
+                loaded[stage] = VoiceLM.from_folder(dirs[stage], options)
+            else:
+                loaded[stage] = AudioDecoder(load_decoder(dirs[stage], device), seed=settings.seed)
+            seconds[stage] = time.perf_counter() - start
+        assistant = cls(loaded["lm"], loaded.get("tokenizer"), loaded.get("decoder"))  # type: ignore[arg-type]
+        assistant.load_seconds = seconds
+        return assistant
+
+    def hear(self, samples: np.ndarray) -> SpeechInput:
+        """A spoken turn from 16 kHz mono samples."""
+        from .models.prompts import SpeechInput
+
+        if self.tokenizer is None:
+            raise RuntimeError("this assistant was loaded without a speech tokenizer")
+        return SpeechInput(tuple(self.tokenizer.encode([samples])[0]))
+
+    def respond(self, conv: Conversation, user: UserInput, options: GenerationOptions | None = None,
+                cancel: threading.Event | None = None, speak: bool = True) -> Iterator[TextDelta | AudioChunk | TurnEnded]:
+        """Stream the answer to one turn: text pieces and decoded audio blocks, then TurnEnded."""
+        from .models.lm import AudioTokens, StopReason, TextPiece, TurnEnd
+
+        speak = speak and self.decoder is not None
+        state = self.decoder.new_state() if speak else None
+        start = time.perf_counter()
+        timings = TurnTimings()
+        audio_seconds = 0.0
+        for event in self.lm.stream(conv, user, options, cancel):
+            if timings.first_token_s is None and not isinstance(event, TurnEnd):
+                timings = replace(timings, first_token_s=time.perf_counter() - start)
+            if isinstance(event, TextPiece):
+                if event.text:
+                    yield TextDelta(event.text)
+            elif isinstance(event, AudioTokens):
+                if state is not None:
+                    for chunk in self.decoder.push(state, event.indices):  # type: ignore[union-attr]
+                        if timings.first_audio_s is None:
+                            timings = replace(timings, first_audio_s=time.perf_counter() - start)
+                        audio_seconds += len(chunk) / self.decoder.sample_rate  # type: ignore[union-attr]
+                        yield AudioChunk(chunk, self.decoder.sample_rate)  # type: ignore[union-attr]
+            elif isinstance(event, TurnEnd):
+                cut = event.reason == StopReason.CANCELLED
+                if state is not None and not cut:
+                    tail = self.decoder.flush(state)  # type: ignore[union-attr]
+                    if len(tail):
+                        if timings.first_audio_s is None:
+                            timings = replace(timings, first_audio_s=time.perf_counter() - start)
+                        audio_seconds += len(tail) / self.decoder.sample_rate  # type: ignore[union-attr]
+                        yield AudioChunk(tail, self.decoder.sample_rate)  # type: ignore[union-attr]
+                elapsed = time.perf_counter() - start
+                rtf = elapsed / audio_seconds if audio_seconds else None
+                timings = replace(timings, tokens=event.n_generated, real_time_factor=rtf)
+                yield TurnEnded(interrupted=cut, reason=_REASONS.get(event.reason.value, event.reason.value),
+                                timings=timings)
+
+
+_REASONS = {"user": "done", "eos": "done", "max_tokens": "max_tokens", "cancelled": "cancelled"}

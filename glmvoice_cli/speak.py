@@ -1,0 +1,36 @@
+"""Text to speech with the chat model itself: GLM-4-Voice speaks a text when instructed to.
+
+The text is split at sentence boundaries; each piece is a fresh text turn carrying the speaking
+instruction (see `instructions.py`), and the pieces' events are yielded in order.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from dataclasses import replace
+
+from .events import AudioChunk, TextDelta, TurnEnded
+from .instructions import SpeakingStyle, build_instruction, split_sentences
+from .models.lm import GenerationOptions
+from .models.prompts import TextInput
+from .pipeline import Assistant
+
+MAX_PIECE_CHARS = 200  # characters per spoken piece: long enough for prosody, short enough to start soon
+TTS_MAX_NEW_TOKENS = 1200  # per piece: ~200 characters of interleaved text and speech, with room to spare
+
+
+def speak(assistant: Assistant, text: str, style: SpeakingStyle = SpeakingStyle(), template: str | None = None,
+          options: GenerationOptions | None = None, cancel: threading.Event | None = None,
+          ) -> Iterator[TextDelta | AudioChunk | TurnEnded]:
+    """Events of the spoken `text`, piece after piece; stops early when `cancel` is set."""
+    options = options or GenerationOptions(max_new_tokens=TTS_MAX_NEW_TOKENS)
+    for index, piece in enumerate(split_sentences(text, MAX_PIECE_CHARS)):
+        if cancel is not None and cancel.is_set():
+            return
+        if index:
+            yield TextDelta(" ")
+        seed = None if options.seed is None else options.seed + index
+        conv = assistant.lm.new_conversation()
+        user = TextInput(build_instruction(piece, style, template))
+        yield from assistant.respond(conv, user, replace(options, seed=seed), cancel)

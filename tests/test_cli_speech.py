@@ -1,0 +1,152 @@
+"""`glmvoice tts` and `glmvoice transcribe` end to end on a tiny random model set."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+from typer.testing import CliRunner
+
+from glmvoice_cli.cli import app
+from glmvoice_cli.tiny.modelset import write_tiny_model_set
+
+runner = CliRunner()
+FAST = ["--max-new-tokens", "30", "--seed", "1"]
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_tiny_model_set(tmp_path_factory.mktemp("models"), codebook=64).root
+
+
+@pytest.fixture()
+def speech(tmp_path: Path) -> Path:
+    t = np.arange(int(2.5 * 16_000)) / 16_000
+    path = tmp_path / "speech.wav"
+    sf.write(path, 0.3 * np.sin(2 * np.pi * 220 * t) * np.sin(2 * np.pi * 2 * t), 16_000)
+    return path
+
+
+def test_tts_writes_speech_and_prints_text(models: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out.wav"
+    result = runner.invoke(app, ["tts", "Hello there. How are you?", "--models", str(models), "-o", str(out), *FAST])
+    assert result.exit_code == 0, result.output
+    audio, rate = sf.read(out)
+    assert rate == 22_050 and len(audio) > 0 and np.abs(audio).max() > 0
+    assert result.stdout.endswith("\n")
+
+
+def test_tts_reads_stdin_and_writes_wav_to_stdout(models: Path) -> None:
+    result = runner.invoke(app, ["tts", "-", "--models", str(models), "-o", "-", *FAST], input="Hi from stdin.")
+    assert result.exit_code == 0, result.output
+    audio, rate = sf.read(io.BytesIO(result.stdout_bytes))
+    assert rate == 22_050 and len(audio) > 0
+
+
+def test_tts_reads_a_file_and_styles(models: Path, tmp_path: Path) -> None:
+    text = tmp_path / "t.txt"
+    text.write_text("今天天气很好。我们去公园吧。")
+    out = tmp_path / "o.flac"
+    result = runner.invoke(app, ["tts", "--file", str(text), "--emotion", "happy", "--speed", "slow",
+                                 "--dialect", "cantonese", "--models", str(models), "-o", str(out), *FAST])
+    assert result.exit_code == 0, result.output
+    assert sf.info(out).format == "FLAC"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["tts", "", "-o", "x.wav"], "empty"),
+    (["tts", "hi", "-o", "x.mp4"], "use one of"),
+    (["tts", "hi", "-o", "/no/such/dir/x.wav"], "does not exist"),
+    (["tts", "hi", "--emotion", "grumpy", "-o", "x.wav"], "unknown emotion"),
+    (["tts", "hi", "--file", "nofile.txt"], "not both"),
+])
+def test_tts_bad_input_is_one_line(models: Path, args: list[str], message: str) -> None:
+    result = runner.invoke(app, [*args, "--models", str(models)])
+    assert result.exit_code == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], result.stderr
+
+
+def test_tts_missing_models_names_the_fetch_command(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["tts", "hi", "-o", str(tmp_path / "x.wav")])
+    assert result.exit_code != 0
+    assert "glmvoice models download" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_tts_without_audio_output_device_is_one_line(models: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import glmvoice_cli.audio.devices as devices
+
+    def no_portaudio():  # as on a machine without libportaudio2
+        raise devices.AudioDeviceError("PortAudio library not found (install it: apt install libportaudio2)")
+
+    monkeypatch.setattr(devices, "import_sounddevice", no_portaudio)
+    result = runner.invoke(app, ["tts", "hi", "--models", str(models)])
+    assert result.exit_code == 4
+    assert "PortAudio" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_tts_plays_on_the_speaker(models: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from glmvoice_cli.audio.fakes import RecordingSink
+    from glmvoice_cli.commands import tts as tts_cmd
+
+    sink = RecordingSink()
+    monkeypatch.setattr(tts_cmd, "_open_speaker", lambda device: sink)
+    result = runner.invoke(app, ["tts", "Play me.", "--models", str(models), *FAST])
+    assert result.exit_code == 0, result.output
+    assert sink.pending == 0 and sink.played > 0
+
+
+def test_tts_ctrl_c_keeps_what_was_spoken(models: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import glmvoice_cli.speak as speak_mod
+    from glmvoice_cli.events import AudioChunk
+
+    def interrupted(*args, **kwargs):
+        yield AudioChunk(np.full(2205, 0.25, np.float32))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(speak_mod, "speak", interrupted)
+    out = tmp_path / "partial.wav"
+    result = runner.invoke(app, ["tts", "Long text.", "--models", str(models), "-o", str(out), *FAST])
+    assert result.exit_code == 130 and "interrupted" in result.stderr
+    audio, _ = sf.read(out)
+    assert len(audio) == 2205
+
+
+def test_transcribe_json_and_plain(models: Path, speech: Path, tmp_path: Path) -> None:
+    other = tmp_path / "other.flac"
+    sf.write(other, np.zeros(8000), 8000)
+    result = runner.invoke(app, ["transcribe", str(speech), str(other), "--models", str(models), "--json",
+                                 "--max-new-tokens", "12"])
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [r["file"] for r in rows] == [str(speech), str(other)]
+    assert rows[0]["seconds"] == 2.5 and rows[0]["tokens"] == 32  # ceil(2.5 s * 12.5)
+    assert all(0 < r["generated_tokens"] <= 12 and isinstance(r["text"], str) for r in rows)
+    assert set(rows[0]["timings"]) == {"load_s", "tokenize_s", "generate_s"}
+    plain = runner.invoke(app, ["transcribe", str(speech), "--models", str(models), "--max-new-tokens", "12"])
+    assert plain.exit_code == 0 and plain.stdout.strip() == rows[0]["text"].strip()
+
+
+def test_transcribe_cuts_long_audio_into_windows(models: Path) -> None:
+    from glmvoice_cli.pipeline import Assistant
+    from glmvoice_cli.tiny.modelset import TinyModelSet
+    from glmvoice_cli.transcribe import transcribe
+
+    dirs = TinyModelSet(models).dirs
+    assistant = Assistant.load({"tokenizer": dirs["tokenizer"], "lm": dirs["lm"]})
+    seen: list[tuple[int, int]] = []
+    samples = np.random.default_rng(0).standard_normal(16_000 * 25).astype(np.float32) * 0.1
+    result = transcribe(assistant, samples, window_s=10, max_new_tokens=4, on_window=lambda d, t: seen.append((d, t)))
+    assert seen == [(1, 3), (2, 3), (3, 3)]
+    assert result.speech_tokens == 125 + 125 + 63 and result.generated_tokens <= 12
+
+
+def test_transcribe_bad_file_is_one_line(models: Path, tmp_path: Path) -> None:
+    bad = tmp_path / "bad.wav"
+    bad.write_text("nope")
+    result = runner.invoke(app, ["transcribe", str(bad), "--models", str(models)])
+    assert result.exit_code == 2 and "not a readable audio file" in result.stderr
