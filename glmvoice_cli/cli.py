@@ -17,6 +17,7 @@ from typer.core import TyperGroup
 
 from . import __version__
 from .commands import devices as _devices
+from .commands import diagnostics as _diagnostics
 from .commands import tokenize as _tokenize
 from .commands import transcribe as _transcribe
 from .commands import tts as _tts
@@ -86,6 +87,8 @@ app.command("transcribe")(_transcribe.transcribe)
 app.command("tokenize")(_tokenize.tokenize)
 app.command("devices")(_devices.devices)
 app.add_typer(models_app, name="models")
+app.command("doctor")(_diagnostics.doctor)
+app.command("selftest")(_diagnostics.selftest)
 
 
 

@@ -1,0 +1,59 @@
+"""`glmvoice doctor` and `glmvoice selftest`: is this machine ready, and does the pipeline work."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+STATUS_STYLE = {"ok": "green", "warn": "yellow", "fail": "red"}
+
+
+def doctor() -> None:
+    """Check versions, device and memory, audio devices, models and settings, with a fix for each problem."""
+    from rich.console import Console
+    from rich.markup import escape
+
+    from ..doctor import FAIL, run_checks
+
+    checks = run_checks()
+    console = Console(soft_wrap=True, highlight=False)  # one line per check: long paths stay whole
+    for c in checks:
+        console.print(f"[{STATUS_STYLE[c.status]}]{c.status:<5}[/] {c.area:<17} {escape(c.detail)}")
+        if c.fix and c.status != "ok":
+            console.print(f"{'':23}[bold]->[/] {escape(c.fix)}")
+    failed = [c for c in checks if c.status == FAIL]
+    if failed:
+        typer.secho(f"{len(failed)} problem(s) found: see 'what to do' above", err=True, fg=typer.colors.RED)
+        raise typer.Exit(1)
+
+
+def selftest(
+    keep: Annotated[Optional[Path], typer.Option(
+        "--keep", help="Leave the tiny model set here, so that --models DIR works with every command.")] = None,
+) -> None:
+    """Run tokenize, decode, tts and transcribe end to end on tiny random models (offline, no audio devices)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from ..selftest import Step, run_selftest
+
+    console = Console()
+
+    def show(step: Step) -> None:
+        console.print(f"[green]ok[/] {step.name:<18} {step.seconds:6.2f} s  {step.detail}", highlight=False)
+
+    if keep is not None:
+        keep.mkdir(parents=True, exist_ok=True)
+        steps = run_selftest(keep, show)
+    else:
+        with tempfile.TemporaryDirectory(prefix="glmvoice-selftest-") as tmp:
+            steps = run_selftest(Path(tmp), show)
+    table = Table("stage", "seconds", box=None)
+    for step in steps:
+        table.add_row(step.name, f"{step.seconds:.2f}")
+    table.add_row("[bold]total[/]", f"[bold]{sum(s.seconds for s in steps):.2f}[/]")
+    console.print(table)
+    console.print("selftest passed" + (f"; models kept in {keep} (use --models {keep})" if keep else ""))

@@ -1,0 +1,104 @@
+"""`glmvoice selftest`: the whole pipeline on a tiny random model set, offline, without audio hardware.
+
+It writes tokenizer/, lm/ and decoder/ in the official formats, loads them with the real loaders and
+runs every user-facing path (tokenize, decode, tts, transcribe) end to end, timing each step. Random
+weights say nothing about quality; a pass says the install, the loaders and the plumbing work.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import GlmVoiceError
+
+SELFTEST_CODEBOOK = 64  # audio vocabulary shared by the three tiny stages
+SELFTEST_MAX_NEW_TOKENS = 40  # generation cap: the random model never ends a turn by itself
+SELFTEST_TEXT = "Hello! This is the glmvoice self test."
+
+
+class SelftestError(GlmVoiceError):
+    """A selftest step failed; the message names the step."""
+
+
+@dataclass(frozen=True)
+class Step:
+    name: str
+    seconds: float
+    detail: str
+
+
+class _Recorder:
+    def __init__(self, report: Callable[[Step], None] | None) -> None:
+        self.steps: list[Step] = []
+        self.report = report
+
+    @contextmanager
+    def step(self, name: str) -> Iterator[list[str]]:
+        detail: list[str] = []
+        start = time.perf_counter()
+        try:
+            yield detail
+        except GlmVoiceError as e:
+            raise SelftestError(f"selftest failed at '{name}': {e}") from e
+        except Exception as e:  # the point of a selftest is to say where things break
+            raise SelftestError(f"selftest failed at '{name}': {type(e).__name__}: {e}") from e
+        step = Step(name, time.perf_counter() - start, " ".join(detail))
+        self.steps.append(step)
+        if self.report:
+            self.report(step)
+
+
+def run_selftest(root: Path, report: Callable[[Step], None] | None = None) -> list[Step]:
+    """Run every step with models written under `root`; returns the timed steps."""
+    from .audio.io import resample, write_audio
+    from .config import SAMPLE_RATE_IN
+    from .events import AudioChunk, TextDelta
+    from .models.lm import GenerationOptions
+    from .pipeline import Assistant
+    from .speak import speak
+    from .tiny.modelset import write_tiny_model_set
+    from .transcribe import transcribe
+
+    rec = _Recorder(report)
+    with rec.step("write tiny models") as d:
+        dirs = write_tiny_model_set(root, codebook=SELFTEST_CODEBOOK).dirs
+        d.append(f"official formats in {root}")
+    with rec.step("load models") as d:
+        assistant = Assistant.load(dirs)
+        d.append(", ".join(f"{k} {v:.2f} s" for k, v in assistant.load_seconds.items()))
+    t = np.arange(2 * SAMPLE_RATE_IN) / SAMPLE_RATE_IN
+    probe = (0.3 * np.sin(2 * np.pi * 200 * t) * np.sin(2 * np.pi * 3 * t)).astype(np.float32)
+    with rec.step("tokenize") as d:
+        tokens = assistant.tokenizer.encode([probe])[0]  # type: ignore[union-attr]
+        _expect(len(tokens) == 25, f"2 s of audio gave {len(tokens)} tokens, expected 25")
+        d.append(f"2.0 s -> {len(tokens)} tokens")
+    with rec.step("decode") as d:
+        wave = assistant.decoder.decode(tokens)  # type: ignore[union-attr]
+        _expect(len(wave) > 0 and bool(np.isfinite(wave).all()), "no finite audio decoded")
+        d.append(f"{len(tokens)} tokens -> {len(wave) / assistant.decoder.sample_rate:.2f} s")  # type: ignore[union-attr]
+    with rec.step("tts") as d:
+        options = GenerationOptions(max_new_tokens=SELFTEST_MAX_NEW_TOKENS, seed=0)
+        events = list(speak(assistant, SELFTEST_TEXT, options=options))
+        chunks = [e.samples for e in events if isinstance(e, AudioChunk)]
+        text = "".join(e.text for e in events if isinstance(e, TextDelta))
+        _expect(bool(chunks), "the model produced no audio")
+        speech = np.concatenate(chunks)
+        rate = assistant.decoder.sample_rate  # type: ignore[union-attr]
+        write_audio(root / "selftest_tts.wav", speech, rate)
+        d.append(f"{len(speech) / rate:.2f} s of speech, {len(text)} characters of text")
+    with rec.step("transcribe") as d:
+        result = transcribe(assistant, resample(speech, rate, SAMPLE_RATE_IN), max_new_tokens=16)
+        _expect(result.generated_tokens > 0, "no text generated")
+        d.append(f"{result.seconds:.2f} s -> {result.generated_tokens} text tokens")
+    return rec.steps
+
+
+def _expect(condition: bool, message: str) -> None:
+    if not condition:
+        raise SelftestError(message)

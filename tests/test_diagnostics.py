@@ -1,0 +1,76 @@
+"""`glmvoice selftest` and `glmvoice doctor`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from glmvoice_cli.cli import app
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def kept(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("selftest")
+    result = runner.invoke(app, ["selftest", "--keep", str(folder)])
+    assert result.exit_code == 0, result.output
+    assert "selftest passed" in result.stdout
+    for step in ("write tiny models", "load models", "tokenize", "decode", "tts", "transcribe", "total"):
+        assert step in result.stdout
+    return folder
+
+
+def test_selftest_keep_gives_a_model_set_every_command_uses(kept: Path, tmp_path: Path) -> None:
+    assert {p.name for p in kept.iterdir()} >= {"tokenizer", "lm", "decoder", "selftest_tts.wav"}
+    tok = runner.invoke(app, ["tokenize", str(kept / "selftest_tts.wav"), "--models", str(kept)])
+    assert tok.exit_code == 0 and len(tok.stdout.split()) > 0, tok.output
+    tts = runner.invoke(app, ["tts", "Hi.", "--models", str(kept), "-o", str(tmp_path / "a.wav"),
+                              "--max-new-tokens", "20"])
+    assert tts.exit_code == 0, tts.output
+
+
+def test_selftest_without_keep_cleans_up(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", None)
+    result = runner.invoke(app, ["selftest"])
+    assert result.exit_code == 0, result.output
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_selftest_failure_names_the_step(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import glmvoice_cli.transcribe as transcribe_mod
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(transcribe_mod, "transcribe", broken)
+    result = runner.invoke(app, ["selftest", "--keep", str(tmp_path)])
+    assert result.exit_code == 1
+    assert result.stderr.strip() == "error: selftest failed at 'transcribe': RuntimeError: boom"
+
+
+def test_doctor_reports_models_and_missing_audio(kept: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import glmvoice_cli.audio.devices as devices
+
+    monkeypatch.setenv("GLMVOICE_MODELS", str(kept))
+    monkeypatch.setattr(devices, "import_sounddevice", lambda: (_ for _ in ()).throw(
+        devices.AudioDeviceError("PortAudio library not found")))
+    result = runner.invoke(app, ["doctor"])
+    assert result.exit_code == 1  # no audio devices is a problem for chat
+    out = result.stdout
+    for stage in ("tokenizer", "lm", "decoder"):
+        line = next(line for line in out.splitlines() if f"model {stage}" in line)
+        assert line.startswith("ok") and "GLMVOICE_MODELS" in line
+    assert "PortAudio library not found" in out and "torch" in out
+
+
+def test_doctor_names_the_download_command(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GLMVOICE_MODELS", str(tmp_path / "empty"))
+    result = runner.invoke(app, ["doctor"])
+    assert result.exit_code == 1
+    assert "glmvoice models download lm" in result.stdout
