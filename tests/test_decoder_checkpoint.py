@@ -35,7 +35,8 @@ def test_tiny_roundtrip(tiny_dir: Path) -> None:
     assert models.config.flow.vocab_size == 48
     assert models.flow.input_embedding.weight.shape[0] == 48
     assert not models.flow.training and not models.hift.training
-    assert all(m.folded is not None for m in models.hift.modules() if hasattr(m, "folded"))
+    assert all(m.folded for m in models.hift.modules() if hasattr(m, "folded"))
+    assert not any(k.endswith(("weight_g", "weight_v")) for k in models.hift.state_dict())
 
 
 def test_config_values_and_yaml11_float() -> None:

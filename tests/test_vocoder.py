@@ -48,10 +48,13 @@ def test_weight_norm_fold() -> None:
         conv.weight_g.uniform_(0.5, 2.0)
     x = torch.randn(1, 4, 10)
     unfolded = conv(x)
-    conv.fold()
+    assert conv.weight_g is not None and conv.weight_v is not None
     manual = conv.weight_g * conv.weight_v / conv.weight_v.norm(dim=(1, 2), keepdim=True)
-    torch.testing.assert_close(conv.folded, manual)
+    conv.fold()
+    assert conv.folded and conv.weight is not None
+    torch.testing.assert_close(conv.weight, manual)
     assert torch.equal(conv(x), unfolded)
+    assert sorted(conv.state_dict()) == ["bias", "weight"]
 
 
 def test_transposed_weight_norm_dim0_is_input_channels() -> None:

@@ -25,25 +25,44 @@ MAX_MAGNITUDE = 100.0  # spectral magnitude clip before the iSTFT
 
 
 class WNConv1d(nn.Module):
-    """Conv1d (or ConvTranspose1d) with old-style weight norm: w = g * v / ||v|| (norm over dims != 0)."""
+    """Conv1d (or ConvTranspose1d) with old-style weight norm: w = g * v / ||v|| (norm over dims != 0).
+
+    Loads the published `weight_g`/`weight_v`; `fold()` then replaces them by the plain `weight`
+    (like torch's remove_weight_norm), so inference holds one copy and skips the norm.
+    """
+
+    weight: torch.Tensor | None
 
     def __init__(self, c_in: int, c_out: int, kernel: int, stride: int = 1, padding: int = 0,
                  dilation: int = 1, transpose: bool = False) -> None:
         super().__init__()
         shape = (c_in, c_out, kernel) if transpose else (c_out, c_in, kernel)
-        self.weight_g = nn.Parameter(torch.ones(shape[0], 1, 1))
-        self.weight_v = nn.Parameter(torch.randn(shape) * 0.01)
+        self.weight_g: nn.Parameter | None = nn.Parameter(torch.ones(shape[0], 1, 1))
+        self.weight_v: nn.Parameter | None = nn.Parameter(torch.randn(shape) * 0.01)
         self.bias = nn.Parameter(torch.zeros(c_out))
+        self.weight = None
         self.stride, self.padding, self.dilation, self.transpose = stride, padding, dilation, transpose
-        self.register_buffer("folded", None, persistent=False)
+
+    @property
+    def folded(self) -> bool:
+        return self.weight is not None
 
     def fold(self) -> None:
-        """Compute the plain weight once (torch's own weight-norm kernel, for bit parity)."""
+        """Replace g and v by w (torch's own weight-norm kernel, for bit parity with the reference)."""
+        if self.weight_v is None or self.weight_g is None:
+            return
         with torch.no_grad():
-            self.folded = torch._weight_norm(self.weight_v, self.weight_g, 0).detach()
+            weight = torch._weight_norm(self.weight_v, self.weight_g, 0)
+        del self.weight_g, self.weight_v
+        self.weight_g = self.weight_v = None
+        self.weight = nn.Parameter(weight, requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.folded if self.folded is not None else torch._weight_norm(self.weight_v, self.weight_g, 0)
+        if self.weight is not None:
+            w = self.weight
+        else:
+            assert self.weight_v is not None and self.weight_g is not None
+            w = torch._weight_norm(self.weight_v, self.weight_g, 0)
         if self.transpose:
             return F.conv_transpose1d(x, w, self.bias, self.stride, self.padding)
         return F.conv1d(x, w, self.bias, self.stride, self.padding, self.dilation)

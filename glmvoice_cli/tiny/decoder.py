@@ -147,8 +147,11 @@ def decoder_yaml(spec: TinyDecoderSpec) -> str:
     return _TEMPLATE.format(**fields)
 
 
-def random_decoder(spec: TinyDecoderSpec, config: DecoderConfig) -> DecoderModels:
-    """Randomly initialised flow and HiFT (global RNG untouched), with non-trivial norms and biases."""
+def random_decoder(spec: TinyDecoderSpec, config: DecoderConfig, fold: bool = True) -> DecoderModels:
+    """Randomly initialised flow and HiFT (global RNG untouched), with non-trivial norms and biases.
+
+    `fold=False` keeps the weight-norm pairs, as the published files store them.
+    """
     from ..models.flow import FlowDecoder
     from ..models.vocoder import HiFTGenerator, Snake, WNConv1d
 
@@ -157,15 +160,16 @@ def random_decoder(spec: TinyDecoderSpec, config: DecoderConfig) -> DecoderModel
         flow, hift = FlowDecoder(config.flow), HiFTGenerator(config.hift)
         with torch.no_grad():
             for module in hift.modules():
-                if isinstance(module, WNConv1d):  # g != ||v||, as in the published files
-                    module.weight_g.copy_(torch.rand_like(module.weight_g) * 0.5 + 0.75)
+                if isinstance(module, WNConv1d) and module.weight_g is not None:  # g != ||v||, as published
+                    gain = 0.3 if module is hift.conv_post else 1.0  # keep exp(magnitude) moderate
+                    module.weight_g.copy_((torch.rand_like(module.weight_g) * 0.5 + 0.75) * gain)
                     module.bias.normal_(0.0, 0.01)
                 elif isinstance(module, Snake):
                     module.alpha.copy_(1.0 + 0.1 * torch.randn_like(module.alpha))
-            hift.conv_post.weight_g.mul_(0.3)  # keep exp(magnitude) moderate
             hift.f0_predictor.classifier.bias.fill_(VOICED_F0_HZ)
             hift.f0_predictor.classifier.weight.mul_(5.0)
-    hift.fold_weight_norm()
+    if fold:
+        hift.fold_weight_norm()
     flow.requires_grad_(False).eval()
     hift.requires_grad_(False).eval()
     return DecoderModels(config=config, flow=flow, hift=hift)
@@ -177,7 +181,7 @@ def write_tiny_decoder(directory: Path, spec: TinyDecoderSpec = TinyDecoderSpec(
     directory.mkdir(parents=True, exist_ok=True)
     (directory / CONFIG_FILE).write_text(decoder_yaml(spec), encoding="utf-8")
     config = decoder_config_from_data(parse_hyperpyyaml(decoder_yaml(spec)), directory / CONFIG_FILE)
-    models = random_decoder(spec, config)
+    models = random_decoder(spec, config, fold=False)
     torch.save({k: v.clone() for k, v in models.flow.state_dict().items()}, directory / FLOW_FILE)
     torch.save({k: v.clone() for k, v in models.hift.state_dict().items()}, directory / HIFT_FILE)
     return directory
