@@ -16,6 +16,7 @@ import typer
 from typer.core import TyperGroup
 
 from . import __version__
+from .commands import decode as _decode
 from .commands import devices as _devices
 from .commands import diagnostics as _diagnostics
 from .commands import tokenize as _tokenize
@@ -85,6 +86,7 @@ def _root(
 app.command("tts")(_tts.tts)
 app.command("transcribe")(_transcribe.transcribe)
 app.command("tokenize")(_tokenize.tokenize)
+app.command("decode")(_decode.decode)
 app.command("devices")(_devices.devices)
 app.add_typer(models_app, name="models")
 app.command("doctor")(_diagnostics.doctor)
