@@ -1,0 +1,402 @@
+"""The chat engine: hands-free turns with barge-in, over any audio source and sink.
+
+Two threads, talking only through queues with timeouts and per-turn cancel Events:
+
+    capture thread:  source.read -> echo canceller -> Segmenter -> SpeechStarted / Utterance
+                     (an Utterance becomes a job on the model queue; a SpeechStarted while a turn
+                     is thinking or speaking is a barge-in)
+    model thread:    job -> assistant.hear -> assistant.respond -> AudioChunks into the sink
+                     (ALL torch work happens here: on CPU, torch ops from two threads at once
+                     oversubscribe the OpenMP pool and run many times slower)
+
+Barge-in: the capture thread sets the turn's cancel Event and flushes the sink under the play lock
+(so no block can slip in after the flush); the model thread sees the cancel within one token,
+trims the history to what was played (`session_history.trim_to_heard`), saves the turn as
+interrupted, and takes the next job: the utterance that interrupted. States go
+IDLE -> LISTENING -> THINKING -> SPEAKING -> (INTERRUPTED) -> LISTENING. Events for the view go to
+`engine.events` (a None sentinel ends them); every turn is appended to the SessionStore as it ends.
+
+`lockstep=True` is for a source on a VirtualClock (tests, `--input-file` without `--realtime`):
+the capture thread waits until each answer is fully generated before it reads on, so model time
+counts as zero and a whole conversation is reproducible and runs as fast as the CPU allows.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from glmvoice_cli.audio.echo import NullEchoCanceller
+from glmvoice_cli.audio.vad import Segmenter, SpeechDiscarded, SpeechStarted, Utterance, VadConfig
+from glmvoice_cli.errors import GlmVoiceError
+from glmvoice_cli.events import (
+    AudioChunk,
+    ChatState,
+    Failed,
+    Interrupted,
+    StatusChanged,
+    TextDelta,
+    TurnEnded,
+    TurnTimings,
+    UserTurnStarted,
+    UserUtterance,
+)
+from glmvoice_cli.session_history import answer_text, trim_to_heard
+
+if TYPE_CHECKING:
+    from glmvoice_cli.audio.devices import AudioSink, AudioSource
+    from glmvoice_cli.audio.echo import EchoCanceller
+    from glmvoice_cli.audio.playback import Clock
+    from glmvoice_cli.audio.vad import FrameClassifier
+    from glmvoice_cli.models.lm import Conversation, GenerationOptions
+    from glmvoice_cli.pipeline import Assistant
+    from glmvoice_cli.session_store import SessionStore
+
+READ_TIMEOUT_S = 0.1  # longest wait on the source, so stop() is noticed quickly
+POLL_S = 0.01  # queue waits and playback-drain polls
+LEVEL_EVERY_BLOCKS = 5  # capture blocks between input-level updates (150 ms at 30 ms blocks)
+IDLE_TICK_S = 0.03  # virtual time advanced per wait once the source has ended (lockstep)
+JOIN_TIMEOUT_S = 10.0  # how long stop() waits for a thread that is inside a model call
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    vad: VadConfig = field(default_factory=VadConfig)
+    generation: GenerationOptions | None = None  # None: the LM's defaults
+    lockstep: bool = False  # see the module docstring (needs `clock`)
+    barge_in: bool = True  # False: the user's speech while the assistant answers waits its turn
+
+
+@dataclass
+class _Job:
+    """One user turn on its way through the model thread."""
+
+    samples: np.ndarray | None = None  # (n,) float32 16 kHz speech; None for a typed turn
+    text: str | None = None  # the typed text
+    end_sample: int = 0  # end of the utterance on the input timeline (16 kHz samples)
+    heard_at: float = 0.0  # perf_counter when the turn was complete (end of speech)
+    cancel: threading.Event = field(default_factory=threading.Event)
+    generated: threading.Event = field(default_factory=threading.Event)  # the answer is fully generated
+    barge_in: SpeechStarted | None = None  # the onset that cut this turn
+    stopped: bool = False  # cut by stop() (Ctrl-C, a failure)
+    base_played: int = 0  # sink.played when the answer started
+
+
+@dataclass(frozen=True)
+class TurnReport:
+    """What happened in one exchange, for tests and benchmarks (the store holds the rest)."""
+
+    utterance_end: int  # input sample where the user's turn ended (0 for typed turns)
+    first_audio_wall_s: float | None  # end of speech -> first audio block written, wall seconds
+    played_samples: int  # answer samples the sink played (what was heard)
+    interrupted: bool
+    barge_in_at: int | None  # input sample of the onset that cut the answer
+    kept_ids: tuple[int, ...]  # the answer ids the history keeps
+    generated_tokens: int
+
+
+_END = object()  # no more input: finish the queued turns and stop
+
+
+class ChatEngine:
+    """Runs a conversation between `source` (None: typed turns only) and `sink`; see the module docstring."""
+
+    def __init__(self, assistant: Assistant, source: AudioSource | None, sink: AudioSink, *,
+                 store: SessionStore | None = None, conversation: Conversation | None = None,
+                 echo: EchoCanceller | None = None, config: EngineConfig | None = None,
+                 classifier: FrameClassifier | None = None, clock: Clock | None = None) -> None:
+        self.assistant, self.source, self.sink, self.store = assistant, source, sink, store
+        self.config = config or EngineConfig()
+        self.conversation = conversation if conversation is not None else assistant.lm.new_conversation()
+        self.echo = echo or NullEchoCanceller()
+        self.segmenter = Segmenter(self.config.vad, classifier) if source is not None else None
+        self.clock = clock
+        self.events: queue.Queue[Any] = queue.Queue()
+        self.reports: list[TurnReport] = []
+        self.error: GlmVoiceError | None = None
+        self.state = ChatState.IDLE
+        self._jobs: queue.Queue[Any] = queue.Queue()
+        self._open: list[_Job] = []  # turns queued or running, not yet saved
+        self._play_lock = threading.Lock()  # sink writes vs. barge-in flushes
+        self._stop = threading.Event()
+        self._done = threading.Event()
+        self._level = 0.0
+        self._threads: list[threading.Thread] = []
+
+    # ------------------------------------------------------------------ control
+
+    def start(self) -> None:
+        self._set_state(ChatState.LISTENING)
+        self._threads = [threading.Thread(target=self._model_loop, name="glmvoice-model", daemon=True)]
+        if self.source is not None:
+            self._threads.append(threading.Thread(target=self._capture_loop, name="glmvoice-capture", daemon=True))
+        for thread in self._threads:
+            thread.start()
+
+    def type_text(self, text: str) -> None:
+        """Queue a typed turn (answered in speech, like a spoken one)."""
+        if text.strip():
+            self._submit(_Job(text=text.strip(), heard_at=time.perf_counter()))
+
+    def end_input(self) -> None:
+        """No more typed turns: the engine ends once the queued ones are answered (text mode)."""
+        self._jobs.put(_END)
+
+    def stop(self) -> None:
+        """Cut the running answer (it is saved as interrupted) and end both threads."""
+        self._stop.set()
+        with self._play_lock:
+            for job in list(self._open):
+                job.stopped = True
+                job.cancel.set()
+            self.sink.flush()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """True once the engine has ended (input done and answered, stopped, or failed)."""
+        return self._done.wait(timeout)
+
+    def join(self, timeout: float = JOIN_TIMEOUT_S) -> None:
+        for thread in self._threads:
+            thread.join(timeout)
+
+    def run(self) -> None:
+        """start(), then wait until the end; Ctrl-C stops cleanly and is re-raised."""
+        self.start()
+        try:
+            while not self.wait(READ_TIMEOUT_S):
+                pass
+        except KeyboardInterrupt:
+            self.stop()
+            self.join()
+            raise
+        self.join()
+
+    @property
+    def stopped(self) -> bool:
+        return self._stop.is_set()
+
+    # ------------------------------------------------------------------ capture thread
+
+    def _capture_loop(self) -> None:
+        assert self.source is not None and self.segmenter is not None
+        blocks = 0
+        try:
+            while not self._stop.is_set():
+                block = self.source.read(READ_TIMEOUT_S)
+                if block is None:
+                    break
+                if len(block) == 0:
+                    continue
+                blocks += 1
+                self._level = float(np.sqrt(np.mean(np.square(block, dtype=np.float64))))
+                if blocks % LEVEL_EVERY_BLOCKS == 0:
+                    self._emit(StatusChanged(self.state, self._level))
+                for event in self.segmenter.push(self.echo.process(block)):
+                    self._on_segment(event)
+            if not self._stop.is_set():
+                for event in self.segmenter.finish():
+                    self._on_segment(event)
+        except GlmVoiceError as e:
+            self._fail(e)
+            return
+        self._jobs.put(_END)
+        self._idle_until_done()
+
+    def _idle_until_done(self) -> None:
+        """Input ended: let the queued answers play out (advancing a virtual clock ourselves)."""
+        virtual = self.config.lockstep and self.clock is not None and hasattr(self.clock, "advance")
+        while not self._done.is_set():
+            if virtual:
+                self.clock.advance(IDLE_TICK_S)  # type: ignore[union-attr]
+                if self.sink.pending == 0:
+                    self._done.wait(POLL_S)
+            else:
+                self._done.wait(POLL_S)
+
+    def _on_segment(self, event: object) -> None:
+        if isinstance(event, SpeechStarted):
+            self._emit(UserTurnStarted())
+            if self.config.barge_in:
+                self._barge_in(event)
+        elif isinstance(event, Utterance):
+            if self.config.barge_in:
+                self._barge_in(None)  # a turn that goes on after a max-length cut
+            job = _Job(samples=event.samples, end_sample=event.end_sample, heard_at=time.perf_counter())
+            self._submit(job)
+            if self.config.lockstep:
+                while not job.generated.wait(POLL_S) and not self._stop.is_set():
+                    pass
+        elif isinstance(event, SpeechDiscarded):
+            self._emit(UserUtterance(duration_s=0.0))  # closes the view's open user turn
+
+    def _barge_in(self, onset: SpeechStarted | None) -> None:
+        """Cut every open turn and silence the speaker at once."""
+        with self._play_lock:
+            playing = self.sink.pending > 0
+            open_jobs = [job for job in self._open
+                         if not job.cancel.is_set() and (playing or not job.generated.is_set())]
+            if not open_jobs:
+                return
+            for job in open_jobs:
+                job.barge_in = onset
+                job.cancel.set()
+            self.sink.flush()
+            played = self.sink.played - open_jobs[-1].base_played
+        self._set_state(ChatState.INTERRUPTED)
+        self._emit(Interrupted(played_s=max(played, 0) / self.sink.sample_rate))
+
+    def _submit(self, job: _Job) -> None:
+        with self._play_lock:
+            self._open.append(job)
+        self._jobs.put(job)
+
+    # ------------------------------------------------------------------ model thread
+
+    def _model_loop(self) -> None:
+        try:
+            while True:
+                try:
+                    job = self._jobs.get(timeout=POLL_S)
+                except queue.Empty:
+                    if self._stop.is_set():
+                        break
+                    continue
+                if job is _END or self._stop.is_set():
+                    break
+                self._run_turn(job)
+        except GlmVoiceError as e:
+            self._fail(e)
+        except Exception as e:  # noqa: BLE001 - a bug or a torch error: end cleanly and say what it was
+            self._fail(GlmVoiceError(f"chat engine failed: {type(e).__name__}: {e}"))
+        finally:
+            with self._play_lock:
+                for job in self._open:
+                    job.generated.set()  # never leave the capture thread waiting
+            self._set_state(ChatState.IDLE)
+            self._done.set()
+            self._stop.set()
+            self.events.put(None)
+
+    def _run_turn(self, job: _Job) -> None:
+        from glmvoice_cli.models.prompts import TextInput
+
+        conv = self.conversation
+        self._set_state(ChatState.THINKING)
+        answer, start, error = _Answer(), time.perf_counter(), None
+        try:
+            user = TextInput(job.text or "") if job.samples is None else self.assistant.hear(job.samples)
+            start = time.perf_counter()
+            history = len(conv.ids)
+            with self._play_lock:
+                job.base_played = self.sink.played
+            for event in self.assistant.respond(conv, user, self.config.generation, job.cancel):
+                if not answer.started:
+                    self._save_user(job, conv.ids[history : conv.last_output_start])
+                    answer.started = True
+                self._on_answer_event(job, event, answer)
+        except GlmVoiceError as e:  # a lost speaker, a failing stage: save what was said, then end
+            error = e
+        finally:
+            job.generated.set()
+        if error is not None:
+            self._fail(error)
+        self._wait_played(job)
+        self._finish_turn(job, answer, start)
+
+    def _on_answer_event(self, job: _Job, event: object, answer: _Answer) -> None:
+        if isinstance(event, TextDelta):
+            answer.text.append(event.text)
+            self._emit(event)
+        elif isinstance(event, AudioChunk):
+            with self._play_lock:
+                if job.cancel.is_set():
+                    return
+                self.sink.write(event.samples)
+            answer.chunks.append(event.samples)
+            if answer.first_audio is None:
+                answer.first_audio = time.perf_counter() - job.heard_at
+                self._set_state(ChatState.SPEAKING)
+            self._emit(event)
+        elif isinstance(event, TurnEnded):
+            answer.ended = event
+
+    def _wait_played(self, job: _Job) -> None:
+        """Return once the answer has played out, or was cut."""
+        while self.sink.pending > 0 and not job.cancel.is_set():
+            job.cancel.wait(POLL_S)
+
+    def _save_user(self, job: _Job, ids: list[int]) -> None:
+        path = None
+        if self.store is not None:
+            record = self.store.append_user(job.samples, text=job.text, token_ids=ids)
+            path = record.audio
+        seconds = 0.0 if job.samples is None else len(job.samples) / self.config.vad.sample_rate
+        self._emit(UserUtterance(duration_s=seconds, text=job.text, audio_path=path, typed=job.samples is None))
+
+    def _finish_turn(self, job: _Job, answer: _Answer, start: float) -> None:
+        """Trim the history to what was heard, save the turn, tell the view."""
+        conv, tok, rate = self.conversation, self.assistant.lm.tokenizer, self.sink.sample_rate
+        with self._play_lock:
+            played = max(self.sink.played - job.base_played, 0)
+            self._open.remove(job)
+        ended = answer.ended or TurnEnded(interrupted=True, reason="cancelled")
+        interrupted = job.cancel.is_set() or ended.interrupted
+        generated = len(conv.last_output) if answer.started else 0
+        if interrupted and answer.started:
+            trim_to_heard(conv, tok, played, rate)
+        kept = tuple(conv.last_output) if answer.started else ()
+        reason = "cancelled" if job.stopped else "barge_in" if job.cancel.is_set() else ended.reason
+        timings = _from_end_of_speech(ended.timings, start - job.heard_at)
+        audio = np.concatenate(answer.chunks)[:played] if answer.chunks else None
+        text = answer_text(tok, kept) if interrupted else "".join(answer.text).strip()
+        if self.store is not None:
+            self.store.append_assistant(audio, text=text, token_ids=kept, interrupted=interrupted,
+                                        timings=timings, sample_rate=rate)
+        self.reports.append(TurnReport(
+            utterance_end=job.end_sample, first_audio_wall_s=answer.first_audio, played_samples=played,
+            interrupted=interrupted, barge_in_at=job.barge_in.at_sample if job.barge_in else None,
+            kept_ids=kept, generated_tokens=generated))
+        self._emit(TurnEnded(interrupted=interrupted, reason=reason, timings=timings))
+        self._set_state(ChatState.LISTENING)
+
+    # ------------------------------------------------------------------ shared
+
+    def _emit(self, event: object) -> None:
+        self.events.put(event)
+
+    def _set_state(self, state: ChatState) -> None:
+        self.state = state
+        self._emit(StatusChanged(state, self._level))
+
+    def _fail(self, error: GlmVoiceError) -> None:
+        """A device or model failure: say it once, cut the running turn (it is still saved), end."""
+        if self.error is None:
+            self.error = error
+            self._emit(Failed(str(error).splitlines()[0] if str(error) else type(error).__name__))
+        self.stop()
+
+
+@dataclass
+class _Answer:
+    """What the model thread collects while one answer streams."""
+
+    text: list[str] = field(default_factory=list)
+    chunks: list[np.ndarray] = field(default_factory=list)  # every block written to the sink
+    first_audio: float | None = None  # end of speech -> first block written, wall seconds
+    ended: TurnEnded | None = None
+    started: bool = False  # the LM has taken the turn (the user turn is in the history and saved)
+
+
+def _from_end_of_speech(timings: TurnTimings, offset_s: float) -> TurnTimings:
+    """Respond's latencies count from its own start; the view wants them from the end of speech."""
+    shift = max(offset_s, 0.0)
+    return replace(
+        timings,
+        first_token_s=None if timings.first_token_s is None else timings.first_token_s + shift,
+        first_audio_s=None if timings.first_audio_s is None else timings.first_audio_s + shift,
+    )

@@ -1,0 +1,74 @@
+"""The conversation history as the user heard it: barge-in trimming and resuming a saved session.
+
+The language model's history must hold only what the user actually heard. When an answer is cut,
+the played sample count becomes seconds of audio, then speech tokens (12.5 per second), then a
+history length through `tokens_through_audio`; `Conversation.keep_heard` drops the rest (and the
+matching KV cache). A resumed session rebuilds the history from the token ids each saved turn kept.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from glmvoice_cli.config import TOKENS_PER_SECOND
+
+if TYPE_CHECKING:
+    from glmvoice_cli.models.lm import Conversation, VoiceLM
+    from glmvoice_cli.models.text_tokenizer import TextTokenizer
+    from glmvoice_cli.session_store import TurnRecord
+
+HEARD_EPSILON_TOKENS = 1e-6  # float slack so an exactly played token is not rounded up to the next
+
+
+def audio_tokens_heard(played_samples: int, sample_rate: int) -> int:
+    """Speech tokens whose audio has started playing: a token heard in part counts as said."""
+    if played_samples <= 0:
+        return 0
+    return math.ceil(played_samples / sample_rate * TOKENS_PER_SECOND - HEARD_EPSILON_TOKENS)
+
+
+def trim_to_heard(conv: Conversation, tokenizer: TextTokenizer, played_samples: int, sample_rate: int) -> int:
+    """Cut the last answer of `conv` after the last audio token played; returns the answer tokens kept.
+
+    Runs torch (the cache crop): call it from the model thread only.
+    """
+    from glmvoice_cli.models.lm import tokens_through_audio
+
+    output = conv.last_output
+    n_audio = audio_tokens_heard(played_samples, sample_rate)
+    keep = tokens_through_audio(output, tokenizer, n_audio)
+    conv.keep_heard(keep)
+    return keep
+
+
+def answer_text(tokenizer: TextTokenizer, ids: Sequence[int]) -> str:
+    """The plain text of an answer's kept ids (audio and special tokens left out)."""
+    words = [i for i in ids if not tokenizer.is_audio(i) and not tokenizer.is_special(i)]
+    return tokenizer.decode(words).strip()
+
+
+def restore_conversation(lm: VoiceLM, records: Sequence[TurnRecord]) -> Conversation:
+    """A conversation whose history is the ids the saved turns kept, in order (no cache yet).
+
+    The system prompt of the first turn tells the input mode (spoken or typed) that later turns
+    keep; the first new turn then prefills the whole history once.
+    """
+    from glmvoice_cli.models.prompts import InputMode, system_ids
+
+    conv = lm.new_conversation()
+    for record in records:
+        if record.role == "assistant":
+            conv.last_output_start = len(conv.ids)
+        conv.ids.extend(record.token_ids)
+    if conv.ids:
+        tok = lm.tokenizer
+        for mode in (InputMode.SPEECH, InputMode.TEXT):
+            head = [*tok.prefix_ids, *system_ids(tok, mode)]
+            if conv.ids[: len(head)] == head:
+                conv.system_mode = mode
+                break
+        else:
+            conv.system_mode = InputMode.SPEECH  # a foreign history: later turns add only their user part
+    return conv
