@@ -16,6 +16,7 @@ import typer
 from typer.core import TyperGroup
 
 from . import __version__
+from .commands import chat as _chat
 from .commands import decode as _decode
 from .commands import devices as _devices
 from .commands import diagnostics as _diagnostics
@@ -83,6 +84,7 @@ def _root(
         os.environ[_DEBUG_ENV] = "1"
 
 
+app.command("chat")(_chat.chat)
 app.command("tts")(_tts.tts)
 app.command("transcribe")(_transcribe.transcribe)
 app.command("tokenize")(_tokenize.tokenize)

@@ -1,0 +1,210 @@
+"""`glmvoice chat`: a spoken conversation with barge-in, a live transcript and a saved session.
+
+Audio in and out, by option:
+
+- default: the microphone and the speaker (PortAudio), with echo cancellation (`--headphones`
+  turns it off: no acoustic echo to remove, and no risk of the canceller eating the user's voice).
+- `--input-file in.wav`: the file is the microphone. By default it runs on a virtual clock: each
+  answer is generated completely before the file moves on (model time counts as zero), so the run
+  is reproducible and as fast as the CPU allows. `--realtime` plays it at wall-clock pace instead,
+  against the live model. `--output-file out.wav` records what the speaker would play, on the
+  same sample timeline as the input. `--simulate-echo GAIN` feeds that output back into the file
+  microphone (30 ms later), as a room would.
+- `--text`: typed turns, one per line of stdin, answered in speech.
+
+The run ends when the input (file or stdin) has ended and the last answer is done, or on Ctrl-C;
+the session is saved as it goes (`--session-dir`, or a new folder under the data folder).
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from ..errors import UsageError
+from .common import (
+    DecoderOpt,
+    DeviceOpt,
+    DtypeOpt,
+    LmOpt,
+    MaxTokensOpt,
+    ModelsOpt,
+    QuantizeOpt,
+    SeedOpt,
+    TokenizerOpt,
+)
+
+ECHO_DELAY_S = 0.03  # --simulate-echo: speaker-to-microphone delay of the simulated room
+INTERRUPTED_EXIT = 130  # the shell's code for Ctrl-C
+
+
+def chat(
+    input_device: Annotated[str | None, typer.Option(help="Microphone name or index (see glmvoice devices).")
+                            ] = None,
+    output_device: Annotated[str | None, typer.Option(help="Speaker name or index.")] = None,
+    input_file: Annotated[Path | None, typer.Option(
+        "--input-file", help="Use this audio file as the microphone (virtual clock unless --realtime).")] = None,
+    output_file: Annotated[Path | None, typer.Option(
+        "--output-file", help="Record what the speaker would play to this .wav instead of playing it.")] = None,
+    realtime: Annotated[bool, typer.Option("--realtime", help="Play --input-file at wall-clock pace.")] = False,
+    simulate_echo: Annotated[float, typer.Option(
+        min=0.0, help="With --input-file: feed the output back into the input at this gain.")] = 0.0,
+    text: Annotated[bool, typer.Option("--text", help="Typed turns from stdin, one per line.")] = False,
+    headphones: Annotated[bool, typer.Option("--headphones", help="No echo cancellation (the speaker cannot reach the mic).")
+                          ] = False,
+    vad_aggressiveness: Annotated[int, typer.Option(min=0, max=3, help="0 keeps most audio as speech, 3 the least.")
+                                  ] = 2,
+    session_dir: Annotated[Path | None, typer.Option(help="Save the session in this folder.")] = None,
+    resume: Annotated[str | None, typer.Option(help="Continue a saved session (ID or folder).")] = None,
+    live: Annotated[bool, typer.Option(help="Rich live view; --no-live prints plain lines.")] = True,
+    models: ModelsOpt = None, tokenizer: TokenizerOpt = None, lm: LmOpt = None, decoder: DecoderOpt = None,
+    device: DeviceOpt = None, dtype: DtypeOpt = None, quantize: QuantizeOpt = None,
+    max_new_tokens: MaxTokensOpt = None, seed: SeedOpt = None,
+) -> None:
+    """Talk with GLM-4-Voice: speak (or type with --text), interrupt it any time; the session is saved."""
+    _check_options(input_file, output_file, text, realtime, simulate_echo, session_dir, resume)
+    io = _open_audio(input_file, output_file, text, realtime, simulate_echo, headphones, input_device, output_device)
+    try:
+        stages = ("lm", "decoder") if text else ("tokenizer", "lm", "decoder")
+        assistant, dirs = _load(stages, models, {"tokenizer": tokenizer, "lm": lm, "decoder": decoder},
+                                device, dtype, quantize, seed)
+        store = _open_store(session_dir, resume, dirs, "text" if text else "voice")
+        engine = _make_engine(assistant, io, store, vad_aggressiveness, max_new_tokens, seed)
+        _converse(engine, store, text, live)
+    finally:
+        io.close()
+
+
+def _check_options(input_file: Path | None, output_file: Path | None, text: bool, realtime: bool,
+                   simulate_echo: float, session_dir: Path | None, resume: str | None) -> None:
+    if text and input_file is not None:
+        raise UsageError("--text reads typed turns from stdin: it cannot be used with --input-file")
+    if (realtime or simulate_echo) and input_file is None:
+        raise UsageError("--realtime and --simulate-echo apply to --input-file runs only")
+    if session_dir is not None and resume is not None:
+        raise UsageError("give either --session-dir (a new session) or --resume (a saved one), not both")
+    if input_file is not None and not input_file.is_file():
+        raise UsageError(f"input file {input_file} does not exist")
+    if output_file is not None and (output_file.suffix.lower() != ".wav" or not output_file.parent.is_dir()):
+        raise UsageError(f"cannot write {output_file}: give a .wav path in an existing folder")
+
+
+class _AudioIO:
+    """The source, sink, echo canceller and clock of one run; close() writes --output-file."""
+
+    def __init__(self, source: Any, sink: Any, echo: Any, clock: Any, lockstep: bool) -> None:
+        self.source, self.sink, self.echo, self.clock, self.lockstep = source, sink, echo, clock, lockstep
+
+    def close(self) -> None:
+        for device in (self.source, self.sink):
+            if device is not None:
+                device.close()
+
+
+def _open_audio(input_file: Path | None, output_file: Path | None, text: bool, realtime: bool,
+                simulate_echo: float, headphones: bool, input_device: str | None,
+                output_device: str | None) -> _AudioIO:
+    """Devices before models: a missing microphone fails in a second, not after a minute of loading."""
+    from ..audio.devices import Microphone, Speaker
+    from ..audio.echo import make_echo_canceller
+    from ..audio.fakes import EchoLoop, FileSource, RecordingSink
+    from ..audio.playback import RealClock, VirtualClock
+
+    hears_speaker = (input_file is None and not text) or simulate_echo > 0  # a room between them
+    echo = make_echo_canceller("auto" if hears_speaker and not headphones else "off")
+    lockstep = input_file is not None and not realtime
+    clock = VirtualClock() if lockstep else RealClock()
+    if output_file is not None or input_file is not None:
+        sink: Any = RecordingSink(output_file, clock=clock, on_played=echo.reference)
+    else:
+        sink = Speaker(_spec(output_device), on_played=echo.reference)
+    try:
+        source: Any = None
+        if input_file is not None:
+            source = FileSource(input_file, clock=clock)
+            if simulate_echo:
+                source = EchoLoop(source, sink, delay_s=ECHO_DELAY_S, gain=simulate_echo)
+        elif not text:
+            source = Microphone(_spec(input_device))
+    except BaseException:
+        sink.close()
+        raise
+    return _AudioIO(source, sink, echo, clock, lockstep)
+
+
+def _spec(device: str | None) -> int | str | None:
+    return int(device) if device and device.strip().isdigit() else device
+
+
+def _load(stages: tuple[str, ...], models: Path | None, overrides: dict[str, Path | None], device: str | None,
+          dtype: str | None, quantize: int | None, seed: int | None) -> tuple[Any, dict[str, Path]]:
+    from ..pipeline import Assistant, LoadSettings
+    from .models import ensure_models
+
+    dirs = ensure_models(stages, models=models, overrides=overrides)  # type: ignore[arg-type]
+    settings = LoadSettings(device=device, dtype=dtype, quantize_bits=quantize, seed=seed)
+    return Assistant.load(dirs, settings), dirs
+
+
+def _open_store(session_dir: Path | None, resume: str | None, dirs: dict[str, Path], mode: str) -> Any:
+    from ..session_store import SessionStore
+
+    if resume is not None:
+        store = SessionStore.resume(resume)
+        for warning in store.warnings:
+            typer.secho(f"warning: {warning}", fg=typer.colors.YELLOW, err=True)
+        return store
+    return SessionStore.create(session_dir=session_dir, models=dirs, mode=mode)
+
+
+def _make_engine(assistant: Any, io: _AudioIO, store: Any, aggressiveness: int, max_new_tokens: int | None,
+                 seed: int | None) -> Any:
+    from ..audio.vad import VadConfig
+    from ..models.lm import DEFAULT_MAX_NEW_TOKENS, GenerationOptions
+    from ..session import ChatEngine, EngineConfig
+    from ..session_history import restore_conversation
+
+    config = EngineConfig(vad=VadConfig(aggressiveness=aggressiveness), lockstep=io.lockstep,
+                          generation=GenerationOptions(max_new_tokens=max_new_tokens or DEFAULT_MAX_NEW_TOKENS,
+                                                       seed=seed))
+    conversation = restore_conversation(assistant.lm, store.turns)
+    return ChatEngine(assistant, io.source, io.sink, store=store, conversation=conversation, echo=io.echo,
+                      config=config, clock=io.clock)
+
+
+def _converse(engine: Any, store: Any, text: bool, live: bool) -> None:
+    """Run the engine, show its events; Ctrl-C and failures end cleanly with the session saved."""
+    from ..chat_view import PlainView, show_live
+
+    engine.start()
+    if text:
+        threading.Thread(target=_read_turns, args=(engine,), name="glmvoice-stdin", daemon=True).start()
+    try:
+        if live:
+            show_live(engine.events, store.turns)
+        else:
+            PlainView(sys.stdout).run(engine.events)
+    except KeyboardInterrupt:
+        engine.stop()
+        engine.join()
+        typer.secho(f"interrupted; session saved in {store.path} (continue with --resume {store.id})",
+                    fg=typer.colors.YELLOW, err=True)
+        raise typer.Exit(INTERRUPTED_EXIT) from None
+    engine.join()
+    if engine.error is not None:
+        typer.echo(f"session saved in {store.path}", err=True)
+        raise engine.error
+    typer.echo(f"session {store.id} saved in {store.path}", err=True)
+
+
+def _read_turns(engine: Any) -> None:
+    """Typed turns: one per stdin line, until EOF."""
+    for line in sys.stdin:
+        if engine.stopped:
+            return
+        engine.type_text(line)
+    engine.end_input()

@@ -1,0 +1,199 @@
+"""`glmvoice chat` end to end: scripted conversations from a wav file (virtual clock), typed turns,
+resume, Ctrl-C and lost or missing devices. Tiny random models, capped answers, espeak-ng speech."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+from typer.testing import CliRunner
+
+from glmvoice_cli.audio.io import load_audio
+from glmvoice_cli.cli import app
+from glmvoice_cli.tiny.modelset import write_tiny_model_set
+
+runner = CliRunner()
+RATE, OUT_RATE = 16_000, 22_050
+FAST = ["--max-new-tokens", "40", "--seed", "1", "--no-live"]
+BARGE_IN_LIMIT_S = 0.2
+SPEECH_LEVEL = 0.01  # |sample| above this in the espeak input marks where speech begins
+AUDIBLE = 1e-4
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_tiny_model_set(tmp_path_factory.mktemp("models"), codebook=64).root
+
+
+@pytest.fixture(scope="module")
+def phrases(tmp_path_factory: pytest.TempPathFactory) -> tuple[np.ndarray, np.ndarray]:
+    exe = shutil.which("espeak-ng")
+    if exe is None:
+        pytest.skip("espeak-ng is not installed")
+    folder = tmp_path_factory.mktemp("speech")
+    out = []
+    for name, text in (("q1", "What is the weather like today?"), ("q2", "Tell me a joke please.")):
+        subprocess.run([exe, "-w", str(folder / f"{name}.wav"), text], check=True, timeout=60)
+        out.append(load_audio(folder / f"{name}.wav", RATE).samples)
+    return out[0], out[1]
+
+
+def _pause(seconds: float) -> np.ndarray:
+    return np.zeros(int(seconds * RATE), dtype=np.float32)
+
+
+def _wav(path: Path, *parts: np.ndarray) -> Path:
+    sf.write(path, np.concatenate(parts), RATE)
+    return path
+
+
+def _lines(session: Path) -> list[dict]:
+    return [json.loads(line) for line in (session / "transcript.jsonl").read_text().splitlines()]
+
+
+def _chat(models: Path, *args: str, extra: list[str] = FAST, input: str | None = None):  # type: ignore[no-untyped-def]
+    return runner.invoke(app, ["chat", "--models", str(models), *args, *extra], input=input)
+
+
+def test_two_spoken_turns_from_a_file(models: Path, phrases, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    q1, q2 = phrases
+    wav = _wav(tmp_path / "two_turns.wav", _pause(0.5), q1, _pause(4.0), q2, _pause(4.0))
+    out, session = tmp_path / "out.wav", tmp_path / "S"
+    result = _chat(models, "--input-file", str(wav), "--output-file", str(out), "--session-dir", str(session))
+    assert result.exit_code == 0, result.output
+    lines = _lines(session)
+    assert [line["role"] for line in lines] == ["user", "assistant", "user", "assistant"]
+    assert all((session / line["audio"]).is_file() for line in lines)
+    assert not any(line["interrupted"] for line in lines)
+    assert all(line["token_ids"] for line in lines) and lines[1]["timings"]["tokens"] == 40
+    assert result.stdout.count("you: (") == 2 and result.stdout.count("assistant:") == 2
+    recording, rate = sf.read(out)
+    assert rate == OUT_RATE and len(recording) / rate >= sf.info(wav).duration - 0.1
+    assert np.abs(recording).max() > AUDIBLE
+
+
+def test_barge_in_from_a_file_cuts_the_answer(models: Path, phrases, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    q1, q2 = phrases
+    head = np.concatenate([_pause(0.5), q1, _pause(1.1)])
+    wav = _wav(tmp_path / "barge.wav", head, q2, _pause(4.0))
+    onset = (len(head) + int(np.argmax(np.abs(q2) > SPEECH_LEVEL))) / RATE
+    out, session = tmp_path / "out.wav", tmp_path / "S"
+    result = _chat(models, "--input-file", str(wav), "--output-file", str(out), "--session-dir", str(session),
+                   extra=["--max-new-tokens", "60", "--seed", "1", "--no-live"])
+    assert result.exit_code == 0, result.output
+    lines = _lines(session)
+    assert [(line["role"], line["interrupted"]) for line in lines] == [
+        ("user", False), ("assistant", True), ("user", False), ("assistant", False)]
+    assert "[interrupted]" in result.stdout
+    assert 0 < len(lines[1]["token_ids"]) < 60  # the history keeps only what was heard
+    recording, _ = sf.read(out)
+    end_of_q2 = (len(head) + len(q2)) / RATE
+    first_answer = recording[: int(end_of_q2 * OUT_RATE)]
+    heard = np.flatnonzero(np.abs(first_answer) > AUDIBLE)
+    assert heard.size and heard[-1] / OUT_RATE <= onset + BARGE_IN_LIMIT_S
+
+
+@pytest.mark.parametrize("headphones", [True, False])
+def test_simulated_echo_interrupts_only_without_the_canceller(models: Path, phrases, tmp_path: Path,  # type: ignore[no-untyped-def]
+                                                              headphones: bool) -> None:
+    wav = _wav(tmp_path / "one.wav", _pause(0.5), phrases[0], _pause(5.0))
+    session = tmp_path / "S"
+    args = ["--input-file", str(wav), "--session-dir", str(session), "--simulate-echo", "0.6"]
+    result = _chat(models, *args, *(["--headphones"] if headphones else []),
+                   extra=["--max-new-tokens", "60", "--seed", "1", "--no-live"])
+    assert result.exit_code == 0, result.output
+    answers = [line for line in _lines(session) if line["role"] == "assistant"]
+    if headphones:  # the echo path is off: the assistant's own voice interrupts it
+        assert answers[0]["interrupted"], "the simulated echo must be loud enough to trigger barge-in"
+    else:
+        assert [a["interrupted"] for a in answers] == [False]
+
+
+def test_typed_turns_and_resume(models: Path, tmp_path: Path) -> None:
+    session = tmp_path / "S"
+    result = _chat(models, "--text", "--session-dir", str(session), "--output-file", str(tmp_path / "o.wav"),
+                   extra=["--max-new-tokens", "20", "--seed", "1", "--no-live"], input="Hello there.\n")
+    assert result.exit_code == 0, result.output
+    assert "you (typed): Hello there." in result.stdout
+    result = _chat(models, "--text", "--resume", str(session), "--output-file", str(tmp_path / "o2.wav"),
+                   extra=["--max-new-tokens", "20", "--seed", "1", "--no-live"], input="And again?\n")
+    assert result.exit_code == 0, result.output
+    lines = _lines(session)
+    assert [line["role"] for line in lines] == ["user", "assistant", "user", "assistant"]
+    assert [line["text"] for line in lines if line["role"] == "user"] == ["Hello there.", "And again?"]
+    assert lines[0]["audio"] is None and lines[1]["audio"] is not None
+
+
+def test_ctrl_c_mid_answer_saves_the_session(models: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from glmvoice_cli.chat_view import PlainView
+    from glmvoice_cli.events import TextDelta
+
+    show = PlainView.show
+
+    def impatient(self, event):  # type: ignore[no-untyped-def]
+        show(self, event)
+        if isinstance(event, TextDelta):
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(PlainView, "show", impatient)
+    session = tmp_path / "S"
+    result = _chat(models, "--text", "--session-dir", str(session), "--output-file", str(tmp_path / "o.wav"),
+                   extra=["--max-new-tokens", "400", "--seed", "1", "--no-live"], input="Talk for long.\n")
+    assert result.exit_code == 130
+    assert "interrupted; session saved" in result.stderr
+    lines = _lines(session)
+    assert [line["role"] for line in lines] == ["user", "assistant"] and lines[1]["interrupted"]
+
+
+def test_no_portaudio_is_one_line(models: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from glmvoice_cli.audio import devices
+
+    def no_portaudio():  # type: ignore[no-untyped-def]
+        raise devices.AudioDeviceError("PortAudio library not found (install it: apt install libportaudio2)")
+
+    monkeypatch.setattr(devices, "import_sounddevice", no_portaudio)
+    result = _chat(models)
+    assert result.exit_code == 4
+    assert "PortAudio" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_a_microphone_lost_mid_session_ends_with_one_line(models: Path, phrases, tmp_path: Path,  # type: ignore[no-untyped-def]
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    from glmvoice_cli.audio import fakes
+    from glmvoice_cli.errors import AudioDeviceError
+
+    class Unplugged(fakes.FileSource):
+        reads = 0
+
+        def read(self, timeout: float | None = None) -> np.ndarray | None:
+            Unplugged.reads += 1
+            if Unplugged.reads > 100:  # 3 s in: the first answer is playing
+                raise AudioDeviceError("microphone 'USB' stopped delivering audio (unplugged?)")
+            return super().read(timeout)
+
+    monkeypatch.setattr(fakes, "FileSource", Unplugged)
+    wav = _wav(tmp_path / "in.wav", _pause(0.5), phrases[0], _pause(5.0))
+    session = tmp_path / "S"
+    result = _chat(models, "--input-file", str(wav), "--session-dir", str(session),
+                   extra=["--max-new-tokens", "60", "--seed", "1", "--no-live"])
+    assert result.exit_code == 4
+    assert "error: microphone 'USB' stopped delivering audio" in result.stderr
+    lines = _lines(session)
+    assert [line["role"] for line in lines] == ["user", "assistant"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--text", "--input-file", "x.wav"], "cannot be used with --input-file"),
+    (["--realtime"], "--input-file runs only"),
+    (["--session-dir", "a", "--resume", "b"], "not both"),
+    (["--input-file", "/no/such.wav"], "does not exist"),
+])
+def test_bad_options_are_one_line(models: Path, args: list[str], message: str) -> None:
+    result = _chat(models, *args)
+    assert result.exit_code == 2
+    assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
