@@ -128,3 +128,24 @@ def test_not_weights_only(tmp_path: Path) -> None:
     path.write_bytes(b"garbage")
     with pytest.raises(CheckpointError):
         read_state_dict(path)
+
+
+def _shape_of(node: object, path: str = "") -> set[str]:
+    """Every key path with its tag (kind:target), values left out: the layout of a config."""
+    from glmvoice_cli.models.decoder_config import Tagged
+
+    out: set[str] = set()
+    if isinstance(node, Tagged):
+        out.add(f"{path}@{node.kind}:{node.target}")
+        node = node.args
+    if isinstance(node, dict):
+        for key, value in node.items():
+            out |= _shape_of(value, f"{path}.{key}")
+    return out
+
+
+@pytest.mark.golden
+def test_tiny_config_has_the_official_layout(golden: Path) -> None:
+    official = parse_hyperpyyaml((golden / "decoder" / CONFIG_FILE).read_text())
+    ours = parse_hyperpyyaml(decoder_yaml(TinyDecoderSpec()))
+    assert _shape_of(ours) == _shape_of(official)
