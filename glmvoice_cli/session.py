@@ -57,6 +57,7 @@ if TYPE_CHECKING:
     from glmvoice_cli.pipeline import Assistant
     from glmvoice_cli.session_store import SessionStore
 
+TRANSCRIBE_MAX_NEW_TOKENS = 100  # --transcribe-user: one spoken turn is short
 READ_TIMEOUT_S = 0.1  # longest wait on the source, so stop() is noticed quickly
 POLL_S = 0.01  # queue waits and playback-drain polls
 LEVEL_EVERY_BLOCKS = 5  # capture blocks between input-level updates (150 ms at 30 ms blocks)
@@ -70,6 +71,8 @@ class EngineConfig:
     generation: GenerationOptions | None = None  # None: the LM's defaults
     lockstep: bool = False  # see the module docstring (needs `clock`)
     barge_in: bool = True  # False: the user's speech while the assistant answers waits its turn
+    transcribe_user: bool = False  # a text-only LM pass before each answer (costs latency) fills the user's text
+    transcribe_max_new_tokens: int = TRANSCRIBE_MAX_NEW_TOKENS
 
 
 @dataclass
@@ -289,6 +292,8 @@ class ChatEngine:
         self._set_state(ChatState.THINKING)
         answer, start, error = _Answer(), time.perf_counter(), None
         try:
+            if job.samples is not None and self.config.transcribe_user:
+                job.text = self._transcribe(job.samples)
             user = TextInput(job.text or "") if job.samples is None else self.assistant.hear(job.samples)
             start = time.perf_counter()
             history = len(conv.ids)
@@ -307,6 +312,12 @@ class ChatEngine:
             self._fail(error)
         self._wait_played(job)
         self._finish_turn(job, answer, start)
+
+    def _transcribe(self, samples: np.ndarray) -> str | None:
+        from glmvoice_cli.transcribe import transcribe
+
+        text = transcribe(self.assistant, samples, max_new_tokens=self.config.transcribe_max_new_tokens).text
+        return text or None
 
     def _on_answer_event(self, job: _Job, event: object, answer: _Answer) -> None:
         if isinstance(event, TextDelta):

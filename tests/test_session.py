@@ -12,7 +12,7 @@ import pytest
 from glmvoice_cli.audio.fakes import ArraySource, NullSink
 from glmvoice_cli.audio.playback import VirtualClock
 from glmvoice_cli.errors import AudioDeviceError
-from glmvoice_cli.events import AudioChunk, Failed, Interrupted, TextDelta, TurnEnded
+from glmvoice_cli.events import AudioChunk, Failed, Interrupted, TextDelta, TurnEnded, UserUtterance
 from glmvoice_cli.models.lm import GenerationOptions
 from glmvoice_cli.pipeline import Assistant, LoadSettings
 from glmvoice_cli.session import ChatEngine, EngineConfig
@@ -207,3 +207,17 @@ def test_a_speaker_lost_mid_answer_ends_with_the_session_intact(assistant: Assis
     lines = _lines(store)
     assert [line["role"] for line in lines] == ["user", "assistant"]
     assert lines[1]["interrupted"] is True
+
+
+def test_transcribe_user_fills_the_user_text(assistant: Assistant, tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    user = np.concatenate([silence(0.5), burst(1.0), silence(3.0)])
+    rig = make_rig(assistant, user, tmp_path=tmp_path, max_new_tokens=20)
+    rig.engine.config = replace(rig.engine.config, transcribe_user=True, transcribe_max_new_tokens=8)
+    events = run_rig(rig)
+    said = [e for e in events if isinstance(e, UserUtterance)]
+    lines = _lines(rig.store)
+    assert lines[0]["role"] == "user" and lines[0]["audio"] is not None
+    assert said[0].text == lines[0]["text"] and said[0].text  # the random model always says something here
+    assert lines[0]["token_ids"][0] == assistant.lm.tokenizer.prefix_ids[0]  # the transcript left no trace in the history

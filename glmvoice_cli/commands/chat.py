@@ -60,6 +60,8 @@ def chat(
                                   ] = 2,
     session_dir: Annotated[Path | None, typer.Option(help="Save the session in this folder.")] = None,
     resume: Annotated[str | None, typer.Option(help="Continue a saved session (ID or folder).")] = None,
+    transcribe_user: Annotated[bool, typer.Option(
+        "--transcribe-user", help="Also transcribe each spoken turn (a text-only pass: adds latency).")] = False,
     live: Annotated[bool, typer.Option(help="Rich live view; --no-live prints plain lines.")] = True,
     models: ModelsOpt = None, tokenizer: TokenizerOpt = None, lm: LmOpt = None, decoder: DecoderOpt = None,
     device: DeviceOpt = None, dtype: DtypeOpt = None, quantize: QuantizeOpt = None,
@@ -73,7 +75,7 @@ def chat(
         assistant, dirs = _load(stages, models, {"tokenizer": tokenizer, "lm": lm, "decoder": decoder},
                                 device, dtype, quantize, seed)
         store = _open_store(session_dir, resume, dirs, "text" if text else "voice")
-        engine = _make_engine(assistant, io, store, vad_aggressiveness, max_new_tokens, seed)
+        engine = _make_engine(assistant, io, store, vad_aggressiveness, max_new_tokens, seed, transcribe_user)
         _converse(engine, store, text, live)
     finally:
         io.close()
@@ -162,15 +164,18 @@ def _open_store(session_dir: Path | None, resume: str | None, dirs: dict[str, Pa
 
 
 def _make_engine(assistant: Any, io: _AudioIO, store: Any, aggressiveness: int, max_new_tokens: int | None,
-                 seed: int | None) -> Any:
+                 seed: int | None, transcribe_user: bool) -> Any:
     from ..audio.vad import VadConfig
     from ..models.lm import DEFAULT_MAX_NEW_TOKENS, GenerationOptions
-    from ..session import ChatEngine, EngineConfig
+    from ..session import TRANSCRIBE_MAX_NEW_TOKENS, ChatEngine, EngineConfig
     from ..session_history import restore_conversation
 
     config = EngineConfig(vad=VadConfig(aggressiveness=aggressiveness), lockstep=io.lockstep,
                           generation=GenerationOptions(max_new_tokens=max_new_tokens or DEFAULT_MAX_NEW_TOKENS,
-                                                       seed=seed))
+                                                       seed=seed),
+                          transcribe_user=transcribe_user,
+                          transcribe_max_new_tokens=min(max_new_tokens or TRANSCRIBE_MAX_NEW_TOKENS,
+                                                        TRANSCRIBE_MAX_NEW_TOKENS))
     conversation = restore_conversation(assistant.lm, store.turns)
     return ChatEngine(assistant, io.source, io.sink, store=store, conversation=conversation, echo=io.echo,
                       config=config, clock=io.clock)
