@@ -33,7 +33,7 @@ import numpy as np
 
 from glmvoice_cli.audio.echo import NullEchoCanceller
 from glmvoice_cli.audio.vad import Segmenter, SpeechDiscarded, SpeechStarted, Utterance, VadConfig
-from glmvoice_cli.errors import GlmVoiceError
+from glmvoice_cli.errors import AudioDeviceError, GlmVoiceError
 from glmvoice_cli.events import (
     AudioChunk,
     ChatState,
@@ -62,7 +62,8 @@ READ_TIMEOUT_S = 0.1  # longest wait on the source, so stop() is noticed quickly
 POLL_S = 0.01  # queue waits and playback-drain polls
 LEVEL_EVERY_BLOCKS = 5  # capture blocks between input-level updates (150 ms at 30 ms blocks)
 IDLE_TICK_S = 0.03  # virtual time advanced per wait once the source has ended (lockstep)
-JOIN_TIMEOUT_S = 10.0  # how long stop() waits for a thread that is inside a model call
+JOIN_TIMEOUT_S = 10.0
+PLAYBACK_STALL_S = 5.0  # queued audio that does not move for this long: the output device is gone  # how long stop() waits for a thread that is inside a model call
 
 
 @dataclass(frozen=True)
@@ -87,7 +88,7 @@ class _Job:
     generated: threading.Event = field(default_factory=threading.Event)  # the answer is fully generated
     barge_in: SpeechStarted | None = None  # the onset that cut this turn
     stopped: bool = False  # cut by stop() (Ctrl-C, a failure)
-    base_played: int = 0  # sink.played when the answer started
+    base_played: int | None = None  # sink.played when the answer started (None: not started yet)
 
 
 @dataclass(frozen=True)
@@ -249,7 +250,8 @@ class ChatEngine:
                 job.barge_in = onset
                 job.cancel.set()
             self.sink.flush()
-            played = self.sink.played - open_jobs[-1].base_played
+            base = open_jobs[0].base_played
+            played = 0 if base is None else self.sink.played - base
         self._set_state(ChatState.INTERRUPTED)
         self._emit(Interrupted(played_s=max(played, 0) / self.sink.sample_rate))
 
@@ -337,8 +339,14 @@ class ChatEngine:
             answer.ended = event
 
     def _wait_played(self, job: _Job) -> None:
-        """Return once the answer has played out, or was cut."""
-        while self.sink.pending > 0 and not job.cancel.is_set():
+        """Return once the answer has played out, or was cut; a sink that stops playing is a lost device."""
+        last, since = self.sink.pending, time.monotonic()
+        while (pending := self.sink.pending) > 0 and not job.cancel.is_set():
+            if pending != last:
+                last, since = pending, time.monotonic()
+            elif time.monotonic() - since > PLAYBACK_STALL_S:
+                self._fail(AudioDeviceError("the speaker stopped playing (unplugged?); see `glmvoice devices`"))
+                return
             job.cancel.wait(POLL_S)
 
     def _save_user(self, job: _Job, ids: list[int]) -> None:
@@ -353,7 +361,7 @@ class ChatEngine:
         """Trim the history to what was heard, save the turn, tell the view."""
         conv, tok, rate = self.conversation, self.assistant.lm.tokenizer, self.sink.sample_rate
         with self._play_lock:
-            played = max(self.sink.played - job.base_played, 0)
+            played = 0 if job.base_played is None else max(self.sink.played - job.base_played, 0)
             self._open.remove(job)
         ended = answer.ended or TurnEnded(interrupted=True, reason="cancelled")
         interrupted = job.cancel.is_set() or ended.interrupted

@@ -221,3 +221,37 @@ def test_transcribe_user_fills_the_user_text(assistant: Assistant, tmp_path: Pat
     assert lines[0]["role"] == "user" and lines[0]["audio"] is not None
     assert said[0].text == lines[0]["text"] and said[0].text  # the random model always says something here
     assert lines[0]["token_ids"][0] == assistant.lm.tokenizer.prefix_ids[0]  # the transcript left no trace in the history
+
+
+class _StuckSink(NullSink):
+    """A speaker whose stream stopped: written audio is never played."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.queued = 0
+
+    def write(self, block: np.ndarray) -> None:
+        self.queued += len(block)
+
+    def flush(self) -> int:
+        dropped, self.queued = self.queued, 0
+        return dropped
+
+    @property
+    def pending(self) -> int:
+        return self.queued
+
+
+def test_a_speaker_that_stops_playing_is_a_lost_device(assistant: Assistant, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    import glmvoice_cli.session as session_mod
+
+    monkeypatch.setattr(session_mod, "PLAYBACK_STALL_S", 0.2)
+    store = SessionStore.create(session_dir=tmp_path / "s")
+    engine = _typed_engine(assistant, store, sink=_StuckSink())
+    engine.type_text("Hi.")
+    engine.end_input()
+    engine.run()
+    assert isinstance(engine.error, AudioDeviceError) and "stopped playing" in str(engine.error)
+    lines = _lines(store)
+    assert [line["role"] for line in lines] == ["user", "assistant"] and lines[1]["interrupted"]
