@@ -61,7 +61,7 @@ TRANSCRIBE_MAX_NEW_TOKENS = 100  # --transcribe-user: one spoken turn is short
 READ_TIMEOUT_S = 0.1  # longest wait on the source, so stop() is noticed quickly
 POLL_S = 0.01  # queue waits and playback-drain polls
 LEVEL_EVERY_BLOCKS = 5  # capture blocks between input-level updates (150 ms at 30 ms blocks)
-IDLE_TICK_S = 0.03  # virtual time advanced per wait once the source has ended (lockstep)
+IDLE_TICK_S = 0.03  # virtual time advanced per wait once the source has ended
 JOIN_TIMEOUT_S = 10.0
 PLAYBACK_STALL_S = 5.0  # queued audio that does not move for this long: the output device is gone  # how long stop() waits for a thread that is inside a model call
 
@@ -213,7 +213,7 @@ class ChatEngine:
 
     def _idle_until_done(self) -> None:
         """Input ended: let the queued answers play out (advancing a virtual clock ourselves)."""
-        virtual = self.config.lockstep and self.clock is not None and hasattr(self.clock, "advance")
+        virtual = self.clock is not None and hasattr(self.clock, "advance")  # a VirtualClock: nobody else moves it
         while not self._done.is_set():
             if virtual:
                 self.clock.advance(IDLE_TICK_S)  # type: ignore[union-attr]

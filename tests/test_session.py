@@ -255,3 +255,26 @@ def test_a_speaker_that_stops_playing_is_a_lost_device(assistant: Assistant, tmp
     assert isinstance(engine.error, AudioDeviceError) and "stopped playing" in str(engine.error)
     lines = _lines(store)
     assert [line["role"] for line in lines] == ["user", "assistant"] and lines[1]["interrupted"]
+
+
+def test_barge_in_while_generating_stops_the_model_within_a_token(assistant: Assistant, tmp_path: Path) -> None:
+    """Without lockstep the virtual clock runs ahead of the model: the user's second burst arrives before
+    the first answer is done generating, so the turn's cancel Event must stop the LM early."""
+    from dataclasses import replace
+
+    user = np.concatenate([silence(0.5), burst(1.0), silence(0.5), burst(0.8), silence(1.0)])
+    rig = make_rig(assistant, user, tmp_path=tmp_path, max_new_tokens=1500)
+    rig.engine.config = replace(rig.engine.config, lockstep=False,
+                                generation=GenerationOptions(max_new_tokens=1500, seed=1))
+    rig.engine.start()
+    while not rig.engine.reports and not rig.engine.wait(0.01):
+        pass
+    rig.engine.stop()  # the second answer is not needed
+    rig.engine.join()
+    rig.sink.close()
+    first = rig.engine.reports[0]
+    assert first.interrupted and first.barge_in_at is not None and rig.engine.error is None
+    assert first.generated_tokens < 1500
+    lines = _lines(rig.store)
+    assert [line["role"] for line in lines][:2] == ["user", "assistant"] and lines[1]["interrupted"]
+    assert _history(lines) == rig.engine.conversation.ids
