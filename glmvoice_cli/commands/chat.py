@@ -10,7 +10,8 @@ Audio in and out, by option:
   against the live model. `--output-file out.wav` records what the speaker would play, on the
   same sample timeline as the input. `--simulate-echo GAIN` feeds that output back into the file
   microphone (30 ms later), as a room would.
-- `--text`: typed turns, one per line of stdin, answered in speech.
+- `--text`: typed turns, one per line of stdin, answered in speech. In a spoken conversation on a
+  terminal, a line typed and sent with Enter is a typed turn as well.
 
 The run ends when the input (file or stdin) has ended and the last answer is done, or on Ctrl-C;
 the session is saved as it goes (`--session-dir`, or a new folder under the data folder).
@@ -186,8 +187,8 @@ def _converse(engine: Any, store: Any, text: bool, live: bool) -> None:
     from ..chat_view import PlainView, show_live
 
     engine.start()
-    if text:
-        threading.Thread(target=_read_turns, args=(engine,), name="glmvoice-stdin", daemon=True).start()
+    if text or sys.stdin.isatty():  # while talking, a line typed in the terminal is a typed turn too
+        threading.Thread(target=_read_turns, args=(engine, text), name="glmvoice-stdin", daemon=True).start()
     try:
         if live:
             show_live(engine.events, store.turns)
@@ -206,10 +207,11 @@ def _converse(engine: Any, store: Any, text: bool, live: bool) -> None:
     typer.echo(f"session {store.id} saved in {store.path}", err=True)
 
 
-def _read_turns(engine: Any) -> None:
-    """Typed turns: one per stdin line, until EOF."""
+def _read_turns(engine: Any, end_at_eof: bool) -> None:
+    """Typed turns: one per stdin line; in --text mode the end of stdin ends the conversation."""
     for line in sys.stdin:
         if engine.stopped:
             return
         engine.type_text(line)
-    engine.end_input()
+    if end_at_eof:
+        engine.end_input()
