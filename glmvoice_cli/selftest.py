@@ -1,7 +1,7 @@
 """`glmvoice selftest`: the whole pipeline on a tiny random model set, offline, without audio hardware.
 
 It writes tokenizer/, lm/ and decoder/ in the official formats, loads them with the real loaders and
-runs every user-facing path (tokenize, decode, tts, transcribe) end to end, timing each step. Random
+runs every user-facing path (tokenize, decode, tts, transcribe, a scripted chat turn) end to end, timing each step. Random
 weights say nothing about quality; a pass says the install, the loaders and the plumbing work.
 """
 
@@ -96,7 +96,48 @@ def run_selftest(root: Path, report: Callable[[Step], None] | None = None) -> li
         result = transcribe(assistant, resample(speech, rate, SAMPLE_RATE_IN), max_new_tokens=16)
         _expect(result.generated_tokens > 0, "no text generated")
         d.append(f"{result.seconds:.2f} s -> {result.generated_tokens} text tokens")
+    with rec.step("chat turn") as d:
+        d.append(_chat_turn(assistant, root))
     return rec.steps
+
+
+SPEECH_RMS = 0.02  # the scripted VAD's threshold: louder frames are speech
+
+
+def _loud(frame: np.ndarray) -> bool:
+    """A scripted voice-activity classifier (int16 frames): the selftest checks plumbing, not the VAD."""
+    return float(np.sqrt(np.mean((frame.astype(np.float32) / 32768) ** 2))) > SPEECH_RMS
+
+
+def _chat_turn(assistant: object, root: Path) -> str:
+    """One spoken turn through the chat engine: a file as the microphone, a recording as the speaker."""
+    from .audio.fakes import ArraySource, RecordingSink
+    from .audio.playback import VirtualClock
+    from .config import SAMPLE_RATE_IN
+    from .models.lm import GenerationOptions
+    from .session import ChatEngine, EngineConfig
+    from .session_store import SessionStore
+
+    rate = SAMPLE_RATE_IN
+    t = np.arange(int(1.5 * rate)) / rate
+    burst = 0.3 * np.sin(2 * np.pi * 180 * t) * (0.6 + 0.4 * np.sin(2 * np.pi * 4 * t))
+    mic = np.concatenate([np.zeros(rate // 2), burst, np.zeros(2 * rate)]).astype(np.float32)
+    clock = VirtualClock()
+    sink = RecordingSink(root / "selftest_chat.wav", clock=clock)
+    store = SessionStore.create(session_dir=root / "selftest_session", mode="selftest")
+    config = EngineConfig(lockstep=True, generation=GenerationOptions(max_new_tokens=SELFTEST_MAX_NEW_TOKENS, seed=0))
+    engine = ChatEngine(assistant, ArraySource(mic, rate, clock), sink, store=store, config=config,  # type: ignore[arg-type]
+                        classifier=_loud, clock=clock)
+    engine.run()
+    sink.close()
+    if engine.error is not None:
+        raise engine.error
+    _expect(len(engine.reports) == 1, f"expected one answered turn, got {len(engine.reports)}")
+    report = engine.reports[0]
+    _expect(report.played_samples > 0, "the answer was not played")
+    turns = [line for line in store.transcript_path.read_text().splitlines() if line.strip()]
+    _expect(len(turns) == 2, f"the session holds {len(turns)} turns, expected 2")
+    return f"1 turn, {report.played_samples / sink.sample_rate:.2f} s answered, session saved"
 
 
 def _expect(condition: bool, message: str) -> None:

@@ -18,13 +18,14 @@ def kept(tmp_path_factory: pytest.TempPathFactory) -> Path:
     result = runner.invoke(app, ["selftest", "--keep", str(folder)])
     assert result.exit_code == 0, result.output
     assert "selftest passed" in result.stdout
-    for step in ("write tiny models", "load models", "tokenize", "decode", "tts", "transcribe", "total"):
+    for step in ("write tiny models", "load models", "tokenize", "decode", "tts", "transcribe", "chat turn", "total"):
         assert step in result.stdout
     return folder
 
 
 def test_selftest_keep_gives_a_model_set_every_command_uses(kept: Path, tmp_path: Path) -> None:
-    assert {p.name for p in kept.iterdir()} >= {"tokenizer", "lm", "decoder", "selftest_tts.wav"}
+    assert {p.name for p in kept.iterdir()} >= {"tokenizer", "lm", "decoder", "selftest_tts.wav", "selftest_chat.wav",
+                                               "selftest_session"}
     tok = runner.invoke(app, ["tokenize", str(kept / "selftest_tts.wav"), "--models", str(kept)])
     assert tok.exit_code == 0 and len(tok.stdout.split()) > 0, tok.output
     tts = runner.invoke(app, ["tts", "Hi.", "--models", str(kept), "-o", str(tmp_path / "a.wav"),

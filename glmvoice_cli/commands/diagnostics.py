@@ -34,7 +34,7 @@ def selftest(
     keep: Annotated[Optional[Path], typer.Option(
         "--keep", help="Leave the tiny model set here, so that --models DIR works with every command.")] = None,
 ) -> None:
-    """Run tokenize, decode, tts and transcribe end to end on tiny random models (offline, no audio devices)."""
+    """Run tokenize, decode, tts, transcribe and a chat turn end to end on tiny random models (offline, no audio)."""
     from rich.console import Console
     from rich.table import Table
 
