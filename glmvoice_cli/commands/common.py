@@ -16,7 +16,7 @@ DeviceOpt = Annotated[Optional[str], typer.Option("--device", help="auto, cpu, c
 DtypeOpt = Annotated[Optional[str], typer.Option(
     "--dtype", help="Language model precision: auto (bf16 on CUDA, else fp32), fp32, bf16 or fp16.")]
 QuantizeOpt = Annotated[Optional[int], typer.Option(
-    "--quantize", help="Load the language model in 4 or 8 bits (CUDA, needs glmvoice[quant]).")]
+    "--quantize", help="Load the language model in 4 or 8 bits (CUDA; pip install 'glmvoice\\[quant]').")]
 MaxTokensOpt = Annotated[Optional[int], typer.Option(
     "--max-new-tokens", min=1, help="Cap on generated tokens per answer (or per piece / window).")]
 SeedOpt = Annotated[Optional[int], typer.Option("--seed", help="Seed for sampling and the decoder's noise.")]
