@@ -45,12 +45,15 @@ class StreamSchedule:
     reference_prompt: bool = False  # feed back returned mels incl. the duplicated cache frame (Q9)
     reference_noise: bool = False  # seed-42 noise per call and sines restarting each block
     batch_guidance: bool = True  # run both guidance passes as one batch of two
+    max_vocoder_frames: int | None = 256  # vocode long blocks in pieces of this many mel frames
 
     def __post_init__(self) -> None:
         if not self.block_sizes or min(self.block_sizes) < OVERLAP_TOKENS + 1:
             raise UsageError(f"block sizes must be at least {OVERLAP_TOKENS + 1} tokens: {self.block_sizes}")
         if self.context_tokens is not None and self.context_tokens < 2 * OVERLAP_TOKENS:
             raise UsageError(f"context_tokens must be at least {2 * OVERLAP_TOKENS}: {self.context_tokens}")
+        if self.max_vocoder_frames is not None and self.max_vocoder_frames < 2 * MEL_CACHE_FRAMES:
+            raise UsageError(f"max_vocoder_frames must be at least {2 * MEL_CACHE_FRAMES}")
 
     def block_size(self, index: int) -> int:
         return self.block_sizes[min(index, len(self.block_sizes) - 1)]
@@ -62,6 +65,7 @@ REFERENCE_SCHEDULE = StreamSchedule(
     reference_prompt=True,
     reference_noise=True,
     batch_guidance=False,
+    max_vocoder_frames=None,
 )
 DEFAULT_SCHEDULE = StreamSchedule()
 
@@ -215,7 +219,11 @@ class AudioDecoder:
 
     def _vocode(self, state: DecoderState, mel: torch.Tensor, finalize: bool
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Cache/overlap bookkeeping around one HiFT call -> (speech, vocoder input, cache in, source)."""
+        """Overlap/cache bookkeeping around the vocoder -> (speech, vocoder input, cache in, source).
+
+        With `max_vocoder_frames`, a long block is vocoded in pieces joined by the same source
+        cache as blocks are (bounded memory); the reference makes one call per block.
+        """
         cache_in = torch.zeros(1, 1, 0)
         if state.cache_mel is not None and state.cache_source is not None:
             mel = torch.cat([state.cache_mel, mel], dim=2)
@@ -223,13 +231,28 @@ class AudioDecoder:
         if not finalize:
             state.mel_overlap = mel[:, :, -self.overlap_frames:]
             mel = mel[:, :, : -self.overlap_frames]
+        limit = self.schedule.max_vocoder_frames
+        rest, speeches, sources = mel, [], []
+        while limit is not None and rest.shape[-1] > limit:
+            speech, source = self._hift_call(state, rest[:, :, :limit], final=False)
+            speeches.append(speech)
+            sources.append(source if not sources else source[:, :, MEL_CACHE_FRAMES * self.samples_per_frame :])
+            rest = rest[:, :, limit - MEL_CACHE_FRAMES :]  # starts with the frame just cached
+        speech, source = self._hift_call(state, rest, final=finalize)
+        if sources:
+            source = torch.cat([*sources, source[:, :, MEL_CACHE_FRAMES * self.samples_per_frame :]], dim=2)
+        return torch.cat([*speeches, speech], dim=1), mel, cache_in, source
+
+    def _hift_call(self, state: DecoderState, mel: torch.Tensor, final: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """One vocoder call on mel (1, 80, F) whose first frame is the cached one, if any."""
+        cache_in = state.cache_source if state.cache_source is not None else torch.zeros(1, 1, 0)
         n_samples = mel.shape[-1] * self.samples_per_frame
         draws = self.noise.source_draws(n_samples, state.hift_start_frame * self.samples_per_frame)
         if not self.schedule.reference_noise:
             draws.cycle_offset = state.cycle_offset
         trace: dict[str, torch.Tensor] = {}
         speech, source = self.hift.inference(mel, cache_in, draws=draws, trace=trace)
-        if finalize:
+        if final:
             state.mel_overlap = state.cache_mel = state.cache_source = None
         else:
             cache_len = MEL_CACHE_FRAMES * self.samples_per_frame
@@ -239,7 +262,7 @@ class AudioDecoder:
             state.hift_start_frame += mel.shape[-1] - MEL_CACHE_FRAMES
             speech = speech[:, :-cache_len]
         state.samples_out += speech.shape[-1]
-        return speech, mel, cache_in, source
+        return speech, source
 
     def _check_tokens(self, tokens: Iterable[int]) -> list[int]:
         ids = [int(t) for t in tokens]
