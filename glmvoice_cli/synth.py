@@ -232,7 +232,9 @@ class AudioDecoder:
             state.mel_overlap = mel[:, :, -self.overlap_frames:]
             mel = mel[:, :, : -self.overlap_frames]
         limit = self.schedule.max_vocoder_frames
-        rest, speeches, sources = mel, [], []
+        rest = mel
+        speeches: list[torch.Tensor] = []
+        sources: list[torch.Tensor] = []
         while limit is not None and rest.shape[-1] > limit:
             speech, source = self._hift_call(state, rest[:, :, :limit], final=False)
             speeches.append(speech)
