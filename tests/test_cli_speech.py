@@ -118,7 +118,7 @@ def test_tts_ctrl_c_keeps_what_was_spoken(models: Path, tmp_path: Path, monkeypa
 
 def test_transcribe_json_and_plain(models: Path, speech: Path, tmp_path: Path) -> None:
     other = tmp_path / "other.flac"
-    sf.write(other, np.zeros(8000), 8000)
+    sf.write(other, 0.1 * np.random.default_rng(3).standard_normal(8000), 8000)
     result = runner.invoke(app, ["transcribe", str(speech), str(other), "--models", str(models), "--json",
                                  "--max-new-tokens", "12"])
     assert result.exit_code == 0, result.output
@@ -150,3 +150,67 @@ def test_transcribe_bad_file_is_one_line(models: Path, tmp_path: Path) -> None:
     bad.write_text("nope")
     result = runner.invoke(app, ["transcribe", str(bad), "--models", str(models)])
     assert result.exit_code == 2 and "not a readable audio file" in result.stderr
+
+
+def _one_line_error(result, code: int, *needles: str) -> None:  # type: ignore[no-untyped-def]
+    assert result.exit_code == code, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert all(n in lines[0] for n in needles), lines[0]
+
+
+@pytest.mark.parametrize("kind", ["missing", "empty", "silent"])
+def test_transcribe_missing_empty_or_silent_file_is_one_line(models: Path, tmp_path: Path, kind: str) -> None:
+    path = tmp_path / f"{kind}.wav"
+    if kind == "empty":
+        path.write_bytes(b"")
+    elif kind == "silent":
+        sf.write(path, np.zeros(16_000), 16_000)
+    result = runner.invoke(app, ["transcribe", str(path), "--models", str(models)])
+    _one_line_error(result, 2, str(path), {"missing": "not found", "empty": "empty", "silent": "silent"}[kind])
+
+
+def test_transcribe_two_hour_file_is_processed_in_windows(models: Path, tmp_path: Path) -> None:
+    path = tmp_path / "two_hours.flac"  # digital silence with a beep each minute: compresses to ~0.5 MB
+    tone = (3000 * np.sin(2 * np.pi * 440 * np.arange(8000) / 8000)).astype(np.int16)
+    with sf.SoundFile(path, "w", 8000, 1, subtype="PCM_16") as f:
+        minute = np.zeros(8000 * 60, np.int16)
+        minute[:8000] = tone
+        for _ in range(120):
+            f.write(minute)
+    result = runner.invoke(app, ["transcribe", str(path), "--models", str(models), "--json",
+                                 "--max-new-tokens", "1"])
+    assert result.exit_code == 0, result.output
+    row = json.loads(result.stdout)
+    assert row["seconds"] == 7200.0
+    assert row["tokens"] == 7200 * 25 // 2  # 12.5 tokens per second, every 30 s window in full
+    assert row["generated_tokens"] == 240  # one per 30 s window
+
+
+@pytest.mark.parametrize("stage, target", [("lm", "model.safetensors"), ("decoder", "flow.pt"),
+                                           ("tokenizer", "model.safetensors")])
+def test_corrupt_checkpoint_is_one_line(models: Path, tmp_path: Path, stage: str, target: str, speech: Path) -> None:
+    import shutil
+
+    broken = tmp_path / "models"
+    shutil.copytree(models, broken)
+    data = (broken / stage / target).read_bytes()
+    (broken / stage / target).write_bytes(data[: len(data) // 2])  # a download cut in half
+    if stage == "tokenizer":
+        args = ["transcribe", str(speech)]
+    else:
+        args = ["tts", "Hello.", "-o", str(tmp_path / "x.wav")]
+    result = runner.invoke(app, [*args, "--models", str(broken), "--max-new-tokens", "5"])
+    _one_line_error(result, 3, target)
+
+
+def test_acceptance_selftest_models_tts_then_transcribe(models: Path, tmp_path: Path) -> None:
+    out = tmp_path / "x.wav"
+    tts = runner.invoke(app, ["tts", "Hello there", "--emotion", "happy", "--models", str(models), "-o", str(out),
+                              "--max-new-tokens", "40"])
+    assert tts.exit_code == 0, tts.output
+    info = sf.info(out)
+    assert info.samplerate == 22_050 and info.channels == 1 and info.frames > 0
+    result = runner.invoke(app, ["transcribe", str(out), "--models", str(models), "--json", "--max-new-tokens", "8"])
+    assert result.exit_code == 0, result.output
+    assert len(result.stdout.strip().splitlines()) == 1 and json.loads(result.stdout)["file"] == str(out)

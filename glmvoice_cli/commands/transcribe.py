@@ -11,6 +11,8 @@ import typer
 
 from .common import DeviceOpt, DtypeOpt, LmOpt, MaxTokensOpt, ModelsOpt, QuantizeOpt, TokenizerOpt, load_assistant
 
+SILENCE_PEAK = 1e-4  # -80 dBFS: below this a file holds no speech, only digital silence
+
 
 def transcribe(
     files: Annotated[list[Path], typer.Argument(help="Audio files (wav, flac, ogg, mp3; any rate or channels).")],
@@ -23,14 +25,19 @@ def transcribe(
     max_new_tokens: MaxTokensOpt = None,
 ) -> None:
     """Transcribe each FILE with GLM-4-Voice (the speech plus an instruction, text-only output)."""
+    import numpy as np
     from rich.console import Console
 
     from ..audio.io import load_audio
+    from ..errors import AudioError
     from ..transcribe import TRANSCRIBE_MAX_NEW_TOKENS
     from ..transcribe import transcribe as run
 
     err = Console(stderr=True)
     audios = [load_audio(f) for f in files]  # every file is checked before the models load
+    for audio in audios:
+        if float(np.abs(audio.samples).max()) < SILENCE_PEAK:
+            raise AudioError(f"{audio.source} is silent (no signal above -80 dBFS): there is nothing to transcribe")
     start = time.perf_counter()
     assistant = load_assistant(("tokenizer", "lm"), models=models, overrides={"tokenizer": tokenizer, "lm": lm},
                                device=device, dtype=dtype, quantize=quantize)
