@@ -110,7 +110,7 @@ def parse_hyperpyyaml(text: str, where: Path = Path(CONFIG_FILE)) -> dict[str, A
         raise CheckpointError(f"{where}: unresolvable !ref {e.args[0]!r}") from e
 
 
-def load_hyperpyyaml(path: Path) -> dict[str, Any]:
+def read_hyperpyyaml_as_data(path: Path) -> dict[str, Any]:
     """Read and parse a hyperpyyaml file without importing or calling anything it names."""
     if not path.is_file():
         raise ModelNotFoundError(f"{path}: decoder config not found")
@@ -346,4 +346,4 @@ def load_decoder_config(path: Path) -> DecoderConfig:
     path = Path(path)
     if path.is_dir():
         path = path / CONFIG_FILE
-    return decoder_config_from_data(load_hyperpyyaml(path), path)
+    return decoder_config_from_data(read_hyperpyyaml_as_data(path), path)

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import soundfile as sf
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from glmvoice_cli.audio.io import load_audio
 from glmvoice_cli.models.speech_tokenizer import code_distances
 from glmvoice_cli.tokenizer import SpeechTokenizer
 
@@ -46,9 +46,8 @@ def tokenizer(golden: Path) -> SpeechTokenizer:
 
 
 def read_input(fixtures: Path, name: str) -> np.ndarray:
-    audio, rate = sf.read(fixtures / "inputs" / f"{name}.wav", dtype="float32", always_2d=True)
-    assert rate == 16_000
-    return audio[:, 0]
+    """The recorded input as the tokenizer sees it (16 kHz mono files pass through unchanged)."""
+    return load_audio(fixtures / "inputs" / f"{name}.wav").samples
 
 
 def utterances(golden_path: Path | None = None) -> list[str]:
