@@ -1,0 +1,48 @@
+"""4/8-bit LM loading. The product allows it on CUDA only; bitsandbytes' CPU backend lets the test run
+our loading path (official tensors quantized as they stream in) here, with the CUDA check bypassed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from glmvoice_cli.errors import UsageError
+from glmvoice_cli.models import lm_quant
+from glmvoice_cli.models.lm import VoiceLM
+from glmvoice_cli.models.lm_checkpoint import LoadOptions
+from glmvoice_cli.tiny.lm import TinyLMSpec, write_tiny_lm
+
+
+@pytest.fixture(scope="module")
+def lm_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_tiny_lm(tmp_path_factory.mktemp("lm"), TinyLMSpec(hidden_size=128, ffn_hidden_size=256, seed=4))
+
+
+def test_quantization_needs_cuda_and_valid_bits(lm_dir: Path) -> None:
+    with pytest.raises(UsageError, match="needs a CUDA GPU"):
+        VoiceLM.from_folder(lm_dir, LoadOptions(device="cpu", quantize_bits=4))
+    with pytest.raises(UsageError, match="4 or 8 bits"):
+        lm_quant.check_quantization(3, torch.device("cuda"))
+
+
+@pytest.mark.parametrize("bits, min_agreement", [(8, 0.9), (4, 0.5)])
+def test_quantized_loading_path_on_the_cpu_backend(lm_dir: Path, monkeypatch: pytest.MonkeyPatch, bits: int,
+                                                   min_agreement: float) -> None:
+    bnb = pytest.importorskip("bitsandbytes")
+    monkeypatch.setattr(lm_quant, "check_quantization", lambda bits, device: None)
+    dense = VoiceLM.from_folder(lm_dir, LoadOptions(device="cpu", dtype="fp32"))
+    quant = VoiceLM.from_folder(lm_dir, LoadOptions(device="cpu", dtype="fp32", quantize_bits=bits))
+    layer = quant.model.model.layers[0]
+    linear = bnb.nn.Linear8bitLt if bits == 8 else bnb.nn.Linear4bit
+    assert isinstance(layer.self_attn.q_proj, linear) and isinstance(layer.mlp.down_proj, linear)
+    assert not isinstance(quant.model.lm_head, linear)  # the output layer stays dense
+    ids = torch.tensor([dense.tokenizer.prefix_ids + dense.tokenizer.encode("hello there, how are you today?")])
+    with torch.no_grad():
+        ref = dense.model(input_ids=ids).logits.float()
+        out = quant.model(input_ids=ids).logits.float()
+    assert torch.isfinite(out).all()
+    assert float((out.argmax(-1) == ref.argmax(-1)).float().mean()) >= min_agreement
+    if bits == 8:  # int8 with fp16 activations stays close to the dense model
+        assert float((out - ref).abs().max()) < 0.05 * float(ref.abs().max())
