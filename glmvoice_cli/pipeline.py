@@ -12,7 +12,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -35,13 +35,6 @@ class LoadSettings:
     dtype: str | None = None  # the language model's; auto: bf16 on CUDA, fp32 elsewhere
     quantize_bits: int | None = None  # 4 or 8 (CUDA, bitsandbytes)
     seed: int | None = None  # the decoder's noise seed
-
-
-@dataclass
-class StageTimes:
-    """Seconds spent loading each stage, for `selftest` and `doctor`."""
-
-    load: dict[str, float]
 
 
 class Assistant:
@@ -90,42 +83,60 @@ class Assistant:
         return SpeechInput(tuple(self.tokenizer.encode([samples])[0]))
 
     def respond(self, conv: Conversation, user: UserInput, options: GenerationOptions | None = None,
-                cancel: threading.Event | None = None, speak: bool = True) -> Iterator[TextDelta | AudioChunk | TurnEnded]:
-        """Stream the answer to one turn: text pieces and decoded audio blocks, then TurnEnded."""
+                cancel: threading.Event | None = None, speak: bool = True,
+                ) -> Iterator[TextDelta | AudioChunk | TurnEnded]:
+        """Stream the answer to one turn: text pieces and decoded audio blocks, then TurnEnded.
+
+        A cancelled turn (barge-in) is not flushed: the user has already moved on.
+        """
         from .models.lm import AudioTokens, StopReason, TextPiece, TurnEnd
 
-        speak = speak and self.decoder is not None
-        state = self.decoder.new_state() if speak else None
+        voice = _Voice(self.decoder) if speak and self.decoder is not None else None
         start = time.perf_counter()
-        timings = TurnTimings()
-        audio_seconds = 0.0
+        first_token: float | None = None
         for event in self.lm.stream(conv, user, options, cancel):
-            if timings.first_token_s is None and not isinstance(event, TurnEnd):
-                timings = replace(timings, first_token_s=time.perf_counter() - start)
-            if isinstance(event, TextPiece):
-                if event.text:
-                    yield TextDelta(event.text)
-            elif isinstance(event, AudioTokens):
-                if state is not None:
-                    for chunk in self.decoder.push(state, event.indices):  # type: ignore[union-attr]
-                        if timings.first_audio_s is None:
-                            timings = replace(timings, first_audio_s=time.perf_counter() - start)
-                        audio_seconds += len(chunk) / self.decoder.sample_rate  # type: ignore[union-attr]
-                        yield AudioChunk(chunk, self.decoder.sample_rate)  # type: ignore[union-attr]
+            if first_token is None and not isinstance(event, TurnEnd):
+                first_token = time.perf_counter() - start
+            if isinstance(event, TextPiece) and event.text:
+                yield TextDelta(event.text)
+            elif isinstance(event, AudioTokens) and voice is not None:
+                yield from voice.push(event.indices, start)
             elif isinstance(event, TurnEnd):
                 cut = event.reason == StopReason.CANCELLED
-                if state is not None and not cut:
-                    tail = self.decoder.flush(state)  # type: ignore[union-attr]
-                    if len(tail):
-                        if timings.first_audio_s is None:
-                            timings = replace(timings, first_audio_s=time.perf_counter() - start)
-                        audio_seconds += len(tail) / self.decoder.sample_rate  # type: ignore[union-attr]
-                        yield AudioChunk(tail, self.decoder.sample_rate)  # type: ignore[union-attr]
+                if voice is not None and not cut:
+                    yield from voice.flush(start)
                 elapsed = time.perf_counter() - start
-                rtf = elapsed / audio_seconds if audio_seconds else None
-                timings = replace(timings, tokens=event.n_generated, real_time_factor=rtf)
+                timings = TurnTimings(
+                    first_token_s=first_token, first_audio_s=voice.first_audio_s if voice else None,
+                    real_time_factor=elapsed / voice.seconds if voice and voice.seconds else None,
+                    tokens=event.n_generated)
                 yield TurnEnded(interrupted=cut, reason=_REASONS.get(event.reason.value, event.reason.value),
                                 timings=timings)
+
+
+class _Voice:
+    """One turn's decoding: audio tokens in, AudioChunk events out, with the first-audio time."""
+
+    def __init__(self, decoder: AudioDecoder) -> None:
+        self.decoder = decoder
+        self.state = decoder.new_state()
+        self.seconds = 0.0  # of audio produced
+        self.first_audio_s: float | None = None
+
+    def push(self, tokens: tuple[int, ...], start: float) -> Iterator[AudioChunk]:
+        for chunk in self.decoder.push(self.state, tokens):
+            yield self._chunk(chunk, start)
+
+    def flush(self, start: float) -> Iterator[AudioChunk]:
+        tail = self.decoder.flush(self.state)
+        if len(tail):
+            yield self._chunk(tail, start)
+
+    def _chunk(self, samples: np.ndarray, start: float) -> AudioChunk:
+        if self.first_audio_s is None:
+            self.first_audio_s = time.perf_counter() - start
+        self.seconds += len(samples) / self.decoder.sample_rate
+        return AudioChunk(samples, self.decoder.sample_rate)
 
 
 _REASONS = {"user": "done", "eos": "done", "max_tokens": "max_tokens", "cancelled": "cancelled"}
