@@ -22,7 +22,12 @@ import torch
 import torch.nn.functional as F
 
 from glmvoice_cli.audio.features import FeatureConfig
-from glmvoice_cli.models.speech_tokenizer import TokenizerConfig, WhisperVQEncoder, block_causal_mask, nearest_code
+from glmvoice_cli.models.speech_tokenizer import (
+    TokenizerConfig,
+    WhisperVQEncoder,
+    block_causal_mask,
+    nearest_code,
+)
 from glmvoice_cli.tokenizer import SpeechTokenizer
 
 RATE = 16_000

@@ -78,7 +78,7 @@ def test_tts_missing_models_names_the_fetch_command(tmp_path: Path) -> None:
 
 
 def test_tts_without_audio_output_device_is_one_line(models: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import glmvoice_cli.audio.devices as devices
+    from glmvoice_cli.audio import devices
 
     def no_portaudio():  # as on a machine without libportaudio2
         raise devices.AudioDeviceError("PortAudio library not found (install it: apt install libportaudio2)")

@@ -56,7 +56,7 @@ def test_selftest_failure_names_the_step(tmp_path: Path, monkeypatch: pytest.Mon
 
 
 def test_doctor_reports_models_and_missing_audio(kept: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import glmvoice_cli.audio.devices as devices
+    from glmvoice_cli.audio import devices
 
     monkeypatch.setenv("GLMVOICE_MODELS", str(kept))
     monkeypatch.setattr(devices, "import_sounddevice", lambda: (_ for _ in ()).throw(

@@ -18,9 +18,9 @@ import numpy as np
 import soundfile as sf
 import soxr
 
+from glmvoice_cli.config import SAMPLE_RATE_IN as TOKENIZER_SAMPLE_RATE  # Hz, what the tokenizer expects
 from glmvoice_cli.errors import AudioError
 
-from glmvoice_cli.config import SAMPLE_RATE_IN as TOKENIZER_SAMPLE_RATE  # Hz, what the tokenizer expects
 READ_BLOCK_FRAMES = 1 << 16  # frames per read: a truncated file keeps every block read before the damage
 SALVAGE_BLOCK_FRAMES = 256  # frames per read when re-reading the block that failed
 RESAMPLE_QUALITY = "HQ"  # soxr: 20-bit precision, flat to ~94% of Nyquist, stopband far below 16-bit noise

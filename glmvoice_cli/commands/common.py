@@ -3,23 +3,23 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
-ModelsOpt = Annotated[Optional[Path], typer.Option(
+ModelsOpt = Annotated[Path | None, typer.Option(
     "--models", help="A folder holding tokenizer/, lm/ and decoder/ (default: the download cache).")]
-TokenizerOpt = Annotated[Optional[Path], typer.Option("--tokenizer", help="Speech tokenizer folder.")]
-LmOpt = Annotated[Optional[Path], typer.Option("--lm", help="Language model folder (glm-4-voice-9b).")]
-DecoderOpt = Annotated[Optional[Path], typer.Option("--decoder", help="Speech decoder folder.")]
-DeviceOpt = Annotated[Optional[str], typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.")]
-DtypeOpt = Annotated[Optional[str], typer.Option(
+TokenizerOpt = Annotated[Path | None, typer.Option("--tokenizer", help="Speech tokenizer folder.")]
+LmOpt = Annotated[Path | None, typer.Option("--lm", help="Language model folder (glm-4-voice-9b).")]
+DecoderOpt = Annotated[Path | None, typer.Option("--decoder", help="Speech decoder folder.")]
+DeviceOpt = Annotated[str | None, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.")]
+DtypeOpt = Annotated[str | None, typer.Option(
     "--dtype", help="Language model precision: auto (bf16 on CUDA, else fp32), fp32, bf16 or fp16.")]
-QuantizeOpt = Annotated[Optional[int], typer.Option(
+QuantizeOpt = Annotated[int | None, typer.Option(
     "--quantize", help="Load the language model in 4 or 8 bits (CUDA; pip install 'glmvoice\\[quant]').")]
-MaxTokensOpt = Annotated[Optional[int], typer.Option(
+MaxTokensOpt = Annotated[int | None, typer.Option(
     "--max-new-tokens", min=1, help="Cap on generated tokens per answer (or per piece / window).")]
-SeedOpt = Annotated[Optional[int], typer.Option("--seed", help="Seed for sampling and the decoder's noise.")]
+SeedOpt = Annotated[int | None, typer.Option("--seed", help="Seed for sampling and the decoder's noise.")]
 
 
 def load_assistant(stages: tuple[str, ...], *, models: Path | None, overrides: dict[str, Path | None],

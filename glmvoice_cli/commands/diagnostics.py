@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import tempfile
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -31,7 +31,7 @@ def doctor() -> None:
 
 
 def selftest(
-    keep: Annotated[Optional[Path], typer.Option(
+    keep: Annotated[Path | None, typer.Option(
         "--keep", help="Leave the tiny model set here, so that --models DIR works with every command.")] = None,
 ) -> None:
     """Run tokenize, decode, tts, transcribe and a chat turn end to end on tiny random models (offline, no audio)."""

@@ -4,19 +4,19 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
-DeviceOpt = Annotated[Optional[str], typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.")]
-DtypeOpt = Annotated[Optional[str], typer.Option("--dtype", help="fp32 (default) or bf16.")]
+DeviceOpt = Annotated[str | None, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.")]
+DtypeOpt = Annotated[str | None, typer.Option("--dtype", help="fp32 (default) or bf16.")]
 
 
 def tokenize(
     files: Annotated[list[Path], typer.Argument(help="Audio files (wav, flac, ogg, mp3; any rate or channels).")],
-    tokenizer: Annotated[Optional[Path], typer.Option(
+    tokenizer: Annotated[Path | None, typer.Option(
         "--tokenizer", help="Folder of THUDM/glm-4-voice-tokenizer (default: the downloaded one).")] = None,
-    models: Annotated[Optional[Path], typer.Option(
+    models: Annotated[Path | None, typer.Option(
         "--models", help="A folder holding tokenizer/, lm/ and decoder/.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per line: file, tokens, seconds.")] = False,
     device: DeviceOpt = None,

@@ -5,11 +5,20 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
-from .common import DeviceOpt, DtypeOpt, LmOpt, MaxTokensOpt, ModelsOpt, QuantizeOpt, TokenizerOpt, load_assistant
+from .common import (
+    DeviceOpt,
+    DtypeOpt,
+    LmOpt,
+    MaxTokensOpt,
+    ModelsOpt,
+    QuantizeOpt,
+    TokenizerOpt,
+    load_assistant,
+)
 
 SILENCE_PEAK = 1e-4  # -80 dBFS: below this a file holds no speech, only digital silence
 
@@ -18,7 +27,7 @@ def transcribe(
     files: Annotated[list[Path], typer.Argument(help="Audio files (wav, flac, ogg, mp3; any rate or channels).")],
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per file: file, text, seconds, "
                                           "tokens, timings.")] = False,
-    prompt: Annotated[Optional[str], typer.Option(help="Replace the transcription instruction.")] = None,
+    prompt: Annotated[str | None, typer.Option(help="Replace the transcription instruction.")] = None,
     window: Annotated[float, typer.Option(min=1.0, help="Seconds of audio per model call.")] = 30.0,
     models: ModelsOpt = None, tokenizer: TokenizerOpt = None, lm: LmOpt = None,
     device: DeviceOpt = None, dtype: DtypeOpt = None, quantize: QuantizeOpt = None,

@@ -6,30 +6,39 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
 from ..errors import UsageError
 from ..instructions import DIALECTS, EMOTIONS, SPEEDS
-from .common import (DecoderOpt, DeviceOpt, DtypeOpt, LmOpt, MaxTokensOpt, ModelsOpt, QuantizeOpt, SeedOpt,
-                     load_assistant)
+from .common import (
+    DecoderOpt,
+    DeviceOpt,
+    DtypeOpt,
+    LmOpt,
+    MaxTokensOpt,
+    ModelsOpt,
+    QuantizeOpt,
+    SeedOpt,
+    load_assistant,
+)
 
 DRAIN_POLL_S = 0.05  # how often to check that the speaker has played everything
 
 
 def tts(
-    text: Annotated[Optional[str], typer.Argument(help="Text to speak; '-' or nothing reads stdin.")] = None,
-    file: Annotated[Optional[Path], typer.Option("--file", "-f", help="Read the text from this file.")] = None,
-    output: Annotated[Optional[Path], typer.Option(
+    text: Annotated[str | None, typer.Argument(help="Text to speak; '-' or nothing reads stdin.")] = None,
+    file: Annotated[Path | None, typer.Option("--file", "-f", help="Read the text from this file.")] = None,
+    output: Annotated[Path | None, typer.Option(
         "--output", "-o", help="Write the speech here (.wav, .flac, .ogg; '-' = WAV on stdout).")] = None,
     play: Annotated[bool, typer.Option("--play", help="Also play it (the default when no -o is given).")] = False,
     emotion: Annotated[str, typer.Option(help=f"One of: {', '.join(EMOTIONS)}.")] = "neutral",
     speed: Annotated[str, typer.Option(help=f"One of: {', '.join(SPEEDS)}.")] = "normal",
     dialect: Annotated[str, typer.Option(help=f"One of: {', '.join(DIALECTS)}.")] = "mandarin",
-    instruction: Annotated[Optional[str], typer.Option(
+    instruction: Annotated[str | None, typer.Option(
         help="Your own instruction instead of the template; '{text}' marks where the text goes.")] = None,
-    output_device: Annotated[Optional[str], typer.Option(help="Speaker name or index (see glmvoice devices).")
+    output_device: Annotated[str | None, typer.Option(help="Speaker name or index (see glmvoice devices).")
                              ] = None,
     models: ModelsOpt = None, lm: LmOpt = None, decoder: DecoderOpt = None,
     device: DeviceOpt = None, dtype: DtypeOpt = None, quantize: QuantizeOpt = None,
