@@ -44,6 +44,7 @@ class Assistant:
                  decoder: AudioDecoder | None = None) -> None:
         self.lm, self.tokenizer, self.decoder = lm, tokenizer, decoder
         self.load_seconds: dict[str, float] = {}
+        self.dirs: dict[str, Path] = {}  # the model folders it was loaded from
 
     @classmethod
     def load(cls, dirs: dict[str, Path], settings: LoadSettings = LoadSettings()) -> Assistant:
@@ -71,7 +72,7 @@ class Assistant:
                 loaded[stage] = AudioDecoder(load_decoder(dirs[stage], device), seed=settings.seed)
             seconds[stage] = time.perf_counter() - start
         assistant = cls(loaded["lm"], loaded.get("tokenizer"), loaded.get("decoder"))  # type: ignore[arg-type]
-        assistant.load_seconds = seconds
+        assistant.load_seconds, assistant.dirs = seconds, dict(dirs)
         return assistant
 
     def hear(self, samples: np.ndarray) -> SpeechInput:

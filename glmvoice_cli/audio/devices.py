@@ -22,7 +22,7 @@ from typing import Any, Literal, Protocol
 import numpy as np
 import soxr
 
-from glmvoice_cli.audio.playback import PlaybackBuffer, PlayedTap
+from glmvoice_cli.audio.playback import BufferedSink, PlaybackBuffer, PlayedTap
 from glmvoice_cli.config import SAMPLE_RATE_IN, SAMPLE_RATE_OUT
 from glmvoice_cli.errors import AudioDeviceError
 
@@ -214,7 +214,7 @@ class Microphone:
             _close_stream(self._stream)
 
 
-class Speaker:
+class Speaker(BufferedSink):
     """Plays 22.05 kHz float32 blocks on an output device through a PlaybackBuffer.
 
     The buffer holds 22.05 kHz audio; when the device cannot play that rate, the callback
@@ -265,18 +265,7 @@ class Speaker:
         stalled = time.monotonic() - self._last_callback > STALL_S
         if not self._closed and (stalled or not self._stream.active):
             raise AudioDeviceError(f"speaker {self.info.name!r} stopped playing (unplugged?); {DEVICES_HINT}")
-        self.buffer.write(block)
-
-    def flush(self) -> int:
-        return self.buffer.flush()
-
-    @property
-    def played(self) -> int:
-        return self.buffer.played
-
-    @property
-    def pending(self) -> int:
-        return self.buffer.pending
+        super().write(block)
 
     def close(self) -> None:
         if not self._closed:

@@ -17,7 +17,14 @@ import numpy as np
 import soxr
 
 from glmvoice_cli.audio.io import load_audio, write_audio
-from glmvoice_cli.audio.playback import Clock, PlaybackBuffer, PlayedTap, RealClock, VirtualClock
+from glmvoice_cli.audio.playback import (
+    BufferedSink,
+    Clock,
+    PlaybackBuffer,
+    PlayedTap,
+    RealClock,
+    VirtualClock,
+)
 from glmvoice_cli.config import SAMPLE_RATE_IN, SAMPLE_RATE_OUT
 
 SOURCE_BLOCK_MS = 30  # fake microphone block: one VAD frame, like Microphone
@@ -94,7 +101,7 @@ class NullSink:
         pass
 
 
-class RecordingSink:
+class RecordingSink(BufferedSink):
     """A fake speaker: records what a real one would play, silences included, on the clock's timeline.
 
     Sample i of the recording is what the speaker played at ``i / sample_rate`` seconds. On a
@@ -118,20 +125,6 @@ class RecordingSink:
         else:
             self._thread = threading.Thread(target=self._tick, name="recording-sink", daemon=True)
             self._thread.start()
-
-    def write(self, block: np.ndarray) -> None:
-        self.buffer.write(block)
-
-    def flush(self) -> int:
-        return self.buffer.flush()
-
-    @property
-    def played(self) -> int:
-        return self.buffer.played
-
-    @property
-    def pending(self) -> int:
-        return self.buffer.pending
 
     def advance_to(self, t: float) -> None:
         """Play everything due up to ``t`` seconds on the timeline."""

@@ -83,6 +83,26 @@ class PlaybackBuffer:
         return out
 
 
+class BufferedSink:
+    """The sink methods of every speaker (real or fake) that plays from a PlaybackBuffer."""
+
+    buffer: PlaybackBuffer
+
+    def write(self, block: np.ndarray) -> None:
+        self.buffer.write(block)
+
+    def flush(self) -> int:
+        return self.buffer.flush()
+
+    @property
+    def played(self) -> int:
+        return self.buffer.played
+
+    @property
+    def pending(self) -> int:
+        return self.buffer.pending
+
+
 class Clock(Protocol):
     """Seconds since the clock started; fake devices pace themselves with it."""
 

@@ -37,6 +37,7 @@ from .common import (
     QuantizeOpt,
     SeedOpt,
     TokenizerOpt,
+    load_assistant,
 )
 
 ECHO_DELAY_S = 0.03  # --simulate-echo: speaker-to-microphone delay of the simulated room
@@ -73,9 +74,10 @@ def chat(
     io = _open_audio(input_file, output_file, text, realtime, simulate_echo, headphones, input_device, output_device)
     try:
         stages = ("lm", "decoder") if text else ("tokenizer", "lm", "decoder")
-        assistant, dirs = _load(stages, models, {"tokenizer": tokenizer, "lm": lm, "decoder": decoder},
-                                device, dtype, quantize, seed)
-        store = _open_store(session_dir, resume, dirs, "text" if text else "voice")
+        assistant = load_assistant(stages, models=models,
+                                   overrides={"tokenizer": tokenizer, "lm": lm, "decoder": decoder},
+                                   device=device, dtype=dtype, quantize=quantize, seed=seed)
+        store = _open_store(session_dir, resume, assistant.dirs, "text" if text else "voice")
         engine = _make_engine(assistant, io, store, vad_aggressiveness, max_new_tokens, seed, transcribe_user)
         _converse(engine, store, text, live)
     finally:
@@ -124,7 +126,7 @@ def _open_audio(input_file: Path | None, output_file: Path | None, text: bool, r
     if output_file is not None or input_file is not None:
         sink: Any = RecordingSink(output_file, clock=clock, on_played=echo.reference)
     else:
-        sink = Speaker(_spec(output_device), on_played=echo.reference)
+        sink = Speaker(output_device, on_played=echo.reference)
     try:
         source: Any = None
         if input_file is not None:
@@ -132,25 +134,11 @@ def _open_audio(input_file: Path | None, output_file: Path | None, text: bool, r
             if simulate_echo:
                 source = EchoLoop(source, sink, delay_s=ECHO_DELAY_S, gain=simulate_echo)
         elif not text:
-            source = Microphone(_spec(input_device))
+            source = Microphone(input_device)
     except BaseException:
         sink.close()
         raise
     return _AudioIO(source, sink, echo, clock, lockstep)
-
-
-def _spec(device: str | None) -> int | str | None:
-    return int(device) if device and device.strip().isdigit() else device
-
-
-def _load(stages: tuple[str, ...], models: Path | None, overrides: dict[str, Path | None], device: str | None,
-          dtype: str | None, quantize: int | None, seed: int | None) -> tuple[Any, dict[str, Path]]:
-    from ..pipeline import Assistant, LoadSettings
-    from .models import ensure_models
-
-    dirs = ensure_models(stages, models=models, overrides=overrides)  # type: ignore[arg-type]
-    settings = LoadSettings(device=device, dtype=dtype, quantize_bits=quantize, seed=seed)
-    return Assistant.load(dirs, settings), dirs
 
 
 def _open_store(session_dir: Path | None, resume: str | None, dirs: dict[str, Path], mode: str) -> Any:

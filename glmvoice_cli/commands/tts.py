@@ -126,5 +126,4 @@ def _check_output(output: Path | None) -> None:
 def _open_speaker(device: str | None):  # type: ignore[no-untyped-def]
     from ..audio.devices import Speaker
 
-    spec: int | str | None = int(device) if device and device.isdigit() else device
-    return Speaker(spec)
+    return Speaker(device)  # an index or a part of a name
