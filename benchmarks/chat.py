@@ -37,9 +37,10 @@ from glmvoice_cli.audio.fakes import ArraySource, RecordingSink
 from glmvoice_cli.audio.io import load_audio
 from glmvoice_cli.audio.playback import RealClock, VirtualClock
 from glmvoice_cli.audio.vad import VadConfig
-from glmvoice_cli.models.lm import GenerationOptions
-from glmvoice_cli.pipeline import Assistant, LoadSettings
-from glmvoice_cli.session import ChatEngine, EngineConfig
+from glmvoice_cli.chat.engine import ChatEngine, EngineConfig
+from glmvoice_cli.lm.voice_lm import GenerationOptions
+from glmvoice_cli.options import LoadOptions
+from glmvoice_cli.pipeline import Assistant
 from glmvoice_cli.tiny.modelset import write_tiny_model_set
 
 RATE, OUT_RATE = 16_000, 22_050
@@ -120,7 +121,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as scratch:
         root = args.models or write_tiny_model_set(Path(scratch) / "models", codebook=64).root
         dirs = {stage: Path(root) / stage for stage in ("tokenizer", "lm", "decoder")}
-        assistant = Assistant.load(dirs, LoadSettings(device=args.device, seed=args.seed))
+        assistant = Assistant.load(dirs, LoadOptions(device=args.device, seed=args.seed))
         question, cut, speech = _phrases()
         vad = VadConfig()
         _one_run(assistant, question, cut, CUT_IN_S[0], args, vad)  # warm-up: first calls allocate

@@ -27,8 +27,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from glmvoice_cli.models.decoder_checkpoint import DecoderModels
-from glmvoice_cli.synth import DEFAULT_SCHEDULE, REFERENCE_SCHEDULE, AudioDecoder, BlockOutput, StreamSchedule
+from glmvoice_cli.decoder.checkpoint import DecoderModels
+from glmvoice_cli.decoder.speech_decoder import (
+    DEFAULT_SCHEDULE,
+    REFERENCE_SCHEDULE,
+    BlockOutput,
+    SpeechDecoder,
+    StreamSchedule,
+)
 from glmvoice_cli.tiny.decoder import REAL_DECODER_SPEC, TinyDecoderSpec, tiny_decoder
 
 TOKENS_PER_SECOND = 12.5
@@ -90,7 +96,7 @@ def run_stream(models: DecoderModels, schedule: StreamSchedule, tokens: list[int
         })
         last[0], last[1] = now, cpu
 
-    decoder = AudioDecoder(models, schedule, on_block=on_block)
+    decoder = SpeechDecoder(models, schedule, on_block=on_block)
     state = decoder.new_state()
     exact = _reset_peak_rss()
     start, cpu_start = time.perf_counter(), time.process_time()
@@ -126,7 +132,7 @@ def run_stream(models: DecoderModels, schedule: StreamSchedule, tokens: list[int
 
 
 def run_one_pass(models: DecoderModels, tokens: list[int]) -> dict[str, object]:
-    decoder = AudioDecoder(models, DEFAULT_SCHEDULE)
+    decoder = SpeechDecoder(models, DEFAULT_SCHEDULE)
     exact = _reset_peak_rss()
     start, cpu_start = time.perf_counter(), time.process_time()
     audio = decoder.decode(tokens)
@@ -160,7 +166,7 @@ def main() -> None:
     models = tiny_decoder(spec)
     tokens = torch.randint(0, spec.vocab_size, (n_tokens,), generator=torch.Generator().manual_seed(0)).tolist()
     with torch.inference_mode():
-        AudioDecoder(models, DEFAULT_SCHEDULE).decode(tokens[:10])  # warm-up, not measured
+        SpeechDecoder(models, DEFAULT_SCHEDULE).decode(tokens[:10])  # warm-up, not measured
         _log("our schedule")
         ours = run_stream(models, DEFAULT_SCHEDULE, tokens)
         _log("reference schedule")

@@ -34,9 +34,9 @@ import torch
 import transformers
 from transformers.generation.streamers import BaseStreamer
 
-from glmvoice_cli.models.lm import AudioTokens, GenerationOptions, TurnEnd, VoiceLM
-from glmvoice_cli.models.lm_checkpoint import LoadOptions
-from glmvoice_cli.models.prompts import SpeechInput, turn_ids
+from glmvoice_cli.lm.prompts import SpeechInput, turn_ids
+from glmvoice_cli.lm.voice_lm import AudioTokens, GenerationOptions, TurnEnd, VoiceLM
+from glmvoice_cli.options import LoadOptions
 from glmvoice_cli.tiny.lm import TinyLMSpec, write_tiny_lm
 
 REAL_VOCAB = 168_960  # padded vocabulary of glm-4-voice-9b
@@ -88,8 +88,8 @@ def silence_stops(lm: VoiceLM) -> None:
     """Zero the output rows of EOS ids and padded ids: logit 0 never wins against the random rows."""
     weight = lm.model.lm_head.weight
     with torch.no_grad():
-        weight[lm.tokenizer.vocab_size :] = 0
-        for token_id in lm.tokenizer.eos_ids:
+        weight[lm.text_tokenizer.vocab_size :] = 0
+        for token_id in lm.text_tokenizer.eos_ids:
             weight[token_id] = 0
 
 
@@ -140,8 +140,8 @@ def run_generate(lm: VoiceLM, prompt_ids: list[int], options: GenerationOptions)
         "attention_mask": torch.ones_like(ids),
         "max_new_tokens": options.max_new_tokens,
         "streamer": streamer,
-        "eos_token_id": sorted(lm.tokenizer.eos_ids),
-        "pad_token_id": lm.tokenizer.token_id("<|endoftext|>"),
+        "eos_token_id": sorted(lm.text_tokenizer.eos_ids),
+        "pad_token_id": lm.text_tokenizer.token_id("<|endoftext|>"),
         **(sampling if options.temperature > 0 else {"do_sample": False}),
     }
     sync(lm.device)
@@ -154,7 +154,7 @@ def run_generate(lm: VoiceLM, prompt_ids: list[int], options: GenerationOptions)
     while (token_id := streamer.queue.get(timeout=600)) is not None:
         stamps.append(time.perf_counter())
         tokens.append(token_id)
-        if first_audio is None and lm.tokenizer.is_audio(token_id):
+        if first_audio is None and lm.text_tokenizer.is_audio(token_id):
             first_audio = stamps[-1]
     worker.join()
     return _timings(start, stamps, first_audio), tokens
@@ -197,8 +197,8 @@ def main() -> None:
         lm = VoiceLM.from_folder(folder, LoadOptions(device=args.device, dtype=args.dtype))
         load_s = time.perf_counter() - t
     silence_stops(lm)
-    prompt = SpeechInput(tuple(i * 7 % lm.tokenizer.n_audio_tokens for i in range(n_audio)))
-    prompt_ids = turn_ids(lm.tokenizer, prompt, None)
+    prompt = SpeechInput(tuple(i * 7 % lm.text_tokenizer.n_audio_tokens for i in range(n_audio)))
+    prompt_ids = turn_ids(lm.text_tokenizer, prompt, None)
     options = GenerationOptions(max_new_tokens=new_tokens, seed=0)
 
     greedy = replace(options, temperature=0.0, max_new_tokens=GREEDY_CHECK_TOKENS)

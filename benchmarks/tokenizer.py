@@ -21,14 +21,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from glmvoice_cli.audio.features import FeatureConfig
-from glmvoice_cli.models.speech_tokenizer import (
+from glmvoice_cli.tokenizer.features import FeatureConfig
+from glmvoice_cli.tokenizer.speech_tokenizer import SpeechTokenizer
+from glmvoice_cli.tokenizer.whisper_vq import (
     TokenizerConfig,
     WhisperVQEncoder,
     block_causal_mask,
     nearest_code,
 )
-from glmvoice_cli.tokenizer import SpeechTokenizer
 
 RATE = 16_000
 

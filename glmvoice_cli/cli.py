@@ -15,16 +15,16 @@ from typing import Annotated, NoReturn
 import typer
 from typer.core import TyperGroup
 
-from . import __version__
-from .commands import chat as _chat
-from .commands import decode as _decode
-from .commands import devices as _devices
-from .commands import diagnostics as _diagnostics
-from .commands import tokenize as _tokenize
-from .commands import transcribe as _transcribe
-from .commands import tts as _tts
-from .commands.models import models_app
-from .errors import GlmVoiceError
+from glmvoice_cli import __version__
+from glmvoice_cli.commands import chat as _chat
+from glmvoice_cli.commands import decode as _decode
+from glmvoice_cli.commands import devices as _devices
+from glmvoice_cli.commands import diagnostics as _diagnostics
+from glmvoice_cli.commands import tokenize as _tokenize
+from glmvoice_cli.commands import transcribe as _transcribe
+from glmvoice_cli.commands import tts as _tts
+from glmvoice_cli.commands.models import models_app
+from glmvoice_cli.errors import GlmVoiceError
 
 _DEBUG_ENV = "GLMVOICE_DEBUG"
 

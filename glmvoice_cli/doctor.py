@@ -15,8 +15,9 @@ from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
-from . import __version__, hub, settings
-from .errors import GlmVoiceError
+from glmvoice_cli import __version__
+from glmvoice_cli.errors import GlmVoiceError
+from glmvoice_cli.models import hub, settings
 
 OK, WARN, FAIL = "ok", "warn", "fail"
 GIB = 2**30
@@ -84,7 +85,7 @@ def check_device() -> list[Check]:
 
 
 def check_audio() -> list[Check]:
-    from .audio.devices import list_devices
+    from glmvoice_cli.audio.devices import list_devices
 
     try:
         devices = list_devices()

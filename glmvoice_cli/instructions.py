@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from .errors import UsageError
+from glmvoice_cli.errors import UsageError
 
 TEXT_SLOT = "{text}"
 

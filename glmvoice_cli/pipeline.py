@@ -1,6 +1,6 @@
 """The three stages composed, without threads or I/O: speech or text in, events out.
 
-    16 kHz samples -> SpeechTokenizer -> VoiceLM.stream -> AudioDecoder.push/flush -> AudioChunk events
+    16 kHz samples -> SpeechTokenizer -> VoiceLM.stream -> SpeechDecoder.push/flush -> AudioChunk events
 
 `Assistant.respond` is a generator: it yields TextDelta and AudioChunk events as the language model
 samples and the decoder completes blocks, then one TurnEnded with the turn's timings. The chat engine
@@ -12,51 +12,43 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .events import AudioChunk, TextDelta, TurnEnded, TurnTimings
+from glmvoice_cli.events import AudioChunk, TextDelta, TurnEnded, TurnTimings
+from glmvoice_cli.options import LoadOptions
 
 if TYPE_CHECKING:
-    from .models.lm import Conversation, GenerationOptions, VoiceLM
-    from .models.prompts import SpeechInput, UserInput
-    from .synth import AudioDecoder
-    from .tokenizer import SpeechTokenizer
+    from glmvoice_cli.decoder.speech_decoder import SpeechDecoder
+    from glmvoice_cli.lm.prompts import SpeechInput, UserInput
+    from glmvoice_cli.lm.voice_lm import Conversation, GenerationOptions, VoiceLM
+    from glmvoice_cli.tokenizer.speech_tokenizer import SpeechTokenizer
 
 STAGE_ORDER = ("tokenizer", "lm", "decoder")
-
-
-@dataclass(frozen=True)
-class LoadSettings:
-    device: str | None = None  # auto: cuda > mps > cpu
-    dtype: str | None = None  # the language model's; auto: bf16 on CUDA, fp32 elsewhere
-    quantize_bits: int | None = None  # 4 or 8 (CUDA, bitsandbytes)
-    seed: int | None = None  # the decoder's noise seed
 
 
 class Assistant:
     """The loaded stages a command needs (any of them may be absent when not needed)."""
 
     def __init__(self, lm: VoiceLM, tokenizer: SpeechTokenizer | None = None,
-                 decoder: AudioDecoder | None = None) -> None:
-        self.lm, self.tokenizer, self.decoder = lm, tokenizer, decoder
+                 decoder: SpeechDecoder | None = None) -> None:
+        self.lm, self.speech_tokenizer, self.decoder = lm, tokenizer, decoder
         self.load_seconds: dict[str, float] = {}
         self.dirs: dict[str, Path] = {}  # the model folders it was loaded from
 
     @classmethod
-    def load(cls, dirs: dict[str, Path], settings: LoadSettings = LoadSettings()) -> Assistant:
+    def load(cls, dirs: dict[str, Path], options: LoadOptions = LoadOptions()) -> Assistant:
         """Load the stages named in `dirs` (keys among tokenizer, lm, decoder); lm is required."""
-        from .models.decoder_checkpoint import load_decoder
-        from .models.device import pick_device
-        from .models.lm import VoiceLM
-        from .models.lm_checkpoint import LoadOptions
-        from .synth import AudioDecoder
-        from .tokenizer import SpeechTokenizer
+        from glmvoice_cli.decoder.checkpoint import load_decoder
+        from glmvoice_cli.decoder.speech_decoder import SpeechDecoder
+        from glmvoice_cli.device import pick_device
+        from glmvoice_cli.lm.voice_lm import VoiceLM
+        from glmvoice_cli.tokenizer.speech_tokenizer import SpeechTokenizer
 
-        device = pick_device(settings.device)
+        device = pick_device(options.device)
         seconds: dict[str, float] = {}
         loaded: dict[str, object] = {}
         for stage in STAGE_ORDER:
@@ -66,10 +58,9 @@ class Assistant:
             if stage == "tokenizer":
                 loaded[stage] = SpeechTokenizer.from_pretrained(dirs[stage], device=str(device))
             elif stage == "lm":
-                options = LoadOptions(device=str(device), dtype=settings.dtype, quantize_bits=settings.quantize_bits)
-                loaded[stage] = VoiceLM.from_folder(dirs[stage], options)
+                loaded[stage] = VoiceLM.from_folder(dirs[stage], replace(options, device=str(device)))
             else:
-                loaded[stage] = AudioDecoder(load_decoder(dirs[stage], device), seed=settings.seed)
+                loaded[stage] = SpeechDecoder(load_decoder(dirs[stage], device), seed=options.seed)
             seconds[stage] = time.perf_counter() - start
         assistant = cls(loaded["lm"], loaded.get("tokenizer"), loaded.get("decoder"))  # type: ignore[arg-type]
         assistant.load_seconds, assistant.dirs = seconds, dict(dirs)
@@ -77,11 +68,11 @@ class Assistant:
 
     def hear(self, samples: np.ndarray) -> SpeechInput:
         """A spoken turn from 16 kHz mono samples."""
-        from .models.prompts import SpeechInput
+        from glmvoice_cli.lm.prompts import SpeechInput
 
-        if self.tokenizer is None:
+        if self.speech_tokenizer is None:
             raise RuntimeError("this assistant was loaded without a speech tokenizer")
-        return SpeechInput(tuple(self.tokenizer.encode([samples])[0]))
+        return SpeechInput(tuple(self.speech_tokenizer.encode([samples])[0]))
 
     def respond(self, conv: Conversation, user: UserInput, options: GenerationOptions | None = None,
                 cancel: threading.Event | None = None, speak: bool = True,
@@ -90,7 +81,7 @@ class Assistant:
 
         A cancelled turn (barge-in) is not flushed: the user has already moved on.
         """
-        from .models.lm import AudioTokens, StopReason, TextPiece, TurnEnd
+        from glmvoice_cli.lm.voice_lm import AudioTokens, StopReason, TextPiece, TurnEnd
 
         voice = _Voice(self.decoder) if speak and self.decoder is not None else None
         start = time.perf_counter()
@@ -118,7 +109,7 @@ class Assistant:
 class _Voice:
     """One turn's decoding: audio tokens in, AudioChunk events out, with the first-audio time."""
 
-    def __init__(self, decoder: AudioDecoder) -> None:
+    def __init__(self, decoder: SpeechDecoder) -> None:
         self.decoder = decoder
         self.state = decoder.new_state()
         self.seconds = 0.0  # of audio produced

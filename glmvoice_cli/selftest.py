@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import GlmVoiceError
+from glmvoice_cli.errors import GlmVoiceError
 
 SELFTEST_CODEBOOK = 64  # audio vocabulary shared by the three tiny stages
 SELFTEST_MAX_NEW_TOKENS = 40  # generation cap: the random model never ends a turn by itself
@@ -56,14 +56,14 @@ class _Recorder:
 
 def run_selftest(root: Path, report: Callable[[Step], None] | None = None) -> list[Step]:
     """Run every step with models written under `root`; returns the timed steps."""
-    from .audio.io import resample, write_audio
-    from .config import SAMPLE_RATE_IN
-    from .events import AudioChunk, TextDelta
-    from .models.lm import GenerationOptions
-    from .pipeline import Assistant
-    from .speak import speak
-    from .tiny.modelset import write_tiny_model_set
-    from .transcribe import transcribe
+    from glmvoice_cli.audio.io import resample, write_audio
+    from glmvoice_cli.config import SAMPLE_RATE_IN
+    from glmvoice_cli.events import AudioChunk, TextDelta
+    from glmvoice_cli.lm.voice_lm import GenerationOptions
+    from glmvoice_cli.pipeline import Assistant
+    from glmvoice_cli.speak import speak
+    from glmvoice_cli.tiny.modelset import write_tiny_model_set
+    from glmvoice_cli.transcribe import transcribe
 
     rec = _Recorder(report)
     with rec.step("write tiny models") as d:
@@ -75,7 +75,7 @@ def run_selftest(root: Path, report: Callable[[Step], None] | None = None) -> li
     t = np.arange(2 * SAMPLE_RATE_IN) / SAMPLE_RATE_IN
     probe = (0.3 * np.sin(2 * np.pi * 200 * t) * np.sin(2 * np.pi * 3 * t)).astype(np.float32)
     with rec.step("tokenize") as d:
-        tokens = assistant.tokenizer.encode([probe])[0]  # type: ignore[union-attr]
+        tokens = assistant.speech_tokenizer.encode([probe])[0]  # type: ignore[union-attr]
         _expect(len(tokens) == 25, f"2 s of audio gave {len(tokens)} tokens, expected 25")
         d.append(f"2.0 s -> {len(tokens)} tokens")
     with rec.step("decode") as d:
@@ -111,12 +111,12 @@ def _loud(frame: np.ndarray) -> bool:
 
 def _chat_turn(assistant: object, root: Path) -> str:
     """One spoken turn through the chat engine: a file as the microphone, a recording as the speaker."""
-    from .audio.fakes import ArraySource, RecordingSink
-    from .audio.playback import VirtualClock
-    from .config import SAMPLE_RATE_IN
-    from .models.lm import GenerationOptions
-    from .session import ChatEngine, EngineConfig
-    from .session_store import SessionStore
+    from glmvoice_cli.audio.fakes import ArraySource, RecordingSink
+    from glmvoice_cli.audio.playback import VirtualClock
+    from glmvoice_cli.chat.engine import ChatEngine, EngineConfig
+    from glmvoice_cli.chat.store import SessionStore
+    from glmvoice_cli.config import SAMPLE_RATE_IN
+    from glmvoice_cli.lm.voice_lm import GenerationOptions
 
     rate = SAMPLE_RATE_IN
     t = np.arange(int(1.5 * rate)) / rate

@@ -12,10 +12,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .config import SAMPLE_RATE_IN
-from .models.lm import GenerationOptions, TextPiece
-from .models.prompts import SpeechInput
-from .pipeline import Assistant
+from glmvoice_cli.config import SAMPLE_RATE_IN
+from glmvoice_cli.lm.prompts import SpeechInput
+from glmvoice_cli.lm.voice_lm import GenerationOptions, TextPiece
+from glmvoice_cli.pipeline import Assistant
 
 TRANSCRIBE_INSTRUCTION = (
     "Transcribe the speech below exactly, word for word, in the language it is spoken in. "
@@ -38,12 +38,12 @@ def transcribe(assistant: Assistant, samples: np.ndarray, *, prompt: str | None 
                window_s: float = WINDOW_SECONDS, max_new_tokens: int = TRANSCRIBE_MAX_NEW_TOKENS,
                on_window: Callable[[int, int], None] | None = None) -> Transcript:
     """Transcribe 16 kHz mono `samples`; `on_window(done, total)` reports progress."""
-    if assistant.tokenizer is None:
+    if assistant.speech_tokenizer is None:
         raise RuntimeError("transcription needs the speech tokenizer")
     step = max(1, int(window_s * SAMPLE_RATE_IN))
     windows = [samples[i : i + step] for i in range(0, len(samples), step)] or [samples]
     start = time.perf_counter()
-    token_windows = assistant.tokenizer.encode(windows)
+    token_windows = assistant.speech_tokenizer.encode(windows)
     tokenize_s = time.perf_counter() - start
     options = GenerationOptions(temperature=0.0, max_new_tokens=max_new_tokens, text_only=True)
     texts, generated = [], 0

@@ -11,9 +11,9 @@ from glmvoice_cli.audio.echo import make_echo_canceller
 from glmvoice_cli.audio.fakes import ArraySource, EchoLoop, RecordingSink
 from glmvoice_cli.audio.playback import VirtualClock
 from glmvoice_cli.audio.vad import VadConfig
-from glmvoice_cli.models.lm import GenerationOptions
-from glmvoice_cli.session import ChatEngine, EngineConfig
-from glmvoice_cli.session_store import SessionStore
+from glmvoice_cli.chat.engine import ChatEngine, EngineConfig
+from glmvoice_cli.chat.store import SessionStore
+from glmvoice_cli.lm.voice_lm import GenerationOptions
 
 RATE, OUT_RATE = 16_000, 22_050
 ENERGY_THRESHOLD = 0.01  # frame RMS (-40 dBFS) the scripted VAD calls speech

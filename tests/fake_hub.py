@@ -307,7 +307,7 @@ def serving(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[FakeHub
     For a test module's fixture: ``with serving(monkeypatch, tmp_path) as hub: yield hub``.
     huggingface_hub reads its environment once, at import (huggingface_hub.constants), and the
     test session may have imported it under conftest's HF_HUB_OFFLINE=1; so both the
-    environment (read by glmvoice_cli.hub at call time) and the module constants are patched:
+    environment (read by glmvoice_cli.models.hub at call time) and the module constants are patched:
     online, Xet off, no telemetry, a 1 KiB download chunk (huggingface_hub buffers whole chunks
     before writing, so only a small chunk lets a cut transfer keep bytes), an empty HF cache and
     token file of its own (never the user's). The servers stop on exit.

@@ -16,8 +16,8 @@ from typer.testing import CliRunner
 from glmvoice_cli.cli import _Group
 from glmvoice_cli.cli import app as main_app
 from glmvoice_cli.commands.decode import decode, parse_tokens
+from glmvoice_cli.decoder.flow import mel_frames
 from glmvoice_cli.errors import UsageError
-from glmvoice_cli.models.flow import mel_frames
 from glmvoice_cli.tiny.decoder import TinyDecoderSpec, write_tiny_decoder
 from glmvoice_cli.tiny.tokenizer import TinyTokenizerSpec, write_tiny_tokenizer
 

@@ -12,9 +12,9 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from glmvoice_cli import hub, settings
 from glmvoice_cli.commands.models import ensure_models, human_size, models_app
 from glmvoice_cli.errors import CheckpointError, ModelNotFoundError
+from glmvoice_cli.models import hub, settings
 from tests.fake_hub import FakeHub, serving
 
 runner = CliRunner()

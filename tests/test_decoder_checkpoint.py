@@ -9,14 +9,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from glmvoice_cli.errors import CheckpointError, CheckpointMismatchError, ModelNotFoundError
-from glmvoice_cli.models.decoder_checkpoint import FLOW_FILE, HIFT_FILE, load_decoder, read_state_dict
-from glmvoice_cli.models.decoder_config import (
+from glmvoice_cli.decoder.checkpoint import FLOW_FILE, HIFT_FILE, load_decoder, read_state_dict
+from glmvoice_cli.decoder.config import (
     CONFIG_FILE,
     Tagged,
     load_decoder_config,
     parse_hyperpyyaml,
 )
+from glmvoice_cli.errors import CheckpointError, CheckpointMismatchError, ModelNotFoundError
 from glmvoice_cli.tiny.decoder import TinyDecoderSpec, decoder_yaml, write_tiny_decoder
 
 
@@ -132,7 +132,7 @@ def test_not_weights_only(tmp_path: Path) -> None:
 
 def _shape_of(node: object, path: str = "") -> set[str]:
     """Every key path with its tag (kind:target), values left out: the layout of a config."""
-    from glmvoice_cli.models.decoder_config import Tagged
+    from glmvoice_cli.decoder.config import Tagged
 
     out: set[str] = set()
     if isinstance(node, Tagged):

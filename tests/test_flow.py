@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from glmvoice_cli.models.conformer import _rel_shift, block_attention_mask, relative_position_table
-from glmvoice_cli.models.flow import mel_frames, time_span
+from glmvoice_cli.decoder.conformer import _rel_shift, block_attention_mask, relative_position_table
+from glmvoice_cli.decoder.flow import mel_frames, time_span
 from glmvoice_cli.tiny.decoder import TinyDecoderSpec, tiny_decoder
 
 

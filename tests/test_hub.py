@@ -1,4 +1,4 @@
-"""glmvoice_cli.hub: stage files, folder inspection and downloads against a local fake hub."""
+"""glmvoice_cli.models.hub: stage files, folder inspection and downloads against a local fake hub."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from glmvoice_cli import hub
 from glmvoice_cli.errors import CheckpointError, GlmVoiceError, ModelNotFoundError
+from glmvoice_cli.models import hub
 from tests.fake_hub import FakeHub, serving
 
 LM_REPO = hub.LM.repo_id
@@ -284,7 +284,7 @@ def test_remove_stage_reports_freed_bytes(tmp_path: Path) -> None:
 
 
 def test_verify_after_download_and_after_corruption(fake_hub: FakeHub, tmp_path: Path) -> None:
-    from glmvoice_cli import integrity
+    from glmvoice_cli.models import integrity
 
     folder = tmp_path / "lm"
     hub.download_stage(hub.LM, folder)
@@ -300,7 +300,7 @@ def test_verify_after_download_and_after_corruption(fake_hub: FakeHub, tmp_path:
 
 
 def test_verify_folder_without_records(tmp_path: Path) -> None:
-    from glmvoice_cli import integrity
+    from glmvoice_cli.models import integrity
 
     _fill(tmp_path, list(hub.DECODER.files))
     result = integrity.verify_stage(hub.DECODER, tmp_path)

@@ -13,7 +13,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from glmvoice_cli.models.lm import (
+from glmvoice_cli.lm.prompts import (
+    SPEECH_SYSTEM_PROMPT,
+    TEXT_SYSTEM_PROMPT,
+    InputMode,
+    SpeechInput,
+    TextInput,
+    turn_ids,
+)
+from glmvoice_cli.lm.voice_lm import (
     NUCLEUS_CANDIDATES,
     AudioTokens,
     GenerationOptions,
@@ -24,15 +32,7 @@ from glmvoice_cli.models.lm import (
     sample_token,
     tokens_through_audio,
 )
-from glmvoice_cli.models.lm_checkpoint import LoadOptions
-from glmvoice_cli.models.prompts import (
-    SPEECH_SYSTEM_PROMPT,
-    TEXT_SYSTEM_PROMPT,
-    InputMode,
-    SpeechInput,
-    TextInput,
-    turn_ids,
-)
+from glmvoice_cli.options import LoadOptions
 from glmvoice_cli.tiny.lm import TinyLMSpec, write_tiny_lm
 
 SPEC = TinyLMSpec(hidden_size=32, num_layers=2, num_heads=4, kv_groups=2, ffn_hidden_size=64, n_reserved=3)
@@ -86,7 +86,7 @@ def test_system_prompts_are_verbatim() -> None:
 
 
 def test_first_speech_turn_matches_the_official_string(lm: VoiceLM) -> None:
-    tok = lm.tokenizer
+    tok = lm.text_tokenizer
     ids = turn_ids(tok, SpeechInput((3, 0, 7)), None)
     expected = (
         f"[gMASK]<sop><|system|>\n{SPEECH_SYSTEM_PROMPT}<|user|>\n<|begin_of_audio|><|audio_3|><|audio_0|>"
@@ -98,7 +98,7 @@ def test_first_speech_turn_matches_the_official_string(lm: VoiceLM) -> None:
 
 
 def test_first_text_turn_and_a_typed_turn_in_a_spoken_conversation(lm: VoiceLM) -> None:
-    tok = lm.tokenizer
+    tok = lm.text_tokenizer
     first = tok.decode(turn_ids(tok, TextInput("Hi!"), None))
     assert (
         first
@@ -115,7 +115,7 @@ def test_conversation_keeps_the_first_system_prompt(lm: VoiceLM) -> None:
     _collect(lm.stream(conv, SpeechInput((1, 2)), options))
     _collect(lm.stream(conv, TextInput("typed"), options))
     assert conv.system_mode is InputMode.SPEECH
-    text = lm.tokenizer.decode(conv.ids)
+    text = lm.text_tokenizer.decode(conv.ids)
     assert text.count("<|system|>") == 1 and SPEECH_SYSTEM_PROMPT in text
     assert "<|user|>\ntyped<|assistant|>" in text
 
@@ -124,7 +124,7 @@ def test_conversation_keeps_the_first_system_prompt(lm: VoiceLM) -> None:
 
 
 def test_events_follow_the_sampled_tokens(lm: VoiceLM) -> None:
-    tok = lm.tokenizer
+    tok = lm.text_tokenizer
     text_ids = tok.encode("天 ok")
     script = [*text_ids, tok.audio_offset + 4, tok.audio_offset + 9, tok.token_id("<|user|>")]
     conv = lm.new_conversation()
@@ -141,13 +141,13 @@ def test_events_follow_the_sampled_tokens(lm: VoiceLM) -> None:
 
 @pytest.mark.parametrize("name", ["<|endoftext|>", "<|observation|>"])
 def test_eos_stops(lm: VoiceLM, name: str) -> None:
-    with Forcer(lm, [lm.tokenizer.audio_offset, lm.tokenizer.token_id(name)]):
+    with Forcer(lm, [lm.text_tokenizer.audio_offset, lm.text_tokenizer.token_id(name)]):
         events, end = _collect(lm.stream(lm.new_conversation(), TextInput("x"), GenerationOptions(seed=0)))
     assert end.reason is StopReason.EOS and end.n_generated == 1 and len(events) == 1
 
 
 def test_max_new_tokens(lm: VoiceLM) -> None:
-    with Forcer(lm, [lm.tokenizer.audio_offset] * 10):
+    with Forcer(lm, [lm.text_tokenizer.audio_offset] * 10):
         events, end = _collect(
             lm.stream(lm.new_conversation(), TextInput("x"), GenerationOptions(max_new_tokens=4))
         )
@@ -155,14 +155,14 @@ def test_max_new_tokens(lm: VoiceLM) -> None:
 
 
 def test_padded_vocabulary_rows_are_never_sampled(lm: VoiceLM) -> None:
-    assert lm.model.config.vocab_size > lm.tokenizer.vocab_size  # the tiny model is padded too
+    assert lm.model.config.vocab_size > lm.text_tokenizer.vocab_size  # the tiny model is padded too
     padded = lm.model.config.vocab_size - 1
     conv = lm.new_conversation()
     with Forcer(lm, [padded] * 5):
         _collect(
             lm.stream(conv, TextInput("x"), GenerationOptions(max_new_tokens=5, temperature=1.0, top_p=1.0))
         )
-    assert all(i < lm.tokenizer.vocab_size for i in conv.last_output)
+    assert all(i < lm.text_tokenizer.vocab_size for i in conv.last_output)
 
 
 def test_seed_makes_a_turn_reproducible(lm: VoiceLM) -> None:
@@ -207,7 +207,7 @@ def test_cancel_from_another_thread_stops_within_one_step(lm: VoiceLM) -> None:
 
     events: list = []
     conv = lm.new_conversation()
-    with Forcer(lm, [lm.tokenizer.audio_offset] * 50, on_call={3: block_in_forward}):
+    with Forcer(lm, [lm.text_tokenizer.audio_offset] * 50, on_call={3: block_in_forward}):
         worker = threading.Thread(
             target=lambda: events.extend(lm.stream(conv, TextInput("x"), GenerationOptions(), cancel))
         )
@@ -240,7 +240,7 @@ def _fresh_logits(lm: VoiceLM, ids: list[int]) -> torch.Tensor:
 
 
 def test_second_turn_prefills_only_its_own_input(lm: VoiceLM) -> None:
-    tok = lm.tokenizer
+    tok = lm.text_tokenizer
     conv = lm.new_conversation()
     with Forcer(lm, [tok.audio_offset + 1, *tok.encode("ok"), tok.token_id("<|user|>")]):
         _collect(lm.stream(conv, SpeechInput((2, 3)), GenerationOptions()))
@@ -252,7 +252,7 @@ def test_second_turn_prefills_only_its_own_input(lm: VoiceLM) -> None:
 
 
 def test_stream_reuses_the_cache(lm: VoiceLM) -> None:
-    tok = lm.tokenizer
+    tok = lm.text_tokenizer
     conv = lm.new_conversation()
     with Forcer(lm, [tok.audio_offset, tok.token_id("<|user|>")]):
         _collect(lm.stream(conv, SpeechInput((2,)), GenerationOptions()))
@@ -263,7 +263,7 @@ def test_stream_reuses_the_cache(lm: VoiceLM) -> None:
 
 
 def test_barge_in_keeps_only_what_was_heard(lm: VoiceLM) -> None:
-    tok = lm.tokenizer
+    tok = lm.text_tokenizer
     a = tok.audio_offset
     text = tok.encode("hi")
     script = [*text, a + 1, a + 2, a + 3, *tok.encode("more"), a + 4]
@@ -287,7 +287,7 @@ def test_keep_heard_bounds(lm: VoiceLM) -> None:
     conv = lm.new_conversation()
     with pytest.raises(ValueError):
         conv.keep_heard(0)
-    with Forcer(lm, [lm.tokenizer.audio_offset] * 3):
+    with Forcer(lm, [lm.text_tokenizer.audio_offset] * 3):
         _collect(lm.stream(conv, TextInput("x"), GenerationOptions(max_new_tokens=3)))
     with pytest.raises(ValueError):
         conv.keep_heard(4)
@@ -297,12 +297,12 @@ def test_keep_heard_bounds(lm: VoiceLM) -> None:
 
 def test_consumer_stopping_early_keeps_what_was_generated(lm: VoiceLM) -> None:
     conv = lm.new_conversation()
-    with Forcer(lm, [lm.tokenizer.audio_offset + 2] * 10):
+    with Forcer(lm, [lm.text_tokenizer.audio_offset + 2] * 10):
         stream = lm.stream(conv, TextInput("x"), GenerationOptions(max_new_tokens=10))
         first = [next(stream) for _ in range(3)]
         stream.close()
     assert [e.indices for e in first] == [(2,)] * 3
-    assert conv.last_output == [lm.tokenizer.audio_offset + 2] * 3
+    assert conv.last_output == [lm.text_tokenizer.audio_offset + 2] * 3
 
 
 def test_benchmark_quick_smoke(tmp_path: Path) -> None:
@@ -323,13 +323,13 @@ def test_benchmark_quick_smoke(tmp_path: Path) -> None:
 
 
 def test_text_only_never_samples_audio_and_instruction_precedes_speech(tmp_path) -> None:
-    from glmvoice_cli.models.lm import GenerationOptions, VoiceLM
-    from glmvoice_cli.models.prompts import SpeechInput, user_turn_ids
+    from glmvoice_cli.lm.prompts import SpeechInput, user_turn_ids
+    from glmvoice_cli.lm.voice_lm import GenerationOptions, VoiceLM
     from glmvoice_cli.tiny.modelset import write_tiny_model_set
 
     dirs = write_tiny_model_set(tmp_path / "m", codebook=32).dirs
     lm = VoiceLM.from_folder(dirs["lm"])
-    tok = lm.tokenizer
+    tok = lm.text_tokenizer
     user = SpeechInput((1, 2, 3), instruction="Transcribe:")
     ids = user_turn_ids(tok, user)
     begin = ids.index(tok.token_id("<|begin_of_audio|>"))

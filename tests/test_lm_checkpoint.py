@@ -11,7 +11,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from glmvoice_cli.errors import CheckpointMismatchError, ModelNotFoundError, UsageError
-from glmvoice_cli.models.lm_checkpoint import LoadOptions, load_lm, load_lm_config, map_official_tensor
+from glmvoice_cli.lm.checkpoint import load_lm_config, map_official_tensor
+from glmvoice_cli.lm.loader import load_lm
+from glmvoice_cli.options import LoadOptions
 from glmvoice_cli.tiny.lm import TinyLMSpec, write_tiny_lm
 
 SPEC = TinyLMSpec(hidden_size=32, num_layers=2, num_heads=4, kv_groups=2, ffn_hidden_size=48, seed=3)

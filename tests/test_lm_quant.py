@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from glmvoice_cli.errors import UsageError
-from glmvoice_cli.models import lm_quant
-from glmvoice_cli.models.lm import VoiceLM
-from glmvoice_cli.models.lm_checkpoint import LoadOptions
+from glmvoice_cli.lm import quant as lm_quant
+from glmvoice_cli.lm.voice_lm import VoiceLM
+from glmvoice_cli.options import LoadOptions
 from glmvoice_cli.tiny.lm import TinyLMSpec, write_tiny_lm
 
 
@@ -38,7 +38,7 @@ def test_quantized_loading_path_on_the_cpu_backend(lm_dir: Path, monkeypatch: py
     linear = bnb.nn.Linear8bitLt if bits == 8 else bnb.nn.Linear4bit
     assert isinstance(layer.self_attn.q_proj, linear) and isinstance(layer.mlp.down_proj, linear)
     assert not isinstance(quant.model.lm_head, linear)  # the output layer stays dense
-    ids = torch.tensor([dense.tokenizer.prefix_ids + dense.tokenizer.encode("hello there, how are you today?")])
+    ids = torch.tensor([dense.text_tokenizer.prefix_ids + dense.text_tokenizer.encode("hello there, how are you today?")])
     with torch.no_grad():
         ref = dense.model(input_ids=ids).logits.float()
         out = quant.model(input_ids=ids).logits.float()

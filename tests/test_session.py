@@ -11,13 +11,14 @@ import pytest
 
 from glmvoice_cli.audio.fakes import ArraySource, NullSink
 from glmvoice_cli.audio.playback import VirtualClock
+from glmvoice_cli.chat.engine import ChatEngine, EngineConfig
+from glmvoice_cli.chat.history import audio_tokens_heard, restore_conversation
+from glmvoice_cli.chat.store import SessionStore, load_session
 from glmvoice_cli.errors import AudioDeviceError
 from glmvoice_cli.events import AudioChunk, Failed, Interrupted, TextDelta, TurnEnded, UserUtterance
-from glmvoice_cli.models.lm import GenerationOptions
-from glmvoice_cli.pipeline import Assistant, LoadSettings
-from glmvoice_cli.session import ChatEngine, EngineConfig
-from glmvoice_cli.session_history import audio_tokens_heard, restore_conversation
-from glmvoice_cli.session_store import SessionStore, load_session
+from glmvoice_cli.lm.voice_lm import GenerationOptions
+from glmvoice_cli.options import LoadOptions
+from glmvoice_cli.pipeline import Assistant
 from glmvoice_cli.tiny.modelset import write_tiny_model_set
 
 from .chat_helpers import OUT_RATE, RATE, burst, make_rig, run_rig, silence
@@ -29,7 +30,7 @@ AUDIBLE = 1e-4  # output samples above this count as sound
 @pytest.fixture(scope="module")
 def assistant(tmp_path_factory: pytest.TempPathFactory) -> Assistant:
     models = write_tiny_model_set(tmp_path_factory.mktemp("models"), codebook=64)
-    return Assistant.load(models.dirs, LoadSettings(device="cpu", seed=0))
+    return Assistant.load(models.dirs, LoadOptions(device="cpu", seed=0))
 
 
 def _lines(store: SessionStore) -> list[dict]:
@@ -78,7 +79,7 @@ def test_barge_in_cuts_the_answer_and_trims_the_history(assistant: Assistant, tm
     heard = np.flatnonzero(np.abs(recording) > AUDIBLE)
     assert heard.size and heard[-1] / OUT_RATE <= onset + BARGE_IN_LIMIT_S
     # the history keeps the answer up to the last audio token played, no further
-    tok = assistant.lm.tokenizer
+    tok = assistant.lm.text_tokenizer
     kept_audio = sum(tok.is_audio(i) for i in cut.kept_ids)
     assert 0 < kept_audio == audio_tokens_heard(cut.played_samples, OUT_RATE)
     assert len(cut.kept_ids) < cut.generated_tokens
@@ -137,7 +138,7 @@ def test_resume_continues_the_saved_history(assistant: Assistant, tmp_path: Path
     engine.run()
     lines = _lines(resumed)
     assert [line["role"] for line in lines] == ["user", "assistant"] * 2
-    assert lines[2]["token_ids"][0] == assistant.lm.tokenizer.token_id("<|user|>")  # no second system prompt
+    assert lines[2]["token_ids"][0] == assistant.lm.text_tokenizer.token_id("<|user|>")  # no second system prompt
     assert _history(lines) == engine.conversation.ids
     assert len(load_session(tmp_path / "s").turns) == 4
 
@@ -220,7 +221,7 @@ def test_transcribe_user_fills_the_user_text(assistant: Assistant, tmp_path: Pat
     lines = _lines(rig.store)
     assert lines[0]["role"] == "user" and lines[0]["audio"] is not None
     assert said[0].text == lines[0]["text"] and said[0].text  # the random model always says something here
-    assert lines[0]["token_ids"][0] == assistant.lm.tokenizer.prefix_ids[0]  # the transcript left no trace in the history
+    assert lines[0]["token_ids"][0] == assistant.lm.text_tokenizer.prefix_ids[0]  # the transcript left no trace in the history
 
 
 class _StuckSink(NullSink):
@@ -244,7 +245,7 @@ class _StuckSink(NullSink):
 
 def test_a_speaker_that_stops_playing_is_a_lost_device(assistant: Assistant, tmp_path: Path,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    import glmvoice_cli.session as session_mod
+    import glmvoice_cli.chat.engine as session_mod
 
     monkeypatch.setattr(session_mod, "PLAYBACK_STALL_S", 0.2)
     store = SessionStore.create(session_dir=tmp_path / "s")

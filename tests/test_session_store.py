@@ -10,9 +10,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from glmvoice_cli.config import SAMPLE_RATE_IN, SAMPLE_RATE_OUT
-from glmvoice_cli.events import TurnTimings
-from glmvoice_cli.session_store import (
+from glmvoice_cli.chat.store import (
     META_FILE,
     TRANSCRIPT_FILE,
     SessionError,
@@ -23,6 +21,8 @@ from glmvoice_cli.session_store import (
     new_session_id,
     sessions_root,
 )
+from glmvoice_cli.config import SAMPLE_RATE_IN, SAMPLE_RATE_OUT
+from glmvoice_cli.events import TurnTimings
 
 
 def tone(seconds: float, rate: int) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""glmvoice_cli.settings: cache root, config file and the precedence of model locations."""
+"""glmvoice_cli.models.settings: cache root, config file and the precedence of model locations."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from glmvoice_cli import hub, settings
 from glmvoice_cli.errors import ModelNotFoundError, UsageError
+from glmvoice_cli.models import hub, settings
 
 ENV_NAMES = ("GLMVOICE_MODELS", "GLMVOICE_TOKENIZER", "GLMVOICE_LM", "GLMVOICE_DECODER", "GLMVOICE_CONFIG")
 

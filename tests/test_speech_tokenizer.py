@@ -11,10 +11,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from glmvoice_cli.audio.features import FeatureConfig, LogMel
 from glmvoice_cli.errors import CheckpointMismatchError, ModelNotFoundError
 from glmvoice_cli.tiny.tokenizer import TinyTokenizerSpec, write_tiny_tokenizer
-from glmvoice_cli.tokenizer import SpeechTokenizer
+from glmvoice_cli.tokenizer.features import FeatureConfig, LogMel
+from glmvoice_cli.tokenizer.speech_tokenizer import SpeechTokenizer
 
 RATE = 16_000
 SAMPLES_PER_TOKEN = 1280  # 8 mel frames of 160 samples

@@ -1,4 +1,4 @@
-"""Streaming AudioDecoder on a tiny random decoder: lengths, joins, flush, reset, schedules."""
+"""Streaming SpeechDecoder on a tiny random decoder: lengths, joins, flush, reset, schedules."""
 
 from __future__ import annotations
 
@@ -6,17 +6,17 @@ import numpy as np
 import pytest
 import torch
 
-from glmvoice_cli.errors import UsageError
-from glmvoice_cli.models.decoder_noise import SeededNoise
-from glmvoice_cli.models.flow import mel_frames
-from glmvoice_cli.synth import (
+from glmvoice_cli.decoder.flow import mel_frames
+from glmvoice_cli.decoder.noise import SeededNoise
+from glmvoice_cli.decoder.speech_decoder import (
     DEFAULT_SCHEDULE,
     REFERENCE_SCHEDULE,
-    AudioDecoder,
     BlockOutput,
+    SpeechDecoder,
     StreamSchedule,
     fade_in_out,
 )
+from glmvoice_cli.errors import UsageError
 from glmvoice_cli.tiny.decoder import TinyDecoderSpec, tiny_decoder
 
 N_TOKENS = 120
@@ -41,7 +41,7 @@ def tokens() -> list[int]:
 
 @pytest.fixture(scope="module")
 def offline(models, tokens) -> np.ndarray:  # type: ignore[no-untyped-def]
-    return AudioDecoder(models, DEFAULT_SCHEDULE).decode(tokens)
+    return SpeechDecoder(models, DEFAULT_SCHEDULE).decode(tokens)
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +51,7 @@ def streamed(models, tokens):  # type: ignore[no-untyped-def]
 
     def get(schedule: StreamSchedule) -> list[np.ndarray]:
         if schedule not in cache:
-            cache[schedule] = list(AudioDecoder(models, schedule).stream(tokens))
+            cache[schedule] = list(SpeechDecoder(models, schedule).stream(tokens))
         return cache[schedule]
 
     return get
@@ -97,13 +97,13 @@ def test_streamed_close_to_offline(streamed, offline) -> None:  # type: ignore[n
 
 def test_one_block_equals_offline(models, tokens, offline) -> None:  # type: ignore[no-untyped-def]
     schedule = StreamSchedule(block_sizes=(200,), context_tokens=None)
-    chunks = list(AudioDecoder(models, schedule).stream(tokens))
+    chunks = list(SpeechDecoder(models, schedule).stream(tokens))
     assert np.array_equal(np.concatenate(chunks), offline)
 
 
 def test_flush_keeps_tail(models, tokens) -> None:  # type: ignore[no-untyped-def]
     """Tokens ending exactly on a block boundary: the held-back 34 frames still come out."""
-    decoder = AudioDecoder(models, StreamSchedule(block_sizes=(20,), context_tokens=None))
+    decoder = SpeechDecoder(models, StreamSchedule(block_sizes=(20,), context_tokens=None))
     state = decoder.new_state()
     chunks = decoder.push(state, tokens[:40])
     assert len(chunks) == 2 and not state.pending and state.mel_overlap is not None
@@ -114,7 +114,7 @@ def test_flush_keeps_tail(models, tokens) -> None:  # type: ignore[no-untyped-de
 
 
 def test_push_small_and_empty_flush(models, tokens) -> None:  # type: ignore[no-untyped-def]
-    decoder = AudioDecoder(models)
+    decoder = SpeechDecoder(models)
     state = decoder.new_state()
     assert decoder.push(state, tokens[:5]) == []
     assert len(decoder.flush(state)) == mel_frames(5, 12.5) * SAMPLES_PER_FRAME
@@ -125,21 +125,21 @@ def test_push_small_and_empty_flush(models, tokens) -> None:  # type: ignore[no-
 
 
 def test_reset_and_determinism(models, tokens) -> None:  # type: ignore[no-untyped-def]
-    decoder = AudioDecoder(models, seed=3)
+    decoder = SpeechDecoder(models, seed=3)
     state = decoder.new_state()
     first = decoder.push(state, tokens[:30])
     state.reset()
     assert state == decoder.new_state()
     again = decoder.push(state, tokens[:30])
     assert all(np.array_equal(a, b) for a, b in zip(first, again))
-    other = AudioDecoder(models, seed=4).push(decoder.new_state(), tokens[:30])
+    other = SpeechDecoder(models, seed=4).push(decoder.new_state(), tokens[:30])
     assert not np.array_equal(first[0], other[0])
 
 
 def test_bounded_context(models, tokens) -> None:  # type: ignore[no-untyped-def]
     blocks: list[BlockOutput] = []
     schedule = StreamSchedule(block_sizes=(10,), context_tokens=20)
-    decoder = AudioDecoder(models, schedule, on_block=blocks.append)
+    decoder = SpeechDecoder(models, schedule, on_block=blocks.append)
     state = decoder.new_state()
     decoder.push(state, tokens[:60])
     assert len(state.context) <= 20
@@ -163,7 +163,7 @@ def test_prompt_alignment(models, tokens, context: int | None) -> None:  # type:
     """Each block's prompt frames are the finalized frames just before its output, at the right position."""
     blocks: list[BlockOutput] = []
     noise = SeededNoise(11)
-    decoder = AudioDecoder(models, StreamSchedule((10, 20), context), noise=noise, on_block=blocks.append)
+    decoder = SpeechDecoder(models, StreamSchedule((10, 20), context), noise=noise, on_block=blocks.append)
     decoder.flow = _NoiseFlow(models.flow)  # type: ignore[assignment]
     list(decoder.stream(tokens))
     bank = noise.flow_noise(mel_frames(N_TOKENS, 12.5), 0)
@@ -200,8 +200,8 @@ def test_vocoder_pieces(models, tokens, offline) -> None:  # type: ignore[no-unt
     slightly, so later samples are phase-shifted rather than equal.
     """
     limit = 128
-    whole = AudioDecoder(models, StreamSchedule(max_vocoder_frames=None)).decode(tokens)
-    pieces = AudioDecoder(models, StreamSchedule(max_vocoder_frames=limit)).decode(tokens)
+    whole = SpeechDecoder(models, StreamSchedule(max_vocoder_frames=None)).decode(tokens)
+    pieces = SpeechDecoder(models, StreamSchedule(max_vocoder_frames=limit)).decode(tokens)
     assert len(pieces) == len(whole) == len(offline)
     head = (limit - 16) * SAMPLES_PER_FRAME  # outside the receptive field of the first join (~12 frames)
     np.testing.assert_allclose(pieces[:head], whole[:head], atol=1e-4)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from glmvoice_cli.errors import CheckpointMismatchError, ModelNotFoundError
-from glmvoice_cli.models.text_tokenizer import TextStreamDecoder, TextTokenizer
+from glmvoice_cli.lm.text_tokenizer import TextDetokenizer, TextTokenizer
 from glmvoice_cli.tiny.lm import GLM4_SPECIALS, TinyLMSpec, write_tokenizer
 
 SPEC = TinyLMSpec(n_audio_tokens=20, n_reserved=7, n_merges=30)
@@ -75,7 +75,7 @@ def test_audio_helpers(tok: TextTokenizer) -> None:
 
 def test_stream_decoder_never_splits_a_character(tok: TextTokenizer) -> None:
     text = "天气 ok 你好"
-    decoder = TextStreamDecoder(tok)
+    decoder = TextDetokenizer(tok)
     pieces = [decoder.push(i) for i in tok.encode(text)]
     assert "" in pieces  # multi-byte characters span several byte tokens
     assert all("\ufffd" not in p for p in pieces)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from glmvoice_cli.models.vocoder import SourceDraws, WNConv1d, _hann_periodic
+from glmvoice_cli.decoder.vocoder import SourceDraws, WNConv1d, _hann_periodic
 from glmvoice_cli.tiny.decoder import TinyDecoderSpec, tiny_decoder
 
 

@@ -26,8 +26,7 @@ from typing import Annotated, Any
 
 import typer
 
-from ..errors import UsageError
-from .common import (
+from glmvoice_cli.commands.common import (
     DecoderOpt,
     DeviceOpt,
     DtypeOpt,
@@ -39,6 +38,7 @@ from .common import (
     TokenizerOpt,
     load_assistant,
 )
+from glmvoice_cli.errors import UsageError
 
 ECHO_DELAY_S = 0.03  # --simulate-echo: speaker-to-microphone delay of the simulated room
 INTERRUPTED_EXIT = 130  # the shell's code for Ctrl-C
@@ -114,10 +114,10 @@ def _open_audio(input_file: Path | None, output_file: Path | None, text: bool, r
                 simulate_echo: float, headphones: bool, input_device: str | None,
                 output_device: str | None) -> _AudioIO:
     """Devices before models: a missing microphone fails in a second, not after a minute of loading."""
-    from ..audio.devices import Microphone, Speaker
-    from ..audio.echo import make_echo_canceller
-    from ..audio.fakes import EchoLoop, FileSource, RecordingSink
-    from ..audio.playback import RealClock, VirtualClock
+    from glmvoice_cli.audio.devices import Microphone, Speaker
+    from glmvoice_cli.audio.echo import make_echo_canceller
+    from glmvoice_cli.audio.fakes import EchoLoop, FileSource, RecordingSink
+    from glmvoice_cli.audio.playback import RealClock, VirtualClock
 
     hears_speaker = (input_file is None and not text) or simulate_echo > 0  # a room between them
     echo = make_echo_canceller("auto" if hears_speaker and not headphones else "off")
@@ -142,7 +142,7 @@ def _open_audio(input_file: Path | None, output_file: Path | None, text: bool, r
 
 
 def _open_store(session_dir: Path | None, resume: str | None, dirs: dict[str, Path], mode: str) -> Any:
-    from ..session_store import SessionStore
+    from glmvoice_cli.chat.store import SessionStore
 
     if resume is not None:
         store = SessionStore.resume(resume)
@@ -154,10 +154,10 @@ def _open_store(session_dir: Path | None, resume: str | None, dirs: dict[str, Pa
 
 def _make_engine(assistant: Any, io: _AudioIO, store: Any, aggressiveness: int, max_new_tokens: int | None,
                  seed: int | None, transcribe_user: bool) -> Any:
-    from ..audio.vad import VadConfig
-    from ..models.lm import DEFAULT_MAX_NEW_TOKENS, GenerationOptions
-    from ..session import TRANSCRIBE_MAX_NEW_TOKENS, ChatEngine, EngineConfig
-    from ..session_history import restore_conversation
+    from glmvoice_cli.audio.vad import VadConfig
+    from glmvoice_cli.chat.engine import TRANSCRIBE_MAX_NEW_TOKENS, ChatEngine, EngineConfig
+    from glmvoice_cli.chat.history import restore_conversation
+    from glmvoice_cli.lm.voice_lm import DEFAULT_MAX_NEW_TOKENS, GenerationOptions
 
     config = EngineConfig(vad=VadConfig(aggressiveness=aggressiveness), lockstep=io.lockstep,
                           generation=GenerationOptions(max_new_tokens=max_new_tokens or DEFAULT_MAX_NEW_TOKENS,
@@ -172,7 +172,7 @@ def _make_engine(assistant: Any, io: _AudioIO, store: Any, aggressiveness: int, 
 
 def _converse(engine: Any, store: Any, text: bool, live: bool) -> None:
     """Run the engine, show its events; Ctrl-C and failures end cleanly with the session saved."""
-    from ..chat_view import PlainView, show_live
+    from glmvoice_cli.chat.view import PlainView, show_live
 
     engine.start()
     if text or sys.stdin.isatty():  # while talking, a line typed in the terminal is a typed turn too

@@ -25,8 +25,9 @@ SeedOpt = Annotated[int | None, typer.Option("--seed", help="Seed for sampling a
 def load_assistant(stages: tuple[str, ...], *, models: Path | None, overrides: dict[str, Path | None],
                    device: str | None, dtype: str | None, quantize: int | None = None, seed: int | None = None):
     """Find (or offer to fetch) the stages' folders and load them."""
-    from ..pipeline import Assistant, LoadSettings
-    from .models import ensure_models
+    from glmvoice_cli.commands.models import ensure_models
+    from glmvoice_cli.options import LoadOptions
+    from glmvoice_cli.pipeline import Assistant
 
     dirs = ensure_models(stages, models=models, overrides=overrides)
-    return Assistant.load(dirs, LoadSettings(device=device, dtype=dtype, quantize_bits=quantize, seed=seed))
+    return Assistant.load(dirs, LoadOptions(device=device, dtype=dtype, quantize_bits=quantize, seed=seed))

@@ -14,7 +14,7 @@ from typing import Annotated
 
 import typer
 
-from ..errors import UsageError
+from glmvoice_cli.errors import UsageError
 
 _INT_SEPARATORS = re.compile(r"[\s,]+")
 SCHEDULES = ("default", "reference")
@@ -85,9 +85,9 @@ def decode(
         raise UsageError(f"unknown schedule {schedule!r} (use {', '.join(SCHEDULES)})")
     if output.suffix.lower() not in (".wav", ".flac", ".ogg"):
         raise UsageError(f"cannot write {output}: use a .wav, .flac or .ogg file name")
-    from ..audio.io import write_audio
-    from ..synth import synthesize
-    from .models import ensure_models
+    from glmvoice_cli.audio.io import write_audio
+    from glmvoice_cli.commands.models import ensure_models
+    from glmvoice_cli.decoder.speech_decoder import synthesize
 
     folder = decoder or ensure_models(("decoder",), models=models)["decoder"]
     audio, rate = synthesize(folder, ids, stream=stream, reference=schedule == "reference", seed=seed)

@@ -11,7 +11,7 @@ from typing import Annotated
 
 import typer
 
-from ..audio.devices import DeviceInfo, list_devices
+from glmvoice_cli.audio.devices import DeviceInfo, list_devices
 
 
 def devices(

@@ -16,7 +16,7 @@ def doctor() -> None:
     from rich.console import Console
     from rich.markup import escape
 
-    from ..doctor import FAIL, run_checks
+    from glmvoice_cli.doctor import FAIL, run_checks
 
     checks = run_checks()
     console = Console(soft_wrap=True, highlight=False)  # one line per check: long paths stay whole
@@ -38,7 +38,7 @@ def selftest(
     from rich.console import Console
     from rich.table import Table
 
-    from ..selftest import Step, run_selftest
+    from glmvoice_cli.selftest import Step, run_selftest
 
     console = Console()
 

@@ -1,7 +1,7 @@
 """`glmvoice models download|list|path|rm`: the model files on disk.
 
-A thin adapter over `glmvoice_cli.hub` (what each stage needs, downloading) and
-`glmvoice_cli.settings` (where each stage lives). Progress goes to stderr through Rich; results
+A thin adapter over `glmvoice_cli.models.hub` (what each stage needs, downloading) and
+`glmvoice_cli.models.settings` (where each stage lives). Progress goes to stderr through Rich; results
 go to stdout. No torch here.
 """
 
@@ -15,8 +15,8 @@ from typing import Annotated
 
 import typer
 
-from .. import hub, integrity, settings
-from ..errors import CheckpointError
+from glmvoice_cli.errors import CheckpointError
+from glmvoice_cli.models import hub, integrity, settings
 
 models_app = typer.Typer(
     name="models",

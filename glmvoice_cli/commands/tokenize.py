@@ -24,9 +24,9 @@ def tokenize(
     batch_size: Annotated[int, typer.Option(help="Windows of 30 s encoded at once (memory, not results).")] = 8,
 ) -> None:
     """Print the speech token ids (12.5 per second) of each FILE; all files are encoded in one batch."""
-    from ..audio.io import load_audio
-    from ..tokenizer import SpeechTokenizer
-    from .models import ensure_models
+    from glmvoice_cli.audio.io import load_audio
+    from glmvoice_cli.commands.models import ensure_models
+    from glmvoice_cli.tokenizer.speech_tokenizer import SpeechTokenizer
 
     audios = [load_audio(f) for f in files]  # every file is checked before the model loads
     folder = ensure_models(("tokenizer",), models=models, overrides={"tokenizer": tokenizer})["tokenizer"]

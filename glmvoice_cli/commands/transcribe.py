@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from .common import (
+from glmvoice_cli.commands.common import (
     DeviceOpt,
     DtypeOpt,
     LmOpt,
@@ -37,10 +37,10 @@ def transcribe(
     import numpy as np
     from rich.console import Console
 
-    from ..audio.io import load_audio
-    from ..errors import AudioError
-    from ..transcribe import TRANSCRIBE_MAX_NEW_TOKENS
-    from ..transcribe import transcribe as run
+    from glmvoice_cli.audio.io import load_audio
+    from glmvoice_cli.errors import AudioError
+    from glmvoice_cli.transcribe import TRANSCRIBE_MAX_NEW_TOKENS
+    from glmvoice_cli.transcribe import transcribe as run
 
     err = Console(stderr=True)
     audios = [load_audio(f) for f in files]  # every file is checked before the models load

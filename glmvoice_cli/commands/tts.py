@@ -10,9 +10,7 @@ from typing import Annotated
 
 import typer
 
-from ..errors import UsageError
-from ..instructions import DIALECTS, EMOTIONS, SPEEDS
-from .common import (
+from glmvoice_cli.commands.common import (
     DecoderOpt,
     DeviceOpt,
     DtypeOpt,
@@ -23,6 +21,8 @@ from .common import (
     SeedOpt,
     load_assistant,
 )
+from glmvoice_cli.errors import UsageError
+from glmvoice_cli.instructions import DIALECTS, EMOTIONS, SPEEDS
 
 DRAIN_POLL_S = 0.05  # how often to check that the speaker has played everything
 
@@ -45,7 +45,7 @@ def tts(
     max_new_tokens: MaxTokensOpt = None, seed: SeedOpt = None,
 ) -> None:
     """Speak TEXT with GLM-4-Voice, in the chosen emotion, speed and dialect (long texts go sentence by sentence)."""
-    from ..instructions import SpeakingStyle
+    from glmvoice_cli.instructions import SpeakingStyle
 
     style = SpeakingStyle(emotion=emotion, speed=speed, dialect=dialect)
     words = _read_text(text, file)
@@ -64,10 +64,10 @@ def _run(assistant, words, style, instruction, output, speaker, max_new_tokens, 
     """Stream the events: text to the console, audio to the speaker; the file is written even on Ctrl-C."""
     import numpy as np
 
-    from ..audio.io import write_audio
-    from ..events import AudioChunk, TextDelta
-    from ..models.lm import GenerationOptions
-    from ..speak import TTS_MAX_NEW_TOKENS, speak
+    from glmvoice_cli.audio.io import write_audio
+    from glmvoice_cli.events import AudioChunk, TextDelta
+    from glmvoice_cli.lm.voice_lm import GenerationOptions
+    from glmvoice_cli.speak import TTS_MAX_NEW_TOKENS, speak
 
     echo = sys.stderr if str(output) == "-" else sys.stdout
     options = GenerationOptions(max_new_tokens=max_new_tokens or TTS_MAX_NEW_TOKENS, seed=seed)
@@ -113,7 +113,7 @@ def _read_text(text: str | None, file: Path | None) -> str:
 
 def _check_output(output: Path | None) -> None:
     """Fail before generating, not after, on an output path that cannot be written."""
-    from ..audio.io import WRITE_FORMATS
+    from glmvoice_cli.audio.io import WRITE_FORMATS
 
     if output is None or str(output) == "-":
         return
@@ -124,6 +124,6 @@ def _check_output(output: Path | None) -> None:
 
 
 def _open_speaker(device: str | None):  # type: ignore[no-untyped-def]
-    from ..audio.devices import Speaker
+    from glmvoice_cli.audio.devices import Speaker
 
     return Speaker(device)  # an index or a part of a name

@@ -12,8 +12,13 @@ from pathlib import Path
 
 import torch
 
-from ..models.decoder_checkpoint import FLOW_FILE, HIFT_FILE, DecoderModels
-from ..models.decoder_config import CONFIG_FILE, DecoderConfig, decoder_config_from_data, parse_hyperpyyaml
+from glmvoice_cli.decoder.checkpoint import FLOW_FILE, HIFT_FILE, DecoderModels
+from glmvoice_cli.decoder.config import (
+    CONFIG_FILE,
+    DecoderConfig,
+    decoder_config_from_data,
+    parse_hyperpyyaml,
+)
 
 VOICED_F0_HZ = 120.0  # bias of the random F0 head, so that the source is mostly voiced
 
@@ -187,12 +192,12 @@ def random_decoder(spec: TinyDecoderSpec, config: DecoderConfig, fold: bool = Tr
 
     `fold=False` keeps the weight-norm pairs, as the published files store them.
     """
-    from ..models.flow import FlowDecoder
-    from ..models.vocoder import HiFTGenerator, Snake, WNConv1d
+    from glmvoice_cli.decoder.flow import FlowModel
+    from glmvoice_cli.decoder.vocoder import HiFTGenerator, Snake, WNConv1d
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(spec.seed)
-        flow, hift = FlowDecoder(config.flow), HiFTGenerator(config.hift)
+        flow, hift = FlowModel(config.flow), HiFTGenerator(config.hift)
         with torch.no_grad():
             for module in hift.modules():
                 if isinstance(module, WNConv1d) and module.weight_g is not None:  # g != ||v||, as published

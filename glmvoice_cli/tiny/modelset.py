@@ -10,9 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from .decoder import TinyDecoderSpec, write_tiny_decoder
-from .lm import TinyLMSpec, write_tiny_lm
-from .tokenizer import TinyTokenizerSpec, write_tiny_tokenizer
+from glmvoice_cli.tiny.decoder import TinyDecoderSpec, write_tiny_decoder
+from glmvoice_cli.tiny.lm import TinyLMSpec, write_tiny_lm
+from glmvoice_cli.tiny.tokenizer import TinyTokenizerSpec, write_tiny_tokenizer
 
 AUDIO_LOGIT_BOOST = 1.2  # scale of the audio rows of the LM head: a random model then mixes text and audio
 

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import torch
 
-from ..audio.features import FeatureConfig
-from ..models.speech_tokenizer import TokenizerConfig
+from glmvoice_cli.tokenizer.features import FeatureConfig
+from glmvoice_cli.tokenizer.whisper_vq import TokenizerConfig
 
 _WHISPER_FIELDS = {  # fields of the official config.json that inference ignores, written for fidelity
     "architectures": ["WhisperVQEncoder"], "model_type": "whisper", "activation_function": "gelu",
@@ -76,8 +76,8 @@ def _calibrated_codebook(cfg: TokenizerConfig, features: FeatureConfig, state: d
                          seed: int) -> torch.Tensor:
     """Codes drawn from the encoder's own pooled states on a chirp-plus-noise signal, so that
     different sounds map to different tokens (random codes would all collapse onto one)."""
-    from ..audio.features import LogMel
-    from ..models.speech_tokenizer import WhisperVQEncoder
+    from glmvoice_cli.tokenizer.features import LogMel
+    from glmvoice_cli.tokenizer.whisper_vq import WhisperVQEncoder
 
     g = torch.Generator().manual_seed(seed + 1)
     seconds = 8

@@ -48,7 +48,7 @@ def fixtures(golden: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def models(golden: Path):  # type: ignore[no-untyped-def]
-    from glmvoice_cli.models.decoder_checkpoint import load_decoder
+    from glmvoice_cli.decoder.checkpoint import load_decoder
 
     return load_decoder(golden / "decoder")
 
@@ -68,14 +68,14 @@ def draws(fixtures: Path) -> dict[str, list[torch.Tensor]]:
 
 
 def _source_draws(tensors: list[torch.Tensor]):  # type: ignore[no-untyped-def]
-    from glmvoice_cli.models.vocoder import SourceDraws
+    from glmvoice_cli.decoder.vocoder import SourceDraws
 
     phase_u, noise = tensors
     return SourceDraws(phase_u, noise)
 
 
 def test_a_flow_inference(models, fixtures: Path, draws) -> None:  # type: ignore[no-untyped-def]
-    from glmvoice_cli.models.flow import FlowTrace
+    from glmvoice_cli.decoder.flow import FlowTrace
 
     a = _load(fixtures / "a_flow_inference.safetensors")
     trace, steps = FlowTrace(), {}
@@ -138,7 +138,7 @@ def test_c_hift(models, fixtures: Path, draws) -> None:  # type: ignore[no-untyp
 
 def test_reference_noise_regenerates_draws(fixtures: Path, draws) -> None:  # type: ignore[no-untyped-def]
     """MANIFEST section 3: a generator re-seeded with 42 per flow call yields the recorded draws."""
-    from glmvoice_cli.models.decoder_noise import ReferenceNoise
+    from glmvoice_cli.decoder.noise import ReferenceNoise
 
     checks = json.loads((fixtures / "random_draws.json").read_text()).get("torch_cpu_regeneration_check", {})
     for tag, recorded in draws.items():
@@ -152,8 +152,13 @@ def test_reference_noise_regenerates_draws(fixtures: Path, draws) -> None:  # ty
 
 
 def test_d_stream_token2wav(models, fixtures: Path, draws) -> None:  # type: ignore[no-untyped-def]
-    from glmvoice_cli.models.decoder_noise import ReplayNoise
-    from glmvoice_cli.synth import MEL_CACHE_FRAMES, REFERENCE_SCHEDULE, AudioDecoder, StreamSchedule
+    from glmvoice_cli.decoder.noise import ReplayNoise
+    from glmvoice_cli.decoder.speech_decoder import (
+        MEL_CACHE_FRAMES,
+        REFERENCE_SCHEDULE,
+        SpeechDecoder,
+        StreamSchedule,
+    )
 
     d = _load(fixtures / "d_stream_token2wav.safetensors")
     meta = json.loads((fixtures / "d_stream_token2wav.json").read_text())
@@ -163,7 +168,7 @@ def test_d_stream_token2wav(models, fixtures: Path, draws) -> None:  # type: ign
     recorded = [(draws[tag][0], _source_draws(draws[tag][1:])) for tag in tags]
     schedule = StreamSchedule(**{**REFERENCE_SCHEDULE.__dict__, "block_sizes": tuple(meta["block_size_list"])})
     outputs: list = []
-    decoder = AudioDecoder(models, schedule, noise=ReplayNoise(recorded), on_block=outputs.append)
+    decoder = SpeechDecoder(models, schedule, noise=ReplayNoise(recorded), on_block=outputs.append)
     if "mel_overlap_len" in derived:
         assert decoder.overlap_frames == derived["mel_overlap_len"]
         assert MEL_CACHE_FRAMES * decoder.samples_per_frame == derived["source_cache_len"]

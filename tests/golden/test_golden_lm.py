@@ -12,9 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from glmvoice_cli.models.lm import GenerationOptions, VoiceLM, sample_token
-from glmvoice_cli.models.lm_checkpoint import LoadOptions, load_lm
-from glmvoice_cli.models.text_tokenizer import GLM4_PATTERN, TextTokenizer
+from glmvoice_cli.lm.loader import load_lm
+from glmvoice_cli.lm.text_tokenizer import GLM4_PATTERN, TextTokenizer
+from glmvoice_cli.lm.voice_lm import GenerationOptions, VoiceLM, sample_token
+from glmvoice_cli.options import LoadOptions
 
 pytestmark = pytest.mark.golden
 
@@ -86,7 +87,7 @@ def test_greedy_ids_and_cached_step_logits_native(voice_lm: VoiceLM, reference: 
 
 
 def _require_in_tokenizer_range(voice_lm: VoiceLM, reference: dict) -> int:
-    n_valid = voice_lm.tokenizer.vocab_size  # our loop masks the padded rows beyond this
+    n_valid = voice_lm.text_tokenizer.vocab_size  # our loop masks the padded rows beyond this
     if max(reference["greedy_ids"][0].tolist()) >= n_valid:
         pytest.skip("the reference continuation uses padded-vocabulary rows, which our loop masks")
     return n_valid

@@ -16,8 +16,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from glmvoice_cli.audio.io import load_audio
-from glmvoice_cli.models.speech_tokenizer import code_distances
-from glmvoice_cli.tokenizer import SpeechTokenizer
+from glmvoice_cli.tokenizer.speech_tokenizer import SpeechTokenizer
+from glmvoice_cli.tokenizer.whisper_vq import code_distances
 
 pytestmark = pytest.mark.golden
 

@@ -16,9 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .conformer import BlockConformerEncoder
-from .decoder_config import FlowConfig
-from .estimator import ConditionalDecoder
+from glmvoice_cli.decoder.config import FlowConfig
+from glmvoice_cli.decoder.conformer import BlockConformerEncoder
+from glmvoice_cli.decoder.estimator import FlowEstimator
 
 MEL_SAMPLE_RATE = 22050  # Hz; hard-coded in the reference flow, independent of config.yaml
 MEL_HOP = 256  # samples per mel frame
@@ -66,7 +66,7 @@ class ConditionalCFM(nn.Module):
         super().__init__()
         self.cfg_rate = cfg.inference_cfg_rate
         self.scheduler = cfg.t_scheduler
-        self.estimator = ConditionalDecoder(cfg.estimator)
+        self.estimator = FlowEstimator(cfg.estimator)
 
     def velocity(self, x: torch.Tensor, mask: torch.Tensor, mu: torch.Tensor, t: torch.Tensor,
                  spks: torch.Tensor, cond: torch.Tensor, batched: bool = False) -> torch.Tensor:
@@ -115,7 +115,7 @@ class FlowTrace:
     spks: torch.Tensor | None = None  # (1, 80)
 
 
-class FlowDecoder(nn.Module):
+class FlowModel(nn.Module):
     """MaskedDiffWithXvec inference. Parameter names follow the official `flow.pt`."""
 
     def __init__(self, cfg: FlowConfig) -> None:

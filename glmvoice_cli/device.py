@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import UsageError
+from glmvoice_cli.errors import UsageError
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
           "fp16": torch.float16, "float16": torch.float16}

@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from .hub import Stage, inspect_stage
+from glmvoice_cli.models.hub import Stage, inspect_stage
 
 HASH_CHUNK_BYTES = 8 * 1024 * 1024  # read size while hashing multi-GB shards
 METADATA_DIR = Path(".cache") / "huggingface" / "download"

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from .errors import CheckpointError, GlmVoiceError, ModelNotFoundError
+from glmvoice_cli.errors import CheckpointError, GlmVoiceError, ModelNotFoundError
 
 DEFAULT_REVISION = "main"
 _OFFLINE_ENVS = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")

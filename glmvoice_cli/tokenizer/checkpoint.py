@@ -8,9 +8,9 @@ from pathlib import Path
 
 import torch
 
-from ..audio.features import FeatureConfig
-from ..errors import CheckpointMismatchError, ModelNotFoundError
-from .speech_tokenizer import TokenizerConfig, WhisperVQEncoder
+from glmvoice_cli.errors import CheckpointMismatchError, ModelNotFoundError
+from glmvoice_cli.tokenizer.features import FeatureConfig
+from glmvoice_cli.tokenizer.whisper_vq import TokenizerConfig, WhisperVQEncoder
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"

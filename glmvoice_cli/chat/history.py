@@ -15,9 +15,9 @@ from typing import TYPE_CHECKING
 from glmvoice_cli.config import TOKENS_PER_SECOND
 
 if TYPE_CHECKING:
-    from glmvoice_cli.models.lm import Conversation, VoiceLM
-    from glmvoice_cli.models.text_tokenizer import TextTokenizer
-    from glmvoice_cli.session_store import TurnRecord
+    from glmvoice_cli.chat.store import TurnRecord
+    from glmvoice_cli.lm.text_tokenizer import TextTokenizer
+    from glmvoice_cli.lm.voice_lm import Conversation, VoiceLM
 
 HEARD_EPSILON_TOKENS = 1e-6  # float slack so an exactly played token is not rounded up to the next
 
@@ -34,7 +34,7 @@ def trim_to_heard(conv: Conversation, tokenizer: TextTokenizer, played_samples: 
 
     Runs torch (the cache crop): call it from the model thread only.
     """
-    from glmvoice_cli.models.lm import tokens_through_audio
+    from glmvoice_cli.lm.voice_lm import tokens_through_audio
 
     output = conv.last_output
     n_audio = audio_tokens_heard(played_samples, sample_rate)
@@ -55,7 +55,7 @@ def restore_conversation(lm: VoiceLM, records: Sequence[TurnRecord]) -> Conversa
     The system prompt of the first turn tells the input mode (spoken or typed) that later turns
     keep; the first new turn then prefills the whole history once.
     """
-    from glmvoice_cli.models.prompts import InputMode, system_ids
+    from glmvoice_cli.lm.prompts import InputMode, system_ids
 
     conv = lm.new_conversation()
     for record in records:
@@ -63,7 +63,7 @@ def restore_conversation(lm: VoiceLM, records: Sequence[TurnRecord]) -> Conversa
             conv.last_output_start = len(conv.ids)
         conv.ids.extend(record.token_ids)
     if conv.ids:
-        tok = lm.tokenizer
+        tok = lm.text_tokenizer
         for mode in (InputMode.SPEECH, InputMode.TEXT):
             head = [*tok.prefix_ids, *system_ids(tok, mode)]
             if conv.ids[: len(head)] == head:

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .decoder_config import EstimatorConfig
+from glmvoice_cli.decoder.config import EstimatorConfig
 
 GROUP_NORM_GROUPS = 8
 NORM_EPS = 1e-5
@@ -161,7 +161,7 @@ def _stage(resnet: nn.Module, dim: int, cfg: EstimatorConfig, resample: nn.Modul
     return nn.ModuleList([resnet, blocks, resample])
 
 
-class ConditionalDecoder(nn.Module):
+class FlowEstimator(nn.Module):
     def __init__(self, cfg: EstimatorConfig) -> None:
         super().__init__()
         self.cfg = cfg

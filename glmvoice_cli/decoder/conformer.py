@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .decoder_config import EncoderConfig
+from glmvoice_cli.decoder.config import EncoderConfig
 
 LAYER_NORM_EPS = 1e-5
 POSITION_BASE = 10000.0  # sinusoid wavelength base of the relative-position table

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import CheckpointMismatchError
+from glmvoice_cli.errors import CheckpointMismatchError
 
 CONV_KERNEL = 3  # both front-end convolutions
 CONV2_STRIDE = 2

@@ -17,7 +17,7 @@ from typing import Protocol
 
 import torch
 
-from .vocoder import SourceDraws
+from glmvoice_cli.decoder.vocoder import SourceDraws
 
 REFERENCE_SEED = 42
 MEL_BINS = 80

@@ -18,14 +18,14 @@ from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from glmvoice_cli.models.prompts import InputMode, UserInput, turn_ids
-from glmvoice_cli.models.text_tokenizer import USER, TextStreamDecoder, TextTokenizer
+from glmvoice_cli.lm.prompts import InputMode, UserInput, turn_ids
+from glmvoice_cli.lm.text_tokenizer import USER, TextDetokenizer, TextTokenizer
 
 if TYPE_CHECKING:
     import torch
     from transformers import GlmForCausalLM
 
-    from glmvoice_cli.models.lm_checkpoint import LoadOptions
+    from glmvoice_cli.options import LoadOptions
 
 DEFAULT_TEMPERATURE = 0.2  # official web demo defaults
 DEFAULT_TOP_P = 0.8
@@ -136,7 +136,7 @@ class VoiceLM:
 
     def __init__(self, model: GlmForCausalLM, tokenizer: TextTokenizer) -> None:
         self.model = model
-        self.tokenizer = tokenizer
+        self.text_tokenizer = tokenizer
         self.user_id = tokenizer.token_id(USER)
         # transformers 5.x renamed `past_key_values` to `cache`; accept both.
         params = inspect.signature(model.forward).parameters
@@ -147,7 +147,7 @@ class VoiceLM:
     @classmethod
     def from_folder(cls, folder: Path, options: LoadOptions | None = None) -> VoiceLM:
         """Load an official ChatGLM-format checkpoint folder (weights, config and tokenizer)."""
-        from glmvoice_cli.models.lm_checkpoint import load_lm
+        from glmvoice_cli.lm.loader import load_lm
 
         return cls(load_lm(folder, options), TextTokenizer.from_folder(folder))
 
@@ -191,7 +191,7 @@ class VoiceLM:
             )
         conv.cached_ids.extend(ids[0].tolist())
         logits = out.logits[0, -1].float()
-        logits[self.tokenizer.vocab_size :] = float("-inf")  # padded embedding rows are never tokens
+        logits[self.text_tokenizer.vocab_size :] = float("-inf")  # padded embedding rows are never tokens
         return logits
 
     # ------------------------------------------------------------------ generation
@@ -208,7 +208,7 @@ class VoiceLM:
         The first turn of `conv` fixes its system prompt (from the input mode); later turns, spoken
         or typed, only add their user part.
         """
-        new_ids = turn_ids(self.tokenizer, user, conv.system_mode)
+        new_ids = turn_ids(self.text_tokenizer, user, conv.system_mode)
         if conv.system_mode is None:
             conv.system_mode = user.mode
         return self.stream_ids(conv, new_ids, options, cancel)
@@ -246,30 +246,30 @@ class VoiceLM:
         import torch
 
         generator = _make_generator(self.device, options.seed)
-        text = TextStreamDecoder(self.tokenizer)
-        eos = self.tokenizer.eos_ids
+        text = TextDetokenizer(self.text_tokenizer)
+        eos = self.text_tokenizer.eos_ids
         for n in range(options.max_new_tokens):
             if cancel is not None and cancel.is_set():
                 yield from self._finish(conv, text, StopReason.CANCELLED)
                 return
             if options.text_only:
-                start = self.tokenizer.audio_offset
-                logits[start : start + self.tokenizer.n_audio_tokens] = float("-inf")
+                start = self.text_tokenizer.audio_offset
+                logits[start : start + self.text_tokenizer.n_audio_tokens] = float("-inf")
             token_id = sample_token(logits, options.temperature, options.top_p, generator)
             if token_id in eos:
                 reason = StopReason.USER if token_id == self.user_id else StopReason.EOS
                 yield from self._finish(conv, text, reason)
                 return
             conv.ids.append(token_id)
-            if self.tokenizer.is_audio(token_id):
-                yield AudioTokens((self.tokenizer.audio_index(token_id),))
+            if self.text_tokenizer.is_audio(token_id):
+                yield AudioTokens((self.text_tokenizer.audio_index(token_id),))
             else:
                 yield TextPiece(text.push(token_id), token_id)
             if n + 1 < options.max_new_tokens:
                 logits = self._forward(conv, torch.tensor([[token_id]], device=self.device))
         yield from self._finish(conv, text, StopReason.MAX_TOKENS)
 
-    def _finish(self, conv: Conversation, text: TextStreamDecoder, reason: StopReason) -> Iterator[LMEvent]:
+    def _finish(self, conv: Conversation, text: TextDetokenizer, reason: StopReason) -> Iterator[LMEvent]:
         tail = text.flush()
         if tail:
             yield TextPiece(tail, -1)

@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from ..errors import CheckpointError, ModelNotFoundError
+from glmvoice_cli.errors import CheckpointError, ModelNotFoundError
 
 CONFIG_FILE = "config.yaml"
 _REF_PATTERN = re.compile(r"^<([A-Za-z_][\w.\[\]]*)>$")
@@ -135,7 +135,7 @@ class EncoderConfig:
 
 @dataclass(frozen=True)
 class EstimatorConfig:
-    """The U-Net velocity estimator (Matcha-TTS ConditionalDecoder)."""
+    """The U-Net velocity estimator (Matcha-TTS `ConditionalDecoder`)."""
 
     in_channels: int  # x + mu + spks + cond = 4 x 80
     out_channels: int  # mel bins

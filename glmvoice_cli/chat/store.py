@@ -30,7 +30,7 @@ from glmvoice_cli.audio.io import write_audio
 from glmvoice_cli.config import SAMPLE_RATE_IN, SAMPLE_RATE_OUT
 from glmvoice_cli.errors import GlmVoiceError
 from glmvoice_cli.events import TurnTimings
-from glmvoice_cli.settings import APP_NAME, ENV_HOME
+from glmvoice_cli.models.settings import APP_NAME, ENV_HOME
 
 SESSIONS_SUBDIR = "sessions"
 TRANSCRIPT_FILE = "transcript.jsonl"

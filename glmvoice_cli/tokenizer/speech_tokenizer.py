@@ -15,10 +15,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .audio.features import FeatureConfig, LogMel
-from .models.device import pick_device, pick_dtype
-from .models.speech_tokenizer import WhisperVQEncoder
-from .models.tokenizer_checkpoint import load_tokenizer_model
+from glmvoice_cli.device import pick_device, pick_dtype
+from glmvoice_cli.tokenizer.checkpoint import load_tokenizer_model
+from glmvoice_cli.tokenizer.features import FeatureConfig, LogMel
+from glmvoice_cli.tokenizer.whisper_vq import WhisperVQEncoder
 
 REFERENCE_BATCH = 128  # windows padded together by the reference
 DEFAULT_MICRO_BATCH = 8  # windows encoded at once (memory bound, not a result-changing choice)

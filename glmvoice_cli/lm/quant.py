@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     import torch
     from transformers import GlmConfig, GlmForCausalLM
 
-    from glmvoice_cli.models.lm_checkpoint import LoadOptions
+    from glmvoice_cli.options import LoadOptions
 
 KEEP_DENSE = ["lm_head"]  # quantizing the output layer costs accuracy for little memory
 INSTALL_HINT = "pip install 'glmvoice[quant]' (bitsandbytes)"
@@ -45,10 +45,10 @@ def load_quantized(
     from transformers import BitsAndBytesConfig, GlmForCausalLM
     from transformers.integrations.bitsandbytes import replace_with_bnb_linear
 
-    from glmvoice_cli.models.lm_checkpoint import (
-        _rebuild_rotary,
+    from glmvoice_cli.lm.checkpoint import (
         iter_official_tensors,
         map_official_tensor,
+        rebuild_rotary,
     )
 
     bits = int(options.quantize_bits or 0)
@@ -69,7 +69,7 @@ def load_quantized(
     for key, tensor in iter_official_tensors(files):
         for native, part in map_official_tensor(key, tensor, cfg):
             _assign_quantized(model, native, part.to(dtype).contiguous(), device)
-    _rebuild_rotary(model, device)
+    rebuild_rotary(model, device)
     return model.eval()
 
 

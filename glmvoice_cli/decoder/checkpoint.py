@@ -14,15 +14,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..errors import CheckpointError, CheckpointMismatchError, ModelNotFoundError
-from .decoder_config import CONFIG_FILE, DecoderConfig, load_decoder_config
+from glmvoice_cli.decoder.config import CONFIG_FILE, DecoderConfig, load_decoder_config
+from glmvoice_cli.errors import CheckpointError, CheckpointMismatchError, ModelNotFoundError
 
 if TYPE_CHECKING:
     import torch
     from torch import nn
 
-    from .flow import FlowDecoder
-    from .vocoder import HiFTGenerator
+    from glmvoice_cli.decoder.flow import FlowModel
+    from glmvoice_cli.decoder.vocoder import HiFTGenerator
 
 FLOW_FILE = "flow.pt"
 HIFT_FILE = "hift.pt"
@@ -77,7 +77,7 @@ class DecoderModels:
     """The loaded speech decoder: config, flow model and vocoder (eval mode, weight norm folded)."""
 
     config: DecoderConfig
-    flow: FlowDecoder
+    flow: FlowModel
     hift: HiFTGenerator
 
 
@@ -93,14 +93,14 @@ def load_decoder(directory: Path, device: str | torch.device = "cpu") -> Decoder
     """Build the flow model and the vocoder from `directory/config.yaml` and load their weights."""
     import torch
 
-    from .flow import FlowDecoder
-    from .vocoder import HiFTGenerator
+    from glmvoice_cli.decoder.flow import FlowModel
+    from glmvoice_cli.decoder.vocoder import HiFTGenerator
 
     directory = Path(directory)
     check_decoder_dir(directory)
     config = load_decoder_config(directory / CONFIG_FILE)
     with torch.device("meta"):  # no random init, no second copy of the weights
-        flow = FlowDecoder(config.flow)
+        flow = FlowModel(config.flow)
         hift = HiFTGenerator(config.hift)
     load_strict(flow, read_state_dict(directory / FLOW_FILE), directory / FLOW_FILE)
     load_strict(hift, read_state_dict(directory / HIFT_FILE), directory / HIFT_FILE)

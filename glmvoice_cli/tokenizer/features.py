@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import CheckpointMismatchError
+from glmvoice_cli.errors import CheckpointMismatchError
 
 LOG_FLOOR = 1e-10  # power floor before log10
 DYNAMIC_RANGE = 8.0  # decades kept below each example's maximum

@@ -187,7 +187,7 @@ class TextTokenizer:
         return token_id >= self.n_ranks
 
 
-class TextStreamDecoder:
+class TextDetokenizer:
     """Turns text token ids into text pieces without splitting a UTF-8 character across pieces."""
 
     def __init__(self, tokenizer: TextTokenizer) -> None:

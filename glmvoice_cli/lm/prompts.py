@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import Enum
 
-from glmvoice_cli.models.text_tokenizer import (
+from glmvoice_cli.lm.text_tokenizer import (
     ASSISTANT,
     BEGIN_OF_AUDIO,
     END_OF_AUDIO,

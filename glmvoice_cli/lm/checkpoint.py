@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -49,20 +48,9 @@ REQUIRED_INTS = (
 )
 DEFAULT_SEQ_LENGTH = 8192  # positions; the real voice config's seq_length is unconfirmed
 
-QUANT_BITS = (4, 8)
 
 OFFICIAL_PREFIX = "transformer."
 DROPPED_KEYS = frozenset({"transformer.rotary_pos_emb.inv_freq"})  # recomputed from rope_ratio
-
-
-@dataclass(frozen=True)
-class LoadOptions:
-    """How to place the model. None means 'choose automatically'."""
-
-    device: str | None = None  # "cuda", "cuda:1", "mps", "cpu"; auto: cuda > mps > cpu
-    dtype: str | None = None  # "fp32" | "bf16" | "fp16" (or full names); auto: bf16 on cuda, else fp32
-    quantize_bits: int | None = None  # 4 (NF4) or 8 through bitsandbytes, CUDA only
-    attn_implementation: str = "sdpa"  # or "eager"
 
 
 # --------------------------------------------------------------------------- config
@@ -311,65 +299,7 @@ def load_lm_config(folder: Path) -> GlmConfig:
     return glm_config_from_chatglm(read_chatglm_config(folder), folder / CONFIG_FILE)
 
 
-def load_lm(folder: Path, options: LoadOptions | None = None) -> GlmForCausalLM:
-    """The official ChatGLM checkpoint in `folder` as an eval-mode `GlmForCausalLM`.
-
-    All headers are checked before any weight is read; tensors stream in one at a time.
-    """
-    options = options or LoadOptions()
-    folder = Path(folder)
-    cfg = load_lm_config(folder)
-    files = weight_files(folder)
-    check_weight_files(files, cfg)
-    from glmvoice_cli.models.device import pick_device, pick_dtype
-
-    device = pick_device(options.device)
-    dtype = pick_dtype(options.dtype, device)
-    if options.quantize_bits is not None:
-        from glmvoice_cli.models.lm_quant import load_quantized
-
-        return load_quantized(files, cfg, device, dtype, options)
-    cfg._attn_implementation = options.attn_implementation
-    return _load_dense(files, cfg, device, dtype)
-
-
-def _load_dense(
-    files: dict[str, Path], cfg: GlmConfig, device: torch.device, dtype: torch.dtype
-) -> GlmForCausalLM:
-    import torch
-    from transformers import GlmForCausalLM
-
-    with torch.device("meta"):
-        model = GlmForCausalLM(cfg)
-    targets = dict(model.named_parameters())
-    filled: set[str] = set()
-    for key, tensor in iter_official_tensors(files):
-        for native, part in map_official_tensor(key, tensor, cfg):
-            _assign_parameter(model, native, part.to(device=device, dtype=dtype), targets)
-            filled.add(native)
-    missing = sorted(set(targets) - filled)
-    if missing:  # unreachable after check_weight_files, kept as the loader's own invariant
-        raise CheckpointMismatchError(f"{min(set(files.values()))}: no tensor for '{missing[0]}'")
-    _rebuild_rotary(model, device)
-    return model.eval().requires_grad_(False)
-
-
-def _assign_parameter(model: torch.nn.Module, native: str, value: torch.Tensor, targets: dict) -> None:
-    import torch
-
-    if native not in targets:
-        raise CheckpointMismatchError(f"no native parameter '{native}' for this config")
-    if tuple(targets[native].shape) != tuple(value.shape):
-        raise CheckpointMismatchError(
-            f"'{native}' has shape {list(value.shape)}, model expects {list(targets[native].shape)}"
-        )
-    owner_name, _, attr = native.rpartition(".")
-    owner = model.get_submodule(owner_name)
-    # contiguous(): the qkv split yields views; each parameter must own its memory.
-    setattr(owner, attr, torch.nn.Parameter(value.contiguous(), requires_grad=False))
-
-
-def _rebuild_rotary(model: GlmForCausalLM, device: torch.device) -> None:
+def rebuild_rotary(model: GlmForCausalLM, device: torch.device) -> None:
     """The rotary tables are non-persistent buffers left on meta: recompute them in fp32 on `device`."""
     import torch
 

@@ -11,7 +11,7 @@ Two threads, talking only through queues with timeouts and per-turn cancel Event
 
 Barge-in: the capture thread sets the turn's cancel Event and flushes the sink under the play lock
 (so no block can slip in after the flush); the model thread sees the cancel within one token,
-trims the history to what was played (`session_history.trim_to_heard`), saves the turn as
+trims the history to what was played (`chat.history.trim_to_heard`), saves the turn as
 interrupted, and takes the next job: the utterance that interrupted. States go
 IDLE -> LISTENING -> THINKING -> SPEAKING -> (INTERRUPTED) -> LISTENING. Events for the view go to
 `engine.events` (a None sentinel ends them); every turn is appended to the SessionStore as it ends.
@@ -33,6 +33,7 @@ import numpy as np
 
 from glmvoice_cli.audio.echo import NullEchoCanceller
 from glmvoice_cli.audio.vad import Segmenter, SpeechDiscarded, SpeechStarted, Utterance, VadConfig
+from glmvoice_cli.chat.history import answer_text, trim_to_heard
 from glmvoice_cli.errors import AudioDeviceError, GlmVoiceError
 from glmvoice_cli.events import (
     AudioChunk,
@@ -46,16 +47,15 @@ from glmvoice_cli.events import (
     UserTurnStarted,
     UserUtterance,
 )
-from glmvoice_cli.session_history import answer_text, trim_to_heard
 
 if TYPE_CHECKING:
     from glmvoice_cli.audio.devices import AudioSink, AudioSource
     from glmvoice_cli.audio.echo import EchoCanceller
     from glmvoice_cli.audio.playback import Clock
     from glmvoice_cli.audio.vad import FrameClassifier
-    from glmvoice_cli.models.lm import Conversation, GenerationOptions
+    from glmvoice_cli.chat.store import SessionStore
+    from glmvoice_cli.lm.voice_lm import Conversation, GenerationOptions
     from glmvoice_cli.pipeline import Assistant
-    from glmvoice_cli.session_store import SessionStore
 
 TRANSCRIBE_MAX_NEW_TOKENS = 100  # --transcribe-user: one spoken turn is short
 READ_TIMEOUT_S = 0.1  # longest wait on the source, so stop() is noticed quickly
@@ -288,7 +288,7 @@ class ChatEngine:
             self.events.put(None)
 
     def _run_turn(self, job: _Job) -> None:
-        from glmvoice_cli.models.prompts import TextInput
+        from glmvoice_cli.lm.prompts import TextInput
 
         conv = self.conversation
         self._set_state(ChatState.THINKING)
@@ -359,7 +359,7 @@ class ChatEngine:
 
     def _finish_turn(self, job: _Job, answer: _Answer, start: float) -> None:
         """Trim the history to what was heard, save the turn, tell the view."""
-        conv, tok, rate = self.conversation, self.assistant.lm.tokenizer, self.sink.sample_rate
+        conv, tok, rate = self.conversation, self.assistant.lm.text_tokenizer, self.sink.sample_rate
         with self._play_lock:
             played = 0 if job.base_played is None else max(self.sink.played - job.base_played, 0)
             self._open.remove(job)

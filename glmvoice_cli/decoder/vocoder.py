@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .decoder_config import HiFTConfig
+from glmvoice_cli.decoder.config import HiFTConfig
 
 SNAKE_EPS = 1e-9  # keeps 1/alpha finite
 F0_OUT_SLOPE = 0.01  # the reference's final leaky_relu uses torch's default slope, not lrelu_slope

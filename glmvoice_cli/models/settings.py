@@ -20,8 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import UsageError
-from .hub import STAGES, get_stage, require_complete
+from glmvoice_cli.errors import UsageError
+from glmvoice_cli.models.hub import STAGES, get_stage, require_complete
 
 APP_NAME = "glmvoice"
 ENV_HOME = "GLMVOICE_HOME"
