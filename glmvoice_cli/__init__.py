@@ -35,7 +35,28 @@ _PUBLIC: dict[str, str] = {
     "StatusChanged": "glmvoice_cli.events",
 }
 
-__all__ = ["__version__", *_PUBLIC]
+__all__ = [
+    "Assistant",
+    "AudioChunk",
+    "ChatEngine",
+    "ChatState",
+    "Conversation",
+    "EngineConfig",
+    "Failed",
+    "GenerationOptions",
+    "Interrupted",
+    "LoadOptions",
+    "SpeechInput",
+    "StatusChanged",
+    "StopReason",
+    "TextDelta",
+    "TextInput",
+    "TurnEnded",
+    "TurnTimings",
+    "UserTurnStarted",
+    "UserUtterance",
+    "__version__",
+]
 
 if TYPE_CHECKING:
     from glmvoice_cli.chat.engine import ChatEngine, EngineConfig
