@@ -141,11 +141,11 @@ def main() -> None:
         reps = 1 if args.quick else 3
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        t_ours, ids_ours = timed(lambda: ours.encode([audio])[0], reps, device)
+        t_ours, ids_ours = timed(lambda audio=audio: ours.encode([audio])[0], reps, device)
         gpu_ours = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        t_base, ids_base = timed(lambda: baseline.encode(audio), reps, device)
+        t_base, ids_base = timed(lambda audio=audio: baseline.encode(audio), reps, device)
         gpu_base = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None
         floor = encoder_gflop(cfg, -(-seconds * RATE // 1280) * 8) / rate
         results["inputs"].append({

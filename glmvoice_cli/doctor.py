@@ -156,6 +156,6 @@ def run_checks() -> list[Check]:
     for check in CHECKS:
         try:
             results.extend(check())
-        except Exception as e:  # a doctor must report a broken environment, not crash on it
+        except Exception as e:  # noqa: BLE001 - a doctor must report a broken environment, not crash on it
             results.append(Check(check.__name__.removeprefix("check_"), FAIL, f"{type(e).__name__}: {e}"))
     return results

@@ -40,7 +40,7 @@ class Assistant:
         self.dirs: dict[str, Path] = {}  # the model folders it was loaded from
 
     @classmethod
-    def load(cls, dirs: dict[str, Path], options: LoadOptions = LoadOptions()) -> Assistant:
+    def load(cls, dirs: dict[str, Path], options: LoadOptions | None = None) -> Assistant:
         """Load the stages named in `dirs` (keys among tokenizer, lm, decoder); lm is required."""
         from glmvoice_cli.decoder.checkpoint import load_decoder
         from glmvoice_cli.decoder.speech_decoder import SpeechDecoder
@@ -48,6 +48,7 @@ class Assistant:
         from glmvoice_cli.lm.voice_lm import VoiceLM
         from glmvoice_cli.tokenizer.speech_tokenizer import SpeechTokenizer
 
+        options = options or LoadOptions()
         device = pick_device(options.device)
         seconds: dict[str, float] = {}
         loaded: dict[str, object] = {}

@@ -20,11 +20,12 @@ MAX_PIECE_CHARS = 200  # characters per spoken piece: long enough for prosody, s
 TTS_MAX_NEW_TOKENS = 1200  # per piece: ~200 characters of interleaved text and speech, with room to spare
 
 
-def speak(assistant: Assistant, text: str, style: SpeakingStyle = SpeakingStyle(), template: str | None = None,
+def speak(assistant: Assistant, text: str, style: SpeakingStyle | None = None, template: str | None = None,
           options: GenerationOptions | None = None, cancel: threading.Event | None = None,
           ) -> Iterator[TextDelta | AudioChunk | TurnEnded]:
     """Events of the spoken `text`, piece after piece; stops early when `cancel` is set."""
     options = options or GenerationOptions(max_new_tokens=TTS_MAX_NEW_TOKENS)
+    style = style or SpeakingStyle()
     for index, piece in enumerate(split_sentences(text, MAX_PIECE_CHARS)):
         if cancel is not None and cancel.is_set():
             return

@@ -21,7 +21,7 @@ runner = CliRunner()
 
 def run_module(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "glmvoice_cli", *args], capture_output=True, text=True,
-                          timeout=120)
+                          timeout=120, check=False)
 
 
 @pytest.mark.parametrize("args", [["--help"], ["--version"], ["tokenize", "--help"]])
@@ -30,7 +30,7 @@ def test_help_and_version_import_neither_torch_nor_sounddevice(args: list[str]) 
             f"try:\n    app({args!r})\nexcept SystemExit as e:\n    assert e.code in (0, None), e.code\n"
             "heavy = [m for m in ('torch', 'sounddevice', 'transformers') if m in sys.modules]\n"
             "assert not heavy, heavy\n")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
     assert done.returncode == 0, done.stderr
 
 

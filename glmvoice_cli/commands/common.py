@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
+
+if TYPE_CHECKING:
+    from glmvoice_cli.pipeline import Assistant
 
 ModelsOpt = Annotated[Path | None, typer.Option(
     "--models", help="A folder holding tokenizer/, lm/ and decoder/ (default: the download cache).")]
@@ -23,7 +26,7 @@ SeedOpt = Annotated[int | None, typer.Option("--seed", help="Seed for sampling a
 
 
 def load_assistant(stages: tuple[str, ...], *, models: Path | None, overrides: dict[str, Path | None],
-                   device: str | None, dtype: str | None, quantize: int | None = None, seed: int | None = None):
+                   device: str | None, dtype: str | None, quantize: int | None = None, seed: int | None = None) -> Assistant:
     """Find (or offer to fetch) the stages' folders and load them."""
     from glmvoice_cli.commands.models import ensure_models
     from glmvoice_cli.options import LoadOptions

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Mapping
 from enum import Enum
 from pathlib import Path
 from typing import Annotated
@@ -137,7 +138,7 @@ def ensure_models(
     stages: tuple[str, ...],
     *,
     models: str | Path | None = None,
-    overrides: dict[str, str | Path | None] | None = None,
+    overrides: Mapping[str, str | Path | None] | None = None,
     offer: bool | None = None,
 ) -> dict[str, Path]:
     """Checked model folders for a command, offering to download what the cache lacks.

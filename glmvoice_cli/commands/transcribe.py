@@ -55,8 +55,8 @@ def transcribe(
         for warning in audio.warnings:
             err.print(f"[yellow]warning:[/] {warning}", highlight=False)
         with err.status(f"transcribing {path.name}") as status:
-            def progress(done: int, total: int) -> None:
-                status.update(f"transcribing {path.name}: window {done}/{total}")
+            def progress(done: int, total: int, name: str = path.name) -> None:
+                status.update(f"transcribing {name}: window {done}/{total}")
 
             result = run(assistant, audio.samples, prompt=prompt, window_s=window,
                          max_new_tokens=max_new_tokens or TRANSCRIBE_MAX_NEW_TOKENS, on_window=progress)

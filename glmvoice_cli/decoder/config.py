@@ -10,6 +10,7 @@ section and the seed calls are ignored.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,21 +43,21 @@ class _SafeHyperLoader(yaml.SafeLoader):
     """A SafeLoader that understands hyperpyyaml tags as inert data."""
 
 
-def _construct_tagged(kind: str):  # type: ignore[no-untyped-def]
+def _construct_tagged(kind: str) -> Callable[[yaml.SafeLoader, str, yaml.Node], Tagged]:
     def construct(loader: yaml.SafeLoader, suffix: str, node: yaml.Node) -> Tagged:
         if isinstance(node, yaml.MappingNode):
             args: Any = loader.construct_mapping(node, deep=True)
         elif isinstance(node, yaml.SequenceNode):
             args = loader.construct_sequence(node, deep=True)
         else:
-            args = loader.construct_scalar(node)  # type: ignore[arg-type]
+            args = loader.construct_scalar(node)
         return Tagged(kind, suffix, args)
 
     return construct
 
 
 def _construct_ref(loader: yaml.SafeLoader, node: yaml.Node) -> Ref:
-    text = str(loader.construct_scalar(node)).strip()  # type: ignore[arg-type]
+    text = str(loader.construct_scalar(node)).strip()
     match = _REF_PATTERN.match(text)
     if match is None:
         raise yaml.constructor.ConstructorError(None, None, f"unsupported !ref expression {text!r}", node.start_mark)

@@ -81,10 +81,12 @@ def _assign_quantized(model: torch.nn.Module, native: str, value: torch.Tensor, 
     owner = model.get_submodule(owner_name)
     old = getattr(owner, attr)
     if attr == "weight" and isinstance(owner, bnb.nn.Linear4bit):
-        new = bnb.nn.Params4bit(value.cpu(), requires_grad=False, **old.__dict__).to(device)
+        quantized: torch.nn.Parameter = bnb.nn.Params4bit(value.cpu(), requires_grad=False, **old.__dict__)
     elif attr == "weight" and isinstance(owner, bnb.nn.Linear8bitLt):
         kwargs = {k: v for k, v in old.__dict__.items() if k != "SCB"}
-        new = bnb.nn.Int8Params(value.cpu(), requires_grad=False, **kwargs).to(device)
+        quantized = bnb.nn.Int8Params(value.cpu(), requires_grad=False, **kwargs)
     else:
-        new = torch.nn.Parameter(value.to(device), requires_grad=False)
-    setattr(owner, attr, new)
+        setattr(owner, attr, torch.nn.Parameter(value.to(device), requires_grad=False))
+        return
+    # bitsandbytes' parameters quantize in their own .to(device), which returns the same parameter class.
+    setattr(owner, attr, quantized.to(device))

@@ -389,7 +389,7 @@ def _fetch_file(
             local_dir=folder,
             endpoint=endpoint,
             force_download=force,
-            tqdm_class=_ReporterBar.bound(reporter, f"{stage.name}/{filename}"),  # type: ignore[arg-type]
+            tqdm_class=_ReporterBar.bound(reporter, f"{stage.name}/{filename}"),
         )
     except hf_errors.OfflineModeIsEnabled as e:
         raise ModelNotFoundError(_offline_line(stage, folder, filename)) from e

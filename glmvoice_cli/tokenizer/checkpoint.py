@@ -47,7 +47,7 @@ def read_state_dict(path: Path, cfg: TokenizerConfig, expected: dict[str, torch.
     state: dict[str, torch.Tensor] = {}
     try:
         with safe_open(str(path), framework="pt") as f:
-            for raw_key in f.keys():
+            for raw_key in f.keys():  # noqa: SIM118 - safe_open is not a mapping
                 key = raw_key.removeprefix(_OPTIONAL_PREFIX)
                 if not _wanted(key, cfg):
                     continue
