@@ -1,0 +1,105 @@
+"""The WhisperVQ encoder run one span of blocks at a time, with per-layer key/value caches.
+
+The encoder is block-causal: a position attends to every earlier position and to its own block,
+never to a later block; both convolutions are causal; pooling groups 4 positions that never straddle
+a block boundary. So the states of a completed block depend only on the log-mel frames up to its end,
+and a later span can be computed from the earlier blocks' keys and values alone (like an LM's cache).
+
+`encode_span` computes positions [p0, p1) (p0 block-aligned) of one window from that window's
+features and the caches of [0, p0). The result equals the whole-window forward up to float rounding
+(different matrix shapes sum in a different order); `SpanResult.margin` reports how close each id came
+to a tie so that the caller can fall back to the whole-window path where rounding could matter.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from glmvoice_cli.tokenizer.whisper_vq import CONV2_STRIDE, EncoderLayer, WhisperVQEncoder, code_distances
+
+LayerCache = tuple[torch.Tensor, torch.Tensor]  # keys, values (1, heads, positions, head_dim)
+
+
+@dataclass
+class SpanResult:
+    ids: list[int]  # one per pooled position of the span (padding positions included)
+    valid: list[bool]  # which pooled positions hold real audio
+    margin: torch.Tensor  # (n,) second-nearest minus nearest code distance
+    scale: torch.Tensor  # (n,) size of the terms the distances are made of, to make `margin` relative
+    caches: list[LayerCache]  # per layer: keys and values of this span only
+    states: torch.Tensor  # (n, D) pooled states the ids were chosen from
+
+
+def _front(model: WhisperVQEncoder, feats: torch.Tensor, p0: int, p1: int) -> torch.Tensor:
+    """Both causal convolutions for positions [p0, p1): feats (n_mels, >= 2*p1) -> (1, p1 - p0, D).
+
+    conv2 at position p reads conv1 frames 2p-2..2p, which read mel frames 2p-4..2p; before frame 0
+    both convolutions see zeros (their causal padding), so the span starting at 0 keeps the padding.
+    """
+    dtype = model.conv1.weight.dtype
+    if p0 == 0:
+        x = F.gelu(model.conv1(feats[None, :, : 2 * p1].to(dtype)))
+        return F.gelu(model.conv2(x)).transpose(1, 2)
+    mel = feats[None, :, 2 * p0 - 4 : 2 * p1].to(dtype)
+    x = F.gelu(F.conv1d(mel, model.conv1.weight, model.conv1.bias))
+    x = F.gelu(F.conv1d(x, model.conv2.weight, model.conv2.bias, stride=CONV2_STRIDE))
+    return x.transpose(1, 2)
+
+
+def _mask(offset: int, valid: torch.Tensor, block: int, dtype: torch.dtype) -> torch.Tensor:
+    """Additive (1, 1, n, offset + n) mask for queries [offset, offset + n) over keys [0, offset + n)."""
+    n = valid.shape[0]
+    q = torch.arange(offset, offset + n, device=valid.device)[:, None]
+    k = torch.arange(offset + n, device=valid.device)[None, :]
+    keys_valid = torch.cat([torch.ones(offset, dtype=torch.bool, device=valid.device), valid])
+    allowed = ((k <= q) | (k // block == q // block)) & keys_valid[None, :]
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=valid.device)
+    return mask.masked_fill(~allowed, torch.finfo(dtype).min)[None, None]
+
+
+def _layer(layer: EncoderLayer, x: torch.Tensor, past: LayerCache | None, mask: torch.Tensor,
+           ) -> tuple[torch.Tensor, LayerCache]:
+    attn = layer.self_attn
+    b, t, d = x.shape
+
+    def split(y: torch.Tensor) -> torch.Tensor:
+        return y.view(b, t, attn.heads, d // attn.heads).transpose(1, 2)
+
+    h = layer.self_attn_layer_norm(x)
+    q, k, v = split(attn.q_proj(h)), split(attn.k_proj(h)), split(attn.v_proj(h))
+    keys, values = (k, v) if past is None else (torch.cat([past[0], k], 2), torch.cat([past[1], v], 2))
+    y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+    x = x + attn.out_proj(y.transpose(1, 2).reshape(b, t, d))
+    x = x + layer.fc2(F.gelu(layer.fc1(layer.final_layer_norm(x))))
+    return x, (k, v)
+
+
+@torch.inference_mode()
+def encode_span(model: WhisperVQEncoder, feats: torch.Tensor, frame_valid: torch.Tensor, p0: int, p1: int,
+                past: list[LayerCache] | None) -> SpanResult:
+    """Ids of positions [p0, p1) of one window; `past` holds every layer's cache of [0, p0) (None at 0).
+
+    feats: (n_mels, frames) of the window (frames >= 2 * p1); frame_valid: (frames,) bool.
+    """
+    cfg = model.cfg
+    x = _front(model, feats.to(model.conv1.weight.device), p0, p1)
+    x = x + model.embed_positions.weight[p0:p1]
+    valid = frame_valid.to(x.device)[::CONV2_STRIDE][p0:p1].bool()
+    offset, block, k = p0, cfg.quantize_causal_block_size, cfg.pooling_kernel_size
+    caches: list[LayerCache] = []
+    for i, layer in enumerate(model.layers):
+        x, cache = _layer(layer, x, None if past is None else past[i], _mask(offset, valid, block, x.dtype))
+        caches.append(cache)
+        if i + 1 == cfg.pooling_position:
+            x, valid = model._pool(x), valid[::k]
+            offset, block = offset // k, max(1, block // k)
+    pooled = x[0]
+    distances = code_distances(pooled, model.codebook.weight)
+    best = distances.topk(min(2, distances.shape[1]), dim=1, largest=False)
+    ids = best.indices[:, 0]
+    margin = best.values[:, 1] - best.values[:, 0] if best.values.shape[1] > 1 else torch.full_like(ids, 1e30)
+    scale = (pooled.float() ** 2).sum(1) + 1.0  # distances are |x|^2 + |c|^2 - 2x.c: rounding scales with |x|^2
+    return SpanResult(ids.tolist(), valid.tolist(), margin.float(), scale, caches, pooled)
