@@ -27,6 +27,8 @@ _PUBLIC: dict[str, str] = {
     "TurnTimings": "glmvoice_cli.events",
     "UserTurnStarted": "glmvoice_cli.events",
     "UserUtterance": "glmvoice_cli.events",
+    "UserAudio": "glmvoice_cli.events",
+    "AssistantTurn": "glmvoice_cli.events",
     "TextDelta": "glmvoice_cli.events",
     "AudioChunk": "glmvoice_cli.events",
     "Interrupted": "glmvoice_cli.events",
@@ -37,6 +39,7 @@ _PUBLIC: dict[str, str] = {
 
 __all__ = [
     "Assistant",
+    "AssistantTurn",
     "AudioChunk",
     "ChatEngine",
     "ChatState",
@@ -53,6 +56,7 @@ __all__ = [
     "TextInput",
     "TurnEnded",
     "TurnTimings",
+    "UserAudio",
     "UserTurnStarted",
     "UserUtterance",
     "__version__",
@@ -61,6 +65,7 @@ __all__ = [
 if TYPE_CHECKING:
     from glmvoice_cli.chat.engine import ChatEngine, EngineConfig
     from glmvoice_cli.events import (
+        AssistantTurn,
         AudioChunk,
         ChatState,
         Failed,
@@ -69,6 +74,7 @@ if TYPE_CHECKING:
         TextDelta,
         TurnEnded,
         TurnTimings,
+        UserAudio,
         UserTurnStarted,
         UserUtterance,
     )

@@ -6,9 +6,12 @@ event can cross threads without copying model state.
 
 One spoken exchange produces, in order::
 
-    StatusChanged(LISTENING) -> UserTurnStarted -> UserUtterance -> StatusChanged(THINKING)
+    StatusChanged(LISTENING) -> UserTurnStarted -> UserAudio -> StatusChanged(THINKING) -> UserUtterance
     -> TextDelta / AudioChunk ... (interleaved, StatusChanged(SPEAKING) at the first chunk)
-    -> TurnEnded -> StatusChanged(LISTENING)
+    -> AssistantTurn -> TurnEnded -> StatusChanged(LISTENING)
+
+UserAudio, UserUtterance (with a `turn`) and AssistantTurn carry all a session store needs, so the
+store is written by its own thread from these events (`chat.writer`), never by the model thread.
 
 A barge-in inserts UserTurnStarted and Interrupted before the assistant's TurnEnded(interrupted=True).
 """
@@ -21,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from glmvoice_cli.config import SAMPLE_RATE_OUT
+from glmvoice_cli.config import SAMPLE_RATE_IN, SAMPLE_RATE_OUT
 
 
 class ChatState(enum.Enum):
@@ -61,14 +64,29 @@ class UserTurnStarted:
     """Voice activity confirmed: the user has started speaking (also the barge-in trigger)."""
 
 
+@dataclass(frozen=True, eq=False)
+class UserAudio:
+    """A spoken user turn is complete (end of speech): its audio, to be saved at once, off the model thread."""
+
+    turn: int  # the engine's turn number, shared by the UserUtterance and AssistantTurn of the same turn
+    samples: np.ndarray  # (n,) float32 speech
+    sample_rate: int = SAMPLE_RATE_IN  # Hz
+    audio_path: str | None = None  # the name reserved for it in the session folder
+
+
 @dataclass(frozen=True)
 class UserUtterance:
-    """The user's turn is complete: spoken (duration_s > 0) or typed (typed=True, text set)."""
+    """The user's turn is in the history: spoken (duration_s > 0) or typed (typed=True, text set).
+
+    `turn` is None for speech the VAD discarded (the event only closes the view's open user turn).
+    """
 
     duration_s: float  # seconds of speech, 0.0 for a typed turn
     text: str | None = None  # the transcript (with --transcribe-user) or the typed text
-    audio_path: str | None = None  # where the turn's audio was saved, when it was
+    audio_path: str | None = None  # where the turn's audio is saved, when it is
     typed: bool = False  # entered with the keyboard rather than spoken
+    turn: int | None = None  # the engine's turn number (see UserAudio)
+    token_ids: tuple[int, ...] = ()  # the user's part of the LM history (empty if the LM never took it)
 
 
 @dataclass(frozen=True)
@@ -106,6 +124,19 @@ class TurnEnded:
     timings: TurnTimings = field(default_factory=TurnTimings)
 
 
+@dataclass(frozen=True, eq=False)
+class AssistantTurn:
+    """What one answer left behind, for the session store; emitted just before the engine's TurnEnded."""
+
+    turn: int  # see UserAudio
+    samples: np.ndarray | None  # (n,) float32, the part that was played; None when nothing was
+    sample_rate: int = SAMPLE_RATE_OUT  # Hz
+    text: str = ""  # the answer's text (what was heard, when interrupted)
+    token_ids: tuple[int, ...] = ()  # the ids the history keeps
+    interrupted: bool = False
+    timings: TurnTimings = field(default_factory=TurnTimings)
+
+
 @dataclass(frozen=True)
 class Failed:
     """A stage failed; the message is one line for the user. The session goes on or ends."""
@@ -123,11 +154,13 @@ class StatusChanged:
 
 ChatEvent = (
     UserTurnStarted
+    | UserAudio
     | UserUtterance
     | TextDelta
     | AudioChunk
     | Interrupted
     | TurnEnded
+    | AssistantTurn
     | Failed
     | StatusChanged
 )

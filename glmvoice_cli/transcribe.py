@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from glmvoice_cli.config import SAMPLE_RATE_IN
+from glmvoice_cli.config import SAMPLE_RATE_IN, WINDOW_SECONDS
 from glmvoice_cli.lm.prompts import SpeechInput
 from glmvoice_cli.lm.voice_lm import GenerationOptions, TextPiece
 from glmvoice_cli.pipeline import Assistant
@@ -21,8 +21,7 @@ TRANSCRIBE_INSTRUCTION = (
     "Transcribe the speech below exactly, word for word, in the language it is spoken in. "
     "Reply with the transcript only."
 )
-WINDOW_SECONDS = 30.0  # one tokenizer window: 375 speech tokens, well inside the model's context
-TRANSCRIBE_MAX_NEW_TOKENS = 300  # per window: 30 s of fast speech is about 100 words
+WINDOW_TRANSCRIPT_MAX_TOKENS = 300  # text tokens per window: 30 s of fast speech is about 100 words
 
 
 @dataclass(frozen=True)
@@ -35,7 +34,7 @@ class Transcript:
 
 
 def transcribe(assistant: Assistant, samples: np.ndarray, *, prompt: str | None = None,
-               window_s: float = WINDOW_SECONDS, max_new_tokens: int = TRANSCRIBE_MAX_NEW_TOKENS,
+               window_s: float = WINDOW_SECONDS, max_new_tokens: int = WINDOW_TRANSCRIPT_MAX_TOKENS,
                on_window: Callable[[int, int], None] | None = None) -> Transcript:
     """Transcribe 16 kHz mono `samples`; `on_window(done, total)` reports progress."""
     if assistant.speech_tokenizer is None:

@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    from glmvoice_cli.pipeline import Assistant
+    from glmvoice_cli.tiny.modelset import TinyModelSet
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -50,3 +55,20 @@ def _torch_threads() -> None:
     except ImportError:  # pragma: no cover - torch is a hard dependency
         return
     torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> TinyModelSet:
+    """One set of tiny random models in the official formats (tokenizer, lm, decoder), built once per run."""
+    from glmvoice_cli.tiny.modelset import write_tiny_model_set
+
+    return write_tiny_model_set(tmp_path_factory.mktemp("tiny_models"), codebook=64)
+
+
+@pytest.fixture(scope="session")
+def assistant(tiny_models: TinyModelSet) -> Assistant:
+    """The tiny models loaded once, on the CPU; tests make their own conversations."""
+    from glmvoice_cli.options import LoadOptions
+    from glmvoice_cli.pipeline import Assistant
+
+    return Assistant.load(tiny_models.dirs, LoadOptions(device="cpu", seed=0))

@@ -17,20 +17,12 @@ from glmvoice_cli.chat.store import SessionStore, load_session
 from glmvoice_cli.errors import AudioDeviceError
 from glmvoice_cli.events import AudioChunk, Failed, Interrupted, TextDelta, TurnEnded, UserUtterance
 from glmvoice_cli.lm.voice_lm import GenerationOptions
-from glmvoice_cli.options import LoadOptions
 from glmvoice_cli.pipeline import Assistant
-from glmvoice_cli.tiny.modelset import write_tiny_model_set
 
 from .chat_helpers import OUT_RATE, RATE, burst, make_rig, run_rig, silence
 
 BARGE_IN_LIMIT_S = 0.2  # the answer must stop within this of the user's speech onset
 AUDIBLE = 1e-4  # output samples above this count as sound
-
-
-@pytest.fixture(scope="module")
-def assistant(tmp_path_factory: pytest.TempPathFactory) -> Assistant:
-    models = write_tiny_model_set(tmp_path_factory.mktemp("models"), codebook=64)
-    return Assistant.load(models.dirs, LoadOptions(device="cpu", seed=0))
 
 
 def _lines(store: SessionStore) -> list[dict]:

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from glmvoice_cli.config import SAMPLE_RATE_IN
+from glmvoice_cli.config import SAMPLE_RATE_IN, WINDOW_SECONDS
 from glmvoice_cli.errors import GlmVoiceError, UsageError
 
 FrameClassifier = Callable[[np.ndarray], bool]  # (frame_samples,) int16 -> is speech
@@ -45,7 +45,7 @@ class VadConfig:
     hangover_ms: int = 700  # non-speech after the last voiced frame that ends the turn
     pre_roll_ms: int = 300  # audio kept before the onset, so the first syllable is not clipped
     post_roll_ms: int = 150  # audio kept after the last voiced frame (soft word endings)
-    max_turn_s: float = 30.0  # a turn this long is cut (truncated) and continues as a new utterance
+    max_turn_s: float = WINDOW_SECONDS  # a turn this long (one tokenizer window) is cut and goes on as a new one
     min_turn_ms: int = 250  # confirmed onsets with less speech than this are discarded
     sample_rate: int = SAMPLE_RATE_IN  # Hz
 

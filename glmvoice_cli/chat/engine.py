@@ -14,7 +14,9 @@ Barge-in: the capture thread sets the turn's cancel Event and flushes the sink u
 trims the history to what was played (`chat.history.trim_to_heard`), saves the turn as
 interrupted, and takes the next job: the utterance that interrupted. States go
 IDLE -> LISTENING -> THINKING -> SPEAKING -> (INTERRUPTED) -> LISTENING. Events for the view go to
-`engine.events` (a None sentinel ends them); every turn is appended to the SessionStore as it ends.
+`engine.events` (a None sentinel ends them); `subscribe()` gives another consumer its own queue of the
+same events. With a SessionStore, a third thread (`chat.writer.SessionWriter`) saves the turns from
+those events, so neither the model thread nor the capture thread ever waits on the disk.
 
 `lockstep=True` is for a source on a VirtualClock (tests, `--input-file` without `--realtime`):
 the capture thread waits until each answer is fully generated before it reads on, so model time
@@ -27,15 +29,18 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from glmvoice_cli.audio.echo import NullEchoCanceller
+from glmvoice_cli.audio.playback import VirtualClock
 from glmvoice_cli.audio.vad import Segmenter, SpeechDiscarded, SpeechStarted, Utterance, VadConfig
 from glmvoice_cli.chat.history import answer_text, trim_to_heard
+from glmvoice_cli.chat.writer import SessionWriter
 from glmvoice_cli.errors import AudioDeviceError, GlmVoiceError
 from glmvoice_cli.events import (
+    AssistantTurn,
     AudioChunk,
     ChatState,
     Failed,
@@ -44,6 +49,7 @@ from glmvoice_cli.events import (
     TextDelta,
     TurnEnded,
     TurnTimings,
+    UserAudio,
     UserTurnStarted,
     UserUtterance,
 )
@@ -57,13 +63,13 @@ if TYPE_CHECKING:
     from glmvoice_cli.lm.voice_lm import Conversation, GenerationOptions
     from glmvoice_cli.pipeline import Assistant
 
-TRANSCRIBE_MAX_NEW_TOKENS = 100  # --transcribe-user: one spoken turn is short
+TURN_TRANSCRIPT_MAX_TOKENS = 100  # --transcribe-user: text tokens for one spoken turn, which is short
 READ_TIMEOUT_S = 0.1  # longest wait on the source, so stop() is noticed quickly
 POLL_S = 0.01  # queue waits and playback-drain polls
 LEVEL_EVERY_BLOCKS = 5  # capture blocks between input-level updates (150 ms at 30 ms blocks)
 IDLE_TICK_S = 0.03  # virtual time advanced per wait once the source has ended
-JOIN_TIMEOUT_S = 10.0
-PLAYBACK_STALL_S = 5.0  # queued audio that does not move for this long: the output device is gone  # how long stop() waits for a thread that is inside a model call
+JOIN_TIMEOUT_S = 10.0  # how long join() waits for a thread that is inside a model call
+PLAYBACK_STALL_S = 5.0  # queued audio that does not move for this long: the output device is gone
 
 
 @dataclass(frozen=True)
@@ -73,7 +79,7 @@ class EngineConfig:
     lockstep: bool = False  # see the module docstring (needs `clock`)
     barge_in: bool = True  # False: the user's speech while the assistant answers waits its turn
     transcribe_user: bool = False  # a text-only LM pass before each answer (costs latency) fills the user's text
-    transcribe_max_new_tokens: int = TRANSCRIBE_MAX_NEW_TOKENS
+    transcribe_max_new_tokens: int = TURN_TRANSCRIPT_MAX_TOKENS
 
 
 @dataclass
@@ -81,6 +87,8 @@ class _Job:
     """One user turn on its way through the model thread."""
 
     samples: np.ndarray | None = None  # (n,) float32 16 kHz speech; None for a typed turn
+    turn: int = 0  # numbered by _submit, from 1
+    audio_path: str | None = None  # the name the store reserved for the speech
     text: str | None = None  # the typed text
     end_sample: int = 0  # end of the utterance on the input timeline (16 kHz samples)
     heard_at: float = 0.0  # perf_counter when the turn was complete (end of speech)
@@ -120,21 +128,44 @@ class ChatEngine:
         self.echo = echo or NullEchoCanceller()
         self.segmenter = Segmenter(self.config.vad, classifier) if source is not None else None
         self.clock = clock
-        self.events: queue.Queue[Any] = queue.Queue()
+        self.events: queue.Queue[object | None] = queue.Queue()  # the view's; a None sentinel ends them
+        self._consumers = [self.events]
         self.reports: list[TurnReport] = []
-        self.error: GlmVoiceError | None = None
-        self.state = ChatState.IDLE
-        self._jobs: queue.Queue[Any] = queue.Queue()
-        self._open: list[_Job] = []  # turns queued or running, not yet saved
+        self._error: GlmVoiceError | None = None  # the first failure (any thread), under _state_lock
+        self._state = ChatState.IDLE  # under _state_lock: the capture and model threads both change it
+        self._state_lock = threading.Lock()
+        self._jobs: queue.Queue[_Job | object] = queue.Queue()
+        self._open: list[_Job] = []  # turns queued or running, not yet finished (under _play_lock)
+        self._turns = 0  # turns submitted so far (under _play_lock)
         self._play_lock = threading.Lock()  # sink writes vs. barge-in flushes
         self._stop = threading.Event()
         self._done = threading.Event()
         self._level = 0.0
         self._threads: list[threading.Thread] = []
+        self._writer = SessionWriter(store, self.subscribe(), self._fail) if store is not None else None
 
     # ------------------------------------------------------------------ control
 
+    @property
+    def state(self) -> ChatState:
+        with self._state_lock:
+            return self._state
+
+    @property
+    def error(self) -> GlmVoiceError | None:
+        """The first failure of any thread (its cause chained), or None."""
+        with self._state_lock:
+            return self._error
+
+    def subscribe(self) -> queue.Queue[object | None]:
+        """A queue of every event from now on, ended by None; call it before start()."""
+        consumer: queue.Queue[object | None] = queue.Queue()
+        self._consumers.append(consumer)
+        return consumer
+
     def start(self) -> None:
+        if self._writer is not None:
+            self._writer.start()
         self._set_state(ChatState.LISTENING)
         self._threads = [threading.Thread(target=self._model_loop, name="glmvoice-model", daemon=True)]
         if self.source is not None:
@@ -165,8 +196,11 @@ class ChatEngine:
         return self._done.wait(timeout)
 
     def join(self, timeout: float = JOIN_TIMEOUT_S) -> None:
+        """Wait for the threads, the session writer last (it saves what the model thread finished)."""
         for thread in self._threads:
             thread.join(timeout)
+        if self._writer is not None:
+            self._writer.join(timeout)
 
     def run(self) -> None:
         """start(), then wait until the end; Ctrl-C stops cleanly and is re-raised."""
@@ -213,10 +247,10 @@ class ChatEngine:
 
     def _idle_until_done(self) -> None:
         """Input ended: let the queued answers play out (advancing a virtual clock ourselves)."""
-        virtual = self.clock is not None and hasattr(self.clock, "advance")  # a VirtualClock: nobody else moves it
+        clock = self.clock if isinstance(self.clock, VirtualClock) else None  # nobody else moves it
         while not self._done.is_set():
-            if virtual:
-                self.clock.advance(IDLE_TICK_S)  # type: ignore[union-attr]
+            if clock is not None:
+                clock.advance(IDLE_TICK_S)
                 if self.sink.pending == 0:
                     self._done.wait(POLL_S)
             else:
@@ -256,8 +290,14 @@ class ChatEngine:
         self._emit(Interrupted(played_s=max(played, 0) / self.sink.sample_rate))
 
     def _submit(self, job: _Job) -> None:
+        """Number the turn, hand spoken audio to the store's writer at once, queue it for the model."""
         with self._play_lock:
+            self._turns += 1
+            job.turn = self._turns
             self._open.append(job)
+        if job.samples is not None:
+            job.audio_path = None if self.store is None else self.store.audio_name("user")
+            self._emit(UserAudio(job.turn, job.samples, self.config.vad.sample_rate, job.audio_path))
         self._jobs.put(job)
 
     # ------------------------------------------------------------------ model thread
@@ -271,13 +311,13 @@ class ChatEngine:
                     if self._stop.is_set():
                         break
                     continue
-                if job is _END or self._stop.is_set():
+                if not isinstance(job, _Job) or self._stop.is_set():
                     break
                 self._run_turn(job)
         except GlmVoiceError as e:
             self._fail(e)
         except Exception as e:  # noqa: BLE001 - a bug or a torch error: end cleanly and say what it was
-            self._fail(GlmVoiceError(f"chat engine failed: {type(e).__name__}: {e}"))
+            self._fail(_engine_error(e))
         finally:
             with self._play_lock:
                 for job in self._open:
@@ -285,7 +325,8 @@ class ChatEngine:
             self._set_state(ChatState.IDLE)
             self._done.set()
             self._stop.set()
-            self.events.put(None)
+            for consumer in self._consumers:
+                consumer.put(None)
 
     def _run_turn(self, job: _Job) -> None:
         from glmvoice_cli.lm.prompts import TextInput
@@ -303,11 +344,13 @@ class ChatEngine:
                 job.base_played = self.sink.played
             for event in self.assistant.respond(conv, user, self.config.generation, job.cancel):
                 if not answer.started:
-                    self._save_user(job, conv.ids[history : conv.last_output_start])
+                    self._user_taken(job, conv.ids[history : conv.last_output_start])
                     answer.started = True
                 self._on_answer_event(job, event, answer)
         except GlmVoiceError as e:  # a lost speaker, a failing stage: save what was said, then end
             error = e
+        except Exception as e:  # noqa: BLE001 - a bug or a torch error: the same, with its cause
+            error = _engine_error(e)
         finally:
             job.generated.set()
         if error is not None:
@@ -349,13 +392,11 @@ class ChatEngine:
                 return
             job.cancel.wait(POLL_S)
 
-    def _save_user(self, job: _Job, ids: list[int]) -> None:
-        path = None
-        if self.store is not None:
-            record = self.store.append_user(job.samples, text=job.text, token_ids=ids)
-            path = record.audio
+    def _user_taken(self, job: _Job, ids: list[int]) -> None:
+        """The user's turn is in the history: tell the view, and the writer (which saves it)."""
         seconds = 0.0 if job.samples is None else len(job.samples) / self.config.vad.sample_rate
-        self._emit(UserUtterance(duration_s=seconds, text=job.text, audio_path=path, typed=job.samples is None))
+        self._emit(UserUtterance(duration_s=seconds, text=job.text, audio_path=job.audio_path,
+                                 typed=job.samples is None, turn=job.turn, token_ids=tuple(ids)))
 
     def _finish_turn(self, job: _Job, answer: _Answer, start: float) -> None:
         """Trim the history to what was heard, save the turn, tell the view."""
@@ -363,6 +404,8 @@ class ChatEngine:
         with self._play_lock:
             played = 0 if job.base_played is None else max(self.sink.played - job.base_played, 0)
             self._open.remove(job)
+        if not answer.started:  # the model never took the turn (a failure, a stop): still save what was said
+            self._user_taken(job, [])
         ended = answer.ended or TurnEnded(interrupted=True, reason="cancelled")
         interrupted = job.cancel.is_set() or ended.interrupted
         generated = len(conv.last_output) if answer.started else 0
@@ -373,9 +416,8 @@ class ChatEngine:
         timings = _from_end_of_speech(ended.timings, start - job.heard_at)
         audio = np.concatenate(answer.chunks)[:played] if answer.chunks else None
         text = answer_text(tok, kept) if interrupted else "".join(answer.text).strip()
-        if self.store is not None:
-            self.store.append_assistant(audio, text=text, token_ids=kept, interrupted=interrupted,
-                                        timings=timings, sample_rate=rate)
+        self._emit(AssistantTurn(job.turn, audio, rate, text=text, token_ids=kept, interrupted=interrupted,
+                                 timings=timings))
         self.reports.append(TurnReport(
             utterance_end=job.end_sample, first_audio_wall_s=answer.first_audio, played_samples=played,
             interrupted=interrupted, barge_in_at=job.barge_in.at_sample if job.barge_in else None,
@@ -386,16 +428,21 @@ class ChatEngine:
     # ------------------------------------------------------------------ shared
 
     def _emit(self, event: object) -> None:
-        self.events.put(event)
+        for consumer in self._consumers:
+            consumer.put(event)
 
     def _set_state(self, state: ChatState) -> None:
-        self.state = state
-        self._emit(StatusChanged(state, self._level))
+        with self._state_lock:  # the emitted order of states is the order they were set in
+            self._state = state
+            self._emit(StatusChanged(state, self._level))
 
     def _fail(self, error: GlmVoiceError) -> None:
-        """A device or model failure: say it once, cut the running turn (it is still saved), end."""
-        if self.error is None:
-            self.error = error
+        """A device, model or disk failure: say it once, cut the running turn (it is still saved), end."""
+        with self._state_lock:
+            first = self._error is None
+            if first:
+                self._error = error
+        if first:
             self._emit(Failed(str(error).splitlines()[0] if str(error) else type(error).__name__))
         self.stop()
 
@@ -409,6 +456,13 @@ class _Answer:
     first_audio: float | None = None  # end of speech -> first block written, wall seconds
     ended: TurnEnded | None = None
     started: bool = False  # the LM has taken the turn (the user turn is in the history and saved)
+
+
+def _engine_error(e: Exception) -> GlmVoiceError:
+    """An unexpected failure as one line for the user, chained as by `raise ... from e` (--debug shows it)."""
+    error = GlmVoiceError(f"chat engine failed: {type(e).__name__}: {e}")
+    error.__cause__ = e
+    return error
 
 
 def _from_end_of_speech(timings: TurnTimings, offset_s: float) -> TurnTimings:

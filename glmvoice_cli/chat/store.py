@@ -7,7 +7,9 @@ Layout of a session folder (``<data root>/sessions/<ID>``, or the folder given a
     audio/0001-user.wav       16 kHz, the user's speech
     audio/0002-assistant.wav  22.05 kHz, what the assistant said (the played part when interrupted)
 
-A turn's audio is written before its transcript line, so a line never names a missing file. The
+A turn's audio is written before its transcript line, so a line never names a missing file (the chat
+engine's writer thread saves a spoken turn's audio at the end of speech, its line once the LM has it). Audio
+files are numbered in the order their names are reserved, after any file already in the folder. The
 data root is ``GLMVOICE_HOME`` when set, else the platform data folder. Loading tolerates a last
 line cut by a crash (skipped, with a warning); resuming drops that fragment before appending.
 """
@@ -22,7 +24,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -91,6 +93,13 @@ class TurnRecord:
         )
 
 
+class AudioFile(NamedTuple):
+    """A turn's saved audio: its path relative to the session folder, and its length."""
+
+    path: str
+    duration_s: float
+
+
 @dataclass(frozen=True)
 class SavedSession:
     """A session read back from disk (what `--resume` starts from)."""
@@ -138,7 +147,7 @@ def _reason(e: OSError) -> str:
 
 
 class SessionStore:
-    """Appends the turns of one session to its folder; safe to call from any one thread at a time."""
+    """Appends the turns of one session to its folder from one thread at a time (audio_name: any thread)."""
 
     def __init__(self, path: Path, turns: Sequence[TurnRecord] = (), warnings: Sequence[str] = ()) -> None:
         self.path = path
@@ -146,6 +155,8 @@ class SessionStore:
         self.turns: list[TurnRecord] = list(turns)
         self.warnings = tuple(warnings)
         self._lock = threading.Lock()
+        self._names_lock = threading.Lock()  # apart from _lock, which is held across fsyncs
+        self._last_number = max(len(self.turns), _highest_audio_number(path))  # audio files named so far
 
     @property
     def transcript_path(self) -> Path:
@@ -202,9 +213,14 @@ class SessionStore:
         token_ids: Sequence[int] = (),
         timings: TurnTimings | Mapping[str, Any] | None = None,
         sample_rate: int = SAMPLE_RATE_IN,
+        audio: AudioFile | None = None,
     ) -> TurnRecord:
-        """Save a user turn: its speech (n,) float32 at sample_rate Hz, or None for a typed turn."""
-        return self._append("user", samples, sample_rate, text, token_ids, False, timings)
+        """Save a user turn: its speech (n,) float32 at sample_rate Hz, or None for a typed turn.
+
+        `audio`: the speech already saved by save_audio (then `samples` is not used).
+        """
+        audio = audio or self.save_audio("user", samples, sample_rate)
+        return self._append("user", audio, text, token_ids, False, timings)
 
     def append_assistant(
         self,
@@ -217,29 +233,28 @@ class SessionStore:
         sample_rate: int = SAMPLE_RATE_OUT,
     ) -> TurnRecord:
         """Save an assistant turn: the audio played (n,) float32 at sample_rate Hz, its text and ids."""
-        return self._append("assistant", samples, sample_rate, text, token_ids, interrupted, timings)
+        audio = self.save_audio("assistant", samples, sample_rate)
+        return self._append("assistant", audio, text, token_ids, interrupted, timings)
 
     def _append(
         self,
         role: str,
-        samples: np.ndarray | None,
-        sample_rate: int,
+        audio: AudioFile | None,
         text: str | None,
         token_ids: Sequence[int],
         interrupted: bool,
         timings: TurnTimings | Mapping[str, Any] | None,
     ) -> TurnRecord:
         with self._lock:
-            audio, duration = self._write_turn_audio(role, samples, sample_rate)
             record = TurnRecord(
                 role=role,
-                audio=audio,
+                audio=None if audio is None else audio.path,
                 text=text if text else None,
                 token_ids=tuple(int(i) for i in token_ids),
                 interrupted=interrupted,
                 timings=timings.to_dict() if isinstance(timings, TurnTimings) else _plain(timings),
                 created=_now(),
-                duration_s=duration,
+                duration_s=None if audio is None else audio.duration_s,
             )
             line = json.dumps(record.to_json(), ensure_ascii=False) + "\n"
             try:
@@ -252,15 +267,21 @@ class SessionStore:
             self.turns.append(record)
             return record
 
-    def _write_turn_audio(
-        self, role: str, samples: np.ndarray | None, sample_rate: int
-    ) -> tuple[str | None, float | None]:
-        """Write the turn's wav (fsynced); (relative path, seconds), or (None, None) without audio."""
+    def audio_name(self, role: str) -> str:
+        """Reserve the next audio file name for a turn of `role` (memory only: no disk access)."""
+        with self._names_lock:
+            self._last_number += 1
+            return f"{AUDIO_SUBDIR}/{self._last_number:04d}-{role}.wav"
+
+    def save_audio(
+        self, role: str, samples: np.ndarray | None, sample_rate: int, name: str | None = None
+    ) -> AudioFile | None:
+        """Write a turn's wav (fsynced) under `name` (default: a fresh audio_name); None without audio."""
         if samples is None or len(samples) == 0:
-            return None, None
-        number = len(self.turns) + 1
-        while (self.path / (relative := f"{AUDIO_SUBDIR}/{number:04d}-{role}.wav")).exists():
-            number += 1  # a file left by a turn whose line was lost or skipped: keep it
+            return None
+        relative = name or self.audio_name(role)
+        while (self.path / relative).exists():  # a file left by a turn whose line was lost: keep it
+            relative = self.audio_name(role)
         target = self.path / relative
         write_audio(target, np.asarray(samples, dtype=np.float32).reshape(-1), sample_rate)
         try:
@@ -268,11 +289,21 @@ class SessionStore:
                 os.fsync(fh.fileno())
         except OSError as e:
             raise SessionError(f"cannot write {target}: {_reason(e)}") from e
-        return relative, round(len(samples) / sample_rate, 3)
+        return AudioFile(relative, round(len(samples) / sample_rate, 3))
 
     def audio_file(self, record: TurnRecord) -> Path | None:
         """The absolute path of a turn's audio, or None."""
         return None if record.audio is None else self.path / record.audio
+
+
+def _highest_audio_number(path: Path) -> int:
+    """The largest turn number among the audio files already in a session folder (0 if none)."""
+    try:
+        names = [p.name for p in (path / AUDIO_SUBDIR).iterdir()]
+    except OSError:
+        return 0
+    numbers = [int(n[:4]) for n in names if n[:4].isdigit()]
+    return max(numbers, default=0)
 
 
 def _plain(timings: Mapping[str, Any] | None) -> dict[str, Any] | None:

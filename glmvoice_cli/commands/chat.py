@@ -155,7 +155,7 @@ def _open_store(session_dir: Path | None, resume: str | None, dirs: dict[str, Pa
 def _make_engine(assistant: Any, io: _AudioIO, store: Any, aggressiveness: int, max_new_tokens: int | None,
                  seed: int | None, transcribe_user: bool) -> Any:
     from glmvoice_cli.audio.vad import VadConfig
-    from glmvoice_cli.chat.engine import TRANSCRIBE_MAX_NEW_TOKENS, ChatEngine, EngineConfig
+    from glmvoice_cli.chat.engine import TURN_TRANSCRIPT_MAX_TOKENS, ChatEngine, EngineConfig
     from glmvoice_cli.chat.history import restore_conversation
     from glmvoice_cli.lm.voice_lm import DEFAULT_MAX_NEW_TOKENS, GenerationOptions
 
@@ -163,8 +163,8 @@ def _make_engine(assistant: Any, io: _AudioIO, store: Any, aggressiveness: int, 
                           generation=GenerationOptions(max_new_tokens=max_new_tokens or DEFAULT_MAX_NEW_TOKENS,
                                                        seed=seed),
                           transcribe_user=transcribe_user,
-                          transcribe_max_new_tokens=min(max_new_tokens or TRANSCRIBE_MAX_NEW_TOKENS,
-                                                        TRANSCRIBE_MAX_NEW_TOKENS))
+                          transcribe_max_new_tokens=min(max_new_tokens or TURN_TRANSCRIPT_MAX_TOKENS,
+                                                        TURN_TRANSCRIPT_MAX_TOKENS))
     conversation = restore_conversation(assistant.lm, store.turns)
     return ChatEngine(assistant, io.source, io.sink, store=store, conversation=conversation, echo=io.echo,
                       config=config, clock=io.clock)

@@ -19,6 +19,7 @@ from glmvoice_cli.commands.common import (
     TokenizerOpt,
     load_assistant,
 )
+from glmvoice_cli.config import WINDOW_SECONDS
 
 SILENCE_PEAK = 1e-4  # -80 dBFS: below this a file holds no speech, only digital silence
 
@@ -28,7 +29,7 @@ def transcribe(
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per file: file, text, seconds, "
                                           "tokens, timings.")] = False,
     prompt: Annotated[str | None, typer.Option(help="Replace the transcription instruction.")] = None,
-    window: Annotated[float, typer.Option(min=1.0, help="Seconds of audio per model call.")] = 30.0,
+    window: Annotated[float, typer.Option(min=1.0, help="Seconds of audio per model call.")] = WINDOW_SECONDS,
     models: ModelsOpt = None, tokenizer: TokenizerOpt = None, lm: LmOpt = None,
     device: DeviceOpt = None, dtype: DtypeOpt = None, quantize: QuantizeOpt = None,
     max_new_tokens: MaxTokensOpt = None,
@@ -39,7 +40,7 @@ def transcribe(
 
     from glmvoice_cli.audio.io import load_audio
     from glmvoice_cli.errors import AudioError
-    from glmvoice_cli.transcribe import TRANSCRIBE_MAX_NEW_TOKENS
+    from glmvoice_cli.transcribe import WINDOW_TRANSCRIPT_MAX_TOKENS
     from glmvoice_cli.transcribe import transcribe as run
 
     err = Console(stderr=True)
@@ -59,7 +60,7 @@ def transcribe(
                 status.update(f"transcribing {name}: window {done}/{total}")
 
             result = run(assistant, audio.samples, prompt=prompt, window_s=window,
-                         max_new_tokens=max_new_tokens or TRANSCRIBE_MAX_NEW_TOKENS, on_window=progress)
+                         max_new_tokens=max_new_tokens or WINDOW_TRANSCRIPT_MAX_TOKENS, on_window=progress)
         if as_json:
             typer.echo(json.dumps({"file": str(path), "text": result.text, "seconds": round(result.seconds, 3),
                                    "tokens": result.speech_tokens, "generated_tokens": result.generated_tokens,

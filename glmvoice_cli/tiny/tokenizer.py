@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from glmvoice_cli.config import WINDOW_TOKENS
 from glmvoice_cli.tokenizer.features import FeatureConfig
 from glmvoice_cli.tokenizer.whisper_vq import TokenizerConfig
 
@@ -19,7 +20,7 @@ _WHISPER_FIELDS = {  # fields of the official config.json that inference ignores
     "quantize_commit_coefficient": 0.25, "quantize_loss_scale": 10.0, "quantize_restart_interval": 100,
     "skip_language_detection": True, "torch_dtype": "float32", "vocab_size": 51866,
 }
-POSITIONS2 = 375  # post-quantizer position table rows (30 s of tokens)
+POSITIONS2 = WINDOW_TOKENS  # post-quantizer position table rows (one 30 s window of tokens)
 
 
 @dataclass(frozen=True)

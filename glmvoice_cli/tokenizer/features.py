@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from glmvoice_cli.config import SAMPLE_RATE_IN, WINDOW_SECONDS
 from glmvoice_cli.errors import CheckpointMismatchError
 
 LOG_FLOOR = 1e-10  # power floor before log10
@@ -25,11 +26,11 @@ DYNAMIC_RANGE = 8.0  # decades kept below each example's maximum
 class FeatureConfig:
     """The fields of Whisper's `preprocessor_config.json` that shape the features."""
 
-    sampling_rate: int = 16_000  # Hz
+    sampling_rate: int = SAMPLE_RATE_IN  # Hz
     n_fft: int = 400  # samples (25 ms)
     hop_length: int = 160  # samples (10 ms)
     feature_size: int = 128  # mel bins
-    chunk_length: int = 30  # seconds per window
+    chunk_length: int = int(WINDOW_SECONDS)  # seconds per window
 
     @property
     def samples_per_window(self) -> int:
