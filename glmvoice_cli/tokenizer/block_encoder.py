@@ -14,6 +14,7 @@ to a tie so that the caller can fall back to the whole-window path where roundin
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -91,7 +92,7 @@ def encode_span(model: WhisperVQEncoder, feats: torch.Tensor, frame_valid: torch
     offset, block, k = p0, cfg.quantize_causal_block_size, cfg.pooling_kernel_size
     caches: list[LayerCache] = []
     for i, layer in enumerate(model.layers):
-        x, cache = _layer(layer, x, None if past is None else past[i], _mask(offset, valid, block, x.dtype))
+        x, cache = _layer(cast(EncoderLayer, layer), x, None if past is None else past[i], _mask(offset, valid, block, x.dtype))
         caches.append(cache)
         if i + 1 == cfg.pooling_position:
             x, valid = model._pool(x), valid[::k]
