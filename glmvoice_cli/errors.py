@@ -39,3 +39,9 @@ class UsageError(GlmVoiceError):
     """Bad command-line input that Typer itself cannot catch (e.g. an unparsable token file)."""
 
     exit_code = 2
+
+
+class ContextLengthError(GlmVoiceError):
+    """A turn is too long for the model's context, even with every past turn dropped."""
+
+    exit_code = 2

@@ -14,3 +14,4 @@ class LoadOptions:
     quantize_bits: int | None = None  # the LM's: 4 (NF4) or 8 through bitsandbytes, CUDA only
     attn_implementation: str = "sdpa"  # the LM's attention: "sdpa" or "eager"
     seed: int | None = None  # the speech decoder's noise seed; None draws a fresh one
+    compile: bool | None = None  # the LM's static cache + compiled decode step; auto: on for CUDA only

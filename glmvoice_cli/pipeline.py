@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -22,7 +22,10 @@ from glmvoice_cli.events import AudioChunk, TextDelta, TurnEnded, TurnTimings
 from glmvoice_cli.options import LoadOptions
 
 if TYPE_CHECKING:
+    import torch
+
     from glmvoice_cli.decoder.speech_decoder import SpeechDecoder
+    from glmvoice_cli.lm.compiled import CompileReport
     from glmvoice_cli.lm.prompts import SpeechInput, UserInput
     from glmvoice_cli.lm.voice_lm import Conversation, GenerationOptions, VoiceLM
     from glmvoice_cli.tokenizer.speech_tokenizer import SpeechTokenizer
@@ -38,10 +41,17 @@ class Assistant:
         self.lm, self.speech_tokenizer, self.decoder = lm, tokenizer, decoder
         self.load_seconds: dict[str, float] = {}
         self.dirs: dict[str, Path] = {}  # the model folders it was loaded from
+        self.warnings: list[str] = []  # one line each, for the CLI to show (e.g. an eager fallback)
+        self.compile_report: CompileReport | None = None  # set when the LM decodes compiled
 
     @classmethod
-    def load(cls, dirs: dict[str, Path], options: LoadOptions | None = None) -> Assistant:
-        """Load the stages named in `dirs` (keys among tokenizer, lm, decoder); lm is required."""
+    def load(cls, dirs: dict[str, Path], options: LoadOptions | None = None,
+             on_status: Callable[[str], None] | None = None) -> Assistant:
+        """Load the stages named in `dirs` (keys among tokenizer, lm, decoder); lm is required.
+
+        `on_status` hears about slow steps (the LM's compile at first start); a compile that fails
+        leaves the eager loop and one line in `warnings`.
+        """
         from glmvoice_cli.decoder.checkpoint import load_decoder
         from glmvoice_cli.decoder.speech_decoder import SpeechDecoder
         from glmvoice_cli.device import pick_device
@@ -65,7 +75,22 @@ class Assistant:
             seconds[stage] = time.perf_counter() - start
         assistant = cls(loaded["lm"], loaded.get("tokenizer"), loaded.get("decoder"))  # type: ignore[arg-type]
         assistant.load_seconds, assistant.dirs = seconds, dict(dirs)
+        if _wants_compile(options, device):
+            assistant._compile_lm(on_status)
         return assistant
+
+    def _compile_lm(self, on_status: Callable[[str], None] | None) -> None:
+        from glmvoice_cli.lm.compiled import CompileUnavailable, inductor_cache_dir
+
+        if on_status is not None:
+            on_status(f"compiling the language model's decode step (cached in {inductor_cache_dir()})")
+        start = time.perf_counter()
+        try:
+            report = self.lm.enable_static(compiled=True)
+            self.compile_report = report
+        except CompileUnavailable as e:
+            self.warnings.append(f"compiling the language model failed ({e}); decoding eagerly (slower)")
+        self.load_seconds["lm_compile"] = time.perf_counter() - start
 
     def hear(self, samples: np.ndarray) -> SpeechInput:
         """A spoken turn from 16 kHz mono samples."""
@@ -130,6 +155,11 @@ class _Voice:
             self.first_audio_s = time.perf_counter() - start
         self.seconds += len(samples) / self.decoder.sample_rate
         return AudioChunk(samples, self.decoder.sample_rate)
+
+
+def _wants_compile(options: LoadOptions, device: torch.device) -> bool:
+    """--compile/--no-compile, else on for CUDA only (on CPU the eager loop is as fast: benchmarks/lm.py)."""
+    return options.compile if options.compile is not None else device.type == "cuda"
 
 
 _REASONS = {"user": "done", "eos": "done", "max_tokens": "max_tokens", "cancelled": "cancelled"}

@@ -39,10 +39,14 @@ SPEC = TinyLMSpec(hidden_size=32, num_layers=2, num_heads=4, kv_groups=2, ffn_hi
 FORCE = 1e4  # added to a logit to make that token win
 
 
-@pytest.fixture(scope="module")
-def lm(tmp_path_factory: pytest.TempPathFactory) -> VoiceLM:
+@pytest.fixture(scope="module", params=["dynamic", "static"])
+def lm(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> VoiceLM:
+    """The loop over a dynamic cache, and over the static cache (run eagerly: hooks must see each step)."""
     folder = write_tiny_lm(tmp_path_factory.mktemp("lm"), SPEC)
-    return VoiceLM.from_folder(folder, LoadOptions(device="cpu", dtype="fp32"))
+    model = VoiceLM.from_folder(folder, LoadOptions(device="cpu", dtype="fp32"))
+    if request.param == "static":
+        model.enable_static(compiled=False, max_len=256)
+    return model
 
 
 class Forcer:

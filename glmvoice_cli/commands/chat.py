@@ -27,6 +27,7 @@ from typing import Annotated, Any
 import typer
 
 from glmvoice_cli.commands.common import (
+    CompileOpt,
     DecoderOpt,
     DeviceOpt,
     DtypeOpt,
@@ -66,7 +67,7 @@ def chat(
         "--transcribe-user", help="Also transcribe each spoken turn (a text-only pass: adds latency).")] = False,
     live: Annotated[bool, typer.Option(help="Rich live view; --no-live prints plain lines.")] = True,
     models: ModelsOpt = None, tokenizer: TokenizerOpt = None, lm: LmOpt = None, decoder: DecoderOpt = None,
-    device: DeviceOpt = None, dtype: DtypeOpt = None, quantize: QuantizeOpt = None,
+    device: DeviceOpt = None, dtype: DtypeOpt = None, quantize: QuantizeOpt = None, compile_lm: CompileOpt = None,
     max_new_tokens: MaxTokensOpt = None, seed: SeedOpt = None,
 ) -> None:
     """Talk with GLM-4-Voice: speak (or type with --text), interrupt it any time; the session is saved."""
@@ -76,7 +77,8 @@ def chat(
         stages = ("lm", "decoder") if text else ("tokenizer", "lm", "decoder")
         assistant = load_assistant(stages, models=models,
                                    overrides={"tokenizer": tokenizer, "lm": lm, "decoder": decoder},
-                                   device=device, dtype=dtype, quantize=quantize, seed=seed)
+                                   device=device, dtype=dtype, quantize=quantize, seed=seed,
+                                   compile=compile_lm)
         store = _open_store(session_dir, resume, assistant.dirs, "text" if text else "voice")
         engine = _make_engine(assistant, io, store, vad_aggressiveness, max_new_tokens, seed, transcribe_user)
         _converse(engine, store, text, live)

@@ -23,14 +23,25 @@ QuantizeOpt = Annotated[int | None, typer.Option(
 MaxTokensOpt = Annotated[int | None, typer.Option(
     "--max-new-tokens", min=1, help="Cap on generated tokens per answer (or per piece / window).")]
 SeedOpt = Annotated[int | None, typer.Option("--seed", help="Seed for sampling and the decoder's noise.")]
+CompileOpt = Annotated[bool | None, typer.Option(
+    "--compile/--no-compile", help="Static cache + compiled LM decode step (default: on with CUDA, off on CPU).")]
 
 
 def load_assistant(stages: tuple[str, ...], *, models: Path | None, overrides: dict[str, Path | None],
-                   device: str | None, dtype: str | None, quantize: int | None = None, seed: int | None = None) -> Assistant:
-    """Find (or offer to fetch) the stages' folders and load them."""
+                   device: str | None, dtype: str | None, quantize: int | None = None, seed: int | None = None,
+                   compile: bool | None = None) -> Assistant:
+    """Find (or offer to fetch) the stages' folders and load them; slow steps show a status line."""
+    from rich.console import Console
+
     from glmvoice_cli.commands.models import ensure_models
     from glmvoice_cli.options import LoadOptions
     from glmvoice_cli.pipeline import Assistant
 
     dirs = ensure_models(stages, models=models, overrides=overrides)
-    return Assistant.load(dirs, LoadOptions(device=device, dtype=dtype, quantize_bits=quantize, seed=seed))
+    options = LoadOptions(device=device, dtype=dtype, quantize_bits=quantize, seed=seed, compile=compile)
+    err = Console(stderr=True)
+    with err.status("loading the models") as status:
+        assistant = Assistant.load(dirs, options, on_status=lambda text: status.update(text))
+    for warning in assistant.warnings:
+        err.print(f"[yellow]warning:[/] {warning}", highlight=False, soft_wrap=True)
+    return assistant

@@ -10,6 +10,7 @@ from typing import Annotated
 import typer
 
 from glmvoice_cli.commands.common import (
+    CompileOpt,
     DeviceOpt,
     DtypeOpt,
     LmOpt,
@@ -31,7 +32,7 @@ def transcribe(
     prompt: Annotated[str | None, typer.Option(help="Replace the transcription instruction.")] = None,
     window: Annotated[float, typer.Option(min=1.0, help="Seconds of audio per model call.")] = WINDOW_SECONDS,
     models: ModelsOpt = None, tokenizer: TokenizerOpt = None, lm: LmOpt = None,
-    device: DeviceOpt = None, dtype: DtypeOpt = None, quantize: QuantizeOpt = None,
+    device: DeviceOpt = None, dtype: DtypeOpt = None, quantize: QuantizeOpt = None, compile_lm: CompileOpt = None,
     max_new_tokens: MaxTokensOpt = None,
 ) -> None:
     """Transcribe each FILE with GLM-4-Voice (the speech plus an instruction, text-only output)."""
@@ -50,7 +51,8 @@ def transcribe(
             raise AudioError(f"{audio.source} is silent (no signal above -80 dBFS): there is nothing to transcribe")
     start = time.perf_counter()
     assistant = load_assistant(("tokenizer", "lm"), models=models, overrides={"tokenizer": tokenizer, "lm": lm},
-                               device=device, dtype=dtype, quantize=quantize)
+                               device=device, dtype=dtype, quantize=quantize,
+                               compile=compile_lm)
     load_s = time.perf_counter() - start
     for path, audio in zip(files, audios):
         for warning in audio.warnings:

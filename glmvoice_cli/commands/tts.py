@@ -11,6 +11,7 @@ from typing import Annotated
 import typer
 
 from glmvoice_cli.commands.common import (
+    CompileOpt,
     DecoderOpt,
     DeviceOpt,
     DtypeOpt,
@@ -41,7 +42,7 @@ def tts(
     output_device: Annotated[str | None, typer.Option(help="Speaker name or index (see glmvoice devices).")
                              ] = None,
     models: ModelsOpt = None, lm: LmOpt = None, decoder: DecoderOpt = None,
-    device: DeviceOpt = None, dtype: DtypeOpt = None, quantize: QuantizeOpt = None,
+    device: DeviceOpt = None, dtype: DtypeOpt = None, quantize: QuantizeOpt = None, compile_lm: CompileOpt = None,
     max_new_tokens: MaxTokensOpt = None, seed: SeedOpt = None,
 ) -> None:
     """Speak TEXT with GLM-4-Voice, in the chosen emotion, speed and dialect (long texts go sentence by sentence)."""
@@ -53,7 +54,8 @@ def tts(
     speaker = _open_speaker(output_device) if play or output is None else None
     try:
         assistant = load_assistant(("lm", "decoder"), models=models, overrides={"lm": lm, "decoder": decoder},
-                                   device=device, dtype=dtype, quantize=quantize, seed=seed)
+                                   device=device, dtype=dtype, quantize=quantize, seed=seed,
+                                   compile=compile_lm)
         _run(assistant, words, style, instruction, output, speaker, max_new_tokens, seed)
     finally:
         if speaker is not None:

@@ -18,6 +18,7 @@ from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from glmvoice_cli.errors import ContextLengthError
 from glmvoice_cli.lm.prompts import InputMode, UserInput, turn_ids
 from glmvoice_cli.lm.text_tokenizer import USER, TextDetokenizer, TextTokenizer
 
@@ -25,6 +26,7 @@ if TYPE_CHECKING:
     import torch
     from transformers import GlmForCausalLM
 
+    from glmvoice_cli.lm.compiled import CompileReport, StaticDecoder
     from glmvoice_cli.options import LoadOptions
 
 DEFAULT_TEMPERATURE = 0.2  # official web demo defaults
@@ -143,6 +145,26 @@ class VoiceLM:
         self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
         keep = next((name for name in ("logits_to_keep", "num_logits_to_keep") if name in params), None)
         self._keep_last = {keep: 1} if keep else {}  # compute lm_head for the last position only
+        self.static: StaticDecoder | None = None  # the static cache + compiled step, once enabled
+
+    def enable_static(self, compiled: bool = True, max_len: int | None = None) -> CompileReport:
+        """Decode over a static cache of `max_len` tokens (the context length), compiled or not.
+
+        Compiles and warms up every shape now. Raises CompileUnavailable (and keeps the eager loop)
+        when that fails.
+        """
+        import torch
+
+        from glmvoice_cli.lm.compiled import build_static_decoder
+
+        n_logits = self.model.lm_head.weight.shape[0]
+        blocked = torch.arange(n_logits, device=self.device) >= self.text_tokenizer.vocab_size
+        max_len = max_len or int(self.model.config.max_position_embeddings)
+        self.static = None
+        static = build_static_decoder(self.model, max_len, blocked, compiled)
+        self.static = static
+        assert static.report is not None
+        return static.report
 
     @classmethod
     def from_folder(cls, folder: Path, options: LoadOptions | None = None) -> VoiceLM:
@@ -167,29 +189,43 @@ class VoiceLM:
         (`conv.last_prefill_tokens` says how much).
         """
         import torch
-        from transformers import DynamicCache
 
         conv.ids.extend(ids)
         if not conv.ids:
             raise ValueError("nothing to prefill")
         keep = common_prefix_length(conv.cached_ids, conv.ids)
         keep = min(keep, len(conv.ids) - 1)  # always feed at least one id to get fresh logits
+        if self.static is not None and conv.cache is not self.static.cache:
+            conv.cache, conv.cached_ids = None, []  # its cache went to another conversation
         _crop_cache(conv, keep)
         if conv.cache is None:
-            conv.cache = DynamicCache(config=self.model.config)
+            conv.cache = self._new_cache(conv)
         todo = conv.ids[len(conv.cached_ids) :]
         conv.last_prefill_tokens = len(todo)
-        return self._forward(conv, torch.tensor([todo], device=self.device))
+        if self.static is not None and len(conv.ids) > self.static.max_len:
+            raise ContextLengthError(
+                f"the conversation holds {len(conv.ids)} tokens, the context {self.static.max_len}"
+            )
+        return self._forward(conv, todo, torch.tensor([todo], device=self.device))
 
-    def _forward(self, conv: Conversation, ids: torch.Tensor) -> torch.Tensor:
-        """ids [1, T] -> logits [V] (fp32) of the last position; the cache grows by T."""
+    def _new_cache(self, conv: Conversation) -> Any:
+        from transformers import DynamicCache
+
+        if self.static is not None:
+            return self.static.claim(conv)
+        return DynamicCache(config=self.model.config)
+
+    def _forward(self, conv: Conversation, id_list: list[int], ids: torch.Tensor) -> torch.Tensor:
+        """ids [1, T] (`id_list` on the host) -> logits [V] (fp32) of the last position; the cache grows by T."""
         import torch
 
+        conv.cached_ids.extend(id_list)
+        if self.static is not None:
+            return self.static.step(ids) if len(id_list) == 1 else self.static.prefill(ids)
         with torch.no_grad():
             out = self.model(
                 input_ids=ids, use_cache=True, **self._keep_last, **{self._cache_kwarg: conv.cache}
             )
-        conv.cached_ids.extend(ids[0].tolist())
         logits = out.logits[0, -1].float()
         logits[self.text_tokenizer.vocab_size :] = float("-inf")  # padded embedding rows are never tokens
         return logits
@@ -252,6 +288,8 @@ class VoiceLM:
             if cancel is not None and cancel.is_set():
                 yield from self._finish(conv, text, StopReason.CANCELLED)
                 return
+            if self.static is not None and len(conv.ids) >= self.static.max_len:
+                break  # the static cache is full: the context's end
             if options.text_only:
                 start = self.text_tokenizer.audio_offset
                 logits[start : start + self.text_tokenizer.n_audio_tokens] = float("-inf")
@@ -266,7 +304,7 @@ class VoiceLM:
             else:
                 yield TextPiece(text.push(token_id), token_id)
             if n + 1 < options.max_new_tokens:
-                logits = self._forward(conv, torch.tensor([[token_id]], device=self.device))
+                logits = self._forward(conv, [token_id], torch.tensor([[token_id]], device=self.device))
         yield from self._finish(conv, text, StopReason.MAX_TOKENS)
 
     def _finish(self, conv: Conversation, text: TextDetokenizer, reason: StopReason) -> Iterator[LMEvent]:

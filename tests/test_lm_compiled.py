@@ -1,0 +1,223 @@
+"""The compiled decode step over a static cache gives the eager loop's tokens, and never recompiles mid-turn.
+
+The compile itself takes about a minute on two shared cores, so one compiled LM serves the whole
+session (`compiled`), next to an eager LM loaded from the same folder.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+from glmvoice_cli.lm.compiled import INDUCTOR_CACHE_ENV, CompileUnavailable, StaticDecoder
+from glmvoice_cli.lm.prompts import SpeechInput, TextInput, UserInput
+from glmvoice_cli.lm.voice_lm import (
+    Conversation,
+    GenerationOptions,
+    StopReason,
+    TurnEnd,
+    VoiceLM,
+    tokens_through_audio,
+)
+from glmvoice_cli.options import LoadOptions
+from glmvoice_cli.tiny.lm import TinyLMSpec, write_tiny_lm
+
+SPEC = TinyLMSpec(hidden_size=32, num_layers=2, num_heads=4, kv_groups=2, ffn_hidden_size=64, n_reserved=3,
+                  seq_length=384)
+GREEDY = GenerationOptions(temperature=0.0, max_new_tokens=24)
+
+
+@dataclass
+class Pair:
+    eager: VoiceLM  # today's loop: dynamic cache, eager forward
+    compiled: VoiceLM  # static cache, compiled one-token step
+
+
+@pytest.fixture(scope="session")
+def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pair]:
+    folder = write_tiny_lm(tmp_path_factory.mktemp("lm_compiled"), SPEC)
+    with pytest.MonkeyPatch.context() as mp:  # never the user's cache, whatever the test order
+        mp.setenv(INDUCTOR_CACHE_ENV, str(tmp_path_factory.mktemp("inductor")))
+        compiled = VoiceLM.from_folder(folder, LoadOptions(device="cpu", dtype="fp32"))
+        report = compiled.enable_static(compiled=True)
+        assert report.mode == "default" and report.max_len == SPEC.seq_length
+        yield Pair(VoiceLM.from_folder(folder, LoadOptions(device="cpu", dtype="fp32")), compiled)
+
+
+def _graphs() -> int:
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
+def _turn(lm: VoiceLM, conv: Conversation, user: UserInput, options: GenerationOptions,
+          cancel: threading.Event | None = None) -> tuple[list, TurnEnd]:
+    events = list(lm.stream(conv, user, options, cancel))
+    assert isinstance(events[-1], TurnEnd)
+    return events[:-1], events[-1]
+
+
+def _conversation(lm: VoiceLM) -> tuple[list, list[int]]:
+    """Three turns, spoken and typed, with a barge-in trim after the first; events and the final history."""
+    conv = lm.new_conversation()
+    log: list = []
+    events, end = _turn(lm, conv, SpeechInput((3, 1, 4, 1, 5)), GREEDY)
+    log += [*events, end]
+    heard = tokens_through_audio(conv.last_output, lm.text_tokenizer, 2) or len(conv.last_output) // 2
+    conv.keep_heard(heard)  # the user barged in: only what was heard stays
+    log.append(list(conv.ids))
+    for user in (TextInput("and then?"), SpeechInput((9, 2, 6))):
+        events, end = _turn(lm, conv, user, GREEDY)
+        log += [*events, end, conv.last_prefill_tokens]
+    return log, list(conv.ids)
+
+
+def test_greedy_multi_turn_with_barge_in_equals_eager(pair: Pair) -> None:
+    before = _graphs()
+    assert _conversation(pair.compiled) == _conversation(pair.eager)
+    assert _graphs() == before  # every shape was compiled at warm-up: nothing recompiled mid-turn
+
+
+def test_seeded_sampling_equals_eager(pair: Pair) -> None:
+    options = GenerationOptions(temperature=1.0, top_p=0.9, seed=7, max_new_tokens=24)
+
+    def run(lm: VoiceLM) -> list[int]:
+        conv = lm.new_conversation()
+        _turn(lm, conv, TextInput("hello"), options)
+        return conv.last_output
+
+    assert run(pair.compiled) == run(pair.eager)
+    assert run(pair.compiled) == run(pair.compiled)
+
+
+def test_text_only_equals_eager(pair: Pair) -> None:
+    options = GenerationOptions(temperature=0.0, max_new_tokens=24, text_only=True)
+
+    def run(lm: VoiceLM) -> list[int]:
+        conv = lm.new_conversation()
+        _turn(lm, conv, SpeechInput((7, 7, 2)), options)
+        return conv.last_output
+
+    ids = run(pair.compiled)
+    assert ids == run(pair.eager)
+    assert not any(pair.compiled.text_tokenizer.is_audio(i) for i in ids)
+
+
+def test_two_conversations_take_turns_with_the_static_cache(pair: Pair) -> None:
+    def run(lm: VoiceLM) -> list[list[int]]:
+        a, b = lm.new_conversation(), lm.new_conversation()
+        out = []
+        for conv, user in ((a, TextInput("one")), (b, TextInput("two")), (a, TextInput("three"))):
+            _turn(lm, conv, user, GREEDY)
+            out.append(list(conv.ids))
+        return out
+
+    assert run(pair.compiled) == run(pair.eager)
+
+
+def test_cancel_stops_within_one_token(pair: Pair) -> None:
+    cancel = threading.Event()
+    conv = pair.compiled.new_conversation()
+    after: list = []
+    for n, event in enumerate(pair.compiled.stream(conv, TextInput("x"), GREEDY, cancel)):
+        if cancel.is_set():
+            after.append(event)
+        if n == 2:
+            cancel.set()
+    assert after[-1] == TurnEnd(StopReason.CANCELLED, 3)  # no token after the one being consumed
+    assert all(getattr(e, "token_id", None) == -1 for e in after[:-1])  # at most the flushed text tail
+
+
+def test_context_full_ends_the_answer(tmp_path: Path) -> None:
+    """The static cache holds the context: an answer stops at its end (eager static step: no compile)."""
+    folder = write_tiny_lm(tmp_path / "lm", SPEC)
+    lm = VoiceLM.from_folder(folder, LoadOptions(device="cpu", dtype="fp32"))
+    lm.enable_static(compiled=False, max_len=200)
+    conv = lm.new_conversation()
+    _, end = _turn(lm, conv, TextInput("x"), GenerationOptions(temperature=0.0, max_new_tokens=100))
+    assert end.reason is StopReason.MAX_TOKENS and len(conv.ids) == 200 and conv.cached_ids == conv.ids
+
+
+def test_a_failing_compile_raises_compile_unavailable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(*args: object, **kwargs: object) -> object:
+        def step(*a: object, **k: object) -> torch.Tensor:
+            raise RuntimeError("C++ compiler not found\nmore detail")
+        return step
+
+    monkeypatch.setattr(torch, "compile", broken)
+    folder = write_tiny_lm(tmp_path / "lm", SPEC)
+    lm = VoiceLM.from_folder(folder, LoadOptions(device="cpu", dtype="fp32"))
+    with pytest.raises(CompileUnavailable, match=r"^RuntimeError: C\+\+ compiler not found$"):
+        lm.enable_static(compiled=True)
+    assert lm.static is None  # the eager loop stays
+    _, end = _turn(lm, lm.new_conversation(), TextInput("x"), GenerationOptions(temperature=0, max_new_tokens=3))
+    assert end == TurnEnd(StopReason.MAX_TOKENS, 3)
+
+
+def test_static_step_is_exact_against_prefill(tmp_path: Path) -> None:
+    """One token through the step gives the logits a full prefill of the same ids gives."""
+    folder = write_tiny_lm(tmp_path / "lm", SPEC)
+    lm = VoiceLM.from_folder(folder, LoadOptions(device="cpu", dtype="fp32"))
+    blocked = torch.zeros(lm.model.lm_head.weight.shape[0], dtype=torch.bool)
+    static = StaticDecoder(lm.model, 32, blocked, compiled=False)
+    ids = torch.tensor([[5, 6, 7, 8]])
+    static.claim(None)
+    static.prefill(ids[:, :3])
+    stepped = static.step(ids[:, 3:])
+    static.rewind_to(0)
+    full = static.prefill(ids)
+    torch.testing.assert_close(stepped, full, rtol=1e-5, atol=1e-5)
+    assert static.length() == 4
+
+
+# ---------------------------------------------------------------- loading: status line, flag, fallback
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from glmvoice_cli.tiny.modelset import write_tiny_model_set
+
+    return write_tiny_model_set(tmp_path_factory.mktemp("models"), codebook=64).root
+
+
+def _broken_compile(*args: object, **kwargs: object) -> object:
+    def step(*a: object, **k: object) -> torch.Tensor:
+        raise RuntimeError("injected compile failure")
+    return step
+
+
+def test_cli_compile_failure_is_one_warning_line_and_decodes_eagerly(
+    models: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from typer.testing import CliRunner
+
+    from glmvoice_cli.cli import app
+
+    monkeypatch.setattr(torch, "compile", _broken_compile)
+    out = tmp_path / "out.wav"
+    result = CliRunner().invoke(app, ["tts", "Hello.", "--models", str(models), "-o", str(out), "--compile",
+                                      "--max-new-tokens", "20", "--seed", "1"])
+    assert result.exit_code == 0, result.output
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1, result.stderr
+    assert "injected compile failure" in warnings[0] and "decoding eagerly" in warnings[0]
+    assert out.is_file()
+
+
+def test_assistant_compiles_at_load_with_a_status_line(models: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from glmvoice_cli.pipeline import Assistant
+
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: fn)  # the wiring, not inductor (tested above)
+    statuses: list[str] = []
+    dirs = {"lm": models / "lm"}
+    assistant = Assistant.load(dirs, LoadOptions(device="cpu", compile=True), on_status=statuses.append)
+    assert assistant.lm.static is not None and assistant.compile_report is not None
+    assert any(s.startswith("compiling the language model") for s in statuses)
+    assert "lm_compile" in assistant.load_seconds and assistant.warnings == []
+    default = Assistant.load(dirs, LoadOptions(device="cpu"))  # CPU default: the eager loop
+    assert default.lm.static is None and default.compile_report is None
