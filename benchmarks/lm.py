@@ -1,16 +1,21 @@
-"""LM generation benchmark: our streaming loop against `model.generate` with a streamer.
+"""LM generation benchmark: our streaming loop, eager and compiled, against `model.generate` with a streamer.
 
 Same random GLM-4-Voice model (written in the official ChatGLM format by our tiny writer, loaded by
 our loader), same prompt (a first spoken turn), same sampling settings (the demo's temperature 0.2,
-top_p 0.8), measured side by side in one process. The baseline is what the reference server does:
-`generate` in a thread feeding a queue streamer, the consumer reading token ids as they come.
+top_p 0.8), measured side by side in one process. Our loop runs twice: eager over a dynamic cache, and
+compiled over the static cache (`glmvoice_cli.lm.compiled`). The baseline is what the reference server
+does: `generate` in a thread feeding a queue streamer, the consumer reading token ids as they come.
+
+The floor is the memory-bandwidth limit of batch-1 decoding: every token reads every weight once
+(the embedding table aside: one row), so tokens/s cannot beat the machine's copy rate (bytes read plus
+written by a large tensor copy) over the weight bytes per token.
 
 Reports time to first token, time to first audio token, decode tokens/s and peak memory as JSON;
 also checks that both produce the same ids under greedy decoding. The output layer rows of the EOS
 tokens and of the padded vocabulary are zeroed, so that no random model stops early and `generate`
 (which does not mask the padding) samples from the same tokens as our loop.
 
-    python benchmarks/lm.py [--quick] [--device cpu|cuda] [--size scaled|full] [--out results.json]
+    python benchmarks/lm.py [--quick] [--device cpu|cuda] [--size scaled|full] [--no-compile] [--out results.json]
 
 `scaled` (default) is a ~0.5B configuration with the real vocabulary; `full` is the 9B shape (GPU).
 """
@@ -55,6 +60,8 @@ SIZES = {
 }  # fmt: skip
 PROMPT_AUDIO_TOKENS = 150  # a 12 s spoken question at 12.5 tokens/s
 GREEDY_CHECK_TOKENS = 16
+COPY_BYTES = 1 << 30  # a copy this large runs at the memory's streaming rate, far beyond any cache
+COPY_REPEATS = 5
 
 
 def peak_rss_mb() -> float:
@@ -82,6 +89,38 @@ class QueueStreamer(BaseStreamer):
 
     def end(self) -> None:
         self.queue.put(None)
+
+
+def copy_bandwidth(device: torch.device, n_bytes: int = COPY_BYTES) -> float:
+    """Bytes per second a large same-device tensor copy moves, counting bytes read plus bytes written."""
+    src = torch.ones(n_bytes // 4, dtype=torch.float32, device=device)
+    dst = torch.empty_like(src)
+    best = float("inf")
+    for _ in range(COPY_REPEATS + 1):  # the first copy also faults the pages in
+        sync(device)
+        t = time.perf_counter()
+        dst.copy_(src)
+        sync(device)
+        best = min(best, time.perf_counter() - t)
+    return 2 * n_bytes / best
+
+
+def decode_weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes of weights one decoded token reads: all of them, but a single row of the embedding table."""
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    embed = model.get_input_embeddings().weight
+    return total - embed.numel() * embed.element_size() + embed.shape[1] * embed.element_size()
+
+
+def floor(model: torch.nn.Module, device: torch.device) -> dict:
+    """The bandwidth floor of batch-1 decoding on this machine, in tokens/s."""
+    bandwidth = copy_bandwidth(device)
+    weight_bytes = decode_weight_bytes(model)
+    return {
+        "copy_bandwidth_gb_s": round(bandwidth / 1e9, 2),  # read + write
+        "weight_bytes_per_token": weight_bytes,
+        "tokens_per_s": round(bandwidth / weight_bytes, 2),
+    }
 
 
 def silence_stops(lm: VoiceLM) -> None:
@@ -173,6 +212,51 @@ def summarize(runs: list[dict]) -> dict:
     return out
 
 
+def enable_compiled(lm: VoiceLM) -> dict:
+    """Compile the decode step twice: into an empty compile cache, then again from that cache (a second start)."""
+    import os
+
+    from glmvoice_cli.lm.compiled import INDUCTOR_CACHE_ENV
+
+    with tempfile.TemporaryDirectory() as cache:
+        os.environ[INDUCTOR_CACHE_ENV] = cache
+        first = lm.enable_static(compiled=True)
+        torch._dynamo.reset()  # forget the in-memory compile, as a new process would
+        second = lm.enable_static(compiled=True)
+    return {"mode": second.mode, "static_cache_tokens": second.max_len,
+            "first_start_s": round(first.warm_up_s, 2), "second_start_s": round(second.warm_up_s, 2)}
+
+
+def use(lm: VoiceLM, static: object) -> VoiceLM:
+    """Switch `lm` between its eager loop (None) and the compiled one (its StaticDecoder)."""
+    lm.static = static  # type: ignore[assignment]
+    return lm
+
+
+def measure(lm: VoiceLM, prompt: SpeechInput, options: GenerationOptions, repeats: int, compiled: bool) -> dict:
+    """Eager, compiled and generate side by side: greedy ids first (also the warm-up), then timed repeats."""
+    static = lm.static
+    prompt_ids = turn_ids(lm.text_tokenizer, prompt, None)
+    greedy = replace(options, temperature=0.0, max_new_tokens=GREEDY_CHECK_TOKENS)
+    ids = {"eager": run_ours(use(lm, None), prompt, greedy)[1]}
+    if compiled:
+        ids["compiled"] = run_ours(use(lm, static), prompt, greedy)[1]
+    ids["generate"] = run_generate(use(lm, None), prompt_ids, greedy)[1]
+    runs: dict[str, list[dict]] = {name: [] for name in ids}
+    for _ in range(repeats):  # interleaved, so that drift affects all alike
+        runs["eager"].append(run_ours(use(lm, None), prompt, options)[0])
+        if compiled:
+            runs["compiled"].append(run_ours(use(lm, static), prompt, options)[0])
+        runs["generate"].append(run_generate(use(lm, None), prompt_ids, options)[0])
+    use(lm, static)
+    out = {name: summarize(r) for name, r in runs.items()}
+    out["greedy_ids_match"] = {
+        "eager_vs_generate": ids["eager"] == ids["generate"],
+        **({"compiled_vs_eager": ids["compiled"] == ids["eager"]} if compiled else {}),
+    }
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument(
@@ -183,6 +267,7 @@ def main() -> None:
     ap.add_argument("--dtype", default=None, help="fp32 | bf16 | fp16 (default: bf16 on cuda, fp32 on cpu)")
     ap.add_argument("--new-tokens", type=int, default=None)
     ap.add_argument("--repeats", type=int, default=None)
+    ap.add_argument("--no-compile", action="store_true", help="leave out the compiled loop")
     ap.add_argument("--out", help="write the JSON here as well as to stdout")
     args = ap.parse_args()
     size = "quick" if args.quick else args.size
@@ -197,18 +282,11 @@ def main() -> None:
         lm = VoiceLM.from_folder(folder, LoadOptions(device=args.device, dtype=args.dtype))
         load_s = time.perf_counter() - t
     silence_stops(lm)
+    compile_info = None if args.no_compile else enable_compiled(lm)
     prompt = SpeechInput(tuple(i * 7 % lm.text_tokenizer.n_audio_tokens for i in range(n_audio)))
-    prompt_ids = turn_ids(lm.text_tokenizer, prompt, None)
     options = GenerationOptions(max_new_tokens=new_tokens, seed=0)
-
-    greedy = replace(options, temperature=0.0, max_new_tokens=GREEDY_CHECK_TOKENS)
-    _, ours_greedy = run_ours(lm, prompt, greedy)  # also the warm-up
-    _, ref_greedy = run_generate(lm, prompt_ids, greedy)
-    ours, ref = [], []
-    for _ in range(repeats):  # interleaved, so that drift affects both alike
-        ours.append(run_ours(lm, prompt, options)[0])
-        ref.append(run_generate(lm, prompt_ids, options)[0])
-
+    loops = measure(lm, prompt, options, repeats, compiled=compile_info is not None)
+    limit = floor(lm.model, lm.device)
     results = {
         "benchmark": "lm",
         "size": size,
@@ -219,14 +297,18 @@ def main() -> None:
         "device": str(lm.device),
         "dtype": str(lm.model.lm_head.weight.dtype).removeprefix("torch."),
         "threads": torch.get_num_threads(),
-        "prompt_tokens": len(prompt_ids),
+        "prompt_tokens": len(turn_ids(lm.text_tokenizer, prompt, None)),
         "new_tokens": new_tokens,
         "repeats": repeats,
         "sampling": {"temperature": options.temperature, "top_p": options.top_p},
         "load_s": round(load_s, 2),
-        "ours": summarize(ours),
-        "generate_with_streamer": summarize(ref),
-        "greedy_ids_match": ours_greedy == ref_greedy,
+        "compile": compile_info,
+        "floor": limit,
+        **loops,
+        "fraction_of_floor": {
+            name: round(loops[name]["best_decode_tokens_per_s"] / limit["tokens_per_s"], 3)
+            for name in ("eager", "compiled", "generate") if name in loops
+        },
         "peak_rss_mb": round(peak_rss_mb(), 1),
         "load_average_1min": {"before": load_before, "after": os.getloadavg()[0]},  # other jobs skew timings
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__},

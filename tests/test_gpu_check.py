@@ -1,0 +1,40 @@
+"""benchmarks/gpu_check.py runs at a tiny size on CPU, with none of the packages a GPU machine lacks."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+ABSENT_ON_GPU_MACHINES = ("soxr", "sounddevice", "webrtcvad", "livekit", "bitsandbytes", "soundfile", "rich",
+                          "typer", "platformdirs")
+
+
+def test_gpu_check_tiny_runs_without_the_extras(tmp_path: Path) -> None:
+    out = tmp_path / "gpu.json"
+    blocked = "".join(f"sys.modules[{name!r}] = None\n" for name in ABSENT_ON_GPU_MACHINES)  # import fails
+    code = (f"import runpy, sys\n{blocked}sys.path.insert(0, {str(ROOT / 'benchmarks')!r})\n"
+            f"sys.argv = ['gpu_check.py', '--tiny', '--device', 'cpu', '--out', {str(out)!r}]\n"
+            f"runpy.run_path({str(ROOT / 'benchmarks' / 'gpu_check.py')!r}, run_name='__main__')\n")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=1200,
+                          check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(out.read_text())
+    lm = result["lm"]
+    assert lm["floor"]["tokens_per_s"] > 0 and lm["compile"]["mode"] == "default"
+    assert lm["eager"]["decode_tokens_per_s"] > 0 and lm["compiled"]["decode_tokens_per_s"] > 0
+    assert set(lm["fraction_of_floor"]) == {"eager", "compiled"}
+    assert result["decoder"]["rtf"] > 0 and result["decoder"]["first_audio_s"] > 0
+    assert result["tokenizer"]["rtf"] > 0 and result["tokenizer"]["tokens"] > 0
+    assert result["lm_4bit"] == {"skipped": "bitsandbytes is not importable here"}
+    assert "peak_gpu_gb_all_stages" in result
+
+
+def test_gpu_check_shell_wrapper_runs_the_module() -> None:
+    done = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--help"], capture_output=True,
+                          text=True, timeout=300, check=False)
+    assert done.returncode == 0 and "--tiny" in done.stdout, done.stderr
