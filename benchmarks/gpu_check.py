@@ -134,7 +134,7 @@ def check_lm_4bit(device: torch.device) -> dict:
         return {"skipped": "bitsandbytes is not importable here"}
     if device.type != "cuda":
         return {"skipped": "4-bit needs CUDA"}
-    return {"skipped": "not measured in this script yet: use benchmarks/lm.py with a 4-bit load"}
+    return {"skipped": "bitsandbytes is importable, but this script does not build 4-bit weights yet"}
 
 
 # --------------------------------------------------------------------------- decoder and tokenizer

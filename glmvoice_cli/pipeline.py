@@ -158,7 +158,7 @@ class _Voice:
 
 
 def _wants_compile(options: LoadOptions, device: torch.device) -> bool:
-    """--compile/--no-compile, else on for CUDA only (on CPU the eager loop is as fast: benchmarks/lm.py)."""
+    """--compile/--no-compile, else on for CUDA only (on CPU the eager loop is faster: benchmarks/lm.py)."""
     return options.compile if options.compile is not None else device.type == "cuda"
 
 

@@ -46,3 +46,24 @@ def test_quantized_loading_path_on_the_cpu_backend(lm_dir: Path, monkeypatch: py
     assert float((out.argmax(-1) == ref.argmax(-1)).float().mean()) >= min_agreement
     if bits == 8:  # int8 with fp16 activations stays close to the dense model
         assert float((out - ref).abs().max()) < 0.05 * float(ref.abs().max())
+
+
+def test_4bit_weights_decode_compiled_as_eager(lm_dir: Path, monkeypatch: pytest.MonkeyPatch,
+                                               tmp_path: Path) -> None:
+    """NF4 layers compile with the static cache (bitsandbytes' CPU backend here) and give the same greedy ids."""
+    pytest.importorskip("bitsandbytes")
+    from glmvoice_cli.lm.prompts import TextInput
+    from glmvoice_cli.lm.voice_lm import GenerationOptions
+
+    monkeypatch.setattr(lm_quant, "check_quantization", lambda bits, device: None)
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    options = LoadOptions(device="cpu", dtype="fp32", quantize_bits=4)
+    eager, compiled = VoiceLM.from_folder(lm_dir, options), VoiceLM.from_folder(lm_dir, options)
+    compiled.enable_static(compiled=True, max_len=256)
+    greedy = GenerationOptions(temperature=0.0, max_new_tokens=16)
+    ids = []
+    for lm in (eager, compiled):
+        conv = lm.new_conversation()
+        list(lm.stream(conv, TextInput("hi"), greedy))
+        ids.append(conv.last_output)
+    assert ids[0] == ids[1] and len(ids[0]) > 0
