@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from glmvoice_cli.audio.io import load_audio
 from glmvoice_cli.cli import app
-from glmvoice_cli.tiny.modelset import write_tiny_model_set
+from glmvoice_cli.tiny.modelset import TinyModelSet
 
 runner = CliRunner()
 RATE, OUT_RATE = 16_000, 22_050
@@ -26,8 +26,8 @@ AUDIBLE = 1e-4
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_tiny_model_set(tmp_path_factory.mktemp("models"), codebook=64).root
+def models(tiny_models: TinyModelSet) -> Path:
+    return tiny_models.root
 
 
 @pytest.fixture(scope="module")
@@ -60,24 +60,9 @@ def _chat(models: Path, *args: str, extra: list[str] = FAST, input: str | None =
     return runner.invoke(app, ["chat", "--models", str(models), *args, *extra], input=input)
 
 
-def test_two_spoken_turns_from_a_file(models: Path, phrases, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    q1, q2 = phrases
-    wav = _wav(tmp_path / "two_turns.wav", _pause(0.5), q1, _pause(4.0), q2, _pause(4.0))
-    out, session = tmp_path / "out.wav", tmp_path / "S"
-    result = _chat(models, "--input-file", str(wav), "--output-file", str(out), "--session-dir", str(session))
-    assert result.exit_code == 0, result.output
-    lines = _lines(session)
-    assert [line["role"] for line in lines] == ["user", "assistant", "user", "assistant"]
-    assert all((session / line["audio"]).is_file() for line in lines)
-    assert not any(line["interrupted"] for line in lines)
-    assert all(line["token_ids"] for line in lines) and lines[1]["timings"]["tokens"] == 40
-    assert result.stdout.count("you: (") == 2 and result.stdout.count("assistant:") == 2
-    recording, rate = sf.read(out)
-    assert rate == OUT_RATE and len(recording) / rate >= sf.info(wav).duration - 0.1
-    assert np.abs(recording).max() > AUDIBLE
-
-
-def test_barge_in_from_a_file_cuts_the_answer(models: Path, phrases, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_two_spoken_turns_and_a_barge_in_from_a_file(models: Path, phrases, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """The wiring of --input-file, --output-file, --session-dir and --max-new-tokens, on real speech and the
+    real VAD; the engine tests (test_session.py) check turn-taking and barge-in in detail."""
     q1, q2 = phrases
     head = np.concatenate([_pause(0.5), q1, _pause(1.1)])
     wav = _wav(tmp_path / "barge.wav", head, q2, _pause(4.0))
@@ -91,7 +76,12 @@ def test_barge_in_from_a_file_cuts_the_answer(models: Path, phrases, tmp_path: P
         ("user", False), ("assistant", True), ("user", False), ("assistant", False)]
     assert "[interrupted]" in result.stdout
     assert 0 < len(lines[1]["token_ids"]) < 60  # the history keeps only what was heard
-    recording, _ = sf.read(out)
+    assert all((session / line["audio"]).is_file() for line in lines)
+    assert all(line["token_ids"] for line in lines) and lines[3]["timings"]["tokens"] == 60
+    assert result.stdout.count("you: (") == 2 and result.stdout.count("assistant:") == 2
+    recording, rate = sf.read(out)
+    assert rate == OUT_RATE and len(recording) / rate >= sf.info(wav).duration - 0.1
+    assert np.abs(recording).max() > AUDIBLE
     end_of_q2 = (len(head) + len(q2)) / RATE
     first_answer = recording[: int(end_of_q2 * OUT_RATE)]
     heard = np.flatnonzero(np.abs(first_answer) > AUDIBLE)
@@ -101,6 +91,7 @@ def test_barge_in_from_a_file_cuts_the_answer(models: Path, phrases, tmp_path: P
 @pytest.mark.parametrize("headphones", [True, False])
 def test_simulated_echo_interrupts_only_without_the_canceller(models: Path, phrases, tmp_path: Path,  # type: ignore[no-untyped-def]
                                                               headphones: bool) -> None:
+    """--simulate-echo and --headphones reach the engine (its own echo tests cover the canceller)."""
     wav = _wav(tmp_path / "one.wav", _pause(0.5), phrases[0], _pause(5.0))
     session = tmp_path / "S"
     args = ["--input-file", str(wav), "--session-dir", str(session), "--simulate-echo", "0.6"]

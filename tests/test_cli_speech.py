@@ -12,15 +12,16 @@ import soundfile as sf
 from typer.testing import CliRunner
 
 from glmvoice_cli.cli import app
-from glmvoice_cli.tiny.modelset import write_tiny_model_set
+from glmvoice_cli.pipeline import Assistant
+from glmvoice_cli.tiny.modelset import TinyModelSet
 
 runner = CliRunner()
 FAST = ["--max-new-tokens", "30", "--seed", "1"]
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_tiny_model_set(tmp_path_factory.mktemp("models"), codebook=64).root
+def models(tiny_models: TinyModelSet) -> Path:
+    return tiny_models.root
 
 
 @pytest.fixture()
@@ -131,13 +132,9 @@ def test_transcribe_json_and_plain(models: Path, speech: Path, tmp_path: Path) -
     assert plain.exit_code == 0 and plain.stdout.strip() == rows[0]["text"].strip()
 
 
-def test_transcribe_cuts_long_audio_into_windows(models: Path) -> None:
-    from glmvoice_cli.pipeline import Assistant
-    from glmvoice_cli.tiny.modelset import TinyModelSet
+def test_transcribe_cuts_long_audio_into_windows(assistant: Assistant) -> None:
     from glmvoice_cli.transcribe import transcribe
 
-    dirs = TinyModelSet(models).dirs
-    assistant = Assistant.load({"tokenizer": dirs["tokenizer"], "lm": dirs["lm"]})
     seen: list[tuple[int, int]] = []
     samples = np.random.default_rng(0).standard_normal(16_000 * 25).astype(np.float32) * 0.1
     result = transcribe(assistant, samples, window_s=10, max_new_tokens=4, on_window=lambda d, t: seen.append((d, t)))
@@ -170,21 +167,23 @@ def test_transcribe_missing_empty_or_silent_file_is_one_line(models: Path, tmp_p
     _one_line_error(result, 2, str(path), {"missing": "not found", "empty": "empty", "silent": "silent"}[kind])
 
 
-def test_transcribe_two_hour_file_is_processed_in_windows(models: Path, tmp_path: Path) -> None:
-    path = tmp_path / "two_hours.flac"  # digital silence with a beep each minute: compresses to ~0.5 MB
+def test_transcribe_long_file_is_processed_in_windows(models: Path, tmp_path: Path) -> None:
+    """Five 30 s windows from the command line (the windowing itself: test_transcribe_cuts_long_audio_into_windows)."""
+    minutes = 2.5
+    path = tmp_path / "long.flac"  # digital silence with a beep each 30 s, at 8 kHz: resampled like any file
     tone = (3000 * np.sin(2 * np.pi * 440 * np.arange(8000) / 8000)).astype(np.int16)
     with sf.SoundFile(path, "w", 8000, 1, subtype="PCM_16") as f:
-        minute = np.zeros(8000 * 60, np.int16)
-        minute[:8000] = tone
-        for _ in range(120):
-            f.write(minute)
+        window = np.zeros(8000 * 30, np.int16)
+        window[:8000] = tone
+        for _ in range(int(minutes * 2)):
+            f.write(window)
     result = runner.invoke(app, ["transcribe", str(path), "--models", str(models), "--json",
                                  "--max-new-tokens", "1"])
     assert result.exit_code == 0, result.output
     row = json.loads(result.stdout)
-    assert row["seconds"] == 7200.0
-    assert row["tokens"] == 7200 * 25 // 2  # 12.5 tokens per second, every 30 s window in full
-    assert row["generated_tokens"] == 240  # one per 30 s window
+    assert row["seconds"] == minutes * 60
+    assert row["tokens"] == minutes * 60 * 25 // 2  # 12.5 tokens per second, every 30 s window in full
+    assert row["generated_tokens"] == minutes * 2  # one per 30 s window
 
 
 @pytest.mark.parametrize("stage, target", [("lm", "model.safetensors"), ("decoder", "flow.pt"),
