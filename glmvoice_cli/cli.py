@@ -43,7 +43,8 @@ def fail(message: str, code: int = 1) -> NoReturn:
 class _Group(TyperGroup):
     """Turns library errors into one line and an exit code, for every command."""
 
-    def invoke(self, ctx):  # type: ignore[no-untyped-def]
+    # typer passes its own Context (a click Context subclass; recent typer vendors click as typer._click)
+    def invoke(self, ctx: typer.Context) -> object:  # type: ignore[override]
         try:
             return super().invoke(ctx)
         except GlmVoiceError as e:

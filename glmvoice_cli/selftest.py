@@ -12,10 +12,14 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from glmvoice_cli.errors import GlmVoiceError
+
+if TYPE_CHECKING:
+    from glmvoice_cli.pipeline import Assistant
 
 SELFTEST_CODEBOOK = 64  # audio vocabulary shared by the three tiny stages
 SELFTEST_MAX_NEW_TOKENS = 40  # generation cap: the random model never ends a turn by itself
@@ -72,16 +76,19 @@ def run_selftest(root: Path, report: Callable[[Step], None] | None = None) -> li
     with rec.step("load models") as d:
         assistant = Assistant.load(dirs)
         d.append(", ".join(f"{k} {v:.2f} s" for k, v in assistant.load_seconds.items()))
+    speech_tokenizer, decoder = assistant.speech_tokenizer, assistant.decoder
+    if speech_tokenizer is None or decoder is None:
+        raise SelftestError("the tiny model set lacks the speech tokenizer or the decoder")
     t = np.arange(2 * SAMPLE_RATE_IN) / SAMPLE_RATE_IN
     probe = (0.3 * np.sin(2 * np.pi * 200 * t) * np.sin(2 * np.pi * 3 * t)).astype(np.float32)
     with rec.step("tokenize") as d:
-        tokens = assistant.speech_tokenizer.encode([probe])[0]  # type: ignore[union-attr]
+        tokens = speech_tokenizer.encode([probe])[0]
         _expect(len(tokens) == 25, f"2 s of audio gave {len(tokens)} tokens, expected 25")
         d.append(f"2.0 s -> {len(tokens)} tokens")
     with rec.step("decode") as d:
-        wave = assistant.decoder.decode(tokens)  # type: ignore[union-attr]
+        wave = decoder.decode(tokens)
         _expect(len(wave) > 0 and bool(np.isfinite(wave).all()), "no finite audio decoded")
-        d.append(f"{len(tokens)} tokens -> {len(wave) / assistant.decoder.sample_rate:.2f} s")  # type: ignore[union-attr]
+        d.append(f"{len(tokens)} tokens -> {len(wave) / decoder.sample_rate:.2f} s")
     with rec.step("tts") as d:
         options = GenerationOptions(max_new_tokens=SELFTEST_MAX_NEW_TOKENS, seed=0)
         events = list(speak(assistant, SELFTEST_TEXT, options=options))
@@ -89,7 +96,7 @@ def run_selftest(root: Path, report: Callable[[Step], None] | None = None) -> li
         text = "".join(e.text for e in events if isinstance(e, TextDelta))
         _expect(bool(chunks), "the model produced no audio")
         speech = np.concatenate(chunks)
-        rate = assistant.decoder.sample_rate  # type: ignore[union-attr]
+        rate = decoder.sample_rate
         write_audio(root / "selftest_tts.wav", speech, rate)
         d.append(f"{len(speech) / rate:.2f} s of speech, {len(text)} characters of text")
     with rec.step("transcribe") as d:
@@ -109,7 +116,7 @@ def _loud(frame: np.ndarray) -> bool:
     return float(np.sqrt(np.mean((frame.astype(np.float32) / 32768) ** 2))) > SPEECH_RMS
 
 
-def _chat_turn(assistant: object, root: Path) -> str:
+def _chat_turn(assistant: Assistant, root: Path) -> str:
     """One spoken turn through the chat engine: a file as the microphone, a recording as the speaker."""
     from glmvoice_cli.audio.fakes import ArraySource, RecordingSink
     from glmvoice_cli.audio.playback import VirtualClock
@@ -126,7 +133,7 @@ def _chat_turn(assistant: object, root: Path) -> str:
     sink = RecordingSink(root / "selftest_chat.wav", clock=clock)
     store = SessionStore.create(session_dir=root / "selftest_session", mode="selftest")
     config = EngineConfig(lockstep=True, generation=GenerationOptions(max_new_tokens=SELFTEST_MAX_NEW_TOKENS, seed=0))
-    engine = ChatEngine(assistant, ArraySource(mic, rate, clock), sink, store=store, config=config,  # type: ignore[arg-type]
+    engine = ChatEngine(assistant, ArraySource(mic, rate, clock), sink, store=store, config=config,
                         classifier=_loud, clock=clock)
     engine.run()
     sink.close()

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import threading
 from collections import deque
+from types import ModuleType
 from typing import Any, Literal, Protocol
 
 import numpy as np
@@ -306,7 +307,7 @@ def webrtc_available() -> bool:
     return True
 
 
-def _import_livekit_rtc():  # type: ignore[no-untyped-def]
+def _import_livekit_rtc() -> ModuleType:
     try:
         from livekit import rtc
     except (ImportError, OSError) as e:  # OSError: the bundled FFI library failed to load

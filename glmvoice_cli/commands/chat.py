@@ -22,7 +22,7 @@ from __future__ import annotations
 import sys
 import threading
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -40,6 +40,14 @@ from glmvoice_cli.commands.common import (
     load_assistant,
 )
 from glmvoice_cli.errors import UsageError
+
+if TYPE_CHECKING:
+    from glmvoice_cli.audio.devices import AudioSink, AudioSource
+    from glmvoice_cli.audio.echo import EchoCanceller
+    from glmvoice_cli.audio.playback import Clock
+    from glmvoice_cli.chat.engine import ChatEngine
+    from glmvoice_cli.chat.store import SessionStore
+    from glmvoice_cli.pipeline import Assistant
 
 ECHO_DELAY_S = 0.03  # --simulate-echo: speaker-to-microphone delay of the simulated room
 INTERRUPTED_EXIT = 130  # the shell's code for Ctrl-C
@@ -103,7 +111,8 @@ def _check_options(input_file: Path | None, output_file: Path | None, text: bool
 class _AudioIO:
     """The source, sink, echo canceller and clock of one run; close() writes --output-file."""
 
-    def __init__(self, source: Any, sink: Any, echo: Any, clock: Any, lockstep: bool) -> None:
+    def __init__(self, source: AudioSource | None, sink: AudioSink, echo: EchoCanceller, clock: Clock,
+                 lockstep: bool) -> None:
         self.source, self.sink, self.echo, self.clock, self.lockstep = source, sink, echo, clock, lockstep
 
     def close(self) -> None:
@@ -125,16 +134,16 @@ def _open_audio(input_file: Path | None, output_file: Path | None, text: bool, r
     echo = make_echo_canceller("auto" if hears_speaker and not headphones else "off")
     lockstep = input_file is not None and not realtime
     clock = VirtualClock() if lockstep else RealClock()
+    recording = None
     if output_file is not None or input_file is not None:
-        sink: Any = RecordingSink(output_file, clock=clock, on_played=echo.reference)
-    else:
-        sink = Speaker(output_device, on_played=echo.reference)
+        recording = RecordingSink(output_file, clock=clock, on_played=echo.reference)
+    sink: AudioSink = recording if recording is not None else Speaker(output_device, on_played=echo.reference)
     try:
-        source: Any = None
+        source: AudioSource | None = None
         if input_file is not None:
             source = FileSource(input_file, clock=clock)
-            if simulate_echo:
-                source = EchoLoop(source, sink, delay_s=ECHO_DELAY_S, gain=simulate_echo)
+            if simulate_echo and recording is not None:
+                source = EchoLoop(source, recording, delay_s=ECHO_DELAY_S, gain=simulate_echo)
         elif not text:
             source = Microphone(input_device)
     except BaseException:
@@ -143,7 +152,7 @@ def _open_audio(input_file: Path | None, output_file: Path | None, text: bool, r
     return _AudioIO(source, sink, echo, clock, lockstep)
 
 
-def _open_store(session_dir: Path | None, resume: str | None, dirs: dict[str, Path], mode: str) -> Any:
+def _open_store(session_dir: Path | None, resume: str | None, dirs: dict[str, Path], mode: str) -> SessionStore:
     from glmvoice_cli.chat.store import SessionStore
 
     if resume is not None:
@@ -154,8 +163,8 @@ def _open_store(session_dir: Path | None, resume: str | None, dirs: dict[str, Pa
     return SessionStore.create(session_dir=session_dir, models=dirs, mode=mode)
 
 
-def _make_engine(assistant: Any, io: _AudioIO, store: Any, aggressiveness: int, max_new_tokens: int | None,
-                 seed: int | None, transcribe_user: bool) -> Any:
+def _make_engine(assistant: Assistant, io: _AudioIO, store: SessionStore, aggressiveness: int, max_new_tokens: int | None,
+                 seed: int | None, transcribe_user: bool) -> ChatEngine:
     from glmvoice_cli.audio.vad import VadConfig
     from glmvoice_cli.chat.engine import TURN_TRANSCRIPT_MAX_TOKENS, ChatEngine, EngineConfig
     from glmvoice_cli.chat.history import restore_conversation
@@ -172,7 +181,7 @@ def _make_engine(assistant: Any, io: _AudioIO, store: Any, aggressiveness: int, 
                       config=config, clock=io.clock)
 
 
-def _converse(engine: Any, store: Any, text: bool, live: bool) -> None:
+def _converse(engine: ChatEngine, store: SessionStore, text: bool, live: bool) -> None:
     """Run the engine, show its events; Ctrl-C and failures end cleanly with the session saved."""
     from glmvoice_cli.chat.view import PlainView, show_live
 
@@ -197,7 +206,7 @@ def _converse(engine: Any, store: Any, text: bool, live: bool) -> None:
     typer.echo(f"session {store.id} saved in {store.path}", err=True)
 
 
-def _read_turns(engine: Any, end_at_eof: bool) -> None:
+def _read_turns(engine: ChatEngine, end_at_eof: bool) -> None:
     """Typed turns: one per stdin line; in --text mode the end of stdin ends the conversation."""
     for line in sys.stdin:
         if engine.stopped:

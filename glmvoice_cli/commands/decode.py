@@ -36,13 +36,15 @@ def parse_tokens(text: str, source: str = "tokens") -> list[int]:
             raise UsageError(f"{source}: not a JSON list of token ids or objects with \"tokens\"") from e
     else:
         values = [v for v in _INT_SEPARATORS.split(text) if v]
-    ids = [_token_id(v) for v in values]
-    if None in ids:
-        bad = values[ids.index(None)]
-        raise UsageError(f"{source}: token ids must be non-negative integers, got {bad!r}")
+    ids: list[int] = []
+    for value in values:
+        token = _token_id(value)
+        if token is None:
+            raise UsageError(f"{source}: token ids must be non-negative integers, got {value!r}")
+        ids.append(token)
     if not ids:
         raise UsageError(f"{source}: no speech tokens")
-    return ids  # type: ignore[return-value]
+    return ids
 
 
 def _token_id(value: object) -> int | None:

@@ -7,11 +7,14 @@ one-line error from this command and nothing else.
 from __future__ import annotations
 
 import json
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from glmvoice_cli.audio.devices import DeviceInfo, list_devices
+
+if TYPE_CHECKING:
+    from rich.table import Table
 
 
 def devices(
@@ -32,7 +35,7 @@ def devices(
     console.print(device_table(infos))
 
 
-def device_table(infos: list[DeviceInfo]):  # type: ignore[no-untyped-def]
+def device_table(infos: list[DeviceInfo]) -> Table:
     """A Rich table: one row per device, defaults marked with '*'."""
     from rich.table import Table
 

@@ -12,12 +12,15 @@ import sys
 from collections.abc import Mapping
 from enum import Enum
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from glmvoice_cli.errors import CheckpointError
 from glmvoice_cli.models import hub, integrity, settings
+
+if TYPE_CHECKING:
+    from rich.progress import Progress, TaskID
 
 models_app = typer.Typer(
     name="models",
@@ -59,9 +62,9 @@ def _target(stage: hub.Stage, root: Path | None) -> Path:
 class _RichReporter:
     """hub.DownloadReporter drawing one Rich progress row per transferred file."""
 
-    def __init__(self, progress) -> None:  # type: ignore[no-untyped-def]
+    def __init__(self, progress: Progress) -> None:
         self._progress = progress
-        self._tasks: dict[str, int] = {}
+        self._tasks: dict[str, TaskID] = {}
 
     def file_started(self, name: str, total: int | None, initial: int) -> None:
         self._tasks[name] = self._progress.add_task(name, total=total, completed=initial)
@@ -76,7 +79,7 @@ class _RichReporter:
         self._tasks.pop(name, None)  # the row stays as drawn: full on success, partial on failure
 
 
-def _progress():  # type: ignore[no-untyped-def]
+def _progress() -> Progress:
     from rich.console import Console
     from rich.progress import (
         BarColumn,
@@ -206,10 +209,12 @@ def list_models(
         table.add_column(column, overflow="fold")
     for r in rows:
         state = str(r["state"])
-        if r["missing"] and state != "absent":
-            state += f" (missing {len(r['missing'])})"  # type: ignore[arg-type]
+        missing = r["missing"]
+        if isinstance(missing, list) and missing and state != "absent":
+            state += f" (missing {len(missing)})"
         style = "green" if r["complete"] else "yellow"
-        size = human_size(int(r["size_bytes"]))  # type: ignore[call-overload]
+        size_bytes = r["size_bytes"]
+        size = human_size(size_bytes if isinstance(size_bytes, int) else 0)
         table.add_row(str(r["model"]), f"[{style}]{state}[/]", size, str(r["path"]), str(r["source"]))
     Console(soft_wrap=True).print(table)
     for line in hub.describe_missing(status for _, status in found):

@@ -6,7 +6,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -22,8 +22,14 @@ from glmvoice_cli.commands.common import (
     SeedOpt,
     load_assistant,
 )
+from glmvoice_cli.config import SAMPLE_RATE_OUT
 from glmvoice_cli.errors import UsageError
 from glmvoice_cli.instructions import DIALECTS, EMOTIONS, SPEEDS
+
+if TYPE_CHECKING:
+    from glmvoice_cli.audio.devices import Speaker
+    from glmvoice_cli.instructions import SpeakingStyle
+    from glmvoice_cli.pipeline import Assistant
 
 DRAIN_POLL_S = 0.05  # how often to check that the speaker has played everything
 
@@ -62,7 +68,8 @@ def tts(
             speaker.close()
 
 
-def _run(assistant, words, style, instruction, output, speaker, max_new_tokens, seed) -> None:  # type: ignore[no-untyped-def]
+def _run(assistant: Assistant, words: str, style: SpeakingStyle, instruction: str | None, output: Path | None,
+         speaker: Speaker | None, max_new_tokens: int | None, seed: int | None) -> None:
     """Stream the events: text to the console, audio to the speaker; the file is written even on Ctrl-C."""
     import numpy as np
 
@@ -86,7 +93,7 @@ def _run(assistant, words, style, instruction, output, speaker, max_new_tokens, 
                     speaker.write(event.samples)
         echo.write("\n")
     finally:  # Ctrl-C included: keep what was spoken so far
-        rate = assistant.decoder.sample_rate
+        rate = assistant.decoder.sample_rate if assistant.decoder is not None else SAMPLE_RATE_OUT
         if output is not None:
             write_audio(output, np.concatenate(chunks) if chunks else np.zeros(0, np.float32), rate)
     if speaker is not None:
@@ -125,7 +132,7 @@ def _check_output(output: Path | None) -> None:
         raise UsageError(f"cannot write {output}: folder {output.parent} does not exist")
 
 
-def _open_speaker(device: str | None):  # type: ignore[no-untyped-def]
+def _open_speaker(device: str | None) -> Speaker:
     from glmvoice_cli.audio.devices import Speaker
 
     return Speaker(device)  # an index or a part of a name
