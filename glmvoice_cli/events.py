@@ -19,7 +19,7 @@ A barge-in inserts UserTurnStarted and Interrupted before the assistant's TurnEn
 from __future__ import annotations
 
 import enum
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import numpy as np
@@ -39,12 +39,25 @@ class ChatState(enum.Enum):
 
 @dataclass(frozen=True)
 class TurnTimings:
-    """Latency breakdown of one assistant turn; None where the turn never got that far."""
+    """Latency breakdown of one assistant turn; None where the turn never got that far.
 
-    first_token_s: float | None = None  # end of the user's speech -> first LM token
-    first_audio_s: float | None = None  # end of the user's speech -> first decoded audio block
+    In the chat, every time is in seconds from the end of the user's voice (the end of their last
+    voiced frame, not the end of the silence that confirmed the turn); work done before the end of
+    the turn (while the user spoke or paused) shows as a negative time. `Assistant.respond` alone
+    counts from its own start.
+    """
+
+    first_token_s: float | None = None  # -> first LM token
+    first_audio_s: float | None = None  # -> first decoded audio block
     real_time_factor: float | None = None  # generation + decoding time / seconds of audio produced
     tokens: int = 0  # LM tokens generated (text and audio)
+    turn_confirmed_s: float | None = None  # -> the end-of-turn silence confirmed the turn
+    last_block_s: float | None = None  # -> the last block completed while speaking was tokenized
+    tokenized_s: float | None = None  # -> the whole turn's ids were ready
+    prefill_s: float | None = None  # -> the LM's prefill of the turn was done
+    first_text_s: float | None = None  # -> first text token
+    first_audio_token_s: float | None = None  # -> first audio token
+    first_sample_s: float | None = None  # -> first answer sample written to the output
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict (the session transcript stores it)."""
@@ -53,10 +66,8 @@ class TurnTimings:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TurnTimings:
         """The inverse of to_dict; unknown keys (from a newer version) are ignored."""
-        known = {
-            k: data[k] for k in ("first_token_s", "first_audio_s", "real_time_factor", "tokens") if k in data
-        }
-        return cls(**known)
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
 
 
 @dataclass(frozen=True)

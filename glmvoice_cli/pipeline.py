@@ -112,9 +112,15 @@ class Assistant:
         voice = _Voice(self.decoder) if speak and self.decoder is not None else None
         start = time.perf_counter()
         first_token: float | None = None
+        first_text: float | None = None
+        first_audio_token: float | None = None
         for event in self.lm.stream(conv, user, options, cancel):
             if first_token is None and not isinstance(event, TurnEnd):
                 first_token = time.perf_counter() - start
+            if first_text is None and isinstance(event, TextPiece):
+                first_text = time.perf_counter() - start
+            if first_audio_token is None and isinstance(event, AudioTokens):
+                first_audio_token = time.perf_counter() - start
             if isinstance(event, TextPiece) and event.text:
                 yield TextDelta(event.text)
             elif isinstance(event, AudioTokens) and voice is not None:
@@ -127,7 +133,7 @@ class Assistant:
                 timings = TurnTimings(
                     first_token_s=first_token, first_audio_s=voice.first_audio_s if voice else None,
                     real_time_factor=elapsed / voice.seconds if voice and voice.seconds else None,
-                    tokens=event.n_generated)
+                    tokens=event.n_generated, first_text_s=first_text, first_audio_token_s=first_audio_token)
                 yield TurnEnded(interrupted=cut, reason=_REASONS.get(event.reason.value, event.reason.value),
                                 timings=timings)
 

@@ -109,7 +109,30 @@ class SpeechDiscarded:
     end_sample: int
 
 
-SegmentEvent = SpeechStarted | Utterance | SpeechDiscarded
+@dataclass(frozen=True)
+class TurnAudio:
+    """Samples just added to the turn in progress (with `stream_turns`): the pre-roll and onset frames at
+    the onset, then every frame; all of a turn's TurnAudio, in order, start with its Utterance's samples."""
+
+    samples: np.ndarray = field(repr=False)
+    turn_start: int  # the turn's first sample on the input timeline (identifies the turn)
+
+
+@dataclass(frozen=True)
+class SpeechPaused:
+    """A short pause (with `pause_ms`) in a turn long enough to count: what the turn would be if it ended now."""
+
+    utterance: Utterance
+
+
+@dataclass(frozen=True)
+class SpeechResumed:
+    """Speech again after a SpeechPaused, in the same turn."""
+
+    turn_start: int
+
+
+SegmentEvent = SpeechStarted | Utterance | SpeechDiscarded | TurnAudio | SpeechPaused | SpeechResumed
 
 
 @dataclass
@@ -127,13 +150,19 @@ class SegmenterState:
     last_voiced_end: int = 0  # sample just after the turn's last voiced frame
     silent_run: int = 0  # in a turn: non-voiced frames in a row
     continued: bool = False  # the current turn goes on after a max-length cut
+    paused: bool = False  # a SpeechPaused was emitted and no voiced frame came since
 
 
 class Segmenter:
     """Feed samples with `push`, get events back; `finish` at end of input; `reset` to start over."""
 
-    def __init__(self, config: VadConfig | None = None, classifier: FrameClassifier | None = None) -> None:
+    def __init__(self, config: VadConfig | None = None, classifier: FrameClassifier | None = None, *,
+                 stream_turns: bool = False, pause_ms: int | None = None) -> None:
+        """`stream_turns`: also emit TurnAudio; `pause_ms`: also emit SpeechPaused / SpeechResumed (at least
+        the post-roll, so that a paused turn's utterance is already the one its end of turn would give)."""
         self.config = config or VadConfig()
+        self.stream_turns = stream_turns
+        self.pause_ms = None if pause_ms is None else max(pause_ms, self.config.post_roll_ms, 1)
         self.classifier = classifier or WebRtcClassifier(self.config.aggressiveness, self.config.sample_rate)
         self.state = SegmenterState()
         self._recent_frames = self.config.frames(self.config.pre_roll_ms) + self.config.start_frames
@@ -176,16 +205,35 @@ class Segmenter:
         if not st.in_turn:
             return self._idle_frame(frame, frame_start, voiced)
         st.turn.append(frame)
+        events: list[SegmentEvent] = [TurnAudio(frame, st.turn_start)] if self.stream_turns else []
         if voiced:
             st.silent_run = 0
             st.last_voiced_end = st.position
+            if st.paused:
+                st.paused = False
+                events.append(SpeechResumed(st.turn_start))
         else:
             st.silent_run += 1
         if st.silent_run >= self.config.frames(self.config.hangover_ms):
-            return [self._close_turn(truncated=False)]
+            return [*events, self._close_turn(truncated=False)]
         if st.position - st.turn_start >= self.config.samples(self.config.max_turn_s * MS_PER_SECOND):
-            return [self._close_turn(truncated=True)]
-        return []
+            return [*events, self._close_turn(truncated=True)]
+        if self.pause_ms is not None and not st.paused and st.silent_run >= self.config.frames(self.pause_ms):
+            utterance = self._utterance_so_far()
+            if utterance is not None:
+                st.paused = True
+                events.append(SpeechPaused(utterance))
+        return events
+
+    def _utterance_so_far(self) -> Utterance | None:
+        """The Utterance the turn would end with now, or None if it would be discarded."""
+        st, cfg = self.state, self.config
+        speech = st.last_voiced_end - st.onset
+        if (speech <= 0) if st.continued else (speech < cfg.samples(cfg.min_turn_ms)):
+            return None
+        end = max(min(st.position, st.last_voiced_end + cfg.samples(cfg.post_roll_ms)), st.turn_start)
+        audio = np.concatenate(st.turn) if st.turn else np.zeros(0, dtype=np.float32)
+        return Utterance(audio[: end - st.turn_start], st.turn_start, end, False, cfg.sample_rate)
 
     def _idle_frame(self, frame: np.ndarray, frame_start: int, voiced: bool) -> list[SegmentEvent]:
         st, cfg = self.state, self.config
@@ -199,8 +247,11 @@ class Segmenter:
         st.turn_start = st.position - kept * cfg.frame_samples
         st.in_turn, st.onset, st.last_voiced_end, st.silent_run = True, onset, st.position, 0
         st.recent.clear()
-        st.voiced_run = 0
-        return [SpeechStarted(at_sample=onset, confirmed_at=st.position)]
+        st.voiced_run, st.paused = 0, False
+        started: list[SegmentEvent] = [SpeechStarted(at_sample=onset, confirmed_at=st.position)]
+        if self.stream_turns:
+            started.append(TurnAudio(np.concatenate(st.turn), st.turn_start))
+        return started
 
     def _close_turn(self, truncated: bool) -> SegmentEvent:
         """Cut the current turn; a truncated one continues at once in a new turn."""
@@ -215,10 +266,11 @@ class Segmenter:
         samples = audio[: end - start]
         if truncated:
             st.turn, st.turn_start, st.onset, st.silent_run, st.continued = [], end, end, 0, True
+            st.paused = False
             return Utterance(samples, start, end, True, cfg.sample_rate)
         # the tail of a cut turn is kept however short, unless it holds no speech at all
         short = speech <= 0 if st.continued else speech < cfg.samples(cfg.min_turn_ms)
-        st.in_turn, st.turn, st.silent_run, st.continued = False, [], 0, False
+        st.in_turn, st.turn, st.silent_run, st.continued, st.paused = False, [], 0, False, False
         if short:
             return SpeechDiscarded(start, end)
         return Utterance(samples, start, end, False, cfg.sample_rate)

@@ -28,15 +28,26 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from glmvoice_cli.audio.echo import NullEchoCanceller
 from glmvoice_cli.audio.playback import VirtualClock
-from glmvoice_cli.audio.vad import Segmenter, SpeechDiscarded, SpeechStarted, Utterance, VadConfig
+from glmvoice_cli.audio.vad import (
+    Segmenter,
+    SpeechDiscarded,
+    SpeechPaused,
+    SpeechResumed,
+    SpeechStarted,
+    TurnAudio,
+    Utterance,
+    VadConfig,
+)
 from glmvoice_cli.chat.history import answer_text, trim_to_heard
+from glmvoice_cli.chat.listening import Speculation, SpeculationStats, TurnListener
+from glmvoice_cli.chat.turn_timing import breakdown
 from glmvoice_cli.chat.writer import SessionWriter
 from glmvoice_cli.errors import AudioDeviceError, GlmVoiceError
 from glmvoice_cli.events import (
@@ -60,6 +71,7 @@ if TYPE_CHECKING:
     from glmvoice_cli.audio.playback import Clock
     from glmvoice_cli.audio.vad import FrameClassifier
     from glmvoice_cli.chat.store import SessionStore
+    from glmvoice_cli.lm.prompts import UserInput
     from glmvoice_cli.lm.voice_lm import Conversation, GenerationOptions
     from glmvoice_cli.pipeline import Assistant
 
@@ -70,6 +82,7 @@ LEVEL_EVERY_BLOCKS = 5  # capture blocks between input-level updates (150 ms at 
 IDLE_TICK_S = 0.03  # virtual time advanced per wait once the source has ended
 JOIN_TIMEOUT_S = 10.0  # how long join() waits for a thread that is inside a model call
 PLAYBACK_STALL_S = 5.0  # queued audio that does not move for this long: the output device is gone
+DEFAULT_SPECULATIVE_PAUSE_MS = 200  # a pause this long starts the answer, played only once the turn ends
 
 
 @dataclass(frozen=True)
@@ -80,6 +93,8 @@ class EngineConfig:
     barge_in: bool = True  # False: the user's speech while the assistant answers waits its turn
     transcribe_user: bool = False  # a text-only LM pass before each answer (costs latency) fills the user's text
     transcribe_max_new_tokens: int = TURN_TRANSCRIPT_MAX_TOKENS
+    streaming: bool = True  # tokenize each completed block and prefill it while the user speaks
+    speculative_pause_ms: int | None = DEFAULT_SPECULATIVE_PAUSE_MS  # start answering (unheard) at this pause
 
 
 @dataclass
@@ -97,6 +112,19 @@ class _Job:
     barge_in: SpeechStarted | None = None  # the onset that cut this turn
     stopped: bool = False  # cut by stop() (Ctrl-C, a failure)
     base_played: int | None = None  # sink.played when the answer started (None: not started yet)
+    turn_start: int | None = None  # input sample where the spoken turn began (the listener's turn id)
+    voice_end_at: float | None = None  # perf_counter when the last voiced frame was read (end of voice)
+    speculative: bool = False  # started at a pause: held back (never played, saved or shown) until confirmed
+    confirmed: threading.Event = field(default_factory=threading.Event)  # the pause was the end of the turn
+    idle: threading.Event = field(default_factory=threading.Event)  # generated, waiting for the verdict
+
+
+@dataclass(frozen=True)
+class _Heard:
+    """Audio of the turn in progress, for the listener on the model thread."""
+
+    turn_start: int
+    samples: np.ndarray
 
 
 @dataclass(frozen=True)
@@ -110,6 +138,7 @@ class TurnReport:
     barge_in_at: int | None  # input sample of the onset that cut the answer
     kept_ids: tuple[int, ...]  # the answer ids the history keeps
     generated_tokens: int
+    timings: TurnTimings | None = None  # the turn's breakdown, from the end of voice
 
 
 _END = object()  # no more input: finish the queued turns and stop
@@ -126,7 +155,15 @@ class ChatEngine:
         self.config = config or EngineConfig()
         self.conversation = conversation if conversation is not None else assistant.lm.new_conversation()
         self.echo = echo or NullEchoCanceller()
-        self.segmenter = Segmenter(self.config.vad, classifier) if source is not None else None
+        tokenizer = assistant.speech_tokenizer
+        self.listener = (TurnListener(tokenizer, assistant.lm, prefill=hasattr(assistant.lm, "warm"))
+                         if self.config.streaming and source is not None and tokenizer is not None else None)
+        pause = self.config.speculative_pause_ms if not self.config.transcribe_user else None
+        self.segmenter = (Segmenter(self.config.vad, classifier, stream_turns=self.listener is not None,
+                                    pause_ms=pause or None) if source is not None else None)
+        self._spec: _Job | None = None  # the speculative answer under way (capture thread's view)
+        self.speculation = SpeculationStats()
+        self._voice_end_at: float | None = None  # perf_counter of the last voiced frame read
         self.clock = clock
         self.events: queue.Queue[object | None] = queue.Queue()  # the view's; a None sentinel ends them
         self._consumers = [self.events]
@@ -185,6 +222,9 @@ class ChatEngine:
     def stop(self) -> None:
         """Cut the running answer (it is saved as interrupted) and end both threads."""
         self._stop.set()
+        spec = self._spec
+        if spec is not None:
+            spec.cancel.set()
         with self._play_lock:
             for job in list(self._open):
                 job.stopped = True
@@ -234,7 +274,11 @@ class ChatEngine:
                 self._level = float(np.sqrt(np.mean(np.square(block, dtype=np.float64))))
                 if blocks % LEVEL_EVERY_BLOCKS == 0:
                     self._emit(StatusChanged(self.state, self._level))
-                for event in self.segmenter.push(self.echo.process(block)):
+                voiced = self.segmenter.state.last_voiced_end
+                events = self.segmenter.push(self.echo.process(block))
+                if self.segmenter.state.last_voiced_end != voiced:
+                    self._voice_end_at = time.perf_counter()
+                for event in events:
                     self._on_segment(event)
             if not self._stop.is_set():
                 for event in self.segmenter.finish():
@@ -257,20 +301,65 @@ class ChatEngine:
                 self._done.wait(POLL_S)
 
     def _on_segment(self, event: object) -> None:
-        if isinstance(event, SpeechStarted):
+        if isinstance(event, TurnAudio):
+            self._jobs.put(_Heard(event.turn_start, event.samples))
+        elif isinstance(event, SpeechPaused):
+            self._speculate(event.utterance)
+        elif isinstance(event, SpeechResumed):
+            self._drop_speculation()
+        elif isinstance(event, SpeechStarted):
             self._emit(UserTurnStarted())
             if self.config.barge_in:
                 self._barge_in(event)
         elif isinstance(event, Utterance):
             if self.config.barge_in:
                 self._barge_in(None)  # a turn that goes on after a max-length cut
-            job = _Job(samples=event.samples, end_sample=event.end_sample, heard_at=time.perf_counter())
-            self._submit(job)
+            job = self._confirm(event)
+            if job is None:
+                job = _Job(samples=event.samples, end_sample=event.end_sample, heard_at=time.perf_counter(),
+                           turn_start=event.start_sample, voice_end_at=self._voice_end_at)
+                self._submit(job)
             if self.config.lockstep:
-                while not job.generated.wait(POLL_S) and not self._stop.is_set():
-                    pass
+                self._wait_lockstep(job.generated)
         elif isinstance(event, SpeechDiscarded):
+            self._drop_speculation()
             self._emit(UserUtterance(duration_s=0.0))  # closes the view's open user turn
+
+    def _wait_lockstep(self, done: threading.Event) -> None:
+        while not done.wait(POLL_S) and not self._stop.is_set():
+            pass
+
+    def _speculate(self, utterance: Utterance) -> None:
+        """A short pause: start answering what was said so far, without playing it."""
+        self._drop_speculation()
+        job = _Job(samples=utterance.samples, end_sample=utterance.end_sample, turn_start=utterance.start_sample,
+                   voice_end_at=self._voice_end_at, speculative=True)
+        self._spec = job
+        self.speculation.started += 1
+        self._jobs.put(job)
+        if self.config.lockstep:
+            self._wait_lockstep(job.idle)
+
+    def _drop_speculation(self) -> None:
+        spec, self._spec = self._spec, None
+        if spec is not None:
+            spec.cancel.set()
+
+    def _confirm(self, utterance: Utterance) -> _Job | None:
+        """The end of turn: the speculative answer of this very utterance, if one is under way, plays now."""
+        spec, self._spec = self._spec, None
+        if spec is None:
+            return None
+        same = (not utterance.truncated and spec.turn_start == utterance.start_sample
+                and spec.end_sample == utterance.end_sample)
+        if not same:
+            spec.cancel.set()
+            return None
+        spec.heard_at = time.perf_counter()
+        self.speculation.confirmed += 1
+        self._register(spec)  # only now is it a turn: numbered, its audio saved, open to barge-in
+        spec.confirmed.set()
+        return spec
 
     def _barge_in(self, onset: SpeechStarted | None) -> None:
         """Cut every open turn and silence the speaker at once."""
@@ -291,6 +380,10 @@ class ChatEngine:
 
     def _submit(self, job: _Job) -> None:
         """Number the turn, hand spoken audio to the store's writer at once, queue it for the model."""
+        self._register(job)
+        self._jobs.put(job)
+
+    def _register(self, job: _Job) -> None:
         with self._play_lock:
             self._turns += 1
             job.turn = self._turns
@@ -298,7 +391,6 @@ class ChatEngine:
         if job.samples is not None:
             job.audio_path = None if self.store is None else self.store.audio_name("user")
             self._emit(UserAudio(job.turn, job.samples, self.config.vad.sample_rate, job.audio_path))
-        self._jobs.put(job)
 
     # ------------------------------------------------------------------ model thread
 
@@ -313,6 +405,10 @@ class ChatEngine:
                     continue
                 if not isinstance(job, _Job) or self._stop.is_set():
                     break
+                if isinstance(job, _Heard):
+                    if self.listener is not None:
+                        self.listener.hear(job.turn_start, job.samples, self.conversation)
+                    continue
                 self._run_turn(job)
         except GlmVoiceError as e:
             self._fail(e)
@@ -329,34 +425,90 @@ class ChatEngine:
                 consumer.put(None)
 
     def _run_turn(self, job: _Job) -> None:
-        from glmvoice_cli.lm.prompts import TextInput
-
         conv = self.conversation
-        self._set_state(ChatState.THINKING)
-        answer, start, error = _Answer(), time.perf_counter(), None
+        if not job.speculative:
+            self._set_state(ChatState.THINKING)
+        answer, start, error, kept = _Answer(), time.perf_counter(), None, True
+        snapshot = Speculation.snapshot(conv) if job.speculative else None
         try:
             if job.samples is not None and self.config.transcribe_user:
                 job.text = self._transcribe(job.samples)
-            user = TextInput(job.text or "") if job.samples is None else self.assistant.hear(job.samples)
-            start = time.perf_counter()
+            user = self._user_input(job)
+            start = answer.tokenized_at = time.perf_counter()
             history = len(conv.ids)
-            with self._play_lock:
-                job.base_played = self.sink.played
+            if not job.speculative:
+                with self._play_lock:
+                    job.base_played = self.sink.played
             for event in self.assistant.respond(conv, user, self.config.generation, job.cancel):
                 if not answer.started:
-                    self._user_taken(job, conv.ids[history : conv.last_output_start])
-                    answer.started = True
-                self._on_answer_event(job, event, answer)
+                    answer.user_ids, answer.started = conv.ids[history : conv.last_output_start], True
+                    answer.prefilled_at = conv.prefilled_at
+                if job.speculative and not self._release(job, answer):
+                    answer.held.append(event)
+                    continue
+                self._deliver(job, event, answer)
+            kept = not job.speculative or self._await_verdict(job, answer)
         except GlmVoiceError as e:  # a lost speaker, a failing stage: save what was said, then end
             error = e
         except Exception as e:  # noqa: BLE001 - a bug or a torch error: the same, with its cause
             error = _engine_error(e)
         finally:
+            job.idle.set()
             job.generated.set()
+        if not kept and snapshot is not None and error is None:
+            self._drop(snapshot)
+            return
         if error is not None:
             self._fail(error)
         self._wait_played(job)
         self._finish_turn(job, answer, start)
+
+    def _user_input(self, job: _Job) -> UserInput:
+        """The turn as LM input: typed text, or speech ids (from the listener when it heard this turn)."""
+        from glmvoice_cli.lm.prompts import TextInput
+
+        if job.samples is None:
+            return TextInput(job.text or "")
+        listener, n = self.listener, len(job.samples)
+        if (listener is not None and job.turn_start is not None and listener.covers(job.turn_start, n)
+                and np.array_equal(listener.stream.audio[:n], job.samples)):
+            return listener.final_input(n)
+        return self.assistant.hear(job.samples)
+
+    def _release(self, job: _Job, answer: _Answer) -> bool:
+        """If a speculative answer was confirmed, deliver what it held back and play from now on."""
+        if not job.confirmed.is_set():
+            return False
+        self._set_state(ChatState.THINKING)
+        with self._play_lock:
+            job.base_played = self.sink.played
+        job.speculative = False
+        held, answer.held = answer.held, []
+        for event in held:
+            self._deliver(job, event, answer)
+        return True
+
+    def _await_verdict(self, job: _Job, answer: _Answer) -> bool:
+        """A speculative answer is generated: wait for the end of turn (True) or the user going on (False)."""
+        job.idle.set()
+        while not self._release(job, answer):
+            if job.cancel.is_set() or self._stop.is_set():
+                return False
+            job.confirmed.wait(POLL_S)
+        return True
+
+    def _drop(self, snapshot: Speculation) -> None:
+        """The user went on: forget the speculative answer; the cache keeps the user's blocks."""
+        snapshot.restore(self.conversation)
+        self.speculation.dropped += 1
+        if self.listener is not None:
+            self.listener.rewarm(self.conversation)
+
+    def _deliver(self, job: _Job, event: object, answer: _Answer) -> None:
+        if not answer.user_saved:
+            self._user_taken(job, answer.user_ids)
+            answer.user_saved = True
+        self._on_answer_event(job, event, answer)
 
     def _transcribe(self, samples: np.ndarray) -> str | None:
         from glmvoice_cli.transcribe import transcribe
@@ -375,7 +527,8 @@ class ChatEngine:
                 self.sink.write(event.samples)
             answer.chunks.append(event.samples)
             if answer.first_audio is None:
-                answer.first_audio = time.perf_counter() - job.heard_at
+                answer.written_at = time.perf_counter()
+                answer.first_audio = answer.written_at - job.heard_at
                 self._set_state(ChatState.SPEAKING)
             self._emit(event)
         elif isinstance(event, TurnEnded):
@@ -404,8 +557,8 @@ class ChatEngine:
         with self._play_lock:
             played = 0 if job.base_played is None else max(self.sink.played - job.base_played, 0)
             self._open.remove(job)
-        if not answer.started:  # the model never took the turn (a failure, a stop): still save what was said
-            self._user_taken(job, [])
+        if not answer.user_saved:  # the model never took the turn (a failure, a stop): still save what was said
+            self._user_taken(job, answer.user_ids)
         ended = answer.ended or TurnEnded(interrupted=True, reason="cancelled")
         interrupted = job.cancel.is_set() or ended.interrupted
         generated = len(conv.last_output) if answer.started else 0
@@ -413,7 +566,12 @@ class ChatEngine:
             trim_to_heard(conv, tok, played, rate)
         kept = tuple(conv.last_output) if answer.started else ()
         reason = "cancelled" if job.stopped else "barge_in" if job.cancel.is_set() else ended.reason
-        timings = _from_end_of_speech(ended.timings, start - job.heard_at)
+        listener = self.listener
+        marks = listener.marks if listener is not None and job.turn_start == listener.turn_start else None
+        timings = breakdown(ended.timings, origin=job.voice_end_at or job.heard_at, confirmed=job.heard_at,
+                            respond_start=start, last_block=marks.last_block_s if marks else None,
+                            tokenized=answer.tokenized_at if job.samples is not None else None,
+                            prefilled=answer.prefilled_at, written=answer.written_at)
         audio = np.concatenate(answer.chunks)[:played] if answer.chunks else None
         text = answer_text(tok, kept) if interrupted else "".join(answer.text).strip()
         self._emit(AssistantTurn(job.turn, audio, rate, text=text, token_ids=kept, interrupted=interrupted,
@@ -421,7 +579,7 @@ class ChatEngine:
         self.reports.append(TurnReport(
             utterance_end=job.end_sample, first_audio_wall_s=answer.first_audio, played_samples=played,
             interrupted=interrupted, barge_in_at=job.barge_in.at_sample if job.barge_in else None,
-            kept_ids=kept, generated_tokens=generated))
+            kept_ids=kept, generated_tokens=generated, timings=timings))
         self._emit(TurnEnded(interrupted=interrupted, reason=reason, timings=timings))
         self._set_state(ChatState.LISTENING)
 
@@ -455,7 +613,13 @@ class _Answer:
     chunks: list[np.ndarray] = field(default_factory=list)  # every block written to the sink
     first_audio: float | None = None  # end of speech -> first block written, wall seconds
     ended: TurnEnded | None = None
-    started: bool = False  # the LM has taken the turn (the user turn is in the history and saved)
+    started: bool = False  # the LM has taken the turn (its user ids are in the history)
+    user_saved: bool = False  # the user turn was saved and shown (a speculative one only once confirmed)
+    user_ids: list[int] = field(default_factory=list)
+    held: list[object] = field(default_factory=list)  # a speculative answer's events, not yet confirmed
+    tokenized_at: float | None = None  # perf_counter marks for the turn's breakdown
+    prefilled_at: float | None = None
+    written_at: float | None = None
 
 
 def _engine_error(e: Exception) -> GlmVoiceError:
@@ -463,13 +627,3 @@ def _engine_error(e: Exception) -> GlmVoiceError:
     error = GlmVoiceError(f"chat engine failed: {type(e).__name__}: {e}")
     error.__cause__ = e
     return error
-
-
-def _from_end_of_speech(timings: TurnTimings, offset_s: float) -> TurnTimings:
-    """Respond's latencies count from its own start; the view wants them from the end of speech."""
-    shift = max(offset_s, 0.0)
-    return replace(
-        timings,
-        first_token_s=None if timings.first_token_s is None else timings.first_token_s + shift,
-        first_audio_s=None if timings.first_audio_s is None else timings.first_audio_s + shift,
-    )

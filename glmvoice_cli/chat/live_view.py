@@ -208,7 +208,13 @@ def _assistant_line(turn: TurnView) -> Text:
 
 
 def timings_text(timings: TurnTimings) -> str:
-    """One line: 'first token 0.31 s · first audio 0.62 s · RTF 0.48 · 42 tokens'."""
+    """One line. With the breakdown (a chat turn): 'voice end → turn +0.70 · tok +0.71 · ... · play +1.02 ·
+    RTF 0.48 · 42 tokens'; without (an older session): 'first token 0.31 s · first audio 0.62 s · ...'."""
+    from glmvoice_cli.chat.turn_timing import compact_line
+
+    if timings.turn_confirmed_s is not None:
+        rtf = f"RTF {timings.real_time_factor:.2f}" if timings.real_time_factor is not None else "RTF –"
+        return f"voice end → {compact_line(timings)} · {rtf} · {timings.tokens} tokens"
     parts = [
         f"first token {_seconds(timings.first_token_s)}",
         f"first audio {_seconds(timings.first_audio_s)}",

@@ -196,14 +196,25 @@ def _converse(engine: ChatEngine, store: SessionStore, text: bool, live: bool) -
     except KeyboardInterrupt:
         engine.stop()
         engine.join()
+        _print_latency(engine)
         typer.secho(f"interrupted; session saved in {store.path} (continue with --resume {store.id})",
                     fg=typer.colors.YELLOW, err=True)
         raise typer.Exit(INTERRUPTED_EXIT) from None
     engine.join()
+    _print_latency(engine)
     if engine.error is not None:
         typer.echo(f"session saved in {store.path}", err=True)
         raise engine.error
     typer.echo(f"session {store.id} saved in {store.path}", err=True)
+
+
+def _print_latency(engine: ChatEngine) -> None:
+    """The p50/p90 of each turn's breakdown (from the end of voice), on stderr."""
+    from glmvoice_cli.chat.turn_timing import summary_text
+
+    text = summary_text([r.timings for r in engine.reports if r.timings is not None and r.utterance_end])
+    if text:
+        typer.echo(text, err=True)
 
 
 def _read_turns(engine: ChatEngine, end_at_eof: bool) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import inspect
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from enum import Enum
@@ -84,6 +85,7 @@ class Conversation:
     cached_ids: list[int] = field(default_factory=list)
     last_output_start: int | None = None  # where the last answer begins in `ids`
     last_prefill_tokens: int = 0  # how many ids the last prefill actually ran through the model
+    prefilled_at: float | None = None  # perf_counter when the last prefill's logits were ready
 
     @property
     def last_output(self) -> list[int]:
@@ -206,7 +208,29 @@ class VoiceLM:
             raise ContextLengthError(
                 f"the conversation holds {len(conv.ids)} tokens, the context {self.static.max_len}"
             )
-        return self._forward(conv, todo, torch.tensor([todo], device=self.device))
+        logits = self._forward(conv, todo, torch.tensor([todo], device=self.device))
+        conv.prefilled_at = time.perf_counter()
+        return logits
+
+    def warm(self, conv: Conversation, ids: list[int]) -> int:
+        """Make the cache hold `conv.ids + ids` without adding `ids` to the history; returns the ids computed.
+
+        For input known ahead of its turn (the user's speech tokens while they speak): the next
+        `prefill` whose ids start the same way only computes the rest.
+        """
+        import torch
+
+        target = conv.ids + ids
+        if self.static is not None and conv.cache is not self.static.cache:
+            conv.cache, conv.cached_ids = None, []  # its cache went to another conversation
+        _crop_cache(conv, common_prefix_length(conv.cached_ids, target))
+        todo = target[len(conv.cached_ids) :]
+        if not todo or (self.static is not None and len(target) > self.static.max_len):
+            return 0  # nothing to do, or no room: the turn's own prefill reports a context overflow
+        if conv.cache is None:
+            conv.cache = self._new_cache(conv)
+        self._forward(conv, todo, torch.tensor([todo], device=self.device))
+        return len(todo)
 
     def _new_cache(self, conv: Conversation) -> Any:
         from transformers import DynamicCache

@@ -1,0 +1,126 @@
+"""Tokenizing and prefilling while the user speaks, and the speculative start at a pause, on the virtual clock.
+
+The history, the session and what is played must be exactly those of the same seeded run without
+speculation: a dropped speculative answer leaves no trace.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from glmvoice_cli.audio.fakes import ArraySource, RecordingSink
+from glmvoice_cli.audio.playback import VirtualClock
+from glmvoice_cli.audio.vad import VadConfig
+from glmvoice_cli.chat.engine import ChatEngine, EngineConfig
+from glmvoice_cli.chat.store import SessionStore
+from glmvoice_cli.chat.turn_timing import compact_line, summary_text
+from glmvoice_cli.events import TextDelta, TurnEnded, UserUtterance
+from glmvoice_cli.lm.voice_lm import GenerationOptions
+from glmvoice_cli.options import LoadOptions
+from glmvoice_cli.pipeline import Assistant
+from glmvoice_cli.tiny.modelset import write_tiny_model_set
+
+from .chat_helpers import OUT_RATE, RATE, burst, energy_vad, silence
+
+AUDIBLE = 1e-4
+VAD = VadConfig(hangover_ms=300, pre_roll_ms=90, post_roll_ms=60, min_turn_ms=150)
+PAUSE_MS = 120  # speculative pause: shorter than the hangover, longer than the post-roll
+
+
+@pytest.fixture(scope="module")
+def assistant(tmp_path_factory: pytest.TempPathFactory) -> Assistant:
+    models = write_tiny_model_set(tmp_path_factory.mktemp("models"), codebook=64)
+    return Assistant.load(models.dirs, LoadOptions(device="cpu", seed=0))
+
+
+def converse(assistant: Assistant, user: np.ndarray, folder: Path, *, streaming: bool = True,
+             pause_ms: int | None = PAUSE_MS) -> tuple[ChatEngine, RecordingSink, SessionStore, list[object]]:
+    clock = VirtualClock()
+    sink = RecordingSink(sample_rate=OUT_RATE, clock=clock)
+    store = SessionStore.create(session_dir=folder)
+    config = EngineConfig(vad=VAD, generation=GenerationOptions(max_new_tokens=30, seed=1), lockstep=True,
+                          streaming=streaming, speculative_pause_ms=pause_ms)
+    engine = ChatEngine(assistant, ArraySource(user, RATE, clock=clock), sink, store=store, config=config,
+                        classifier=energy_vad, clock=clock)
+    engine.start()
+    assert engine.wait(300), "the engine did not finish"
+    engine.join()
+    sink.close()
+    events = []
+    while (event := engine.events.get_nowait()) is not None:
+        events.append(event)
+    assert engine.error is None
+    return engine, sink, store, events
+
+
+def lines(store: SessionStore) -> list[dict]:
+    return [json.loads(line) for line in store.transcript_path.read_text().splitlines()]
+
+
+def saved(store: SessionStore) -> list[tuple]:
+    """What a session holds, timings aside (they are wall-clock)."""
+    return [(r["role"], r.get("text"), r["token_ids"], r["interrupted"]) for r in lines(store)]
+
+
+def test_a_pause_mid_sentence_gives_one_turn_and_no_trace_of_the_dropped_answer(
+        assistant: Assistant, tmp_path: Path) -> None:
+    # the user pauses 210 ms mid-sentence (past the speculative pause, short of the end of turn) and goes on
+    user = np.concatenate([silence(0.5), burst(1.0), silence(0.21), burst(0.8, f0=180.0), silence(3.0)])
+    engine, sink, store, events = converse(assistant, user, tmp_path / "spec")
+    assert engine.speculation.started == 2 and engine.speculation.dropped == 1
+    assert engine.speculation.confirmed == 1
+    assert [r["role"] for r in lines(store)] == ["user", "assistant"]
+    assert len(engine.reports) == 1 and not engine.reports[0].interrupted
+    assert sum(isinstance(e, UserUtterance) for e in events) == 1
+    assert sum(isinstance(e, TurnEnded) for e in events) == 1
+    first_text = next(i for i, e in enumerate(events) if isinstance(e, TextDelta))
+    assert first_text > next(i for i, e in enumerate(events) if isinstance(e, UserUtterance))
+
+    # nothing played before the turn ended (on the recorded output timeline)
+    heard = np.flatnonzero(np.abs(sink.recording()) > AUDIBLE) / OUT_RATE
+    assert heard.size and heard[0] >= engine.reports[0].utterance_end / RATE
+
+    # the same seeded conversation without speculation: identical history, session and sound
+    plain, plain_sink, plain_store, _ = converse(assistant, user, tmp_path / "plain", pause_ms=None)
+    assert plain.speculation.started == 0
+    assert engine.conversation.ids == plain.conversation.ids
+    assert saved(store) == saved(plain_store)
+    ours, theirs = sink.recording(), plain_sink.recording()
+    n = min(len(ours), len(theirs))  # the silent tail after the end depends on when the threads noticed it
+    np.testing.assert_array_equal(ours[:n], theirs[:n])
+    assert not np.any(np.abs(ours[n:]) > AUDIBLE) and not np.any(np.abs(theirs[n:]) > AUDIBLE)
+
+
+def test_streaming_gives_the_serial_paths_user_ids_and_prefills_only_the_tail(
+        assistant: Assistant, tmp_path: Path) -> None:
+    user = np.concatenate([silence(0.4), burst(5.2), silence(2.0)])  # longer than one 4 s block
+    streamed, _, streamed_store, _ = converse(assistant, user, tmp_path / "streamed")
+    serial, _, serial_store, _ = converse(assistant, user, tmp_path / "serial", streaming=False, pause_ms=None)
+    user_ids = lines(streamed_store)[0]["token_ids"]
+    assert user_ids == lines(serial_store)[0]["token_ids"]
+    assert streamed.listener is not None and streamed.listener.marks.warmed_tokens > 0
+    per_block = assistant.speech_tokenizer.model.cfg.quantize_causal_block_size // 4
+    # at the end of the turn, the prefill ran neither the system prompt nor the completed block
+    assert streamed.conversation.last_prefill_tokens <= len(user_ids) - per_block
+    assert serial.conversation.last_prefill_tokens >= len(user_ids)
+
+
+def test_the_breakdown_is_stored_and_summarised(assistant: Assistant, tmp_path: Path) -> None:
+    user = np.concatenate([silence(0.5), burst(1.0), silence(2.0), burst(0.9), silence(2.0)])
+    engine, _, store, _ = converse(assistant, user, tmp_path / "s")
+    stored = [r["timings"] for r in lines(store) if r["role"] == "assistant"]
+    assert len(stored) == 2
+    for timings, report in zip(stored, engine.reports):
+        assert report.timings is not None
+        chain = [timings[k] for k in ("turn_confirmed_s", "tokenized_s", "prefill_s", "first_token_s",
+                                      "first_audio_s", "first_sample_s")]
+        assert all(v is not None for v in chain)
+        assert timings["turn_confirmed_s"] > 0  # from the end of voice, not of the confirming silence
+        assert timings["prefill_s"] <= timings["first_token_s"] <= timings["first_audio_s"]
+        assert "turn +" in compact_line(report.timings)
+    text = summary_text([r.timings for r in engine.reports if r.timings is not None])
+    assert "p50" in text and "play" in text
