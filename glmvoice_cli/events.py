@@ -37,6 +37,9 @@ class ChatState(enum.Enum):
     INTERRUPTED = "interrupted"  # barge-in: generation stopped, playback flushed
 
 
+_ALWAYS_STORED = ("first_token_s", "first_audio_s", "real_time_factor", "tokens")  # format 1's keys
+
+
 @dataclass(frozen=True)
 class TurnTimings:
     """Latency breakdown of one assistant turn; None where the turn never got that far.
@@ -60,8 +63,8 @@ class TurnTimings:
     first_sample_s: float | None = None  # -> first answer sample written to the output
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict (the session transcript stores it)."""
-        return asdict(self)
+        """A JSON-ready dict (the session transcript stores it); breakdown marks never reached are left out."""
+        return {k: v for k, v in asdict(self).items() if k in _ALWAYS_STORED or v is not None}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TurnTimings:

@@ -124,3 +124,23 @@ def test_the_breakdown_is_stored_and_summarised(assistant: Assistant, tmp_path: 
         assert "turn +" in compact_line(report.timings)
     text = summary_text([r.timings for r in engine.reports if r.timings is not None])
     assert "p50" in text and "play" in text
+
+
+def test_turn_taking_flags_map_to_the_vad() -> None:
+    from glmvoice_cli.commands.chat import TurnTaking
+
+    vad = TurnTaking(aggressiveness=3, end_silence_ms=450, pre_roll_ms=200, min_speech_ms=300, max_turn_s=12.0,
+                     min_interruption_ms=150).vad()
+    assert (vad.aggressiveness, vad.hangover_ms, vad.pre_roll_ms, vad.min_turn_ms, vad.max_turn_s) == (
+        3, 450, 200, 300, 12.0)
+    assert vad.start_frames * vad.frame_ms == 150
+    assert TurnTaking(min_interruption_ms=100).vad().start_frames == 4  # rounded up to whole frames
+
+
+def test_old_transcript_timings_still_load() -> None:
+    from glmvoice_cli.events import TurnTimings
+
+    old = {"first_token_s": 0.4, "first_audio_s": 0.9, "real_time_factor": 1.2, "tokens": 30}  # format 1
+    timings = TurnTimings.from_dict({**old, "from_a_newer_version": 1})
+    assert timings.first_audio_s == 0.9 and timings.turn_confirmed_s is None
+    assert TurnTimings.from_dict(TurnTimings(turn_confirmed_s=0.7, first_sample_s=1.5).to_dict()).first_sample_s == 1.5

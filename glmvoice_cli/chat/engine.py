@@ -117,6 +117,7 @@ class _Job:
     speculative: bool = False  # started at a pause: held back (never played, saved or shown) until confirmed
     confirmed: threading.Event = field(default_factory=threading.Event)  # the pause was the end of the turn
     idle: threading.Event = field(default_factory=threading.Event)  # generated, waiting for the verdict
+    tail_frames: int | None = None  # mel frames the listener still had to tokenize at the end of the turn
 
 
 @dataclass(frozen=True)
@@ -139,6 +140,8 @@ class TurnReport:
     kept_ids: tuple[int, ...]  # the answer ids the history keeps
     generated_tokens: int
     timings: TurnTimings | None = None  # the turn's breakdown, from the end of voice
+    prefill_tokens: int | None = None  # ids the LM prefilled after the end of the turn (None: no answer)
+    tail_frames: int | None = None  # mel frames tokenized after the end of the turn (None: not streamed)
 
 
 _END = object()  # no more input: finish the queued turns and stop
@@ -428,7 +431,7 @@ class ChatEngine:
         conv = self.conversation
         if not job.speculative:
             self._set_state(ChatState.THINKING)
-        answer, start, error, kept = _Answer(), time.perf_counter(), None, True
+        answer, start, error = _Answer(), time.perf_counter(), None
         snapshot = Speculation.snapshot(conv) if job.speculative else None
         try:
             if job.samples is not None and self.config.transcribe_user:
@@ -442,12 +445,13 @@ class ChatEngine:
             for event in self.assistant.respond(conv, user, self.config.generation, job.cancel):
                 if not answer.started:
                     answer.user_ids, answer.started = conv.ids[history : conv.last_output_start], True
-                    answer.prefilled_at = conv.prefilled_at
+                    answer.prefilled_at, answer.prefill_tokens = conv.prefilled_at, conv.last_prefill_tokens
                 if job.speculative and not self._release(job, answer):
                     answer.held.append(event)
                     continue
                 self._deliver(job, event, answer)
-            kept = not job.speculative or self._await_verdict(job, answer)
+            if job.speculative:
+                self._await_verdict(job, answer)
         except GlmVoiceError as e:  # a lost speaker, a failing stage: save what was said, then end
             error = e
         except Exception as e:  # noqa: BLE001 - a bug or a torch error: the same, with its cause
@@ -455,8 +459,10 @@ class ChatEngine:
         finally:
             job.idle.set()
             job.generated.set()
-        if not kept and snapshot is not None and error is None:
+        if job.speculative and snapshot is not None:  # never confirmed: the user went on (or it failed)
             self._drop(snapshot)
+            if error is not None:
+                self._fail(error)
             return
         if error is not None:
             self._fail(error)
@@ -472,7 +478,9 @@ class ChatEngine:
         listener, n = self.listener, len(job.samples)
         if (listener is not None and job.turn_start is not None and listener.covers(job.turn_start, n)
                 and np.array_equal(listener.stream.audio[:n], job.samples)):
-            return listener.final_input(n)
+            user = listener.final_input(n)
+            job.tail_frames = listener.stream.stats.last_span_frames
+            return user
         return self.assistant.hear(job.samples)
 
     def _release(self, job: _Job, answer: _Answer) -> bool:
@@ -556,7 +564,8 @@ class ChatEngine:
         conv, tok, rate = self.conversation, self.assistant.lm.text_tokenizer, self.sink.sample_rate
         with self._play_lock:
             played = 0 if job.base_played is None else max(self.sink.played - job.base_played, 0)
-            self._open.remove(job)
+            if job in self._open:
+                self._open.remove(job)
         if not answer.user_saved:  # the model never took the turn (a failure, a stop): still save what was said
             self._user_taken(job, answer.user_ids)
         ended = answer.ended or TurnEnded(interrupted=True, reason="cancelled")
@@ -579,7 +588,8 @@ class ChatEngine:
         self.reports.append(TurnReport(
             utterance_end=job.end_sample, first_audio_wall_s=answer.first_audio, played_samples=played,
             interrupted=interrupted, barge_in_at=job.barge_in.at_sample if job.barge_in else None,
-            kept_ids=kept, generated_tokens=generated, timings=timings))
+            kept_ids=kept, generated_tokens=generated, timings=timings, prefill_tokens=answer.prefill_tokens,
+            tail_frames=job.tail_frames))
         self._emit(TurnEnded(interrupted=interrupted, reason=reason, timings=timings))
         self._set_state(ChatState.LISTENING)
 
@@ -620,6 +630,7 @@ class _Answer:
     tokenized_at: float | None = None  # perf_counter marks for the turn's breakdown
     prefilled_at: float | None = None
     written_at: float | None = None
+    prefill_tokens: int | None = None
 
 
 def _engine_error(e: Exception) -> GlmVoiceError:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import sys
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -45,6 +46,7 @@ if TYPE_CHECKING:
     from glmvoice_cli.audio.devices import AudioSink, AudioSource
     from glmvoice_cli.audio.echo import EchoCanceller
     from glmvoice_cli.audio.playback import Clock
+    from glmvoice_cli.audio.vad import VadConfig
     from glmvoice_cli.chat.engine import ChatEngine
     from glmvoice_cli.chat.store import SessionStore
     from glmvoice_cli.pipeline import Assistant
@@ -67,8 +69,24 @@ def chat(
     text: Annotated[bool, typer.Option("--text", help="Typed turns from stdin, one per line.")] = False,
     headphones: Annotated[bool, typer.Option("--headphones", help="No echo cancellation (the speaker cannot reach the mic).")
                           ] = False,
-    vad_aggressiveness: Annotated[int, typer.Option(min=0, max=3, help="0 keeps most audio as speech, 3 the least.")
-                                  ] = 2,
+    vad_aggressiveness: Annotated[int, typer.Option(min=0, max=3, envvar="GLMVOICE_VAD_AGGRESSIVENESS",
+                                                    help="0 keeps most audio as speech, 3 the least.")] = 2,
+    end_silence_ms: Annotated[int, typer.Option(min=30, envvar="GLMVOICE_END_SILENCE_MS", help=(
+        "Silence that ends your turn. Lower answers sooner but cuts you off at pauses."))] = 700,
+    speculative_pause_ms: Annotated[int, typer.Option(min=0, envvar="GLMVOICE_SPECULATIVE_PAUSE_MS", help=(
+        "A pause this long starts the answer unheard (dropped if you go on); 0 turns it off (saves CPU)."))] = 200,
+    pre_roll_ms: Annotated[int, typer.Option(min=0, envvar="GLMVOICE_PRE_ROLL_MS", help=(
+        "Audio kept from before your speech was detected, so the first syllable is not clipped."))] = 300,
+    min_speech_ms: Annotated[int, typer.Option(min=0, envvar="GLMVOICE_MIN_SPEECH_MS", help=(
+        "Shorter bursts (a cough, a door) are not a turn."))] = 250,
+    max_turn_s: Annotated[float, typer.Option(min=1.0, envvar="GLMVOICE_MAX_TURN_S", help=(
+        "A turn this long is cut and answered, and what follows is a new turn."))] = 30.0,
+    barge_in: Annotated[bool, typer.Option(envvar="GLMVOICE_BARGE_IN", help=(
+        "Speaking while it answers interrupts it; --no-barge-in makes your speech wait its turn."))] = True,
+    min_interruption_ms: Annotated[int, typer.Option(min=10, envvar="GLMVOICE_MIN_INTERRUPTION_MS", help=(
+        "Speech needed to start a turn or interrupt. Higher ignores short noises but reacts later."))] = 90,
+    stream_input: Annotated[bool, typer.Option(envvar="GLMVOICE_STREAM_INPUT", help=(
+        "Tokenize and prefill your speech while you speak; --no-stream-input does it all after your turn."))] = True,
     session_dir: Annotated[Path | None, typer.Option(help="Save the session in this folder.")] = None,
     resume: Annotated[str | None, typer.Option(help="Continue a saved session (ID or folder).")] = None,
     transcribe_user: Annotated[bool, typer.Option(
@@ -88,7 +106,9 @@ def chat(
                                    device=device, dtype=dtype, quantize=quantize, seed=seed,
                                    compile=compile_lm)
         store = _open_store(session_dir, resume, assistant.dirs, "text" if text else "voice")
-        engine = _make_engine(assistant, io, store, vad_aggressiveness, max_new_tokens, seed, transcribe_user)
+        turns = TurnTaking(vad_aggressiveness, end_silence_ms, speculative_pause_ms, pre_roll_ms, min_speech_ms,
+                           max_turn_s, barge_in, min_interruption_ms, stream_input)
+        engine = _make_engine(assistant, io, store, turns, max_new_tokens, seed, transcribe_user)
         _converse(engine, store, text, live)
     finally:
         io.close()
@@ -163,14 +183,37 @@ def _open_store(session_dir: Path | None, resume: str | None, dirs: dict[str, Pa
     return SessionStore.create(session_dir=session_dir, models=dirs, mode=mode)
 
 
-def _make_engine(assistant: Assistant, io: _AudioIO, store: SessionStore, aggressiveness: int, max_new_tokens: int | None,
-                 seed: int | None, transcribe_user: bool) -> ChatEngine:
-    from glmvoice_cli.audio.vad import VadConfig
+@dataclass(frozen=True)
+class TurnTaking:
+    """The chat's turn-taking flags (see `glmvoice chat --help`)."""
+
+    aggressiveness: int = 2
+    end_silence_ms: int = 700
+    speculative_pause_ms: int = 200
+    pre_roll_ms: int = 300
+    min_speech_ms: int = 250
+    max_turn_s: float = 30.0
+    barge_in: bool = True
+    min_interruption_ms: int = 90
+    stream_input: bool = True
+
+    def vad(self) -> VadConfig:
+        from glmvoice_cli.audio.vad import VadConfig
+
+        frame_ms = VadConfig().frame_ms
+        return VadConfig(aggressiveness=self.aggressiveness, hangover_ms=max(self.end_silence_ms, frame_ms),
+                         pre_roll_ms=self.pre_roll_ms, min_turn_ms=self.min_speech_ms, max_turn_s=self.max_turn_s,
+                         start_frames=max(1, -(-self.min_interruption_ms // frame_ms)))
+
+
+def _make_engine(assistant: Assistant, io: _AudioIO, store: SessionStore, turns: TurnTaking,
+                 max_new_tokens: int | None, seed: int | None, transcribe_user: bool) -> ChatEngine:
     from glmvoice_cli.chat.engine import TURN_TRANSCRIPT_MAX_TOKENS, ChatEngine, EngineConfig
     from glmvoice_cli.chat.history import restore_conversation
     from glmvoice_cli.lm.voice_lm import DEFAULT_MAX_NEW_TOKENS, GenerationOptions
 
-    config = EngineConfig(vad=VadConfig(aggressiveness=aggressiveness), lockstep=io.lockstep,
+    config = EngineConfig(vad=turns.vad(), lockstep=io.lockstep, barge_in=turns.barge_in,
+                          streaming=turns.stream_input, speculative_pause_ms=turns.speculative_pause_ms or None,
                           generation=GenerationOptions(max_new_tokens=max_new_tokens or DEFAULT_MAX_NEW_TOKENS,
                                                        seed=seed),
                           transcribe_user=transcribe_user,
