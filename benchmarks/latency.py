@@ -17,6 +17,7 @@ Per turn it records the breakdown the chat shows (seconds from the end of voice:
 read) and how much the end-of-turn prefill and tokenization still had to do. JSON to stdout and `--out`.
 
     python benchmarks/latency.py [--max-new-tokens 40] [--rounds 1] [--out benchmarks/results/latency-cpu.json]
+    python benchmarks/latency.py --quick    # tiny models, one conversation: a smoke test of the script
 """
 
 from __future__ import annotations
@@ -101,7 +102,11 @@ def real_tokenizer() -> SpeechTokenizer:
     return SpeechTokenizer(model, FeatureConfig(), micro_batch=1)
 
 
-def build(scratch: Path, seed: int) -> Assistant:
+def build(scratch: Path, seed: int, quick: bool) -> Assistant:
+    if quick:
+        from glmvoice_cli.tiny.modelset import write_tiny_model_set
+
+        return Assistant.load(write_tiny_model_set(scratch / "tiny", codebook=64).dirs, LoadOptions(seed=seed))
     folder = write_tiny_lm(scratch / "lm", replace(SIZES["scaled"], seed=0))
     lm = VoiceLM.from_folder(folder, LoadOptions(device="cpu", seed=seed))
     silence_stops(lm)
@@ -160,14 +165,16 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=1, help="times each conversation runs per path")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--quick", action="store_true", help="tiny models, one conversation (smoke test)")
     args = ap.parse_args()
     load_before = os.getloadavg()[0]
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as scratch:
-        assistant = build(Path(scratch), args.seed)
-        users = {name: script([espeak(t, Path(scratch)) for t in turns]) for name, turns in CONVERSATIONS.items()}
+        assistant = build(Path(scratch), args.seed, args.quick)
+        chosen = {"pause": CONVERSATIONS["pause"]} if args.quick else CONVERSATIONS
+        users = {name: script([espeak(t, Path(scratch)) for t in turns]) for name, turns in chosen.items()}
         build_s = time.perf_counter() - start
-        converse(assistant, users["short"][: RATE * 4], True, 8, args.seed)  # warm-up: first calls allocate
+        converse(assistant, next(iter(users.values()))[: RATE * 4], True, 8, args.seed)  # warm-up: first calls allocate
         turns: dict[str, list[dict]] = {"serial": [], "streaming": []}
         per_conversation: dict[str, dict[str, list[dict]]] = {}
         for _ in range(args.rounds):
@@ -181,7 +188,8 @@ def main() -> None:
     t_med = streaming["end_of_voice_to_first_sample_s"]["median"]
     result = {
         "benchmark": "latency",
-        "models": "random weights: real-size tokenizer and decoder, scaled LM of benchmarks/lm.py",
+        "models": "tiny random set (--quick)" if args.quick else
+                  "random weights: real-size tokenizer and decoder, scaled LM of benchmarks/lm.py",
         "lm_params_m": round(sum(p.numel() for p in assistant.lm.model.parameters()) / 1e6, 1),
         "input": "espeak-ng conversations fed at real-time pace (RealClock), webrtcvad, default VAD settings",
         "max_new_tokens": args.max_new_tokens,
