@@ -118,6 +118,7 @@ class _Job:
     confirmed: threading.Event = field(default_factory=threading.Event)  # the pause was the end of the turn
     idle: threading.Event = field(default_factory=threading.Event)  # generated, waiting for the verdict
     tail_frames: int | None = None  # mel frames the listener still had to tokenize at the end of the turn
+    failed: bool = False  # a speculative answer that failed: the end of turn runs the turn afresh
 
 
 @dataclass(frozen=True)
@@ -355,7 +356,7 @@ class ChatEngine:
             return None
         same = (not utterance.truncated and spec.turn_start == utterance.start_sample
                 and spec.end_sample == utterance.end_sample)
-        if not same:
+        if not same or spec.failed:
             spec.cancel.set()
             return None
         spec.heard_at = time.perf_counter()
@@ -406,12 +407,12 @@ class ChatEngine:
                     if self._stop.is_set():
                         break
                     continue
-                if not isinstance(job, _Job) or self._stop.is_set():
-                    break
-                if isinstance(job, _Heard):
+                if isinstance(job, _Heard) and not self._stop.is_set():
                     if self.listener is not None:
                         self.listener.hear(job.turn_start, job.samples, self.conversation)
                     continue
+                if not isinstance(job, _Job) or self._stop.is_set():
+                    break
                 self._run_turn(job)
         except GlmVoiceError as e:
             self._fail(e)
@@ -457,12 +458,13 @@ class ChatEngine:
         except Exception as e:  # noqa: BLE001 - a bug or a torch error: the same, with its cause
             error = _engine_error(e)
         finally:
+            job.failed = error is not None
             job.idle.set()
             job.generated.set()
-        if job.speculative and snapshot is not None:  # never confirmed: the user went on (or it failed)
+        if job.speculative and snapshot is not None and not job.confirmed.is_set():
+            # never confirmed: the user went on, or it failed (then the turn runs again, unspeculated,
+            # at its end, and fails or not there, with what the user said saved)
             self._drop(snapshot)
-            if error is not None:
-                self._fail(error)
             return
         if error is not None:
             self._fail(error)
