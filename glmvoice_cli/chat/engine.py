@@ -18,8 +18,17 @@ IDLE -> LISTENING -> THINKING -> SPEAKING -> (INTERRUPTED) -> LISTENING. Events 
 same events. With a SessionStore, a third thread (`chat.writer.SessionWriter`) saves the turns from
 those events, so neither the model thread nor the capture thread ever waits on the disk.
 
+While the user speaks (`streaming`), the capture thread also forwards the turn's audio (TurnAudio) to
+the model thread, whose `chat.listening.TurnListener` tokenizes each completed block and prefills it
+into the LM cache. At a short pause (`speculative_pause_ms`) a speculative job starts the answer: its
+events are held back, not played, shown or saved, and the turn is not numbered. If the user goes on
+(SpeechResumed) it is cancelled and the conversation put back exactly as it was; if the pause becomes
+the end of the turn (an Utterance with the same end), the capture thread confirms it and the held
+events are delivered at once. Every turn's breakdown (`chat.turn_timing`) counts from the end of voice.
+
 `lockstep=True` is for a source on a VirtualClock (tests, `--input-file` without `--realtime`):
-the capture thread waits until each answer is fully generated before it reads on, so model time
+the capture thread waits until each answer (and each speculative one) is fully generated before it
+reads on, so model time
 counts as zero and a whole conversation is reproducible and runs as fast as the CPU allows.
 """
 

@@ -50,6 +50,7 @@ class TurnListener:
         if turn_start != self.turn_start:
             self.stream.reset()
             self.turn_start, self.marks = turn_start, ListenMarks()
+            self._warm(conv, [])  # the turn's header (and a first turn's system prompt) right away
         if self.stream.push(samples):
             self.marks.last_block_s = time.perf_counter()
             self._warm(conv, self.stream.ids)
