@@ -173,7 +173,9 @@ def run_ours(lm: VoiceLM, prompt: SpeechInput, options: GenerationOptions) -> tu
 def run_generate(lm: VoiceLM, prompt_ids: list[int], options: GenerationOptions) -> tuple[dict, list[int]]:
     ids = torch.tensor([prompt_ids], device=lm.device)
     streamer = QueueStreamer()
-    sampling = {"do_sample": True, "temperature": options.temperature, "top_p": options.top_p}
+    settings = options.sampling(lm.sampling)
+    sampling = {"do_sample": True, "temperature": settings.temperature, "top_p": settings.top_p,
+                "top_k": settings.top_k}
     kwargs = {
         "input_ids": ids,
         "attention_mask": torch.ones_like(ids),
@@ -181,7 +183,7 @@ def run_generate(lm: VoiceLM, prompt_ids: list[int], options: GenerationOptions)
         "streamer": streamer,
         "eos_token_id": sorted(lm.text_tokenizer.eos_ids),
         "pad_token_id": lm.text_tokenizer.token_id("<|endoftext|>"),
-        **(sampling if options.temperature > 0 else {"do_sample": False}),
+        **(sampling if not settings.greedy else {"do_sample": False}),
     }
     sync(lm.device)
     start = time.perf_counter()

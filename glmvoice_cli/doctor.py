@@ -116,7 +116,19 @@ def check_models() -> list[Check]:
         else:
             what = "absent" if not status.exists else f"incomplete, missing {hub.short_list(status.missing)}"
             checks.append(Check(f"model {name}", FAIL, f"{detail}: {what}", f"glmvoice models download {name}"))
+        if name == "lm" and status.exists:
+            checks.append(_sampling_check(where.path))
     return checks
+
+
+def _sampling_check(folder: Path) -> Check:
+    """The sampling a chat would use with this LM folder (its generation_config.json, else the demo's)."""
+    from glmvoice_cli.lm.sampling import read_sampling
+
+    try:
+        return Check("sampling", OK, read_sampling(folder).describe(), "--temperature/--top-p override it")
+    except GlmVoiceError as e:
+        return Check("sampling", FAIL, str(e), "fix or remove the file")
 
 
 def check_settings() -> list[Check]:

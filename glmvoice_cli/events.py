@@ -134,7 +134,7 @@ class TurnEnded:
     """The assistant's turn is over, finished or cut."""
 
     interrupted: bool = False
-    reason: str = "done"  # "done" | "max_tokens" | "barge_in" | "cancelled" | "error"
+    reason: str = "done"  # "done" | "max_tokens" | "context_full" | "barge_in" | "cancelled" | "error"
     timings: TurnTimings = field(default_factory=TurnTimings)
 
 
@@ -149,6 +149,7 @@ class AssistantTurn:
     token_ids: tuple[int, ...] = ()  # the ids the history keeps
     interrupted: bool = False
     timings: TurnTimings = field(default_factory=TurnTimings)
+    reason: str | None = None  # TurnEnded.reason, saved with the turn (e.g. "context_full")
 
 
 @dataclass(frozen=True)
@@ -156,6 +157,7 @@ class Failed:
     """A stage failed; the message is one line for the user. The session goes on or ends."""
 
     message: str
+    recoverable: bool = False  # True: only this turn was refused, the session goes on
 
 
 @dataclass(frozen=True)

@@ -168,4 +168,5 @@ def _wants_compile(options: LoadOptions, device: torch.device) -> bool:
     return options.compile if options.compile is not None else device.type == "cuda"
 
 
-_REASONS = {"user": "done", "eos": "done", "max_tokens": "max_tokens", "cancelled": "cancelled"}
+_REASONS = {"user": "done", "eos": "done", "max_tokens": "max_tokens", "context_full": "context_full",
+            "cancelled": "cancelled"}

@@ -22,20 +22,20 @@ from glmvoice_cli.lm.prompts import (
     turn_ids,
 )
 from glmvoice_cli.lm.voice_lm import (
-    NUCLEUS_CANDIDATES,
     AudioTokens,
     GenerationOptions,
     StopReason,
     TextPiece,
     TurnEnd,
     VoiceLM,
-    sample_token,
     tokens_through_audio,
 )
 from glmvoice_cli.options import LoadOptions
 from glmvoice_cli.tiny.lm import TinyLMSpec, write_tiny_lm
 
-SPEC = TinyLMSpec(hidden_size=32, num_layers=2, num_heads=4, kv_groups=2, ffn_hidden_size=64, n_reserved=3)
+SPEC = TinyLMSpec(
+    hidden_size=32, num_layers=2, num_heads=4, kv_groups=2, kv_channels=12, ffn_hidden_size=64, n_reserved=3
+)  # non-square attention: 4 x 12 != 32, as ChatGLM allows
 FORCE = 1e4  # added to a logit to make that token win
 
 
@@ -178,24 +178,6 @@ def test_seed_makes_a_turn_reproducible(lm: VoiceLM) -> None:
         return conv.last_output
 
     assert run(5) == run(5)
-
-
-def test_sampling_rules() -> None:
-    logits = torch.tensor([0.0, 3.0, 2.9, -1.0])
-    g = torch.Generator().manual_seed(0)
-    assert sample_token(logits, 0.0, 0.8, g) == 1  # temperature 0 is greedy
-    assert {sample_token(logits, 1.0, 1e-6, g) for _ in range(20)} == {1}  # tiny top_p keeps the top token
-    seen = {sample_token(logits, 1.0, 0.9, g) for _ in range(200)}
-    assert seen == {1, 2}  # the nucleus holds the two close tokens only
-
-
-def test_wide_nucleus_falls_back_to_a_full_sort() -> None:
-    n = 4 * NUCLEUS_CANDIDATES
-    logits = -torch.arange(n, dtype=torch.float32) * 1e-4  # nearly flat, strictly decreasing
-    g = torch.Generator().manual_seed(0)
-    seen = [sample_token(logits, 1.0, 0.5, g) for _ in range(500)]
-    assert max(seen) > NUCLEUS_CANDIDATES  # beyond the pre-sorted candidates
-    assert max(seen) < 0.55 * n  # but still inside the nucleus
 
 
 # ---------------------------------------------------------------- cancel

@@ -16,7 +16,7 @@ from glmvoice_cli.lm.loader import load_lm
 from glmvoice_cli.options import LoadOptions
 from glmvoice_cli.tiny.lm import TinyLMSpec, write_tiny_lm
 
-SPEC = TinyLMSpec(hidden_size=32, num_layers=2, num_heads=4, kv_groups=2, ffn_hidden_size=48, seed=3)
+SPEC = TinyLMSpec(hidden_size=32, num_layers=2, num_heads=4, kv_groups=2, kv_channels=12, ffn_hidden_size=48, seed=3)
 CPU32 = LoadOptions(device="cpu", dtype="fp32")
 
 

@@ -58,7 +58,7 @@ from glmvoice_cli.chat.history import answer_text, trim_to_heard
 from glmvoice_cli.chat.listening import Speculation, SpeculationStats, TurnListener
 from glmvoice_cli.chat.turn_timing import breakdown
 from glmvoice_cli.chat.writer import SessionWriter
-from glmvoice_cli.errors import AudioDeviceError, GlmVoiceError
+from glmvoice_cli.errors import AudioDeviceError, ContextLengthError, GlmVoiceError
 from glmvoice_cli.events import (
     AssistantTurn,
     AudioChunk,
@@ -448,13 +448,12 @@ class ChatEngine:
                 job.text = self._transcribe(job.samples)
             user = self._user_input(job)
             start = answer.tokenized_at = time.perf_counter()
-            history = len(conv.ids)
             if not job.speculative:
                 with self._play_lock:
                     job.base_played = self.sink.played
             for event in self.assistant.respond(conv, user, self.config.generation, job.cancel):
                 if not answer.started:
-                    answer.user_ids, answer.started = conv.ids[history : conv.last_output_start], True
+                    answer.user_ids, answer.started = conv.ids[conv.last_input_start : conv.last_output_start], True
                     answer.prefilled_at, answer.prefill_tokens = conv.prefilled_at, conv.last_prefill_tokens
                 if job.speculative and not self._release(job, answer):
                     answer.held.append(event)
@@ -462,6 +461,11 @@ class ChatEngine:
                 self._deliver(job, event, answer)
             if job.speculative:
                 self._await_verdict(job, answer)
+        except ContextLengthError as e:  # this turn alone is too long: say so, keep the session going
+            if not answer.started:
+                self._refuse(job, e)
+                return
+            error = e
         except GlmVoiceError as e:  # a lost speaker, a failing stage: save what was said, then end
             error = e
         except Exception as e:  # noqa: BLE001 - a bug or a torch error: the same, with its cause
@@ -529,6 +533,14 @@ class ChatEngine:
             answer.user_saved = True
         self._on_answer_event(job, event, answer)
 
+    def _refuse(self, job: _Job, error: GlmVoiceError) -> None:
+        """A turn refused before it started: nothing is saved or added to the history."""
+        job.generated.set()
+        with self._play_lock:
+            self._open.remove(job)
+        self._emit(Failed(str(error).splitlines()[0], recoverable=True))
+        self._set_state(ChatState.LISTENING)
+
     def _transcribe(self, samples: np.ndarray) -> str | None:
         from glmvoice_cli.transcribe import transcribe
 
@@ -595,7 +607,7 @@ class ChatEngine:
         audio = np.concatenate(answer.chunks)[:played] if answer.chunks else None
         text = answer_text(tok, kept) if interrupted else "".join(answer.text).strip()
         self._emit(AssistantTurn(job.turn, audio, rate, text=text, token_ids=kept, interrupted=interrupted,
-                                 timings=timings))
+                                 timings=timings, reason=reason))
         self.reports.append(TurnReport(
             utterance_end=job.end_sample, first_audio_wall_s=answer.first_audio, played_samples=played,
             interrupted=interrupted, barge_in_at=job.barge_in.at_sample if job.barge_in else None,

@@ -52,6 +52,9 @@ _STATE_STYLE = {
     ChatState.INTERRUPTED: "bold red",
 }
 
+CONTEXT_FULL = "context_full"  # TurnEnded.reason of an answer stopped by the model's context length
+CONTEXT_FULL_NOTE = "stopped: the model's context is full (older turns are dropped next turn)"
+
 
 @dataclass
 class TurnView:
@@ -64,6 +67,7 @@ class TurnView:
     audio_s: float = 0.0  # assistant: seconds of audio received
     open: bool = True  # user: still speaking; assistant: still streaming
     interrupted: bool = False
+    context_full: bool = False  # the answer stopped at the model's context length
     failed: str | None = None  # the error that ended this turn
     timings: TurnTimings | None = None
 
@@ -118,6 +122,7 @@ class TranscriptState:
             self.turns.append(turn)
         turn.open = False
         turn.interrupted = turn.interrupted or event.interrupted
+        turn.context_full = event.reason == CONTEXT_FULL
         turn.timings = event.timings
 
     def _open(self, role: str) -> TurnView | None:
@@ -149,6 +154,7 @@ def replay(records: Iterable[TurnRecord]) -> TranscriptState:
                 audio_s=(record.duration_s or 0.0) if record.role == "assistant" else 0.0,
                 open=False,
                 interrupted=record.interrupted,
+                context_full=record.reason == CONTEXT_FULL,
                 timings=timings,
             )
         )
@@ -202,6 +208,8 @@ def _assistant_line(turn: TurnView) -> Text:
         line.append(f"[{turn.audio_s:.1f} s of speech]", style="dim")
     if turn.interrupted:
         line.append("  ⏹ interrupted", style="bold yellow")
+    if turn.context_full:
+        line.append(f"  ⏹ {CONTEXT_FULL_NOTE}", style="bold yellow")
     if turn.failed:
         line.append(f"  ✗ failed: {turn.failed}", style="bold red")
     return line

@@ -65,6 +65,7 @@ class TurnRecord:
     timings: dict[str, Any] | None  # TurnTimings.to_dict() for assistant turns
     created: str  # ISO 8601, UTC
     duration_s: float | None = None  # seconds of audio in `audio`
+    reason: str | None = None  # assistant turns: why the answer ended (TurnEnded.reason), e.g. "context_full"
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
@@ -90,6 +91,7 @@ class TurnRecord:
             timings=data.get("timings"),
             created=str(data.get("created", "")),
             duration_s=data.get("duration_s"),
+            reason=data.get("reason") if isinstance(data.get("reason"), str) else None,
         )
 
 
@@ -231,10 +233,11 @@ class SessionStore:
         interrupted: bool = False,
         timings: TurnTimings | Mapping[str, Any] | None = None,
         sample_rate: int = SAMPLE_RATE_OUT,
+        reason: str | None = None,
     ) -> TurnRecord:
         """Save an assistant turn: the audio played (n,) float32 at sample_rate Hz, its text and ids."""
         audio = self.save_audio("assistant", samples, sample_rate)
-        return self._append("assistant", audio, text, token_ids, interrupted, timings)
+        return self._append("assistant", audio, text, token_ids, interrupted, timings, reason)
 
     def _append(
         self,
@@ -244,6 +247,7 @@ class SessionStore:
         token_ids: Sequence[int],
         interrupted: bool,
         timings: TurnTimings | Mapping[str, Any] | None,
+        reason: str | None = None,
     ) -> TurnRecord:
         with self._lock:
             record = TurnRecord(
@@ -255,6 +259,7 @@ class SessionStore:
                 timings=timings.to_dict() if isinstance(timings, TurnTimings) else _plain(timings),
                 created=_now(),
                 duration_s=None if audio is None else audio.duration_s,
+                reason=reason,
             )
             line = json.dumps(record.to_json(), ensure_ascii=False) + "\n"
             try:

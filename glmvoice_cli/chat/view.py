@@ -11,7 +11,7 @@ import queue
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, TextIO
 
-from glmvoice_cli.chat.live_view import timings_text
+from glmvoice_cli.chat.live_view import CONTEXT_FULL, CONTEXT_FULL_NOTE, timings_text
 from glmvoice_cli.events import Failed, TextDelta, TurnEnded, UserUtterance
 
 if TYPE_CHECKING:
@@ -67,10 +67,13 @@ class PlainView:
             if not self._speaking:
                 self._write("assistant:")
             mark = " [interrupted]" if event.interrupted else ""
+            mark += f" [{CONTEXT_FULL_NOTE}]" if event.reason == CONTEXT_FULL else ""
             self._write(f"{mark}\n  ({timings_text(event.timings)})\n")
             self._speaking = False
         elif isinstance(event, Failed):
             self._close_line()
+            if event.recoverable:
+                self._write(f"note: {event.message}\n")
 
     def _close_line(self) -> None:
         if self._speaking:

@@ -66,4 +66,4 @@ class SessionWriter:
         elif isinstance(event, AssistantTurn):
             self.store.append_assistant(event.samples, text=event.text, token_ids=event.token_ids,
                                         interrupted=event.interrupted, timings=event.timings,
-                                        sample_rate=event.sample_rate)
+                                        sample_rate=event.sample_rate, reason=event.reason)

@@ -91,10 +91,11 @@ def validate_chatglm_config(raw: dict[str, Any], source: Path) -> None:
             )
     for name in REQUIRED_INTS:
         _field(raw, name, source, int)
-    heads, hidden, head_dim = raw["num_attention_heads"], raw["hidden_size"], raw["kv_channels"]
-    if heads * head_dim != hidden:
+    # kv_channels x heads may differ from hidden_size: the attention is that wide (GlmConfig.head_dim).
+    heads, head_dim = raw["num_attention_heads"], raw["kv_channels"]
+    if head_dim % 4:  # the rotary half of each head is rotated in pairs
         raise CheckpointMismatchError(
-            f"{source}: field 'kv_channels' ({head_dim}) x 'num_attention_heads' ({heads}) != 'hidden_size' ({hidden})"
+            f"{source}: field 'kv_channels' must be a multiple of 4 (rotary pairs), got {head_dim}"
         )
     if raw.get("multi_query_attention", False):
         groups = _field(raw, "multi_query_group_num", source, int)

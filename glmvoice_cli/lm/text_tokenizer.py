@@ -100,6 +100,8 @@ class TextTokenizer:
         )
         self.n_ranks = len(ranks)
         self.vocab_size = max([*ranks.values(), *added.values()]) + 1  # ids beyond are never valid
+        self.valid_ids = frozenset(ranks.values()) | frozenset(added.values())  # gaps are never sampled
+        self.max_token_bytes = max((len(token) for token in ranks), default=1)  # bounds tokens per byte
         self._audio = self._audio_block(added, where)
 
     @classmethod

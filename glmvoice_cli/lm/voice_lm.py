@@ -19,8 +19,17 @@ from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from glmvoice_cli.errors import ContextLengthError
-from glmvoice_cli.lm.prompts import InputMode, UserInput, turn_ids
+from glmvoice_cli.errors import CheckpointMismatchError, ContextLengthError
+from glmvoice_cli.lm.context import answer_room, min_tokens_for_bytes, plan_context
+from glmvoice_cli.lm.prompts import InputMode, TextInput, UserInput, turn_ids
+from glmvoice_cli.lm.sampling import (
+    DEMO_TEMPERATURE,
+    DEMO_TOP_P,
+    SamplingSettings,
+    blocked_mask,
+    read_sampling,
+    sample_token,
+)
 from glmvoice_cli.lm.text_tokenizer import USER, TextDetokenizer, TextTokenizer
 
 if TYPE_CHECKING:
@@ -30,25 +39,33 @@ if TYPE_CHECKING:
     from glmvoice_cli.lm.compiled import CompileReport, StaticDecoder
     from glmvoice_cli.options import LoadOptions
 
-DEFAULT_TEMPERATURE = 0.2  # official web demo defaults
-DEFAULT_TOP_P = 0.8
+DEFAULT_TEMPERATURE = DEMO_TEMPERATURE  # official web demo defaults (kept for importers)
+DEFAULT_TOP_P = DEMO_TOP_P
 DEFAULT_MAX_NEW_TOKENS = 2000  # ~2.5 min of interleaved answer
-NUCLEUS_CANDIDATES = 1024  # ids sorted for top-p before falling back to a full-vocabulary sort
 
 
 @dataclass(frozen=True)
 class GenerationOptions:
-    temperature: float = DEFAULT_TEMPERATURE  # 0 means greedy
-    top_p: float = DEFAULT_TOP_P  # nucleus mass kept; 1.0 disables
+    """One turn's generation. Sampling fields left None take the LM's `sampling` (its folder's file)."""
+
+    temperature: float | None = None  # 0 means greedy
+    top_p: float | None = None  # nucleus mass kept; 1.0 disables
+    top_k: int | None = None  # 0 disables
+    do_sample: bool | None = None  # False: greedy
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
     seed: int | None = None  # a fixed seed makes a turn reproducible on the same device
     text_only: bool = False  # mask the audio tokens out of the logits (transcription: no time spent on speech)
+
+    def sampling(self, base: SamplingSettings) -> SamplingSettings:
+        """The sampling in effect: `base` with this turn's non-None fields (the flags) applied."""
+        return base.override(self.temperature, self.top_p, self.top_k, self.do_sample)
 
 
 class StopReason(str, Enum):
     USER = "user"  # the model emitted <|user|>: its normal end of turn
     EOS = "eos"  # <|endoftext|> or <|observation|>
     MAX_TOKENS = "max_tokens"
+    CONTEXT = "context_full"  # the answer reached the model's seq_length (see lm.context)
     CANCELLED = "cancelled"  # the cancel flag was set (barge-in)
 
 
@@ -83,7 +100,9 @@ class Conversation:
     ids: list[int] = field(default_factory=list)  # committed history
     cache: Any = None  # a transformers Cache holding exactly `cached_ids`
     cached_ids: list[int] = field(default_factory=list)
+    last_input_start: int | None = None  # where the last user turn begins in `ids`
     last_output_start: int | None = None  # where the last answer begins in `ids`
+    dropped_turns: int = 0  # past turns dropped so far to stay inside the context
     last_prefill_tokens: int = 0  # how many ids the last prefill actually ran through the model
     prefilled_at: float | None = None  # perf_counter when the last prefill's logits were ready
 
@@ -138,10 +157,20 @@ def _crop_cache(conv: Conversation, length: int) -> None:
 class VoiceLM:
     """A GlmForCausalLM plus its tokenizer, generating one token at a time with an explicit cache."""
 
-    def __init__(self, model: GlmForCausalLM, tokenizer: TextTokenizer) -> None:
+    def __init__(
+        self, model: GlmForCausalLM, tokenizer: TextTokenizer, sampling: SamplingSettings | None = None
+    ) -> None:
         self.model = model
         self.text_tokenizer = tokenizer
+        self.sampling = sampling or SamplingSettings()  # the folder's; GenerationOptions may override it
+        self.seq_length = int(model.config.max_position_embeddings)  # positions the model was trained on
         self.user_id = tokenizer.token_id(USER)
+        self._blocked: torch.Tensor | None = None  # [V] ids never sampled, built on the first forward
+        n_logits = int(model.config.vocab_size)
+        if tokenizer.vocab_size > n_logits:
+            raise CheckpointMismatchError(
+                f"{tokenizer.source}: token id {tokenizer.vocab_size - 1} is beyond the model's {n_logits} rows"
+            )
         # transformers 5.x renamed `past_key_values` to `cache`; accept both.
         params = inspect.signature(model.forward).parameters
         self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
@@ -155,12 +184,10 @@ class VoiceLM:
         Compiles and warms up every shape now. Raises CompileUnavailable (and keeps the eager loop)
         when that fails.
         """
-        import torch
-
         from glmvoice_cli.lm.compiled import build_static_decoder
 
         n_logits = self.model.lm_head.weight.shape[0]
-        blocked = torch.arange(n_logits, device=self.device) >= self.text_tokenizer.vocab_size
+        blocked = blocked_mask(self.text_tokenizer, n_logits, self.device)  # padded rows and unnamed gaps
         max_len = max_len or int(self.model.config.max_position_embeddings)
         self.static = None
         static = build_static_decoder(self.model, max_len, blocked, compiled)
@@ -173,7 +200,7 @@ class VoiceLM:
         """Load an official ChatGLM-format checkpoint folder (weights, config and tokenizer)."""
         from glmvoice_cli.lm.loader import load_lm
 
-        return cls(load_lm(folder, options), TextTokenizer.from_folder(folder))
+        return cls(load_lm(folder, options), TextTokenizer.from_folder(folder), read_sampling(folder))
 
     @property
     def device(self) -> torch.device:
@@ -251,8 +278,9 @@ class VoiceLM:
                 input_ids=ids, use_cache=True, **self._keep_last, **{self._cache_kwarg: conv.cache}
             )
         logits = out.logits[0, -1].float()
-        logits[self.text_tokenizer.vocab_size :] = float("-inf")  # padded embedding rows are never tokens
-        return logits
+        if self._blocked is None or self._blocked.shape != logits.shape:
+            self._blocked = blocked_mask(self.text_tokenizer, logits.numel(), logits.device)
+        return logits.masked_fill_(self._blocked, float("-inf"))  # padded rows and unnamed gaps
 
     # ------------------------------------------------------------------ generation
 
@@ -268,10 +296,29 @@ class VoiceLM:
         The first turn of `conv` fixes its system prompt (from the input mode); later turns, spoken
         or typed, only add their user part.
         """
+        options = options or GenerationOptions()
+        if isinstance(user, TextInput):  # refuse a huge typed line before tokenizing it
+            self._check_text_fits(user.text, options.max_new_tokens)
         new_ids = turn_ids(self.text_tokenizer, user, conv.system_mode)
         if conv.system_mode is None:
             conv.system_mode = user.mode
         return self.stream_ids(conv, new_ids, options, cancel)
+
+    @property
+    def context_length(self) -> int:
+        """Positions a conversation may use: seq_length, or the static cache's size when smaller."""
+        return min(self.seq_length, self.static.max_len) if self.static is not None else self.seq_length
+
+    def _check_text_fits(self, text: str, max_new_tokens: int) -> None:
+        """Raise ContextLengthError when `text` cannot fit, from its byte length alone (no encoding)."""
+        n_bytes = len(text.encode("utf-8", "replace"))
+        at_least = min_tokens_for_bytes(n_bytes, self.text_tokenizer.max_token_bytes)
+        room = answer_room(max_new_tokens, self.context_length)
+        if at_least + room > self.context_length:
+            raise ContextLengthError(
+                f"this message is at least {at_least} tokens; the model's context holds {self.context_length} "
+                f"with {room} kept for the answer: shorten it"
+            )
 
     def stream_ids(
         self,
@@ -287,6 +334,14 @@ class VoiceLM:
         checked before every step, so a set `cancel` ends the turn within one token.
         """
         options = options or GenerationOptions()
+        plan = plan_context(
+            conv.ids, new_ids, user_id=self.user_id, seq_length=self.context_length,
+            max_new_tokens=options.max_new_tokens,
+        )
+        if plan.dropped_tokens:
+            conv.ids[:] = plan.history  # the cache is cropped to the common prefix by prefill
+            conv.dropped_turns += plan.dropped_turns
+        conv.last_input_start = len(conv.ids)
         if cancel is not None and cancel.is_set():
             conv.ids.extend(new_ids)
             conv.last_output_start = len(conv.ids)
@@ -294,7 +349,8 @@ class VoiceLM:
             return
         logits = self.prefill(conv, new_ids)
         conv.last_output_start = len(conv.ids)
-        yield from self._sample_loop(conv, logits, options, cancel)
+        limit = StopReason.CONTEXT if plan.context_limited else StopReason.MAX_TOKENS
+        yield from self._sample_loop(conv, logits, options, cancel, (plan.max_answer_tokens, limit))
 
     def _sample_loop(
         self,
@@ -302,22 +358,24 @@ class VoiceLM:
         logits: torch.Tensor,
         options: GenerationOptions,
         cancel: threading.Event | None,
+        limit: tuple[int, StopReason],
     ) -> Iterator[LMEvent]:
+        """Sample up to `limit[0]` tokens; reaching that many ends the turn with `limit[1]`."""
         import torch
 
         generator = _make_generator(self.device, options.seed)
+        sampling = options.sampling(self.sampling)
         text = TextDetokenizer(self.text_tokenizer)
         eos = self.text_tokenizer.eos_ids
-        for n in range(options.max_new_tokens):
+        max_steps, limit_reason = limit
+        for n in range(max_steps):
             if cancel is not None and cancel.is_set():
                 yield from self._finish(conv, text, StopReason.CANCELLED)
                 return
-            if self.static is not None and len(conv.ids) >= self.static.max_len:
-                break  # the static cache is full: the context's end
             if options.text_only:
                 start = self.text_tokenizer.audio_offset
                 logits[start : start + self.text_tokenizer.n_audio_tokens] = float("-inf")
-            token_id = sample_token(logits, options.temperature, options.top_p, generator)
+            token_id = sample_token(logits, sampling, generator)
             if token_id in eos:
                 reason = StopReason.USER if token_id == self.user_id else StopReason.EOS
                 yield from self._finish(conv, text, reason)
@@ -327,9 +385,9 @@ class VoiceLM:
                 yield AudioTokens((self.text_tokenizer.audio_index(token_id),))
             else:
                 yield TextPiece(text.push(token_id), token_id)
-            if n + 1 < options.max_new_tokens:
+            if n + 1 < max_steps:
                 logits = self._forward(conv, [token_id], torch.tensor([[token_id]], device=self.device))
-        yield from self._finish(conv, text, StopReason.MAX_TOKENS)
+        yield from self._finish(conv, text, limit_reason)
 
     def _finish(self, conv: Conversation, text: TextDetokenizer, reason: StopReason) -> Iterator[LMEvent]:
         tail = text.flush()
@@ -347,22 +405,3 @@ def _make_generator(device: torch.device, seed: int | None) -> torch.Generator:
     else:
         generator.manual_seed(seed)
     return generator
-
-
-def sample_token(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator) -> int:
-    """logits [V] -> one id: greedy at temperature 0, else temperature then nucleus (top-p) sampling."""
-    import torch
-
-    if temperature <= 0:
-        return int(logits.argmax())
-    probs = torch.softmax(logits / temperature, dim=-1)
-    if top_p >= 1.0:
-        return int(torch.multinomial(probs, 1, generator=generator))
-    # The nucleus almost always lies in the top few hundred ids: sort only those when it does (exact).
-    top_probs, top_ids = probs.topk(min(NUCLEUS_CANDIDATES, probs.numel()))
-    if float(top_probs.sum()) < top_p:
-        top_probs, top_ids = probs.sort(descending=True)
-    # keep a token while the mass before it is below top_p; the top token always stays
-    before = top_probs.cumsum(0) - top_probs
-    top_probs = top_probs.masked_fill(before >= top_p, 0.0)
-    return int(top_ids[torch.multinomial(top_probs, 1, generator=generator)])

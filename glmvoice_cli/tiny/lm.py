@@ -44,6 +44,7 @@ class TinyLMSpec:
     hidden_size: int = 64
     num_layers: int = 2
     num_heads: int = 4
+    kv_channels: int | None = None  # head dim; None: hidden_size // num_heads. ChatGLM allows any (non-square)
     kv_groups: int = 2
     ffn_hidden_size: int = 128
     n_merges: int = 40  # BPE merges on top of the 256 byte tokens
@@ -139,7 +140,7 @@ def chatglm_config(spec: TinyLMSpec, vocab: int, added: dict[str, int]) -> dict:
         "bias_dropout_fusion": True, "classifier_dropout": None,
         "eos_token_id": [added[name] for name in EOS_NAMES],
         "ffn_hidden_size": spec.ffn_hidden_size, "fp32_residual_connection": False, "hidden_dropout": 0.0,
-        "hidden_size": spec.hidden_size, "kv_channels": spec.hidden_size // spec.num_heads,
+        "hidden_size": spec.hidden_size, "kv_channels": head_dim(spec),
         "layernorm_epsilon": spec.layernorm_epsilon, "model_type": "chatglm", "multi_query_attention": True,
         "multi_query_group_num": spec.kv_groups, "num_attention_heads": spec.num_heads,
         "num_hidden_layers": spec.num_layers, "num_layers": spec.num_layers, "original_rope": True,
@@ -150,12 +151,16 @@ def chatglm_config(spec: TinyLMSpec, vocab: int, added: dict[str, int]) -> dict:
     }  # fmt: skip
 
 
+def head_dim(spec: TinyLMSpec) -> int:
+    return spec.kv_channels if spec.kv_channels is not None else spec.hidden_size // spec.num_heads
+
+
 def random_weights(spec: TinyLMSpec, vocab: int) -> dict[str, torch.Tensor]:
     """Official-key tensors; std 1/sqrt(fan_in) so that activations stay O(1) at any size."""
     g = torch.Generator().manual_seed(spec.seed)
     h, f = spec.hidden_size, spec.ffn_hidden_size
-    head_dim = h // spec.num_heads
-    qkv = (spec.num_heads + 2 * spec.kv_groups) * head_dim
+    hd = head_dim(spec)
+    qkv = (spec.num_heads + 2 * spec.kv_groups) * hd
     dtype = getattr(torch, spec.dtype)
 
     def normal(*shape: int, std: float, mean: float = 0.0) -> torch.Tensor:
@@ -167,14 +172,14 @@ def random_weights(spec: TinyLMSpec, vocab: int) -> dict[str, torch.Tensor]:
         out[p + "input_layernorm.weight"] = normal(h, std=0.1, mean=1.0)
         out[p + "self_attention.query_key_value.weight"] = normal(qkv, h, std=h**-0.5)
         out[p + "self_attention.query_key_value.bias"] = normal(qkv, std=0.5)
-        out[p + "self_attention.dense.weight"] = normal(h, h, std=h**-0.5)
+        out[p + "self_attention.dense.weight"] = normal(h, spec.num_heads * hd, std=(spec.num_heads * hd) ** -0.5)
         out[p + "post_attention_layernorm.weight"] = normal(h, std=0.1, mean=1.0)
         out[p + "mlp.dense_h_to_4h.weight"] = normal(2 * f, h, std=h**-0.5)
         out[p + "mlp.dense_4h_to_h.weight"] = normal(h, f, std=f**-0.5)
     out["transformer.encoder.final_layernorm.weight"] = normal(h, std=0.1, mean=1.0)
     out["transformer.output_layer.weight"] = normal(vocab, h, std=2 * h**-0.5)
     # the official files carry this buffer (computed without rope_ratio); loaders must drop it
-    rotary = head_dim // 2
+    rotary = hd // 2
     out["transformer.rotary_pos_emb.inv_freq"] = (
         1.0 / 10_000 ** (torch.arange(0, rotary, 2, dtype=torch.float32) / rotary)
     ).to(dtype)
@@ -204,8 +209,8 @@ def write_weights(folder: Path, weights: dict[str, torch.Tensor], n_shards: int)
 def write_tiny_lm(folder: Path, spec: TinyLMSpec | None = None) -> Path:
     """Write a random checkpoint folder in the official format; returns the folder."""
     spec = spec or TinyLMSpec()
-    if spec.hidden_size % spec.num_heads or spec.num_heads % spec.kv_groups:
-        raise ValueError("hidden_size must divide by num_heads, and num_heads by kv_groups")
+    if spec.num_heads % spec.kv_groups or head_dim(spec) % 4:
+        raise ValueError("num_heads must divide by kv_groups, and the head dim by 4 (rotary pairs)")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     added = write_tokenizer(folder, spec)

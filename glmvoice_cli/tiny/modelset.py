@@ -14,6 +14,7 @@ from glmvoice_cli.tiny.decoder import TinyDecoderSpec, write_tiny_decoder
 from glmvoice_cli.tiny.lm import TinyLMSpec, write_tiny_lm
 from glmvoice_cli.tiny.tokenizer import TinyTokenizerSpec, write_tiny_tokenizer
 
+NON_SQUARE_HEAD_DIM = 32  # 4 heads x 32 != hidden 64: the suite covers ChatGLM's kv_channels x heads != hidden
 AUDIO_LOGIT_BOOST = 1.2  # scale of the audio rows of the LM head: a random model then mixes text and audio
 
 
@@ -30,7 +31,7 @@ def write_tiny_model_set(root: str | Path, codebook: int = 128, seed: int = 0) -
     """Write tokenizer/, lm/ and decoder/ under `root`; returns their paths."""
     root = Path(root)
     write_tiny_tokenizer(root / "tokenizer", TinyTokenizerSpec(codebook=codebook, seed=seed))
-    write_tiny_lm(root / "lm", TinyLMSpec(n_audio_tokens=codebook, seed=seed))
+    write_tiny_lm(root / "lm", TinyLMSpec(n_audio_tokens=codebook, kv_channels=NON_SQUARE_HEAD_DIM, seed=seed))
     _boost_audio_rows(root / "lm", codebook)
     write_tiny_decoder(root / "decoder", TinyDecoderSpec(vocab_size=codebook, seed=seed))
     return TinyModelSet(root)

@@ -13,8 +13,9 @@ import pytest
 import torch
 
 from glmvoice_cli.lm.loader import load_lm
+from glmvoice_cli.lm.sampling import SamplingSettings, sample_token
 from glmvoice_cli.lm.text_tokenizer import GLM4_PATTERN, TextTokenizer
-from glmvoice_cli.lm.voice_lm import GenerationOptions, VoiceLM, sample_token
+from glmvoice_cli.lm.voice_lm import GenerationOptions, VoiceLM
 from glmvoice_cli.options import LoadOptions
 
 pytestmark = pytest.mark.golden
@@ -105,7 +106,7 @@ def test_greedy_ids_and_cached_step_logits_ours(voice_lm: VoiceLM, reference: di
     )
     greedy, steps = [], []
     for step in range(n_steps):
-        token = sample_token(logits, 0.0, 1.0, torch.Generator())
+        token = sample_token(logits, SamplingSettings(do_sample=False), torch.Generator())
         greedy.append(token)
         if step + 1 < n_steps:
             logits = voice_lm.prefill(conv, [token])
