@@ -441,7 +441,8 @@ class ChatEngine:
         conv = self.conversation
         if not job.speculative:
             self._set_state(ChatState.THINKING)
-        answer, start, error = _Answer(), time.perf_counter(), None
+        answer, start = _Answer(), time.perf_counter()
+        error: GlmVoiceError | None = None
         snapshot = Speculation.snapshot(conv) if job.speculative else None
         try:
             if job.samples is not None and self.config.transcribe_user:

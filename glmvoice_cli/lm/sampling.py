@@ -61,8 +61,13 @@ class SamplingSettings:
         do_sample: bool | None = None,
     ) -> SamplingSettings:
         """A copy with the given (non-None) fields replaced: flags beat the folder's file."""
-        changes = {"temperature": temperature, "top_p": top_p, "top_k": top_k, "do_sample": do_sample}
-        return replace(self, **{k: v for k, v in changes.items() if v is not None})
+        return replace(
+            self,
+            temperature=self.temperature if temperature is None else temperature,
+            top_p=self.top_p if top_p is None else top_p,
+            top_k=self.top_k if top_k is None else top_k,
+            do_sample=self.do_sample if do_sample is None else do_sample,
+        )
 
     def describe(self) -> str:
         """One line for `-v` and `doctor`."""
