@@ -185,6 +185,35 @@ def test_fade_in_out_float64() -> None:
     assert torch.equal(out[:, :, 34:], a[:, :, 34:])
 
 
+class _NoFloat64(torch.Tensor):
+    """A stand-in for a tensor on a device without float64 (Apple MPS): any float64 result raises.
+
+    Moving it to the CPU (`.cpu()`) gives a plain CPU tensor, as moving an MPS tensor would.
+    """
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def, override]
+        if func is torch.Tensor.cpu:
+            return super().__torch_function__(func, types, args, kwargs).as_subclass(torch.Tensor)
+        if func is torch.Tensor.double:
+            raise TypeError("this device has no float64")
+        out = super().__torch_function__(func, types, args, kwargs)
+        if isinstance(out, _NoFloat64) and out.dtype == torch.float64:
+            raise TypeError("this device has no float64")
+        return out
+
+
+def test_fade_in_out_never_uses_float64_on_the_model_device() -> None:
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(1, 80, 60, generator=g), torch.randn(1, 80, 34, generator=g)
+    expected = fade_in_out(a, b)
+    with pytest.raises(TypeError, match="float64"):  # the stand-in does refuse float64
+        a.as_subclass(_NoFloat64).double()
+    out = fade_in_out(a.as_subclass(_NoFloat64), b.as_subclass(_NoFloat64))
+    assert out.dtype == torch.float32
+    assert torch.equal(out.as_subclass(torch.Tensor), expected)  # same values: the fade ran on the CPU
+
+
 def test_schedule_validation() -> None:
     with pytest.raises(UsageError):
         StreamSchedule(block_sizes=(3,))

@@ -275,15 +275,18 @@ class SpeechDecoder:
 def fade_in_out(fade_in: torch.Tensor, fade_out: torch.Tensor) -> torch.Tensor:
     """Hamming cross-fade of the first n frames of `fade_in` with the n frames `fade_out`.
 
-    (1, 80, T), (1, 80, n) -> (1, 80, T). Evaluated in float64 like the reference (a float32
-    tensor times a numpy float64 window), stored back as float32.
+    (1, 80, T), (1, 80, n) -> (1, 80, T). Evaluated on the CPU in float64, as the reference does
+    (it moves the mel to the CPU and multiplies by a numpy float64 window), and stored back as
+    float32 on the model's device: float64 never touches the device (Apple GPUs have none).
     """
     overlap = fade_out.shape[-1]
     n = min(overlap, fade_in.shape[-1])  # a (pathologically) short block fades what it has
-    window = torch.from_numpy(np.hamming(2 * overlap)).to(fade_in.device)
+    window = torch.from_numpy(np.hamming(2 * overlap))
+    head = fade_in[:, :, :n].detach().cpu().double()
+    tail = fade_out[:, :, :n].detach().cpu().double()
+    mixed = (head * window[:n] + tail * window[overlap : overlap + n]).float()
     out = fade_in.clone()
-    mixed = fade_in[:, :, :n].double() * window[:n] + fade_out[:, :, :n].double() * window[overlap : overlap + n]
-    out[:, :, :n] = mixed.to(out.dtype)
+    out[:, :, :n] = mixed.to(device=out.device, dtype=out.dtype)
     return out
 
 
