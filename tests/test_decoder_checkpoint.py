@@ -123,10 +123,19 @@ def test_not_weights_only(tmp_path: Path) -> None:
 
     path = tmp_path / FLOW_FILE
     torch.save({"a": Evil()}, path)
-    with pytest.raises(CheckpointError, match="weights-only"):
+    with pytest.raises(CheckpointError, match="something other than weights.*refused for safety") as info:
         read_state_dict(path)
-    path.write_bytes(b"garbage")
-    with pytest.raises(CheckpointError):
+    assert "weights_only=False" not in str(info.value)  # never advise the unsafe retry
+    for content in (b"garbage", b"hello, a text file\n"):
+        path.write_bytes(content)
+        with pytest.raises(CheckpointError, match="not a PyTorch weights file"):
+            read_state_dict(path)
+
+
+def test_non_finite_weights_are_reported_at_load(tmp_path: Path) -> None:
+    path = tmp_path / FLOW_FILE
+    torch.save({"a.weight": torch.tensor([1.0, float("nan")]), "b": torch.ones(2)}, path)
+    with pytest.raises(CheckpointMismatchError, match="'a.weight' holds NaN"):
         read_state_dict(path)
 
 

@@ -14,7 +14,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "glmvoice_cli"
 # The order audio travels; a module may import its own stage or an earlier one, never a later one.
 # Shared leaves (config, errors, options, device, events, models/) sit below every stage.
 STAGES = ["audio", "tokenizer", "lm", "decoder", "pipeline", "chat", "commands"]
-LEAVES = {"config", "errors", "options", "device", "events", "models", "__init__"}
+LEAVES = {"config", "errors", "options", "device", "events", "models", "memory", "__init__"}
 
 
 def _modules() -> dict[str, Path]:

@@ -9,12 +9,12 @@ pairs (`weight_g`/`weight_v`) load as published and are folded into plain weight
 from __future__ import annotations
 
 import pickle
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from glmvoice_cli.decoder.config import CONFIG_FILE, DecoderConfig, load_decoder_config
+from glmvoice_cli.decoder.config_checks import check_decoder_config
 from glmvoice_cli.errors import CheckpointError, CheckpointMismatchError, ModelNotFoundError
 
 if TYPE_CHECKING:
@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 FLOW_FILE = "flow.pt"
 HIFT_FILE = "hift.pt"
 DECODER_FILES = (CONFIG_FILE, FLOW_FILE, HIFT_FILE)
+WEIGHT_FILE_MAGIC = (b"PK", b"\x80\x02")  # torch.save's zip archive, or a legacy pickle (protocol 2)
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
@@ -35,17 +36,39 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
 
     if not path.is_file():
         raise ModelNotFoundError(f"{path}: checkpoint file not found")
+    if _magic(path) not in WEIGHT_FILE_MAGIC:
+        raise CheckpointError(f"{path}: not a PyTorch weights file (neither a zip archive nor a pickle)")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, zipfile.BadZipFile, EOFError, ValueError, OSError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{path}: not a loadable weights-only checkpoint ({first[:200]})") from e
+    except pickle.UnpicklingError as e:  # the weights-only unpickler met something other than tensors
+        raise CheckpointError(
+            f"{path}: holds something other than weights (Python objects or code); refused for safety"
+        ) from e
+    except Exception as e:
+        raise CheckpointError(f"{path}: not a PyTorch weights file ({type(e).__name__})") from e
     if not isinstance(state, dict) or not all(isinstance(k, str) for k in state):
         raise CheckpointError(f"{path}: expected a state dict of named tensors")
     for key, value in state.items():
         if not isinstance(value, torch.Tensor):
             raise CheckpointMismatchError(f"{path}: key {key!r} is not a tensor")
+        check_finite(value, path, key)
     return state
+
+
+def _magic(path: Path) -> bytes:
+    try:
+        with path.open("rb") as fh:
+            return fh.read(2)
+    except OSError as e:
+        raise CheckpointError(f"{path}: unreadable ({e.strerror or type(e).__name__})") from e
+
+
+def check_finite(tensor: torch.Tensor, path: Path, key: str) -> None:
+    """Refuse NaN or infinite weights at load time (one pass per tensor), not as a sampling error later."""
+    import torch
+
+    if tensor.is_floating_point() and tensor.numel() and not bool(torch.isfinite(tensor).all()):
+        raise CheckpointMismatchError(f"{path}: key {key!r} holds NaN or infinite values")
 
 
 def load_strict(module: nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:
@@ -99,6 +122,7 @@ def load_decoder(directory: Path, device: str | torch.device = "cpu") -> Decoder
     directory = Path(directory)
     check_decoder_dir(directory)
     config = load_decoder_config(directory / CONFIG_FILE)
+    check_decoder_config(config, directory / CONFIG_FILE)  # ranges and sizes, before anything is built
     with torch.device("meta"):  # no random init, no second copy of the weights
         flow = FlowModel(config.flow)
         hift = HiFTGenerator(config.hift)

@@ -9,6 +9,7 @@ section and the seed calls are ignored.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,6 +21,9 @@ import yaml
 from glmvoice_cli.errors import CheckpointError, ModelNotFoundError
 
 CONFIG_FILE = "config.yaml"
+MAX_YAML_ALIASES = 100  # the official file uses none; "billion laughs" needs many
+MAX_YAML_DEPTH = 50  # nesting levels (the official file has about 6)
+MAX_RESOLVED_NODES = 1_000_000  # values after !ref expansion (the official file has a few hundred)
 _REF_PATTERN = re.compile(r"^<([A-Za-z_][\w.\[\]]*)>$")
 
 
@@ -40,7 +44,25 @@ class Ref:
 
 
 class _SafeHyperLoader(yaml.SafeLoader):
-    """A SafeLoader that understands hyperpyyaml tags as inert data."""
+    """A SafeLoader that understands hyperpyyaml tags as inert data, within an alias and depth budget."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._aliases = 0
+        self._depth = 0
+
+    def compose_node(self, parent: yaml.Node | None, index: object) -> yaml.Node:
+        if self.check_event(yaml.AliasEvent):
+            self._aliases += 1
+            if self._aliases > MAX_YAML_ALIASES:
+                raise yaml.composer.ComposerError(None, None, f"more than {MAX_YAML_ALIASES} aliases")
+        self._depth += 1
+        try:
+            if self._depth > MAX_YAML_DEPTH:
+                raise yaml.composer.ComposerError(None, None, f"nested deeper than {MAX_YAML_DEPTH} levels")
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
 
 
 def _construct_tagged(kind: str) -> Callable[[yaml.SafeLoader, str, yaml.Node], Tagged]:
@@ -82,17 +104,25 @@ def _lookup(root: dict[str, Any], key: str) -> Any:
     return node
 
 
-def _resolve(node: Any, root: dict[str, Any], depth: int = 0) -> Any:
+class _TooBig(Exception):
+    """The resolved document would exceed MAX_RESOLVED_NODES."""
+
+
+def _resolve(node: Any, root: dict[str, Any], depth: int = 0, budget: list[int] | None = None) -> Any:
+    budget = [MAX_RESOLVED_NODES] if budget is None else budget
+    budget[0] -= 1
+    if budget[0] < 0:
+        raise _TooBig
     if depth > 32:
         raise KeyError("!ref cycle")
     if isinstance(node, Ref):
-        return _resolve(_lookup(root, node.key), root, depth + 1)
+        return _resolve(_lookup(root, node.key), root, depth + 1, budget)
     if isinstance(node, Tagged):
-        return Tagged(node.kind, node.target, _resolve(node.args, root, depth))
+        return Tagged(node.kind, node.target, _resolve(node.args, root, depth, budget))
     if isinstance(node, dict):
-        return {k: _resolve(v, root, depth) for k, v in node.items()}
+        return {k: _resolve(v, root, depth, budget) for k, v in node.items()}
     if isinstance(node, list):
-        return [_resolve(v, root, depth) for v in node]
+        return [_resolve(v, root, depth, budget) for v in node]
     return node
 
 
@@ -101,14 +131,18 @@ def parse_hyperpyyaml(text: str, where: Path = Path(CONFIG_FILE)) -> dict[str, A
     try:
         raw = yaml.load(text, Loader=_SafeHyperLoader)  # a SafeLoader subclass: no python/ tags
     except yaml.YAMLError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{where}: unreadable YAML ({first})") from e
+        first = " ".join(str(e).split()) or type(e).__name__
+        raise CheckpointError(f"{where}: unreadable YAML ({first[:200]})") from e
+    except (ValueError, TypeError, OverflowError, RecursionError) as e:  # bad timestamps, !!int 1.5, ...
+        raise CheckpointError(f"{where}: unreadable YAML (a bad value: {type(e).__name__})") from e
     if not isinstance(raw, dict):
         raise CheckpointError(f"{where}: expected a mapping at the top level")
     try:
         return _resolve(raw, raw)
     except KeyError as e:
         raise CheckpointError(f"{where}: unresolvable !ref {e.args[0]!r}") from e
+    except (_TooBig, RecursionError) as e:
+        raise CheckpointError(f"{where}: expands to more than {MAX_RESOLVED_NODES} values") from e
 
 
 def read_hyperpyyaml_as_data(path: Path) -> dict[str, Any]:
@@ -235,14 +269,39 @@ class _Reader:
                 raise CheckpointError(f"{self.where}: missing key {self.path}.{key}")
             return default
         value = self.data[key]
+        converted = _convert(value, kind)
+        if converted is _BAD:
+            shown = repr(value) if len(repr(value)) <= 80 else repr(value)[:77] + "..."
+            raise CheckpointError(f"{self.where}: bad value for {self.path}.{key}: {shown}")
+        return converted
+
+
+_BAD = object()
+
+
+def _convert(value: Any, kind: type) -> Any:
+    """`value` as `kind` (int, float, str, bool, tuple of ints or of int tuples), or _BAD."""
+    if kind is int:
+        return value if isinstance(value, int) and not isinstance(value, bool) else _BAD
+    if kind is float:
+        if isinstance(value, bool) or not isinstance(value, int | float | str):
+            return _BAD
         try:
-            if kind is tuple:
-                return tuple(tuple(v) if isinstance(v, list) else v for v in value)
-            if kind is bool:
-                return bool(value)
-            return kind(value)  # YAML 1.1 reads `1e-06` as a string: float() converts it
-        except (TypeError, ValueError) as e:
-            raise CheckpointError(f"{self.where}: bad value for {self.path}.{key}: {value!r}") from e
+            number = float(value)  # YAML 1.1 reads `1e-06` as a string: float() converts it
+        except (ValueError, OverflowError):
+            return _BAD
+        return number if math.isfinite(number) else _BAD
+    if kind is bool:
+        return value if isinstance(value, bool) else _BAD
+    if kind is str:
+        return value if isinstance(value, str) else _BAD
+    if not isinstance(value, list) or not value:
+        return _BAD
+    items = [tuple(v) if isinstance(v, list) else v for v in value]
+    flat = [x for item in items for x in (item if isinstance(item, tuple) else (item,))]
+    if not all(isinstance(x, int) and not isinstance(x, bool) for x in flat):
+        return _BAD
+    return tuple(items)
 
 
 def _encoder_config(r: _Reader) -> EncoderConfig:
@@ -343,7 +402,10 @@ def decoder_config_from_data(data: dict[str, Any], where: Path = Path(CONFIG_FIL
 
 
 def load_decoder_config(path: Path) -> DecoderConfig:
-    """Read `config.yaml` (a file, or a decoder folder holding it) without instantiating anything."""
+    """Read `config.yaml` (a file, or a decoder folder holding it) without instantiating anything.
+
+    Field types are checked here; ranges and sizes by `config_checks.check_decoder_config`.
+    """
     path = Path(path)
     if path.is_dir():
         path = path / CONFIG_FILE
