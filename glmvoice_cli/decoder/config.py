@@ -86,6 +86,23 @@ def _construct_ref(loader: yaml.SafeLoader, node: yaml.Node) -> Ref:
     return Ref(match.group(1))
 
 
+def _strict_scalar(base: Callable[[yaml.SafeLoader, yaml.Node], Any]) -> Callable[[yaml.SafeLoader, yaml.Node], Any]:
+    """A scalar constructor whose bad values (`!!int 1.5`, a 13th month) report their line."""
+
+    def construct(loader: yaml.SafeLoader, node: yaml.Node) -> Any:
+        try:
+            return base(loader, node)
+        except (ValueError, TypeError, OverflowError) as e:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"bad {node.tag.rsplit(':', 1)[-1]} value {str(node.value)[:40]!r}", node.start_mark
+            ) from e
+
+    return construct
+
+
+for _tag, _base in (("timestamp", yaml.SafeLoader.construct_yaml_timestamp),
+                    ("int", yaml.SafeLoader.construct_yaml_int), ("float", yaml.SafeLoader.construct_yaml_float)):
+    _SafeHyperLoader.add_constructor(f"tag:yaml.org,2002:{_tag}", _strict_scalar(_base))
 for _kind in ("new", "apply", "name"):
     _SafeHyperLoader.add_multi_constructor(f"!{_kind}:", _construct_tagged(_kind))
 _SafeHyperLoader.add_constructor("!ref", _construct_ref)
