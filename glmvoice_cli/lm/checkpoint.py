@@ -13,6 +13,7 @@ problem is a one-line `CheckpointError` naming the file and the key or field.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -63,8 +64,8 @@ def read_chatglm_config(folder: Path) -> dict[str, Any]:
         raise ModelNotFoundError(f"{path}: not found (expected a ChatGLM-format GLM-4-Voice checkpoint)")
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise CheckpointMismatchError(f"{path}: unreadable JSON ({exc})") from exc
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise CheckpointMismatchError(f"{path}: unreadable JSON ({type(exc).__name__})") from exc
     if not isinstance(raw, dict):
         raise CheckpointMismatchError(f"{path}: expected a JSON object")
     return raw
@@ -103,11 +104,13 @@ def validate_chatglm_config(raw: dict[str, Any], source: Path) -> None:
             raise CheckpointMismatchError(
                 f"{source}: field 'multi_query_group_num' ({groups}) does not divide num_attention_heads ({heads})"
             )
-    ratio = raw.get("rope_ratio", 1)
-    if isinstance(ratio, bool) or not isinstance(ratio, int | float) or ratio <= 0:
-        raise CheckpointMismatchError(
-            f"{source}: field 'rope_ratio' must be a positive number, got {ratio!r}"
-        )
+    for name, default in (("rope_ratio", 1), ("layernorm_epsilon", 1e-5)):
+        value = raw.get(name, default)
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
+            raise CheckpointMismatchError(f"{source}: field '{name}' must be a positive number, got {value!r}")
+    seq = raw.get("seq_length")
+    if seq is not None and (isinstance(seq, bool) or not isinstance(seq, int) or seq <= 0):
+        raise CheckpointMismatchError(f"{source}: field 'seq_length' must be a positive integer, got {seq!r}")
     if raw.get("num_hidden_layers", raw["num_layers"]) != raw["num_layers"]:
         raise CheckpointMismatchError(f"{source}: field 'num_hidden_layers' disagrees with 'num_layers'")
 
@@ -275,6 +278,10 @@ def check_weight_files(files: dict[str, Path], cfg: GlmConfig) -> None:
     if missing:
         where = files.get(missing[0], min(set(files.values())))
         raise CheckpointMismatchError(f"{where}: missing key '{missing[0]}' ({len(missing)} missing in all)")
+    from glmvoice_cli.memory import check_fits
+
+    n_weights = sum(math.prod(shape) for shape in expected.values())
+    check_fits(n_weights * 2, min(set(files.values())).parent / CONFIG_FILE, "the LM in bf16 (config sizes)")
 
 
 def iter_official_tensors(files: dict[str, Path]) -> Iterator[tuple[str, torch.Tensor]]:
@@ -288,7 +295,10 @@ def iter_official_tensors(files: dict[str, Path]) -> Iterator[tuple[str, torch.T
         with safe_open(str(path), framework="pt") as handle:
             for key in by_file[path]:
                 if key not in DROPPED_KEYS:
-                    yield key, handle.get_tensor(key)
+                    tensor = handle.get_tensor(key)
+                    if tensor.is_floating_point() and not bool(tensor.isfinite().all()):
+                        raise CheckpointMismatchError(f"{path}: key '{key}' holds NaN or infinite values")
+                    yield key, tensor
 
 
 # --------------------------------------------------------------------------- loading

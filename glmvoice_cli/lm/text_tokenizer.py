@@ -54,19 +54,39 @@ def audio_token_name(index: int) -> str:
 
 
 def read_ranks(path: Path) -> dict[bytes, int]:
-    """The mergeable ranks of a tiktoken-format file."""
+    """The mergeable ranks of a tiktoken-format file: ranks 0..N-1, each once, every single byte present."""
     if not path.is_file():
         raise ModelNotFoundError(f"{path}: not found")
+    try:
+        text = path.read_bytes().decode("ascii")
+    except OSError as exc:
+        raise CheckpointMismatchError(f"{path}: unreadable ({exc.strerror or type(exc).__name__})") from exc
+    except UnicodeDecodeError as exc:
+        raise CheckpointMismatchError(f"{path}: byte {exc.start} is not ASCII (expected 'base64 rank' lines)") from exc
     ranks: dict[bytes, int] = {}
-    for number, line in enumerate(path.read_text(encoding="ascii").splitlines(), start=1):
+    for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:
-            token, rank = line.split()
-            ranks[base64.b64decode(token, validate=True)] = int(rank)
+            token, rank_text = line.split()
+            token_bytes, rank = base64.b64decode(token, validate=True), int(rank_text)
         except (ValueError, binascii.Error) as exc:
             raise CheckpointMismatchError(f"{path}: line {number} is not 'base64 rank'") from exc
+        if token_bytes in ranks:
+            raise CheckpointMismatchError(f"{path}: line {number} repeats a token")
+        ranks[token_bytes] = rank
+    _check_ranks(ranks, path)
     return ranks
+
+
+def _check_ranks(ranks: dict[bytes, int], path: Path) -> None:
+    if not ranks:
+        raise CheckpointMismatchError(f"{path}: holds no ranks")
+    if sorted(ranks.values()) != list(range(len(ranks))):  # also catches duplicate, negative and huge ranks
+        raise CheckpointMismatchError(f"{path}: ranks are not 0..{len(ranks) - 1}, each once")
+    missing = [b for b in range(256) if bytes([b]) not in ranks]
+    if missing:
+        raise CheckpointMismatchError(f"{path}: no rank for the single byte {missing[0]} (byte-level BPE needs all 256)")
 
 
 def read_added_tokens(path: Path) -> dict[str, int]:
@@ -75,9 +95,12 @@ def read_added_tokens(path: Path) -> dict[str, int]:
         raise ModelNotFoundError(f"{path}: not found")
     try:
         decoder = json.loads(path.read_text(encoding="utf-8"))["added_tokens_decoder"]
-        return {entry["content"]: int(token_id) for token_id, entry in decoder.items()}
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+        added = {entry["content"]: int(token_id) for token_id, entry in decoder.items()}
+    except (OSError, UnicodeDecodeError, KeyError, TypeError, ValueError, AttributeError, RecursionError) as exc:
         raise CheckpointMismatchError(f"{path}: no valid 'added_tokens_decoder'") from exc
+    if any(not isinstance(name, str) for name in added) or any(i < 0 for i in added.values()):
+        raise CheckpointMismatchError(f"{path}: 'added_tokens_decoder' needs string contents and ids >= 0")
+    return added
 
 
 class TextTokenizer:

@@ -67,6 +67,19 @@ def read_state_dict(path: Path, cfg: TokenizerConfig, expected: dict[str, torch.
     return state
 
 
+def _check_size(cfg: TokenizerConfig, config_path: Path, weights: Path) -> None:
+    """The weights the config implies must fit in memory and in the weights file (no fixed caps)."""
+    from glmvoice_cli.memory import check_fits
+
+    d = cfg.d_model
+    n = cfg.quantize_position * (4 * d * d + 2 * d * cfg.encoder_ffn_dim)
+    n += (cfg.quantize_vocab_size + cfg.max_source_positions + 3 * (cfg.num_mel_bins + d)) * d
+    check_fits(n * 4, config_path, "the encoder (config sizes)")
+    if weights.is_file() and n * 2 > weights.stat().st_size:  # a checkpoint stores at least half precision
+        raise CheckpointMismatchError(
+            f"{config_path}: its sizes imply at least {n:,} weights, more than {weights.name} holds")
+
+
 def load_tokenizer_model(
     folder: Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
 ) -> tuple[WhisperVQEncoder, FeatureConfig]:
@@ -79,9 +92,15 @@ def load_tokenizer_model(
         raise CheckpointMismatchError(
             f"{folder / PREPROCESSOR_FILE}: feature_size {features.feature_size} != num_mel_bins "
             f"{cfg.num_mel_bins} of config.json")
+    _check_size(cfg, folder / CONFIG_FILE, folder / WEIGHTS_FILE)
     with torch.device("meta"):
         model = WhisperVQEncoder(cfg)
     expected = {k: v.shape for k, v in model.state_dict().items()}
     state = read_state_dict(folder / WEIGHTS_FILE, cfg, expected)
+    for key, tensor in state.items():
+        if not tensor.is_floating_point():
+            raise CheckpointMismatchError(f"{folder / WEIGHTS_FILE}: key {key!r} has dtype {tensor.dtype}, expected floating point")
+        if not bool(torch.isfinite(tensor).all()):
+            raise CheckpointMismatchError(f"{folder / WEIGHTS_FILE}: key {key!r} holds NaN or infinite values")
     model.load_state_dict(state, strict=True, assign=True)
     return model.to(device=device, dtype=dtype).eval().requires_grad_(False), features

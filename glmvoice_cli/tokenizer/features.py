@@ -38,14 +38,39 @@ class FeatureConfig:
 
     @classmethod
     def from_file(cls, path: Path) -> FeatureConfig:
+        """Read preprocessor_config.json, checking every field used for type and range."""
         try:
-            raw = json.loads(path.read_text())
-            return cls(**{k: int(raw[k]) for k in ("sampling_rate", "n_fft", "hop_length", "feature_size",
-                                                    "chunk_length")})
+            raw = json.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise
-        except (KeyError, TypeError, ValueError) as e:
-            raise CheckpointMismatchError(f"{path}: not a Whisper preprocessor config ({e})") from e
+        except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
+            raise CheckpointMismatchError(f"{path}: not a Whisper preprocessor config ({type(e).__name__})") from e
+        if not isinstance(raw, dict):
+            raise CheckpointMismatchError(f"{path}: expected a JSON object")
+        values = {}
+        for name in ("sampling_rate", "n_fft", "hop_length", "feature_size", "chunk_length"):
+            value = raw.get(name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise CheckpointMismatchError(f"{path}: field '{name}' must be a positive integer, got {value!r}")
+            values[name] = value
+        cfg = cls(**values)
+        cfg.check(path)
+        return cfg
+
+    def check(self, path: Path) -> None:
+        """What the extractor needs: 16 kHz input (the reference refuses others), a hop within the window,
+        and an STFT of one window that fits in memory."""
+        from glmvoice_cli.config import SAMPLE_RATE_IN
+        from glmvoice_cli.memory import check_fits
+
+        if self.sampling_rate != SAMPLE_RATE_IN:
+            raise CheckpointMismatchError(f"{path}: field 'sampling_rate' must be {SAMPLE_RATE_IN}, got {self.sampling_rate}")
+        if self.hop_length > self.n_fft:
+            raise CheckpointMismatchError(f"{path}: field 'hop_length' ({self.hop_length}) exceeds 'n_fft' ({self.n_fft})")
+        bins = self.n_fft // 2 + 1
+        frames = self.samples_per_window // self.hop_length + 1
+        stft_bytes = bins * frames * (8 + 4 + 4) + bins * self.feature_size * 8 + self.n_fft * 4
+        check_fits(stft_bytes, path, "the STFT of one window (n_fft, hop_length, chunk_length)")
 
 
 def _hz_to_mel(hz: np.ndarray) -> np.ndarray:
