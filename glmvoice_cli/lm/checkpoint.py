@@ -278,10 +278,23 @@ def check_weight_files(files: dict[str, Path], cfg: GlmConfig) -> None:
     if missing:
         where = files.get(missing[0], min(set(files.values())))
         raise CheckpointMismatchError(f"{where}: missing key '{missing[0]}' ({len(missing)} missing in all)")
+
+
+
+def check_lm_size(cfg: GlmConfig, files: dict[str, Path], config_path: Path) -> None:
+    """The weights the config implies (arithmetic, no per-layer loop) against memory and the files' sizes."""
     from glmvoice_cli.memory import check_fits
 
-    n_weights = sum(math.prod(shape) for shape in expected.values())
-    check_fits(n_weights * 2, min(set(files.values())).parent / CONFIG_FILE, "the LM in bf16 (config sizes)")
+    h, heads, kv = cfg.hidden_size, cfg.num_attention_heads, int(cfg.num_key_value_heads or 0)
+    head_dim = int(cfg.head_dim or 0)
+    per_layer = (heads + 2 * kv) * head_dim * h + h * heads * head_dim + 3 * cfg.intermediate_size * h + 2 * h
+    n_weights = cfg.num_hidden_layers * per_layer + 2 * cfg.vocab_size * h + h
+    check_fits(n_weights * 2, config_path, "the LM in bf16 (config sizes)")
+    on_disk = sum(path.stat().st_size for path in set(files.values()))
+    if n_weights * 2 > on_disk:  # the official weights are bf16: 2 bytes each at least
+        raise CheckpointMismatchError(
+            f"{config_path}: its sizes imply {n_weights:,} weights, more than the weight files ({on_disk:,} bytes) hold"
+        )
 
 
 def iter_official_tensors(files: dict[str, Path]) -> Iterator[tuple[str, torch.Tensor]]:

@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING
 
 from glmvoice_cli.errors import CheckpointMismatchError
 from glmvoice_cli.lm.checkpoint import (
+    CONFIG_FILE,
+    check_lm_size,
     check_weight_files,
     iter_official_tensors,
     load_lm_config,
@@ -34,6 +36,7 @@ def load_lm(folder: Path, options: LoadOptions | None = None) -> GlmForCausalLM:
     folder = Path(folder)
     cfg = load_lm_config(folder)
     files = weight_files(folder)
+    check_lm_size(cfg, files, folder / CONFIG_FILE)  # before the per-key checks, which loop over layers
     check_weight_files(files, cfg)
     from glmvoice_cli.device import pick_device, pick_dtype
 

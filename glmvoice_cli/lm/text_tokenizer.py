@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     import tiktoken
 
 RANKS_FILE = "tokenizer.model"
+MAX_TOKEN_ID = 2**31 - 1  # tiktoken stores ids as 32-bit ranks
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
 
 # The GLM-4 pre-tokenizer split (the pattern of the official ChatGLM4Tokenizer).
@@ -98,8 +99,9 @@ def read_added_tokens(path: Path) -> dict[str, int]:
         added = {entry["content"]: int(token_id) for token_id, entry in decoder.items()}
     except (OSError, UnicodeDecodeError, KeyError, TypeError, ValueError, AttributeError, RecursionError) as exc:
         raise CheckpointMismatchError(f"{path}: no valid 'added_tokens_decoder'") from exc
-    if any(not isinstance(name, str) for name in added) or any(i < 0 for i in added.values()):
-        raise CheckpointMismatchError(f"{path}: 'added_tokens_decoder' needs string contents and ids >= 0")
+    if any(not isinstance(name, str) for name in added) or any(not 0 <= i <= MAX_TOKEN_ID for i in added.values()):
+        raise CheckpointMismatchError(
+            f"{path}: 'added_tokens_decoder' needs string contents and ids in [0, {MAX_TOKEN_ID}]")
     return added
 
 
@@ -132,7 +134,7 @@ class TextTokenizer:
         folder = Path(folder)
         ranks = read_ranks(folder / RANKS_FILE)
         added = read_added_tokens(folder / TOKENIZER_CONFIG_FILE)
-        return cls(ranks, added, source=folder)
+        return cls(ranks, added, source=folder / TOKENIZER_CONFIG_FILE)  # errors name the file
 
     @staticmethod
     def _audio_block(added: dict[str, int], where: Path) -> tuple[int, int]:
