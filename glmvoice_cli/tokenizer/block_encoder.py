@@ -90,6 +90,8 @@ def encode_span(model: WhisperVQEncoder, feats: torch.Tensor, frame_valid: torch
     x = x + model.embed_positions.weight[p0:p1]
     valid = frame_valid.to(x.device)[::CONV2_STRIDE][p0:p1].bool()
     offset, block, k = p0, cfg.quantize_causal_block_size, cfg.pooling_kernel_size
+    if block is None or k is None:  # StreamingTokenizer refuses such configs up front
+        raise ValueError("block encoding needs a block-causal, pooled tokenizer")
     caches: list[LayerCache] = []
     for i, layer in enumerate(model.layers):
         x, cache = _layer(cast(EncoderLayer, layer), x, None if past is None else past[i], _mask(offset, valid, block, x.dtype))

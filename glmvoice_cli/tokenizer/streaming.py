@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from glmvoice_cli.errors import CheckpointMismatchError
 from glmvoice_cli.tokenizer.block_encoder import LayerCache, SpanResult, encode_span
 from glmvoice_cli.tokenizer.speech_tokenizer import REFERENCE_BATCH, SpeechTokenizer, _Window
 from glmvoice_cli.tokenizer.whisper_vq import CONV2_STRIDE
@@ -69,6 +70,10 @@ class StreamingTokenizer:
         self.lookahead = feat.n_fft // 2  # samples past a frame's hop that its STFT window reads
         self.window_samples = feat.samples_per_window
         self.window_frames = self.window_samples // self.hop
+        if cfg.quantize_causal_block_size is None or not cfg.pools:
+            raise CheckpointMismatchError(
+                "streaming tokenization needs a block-causal, pooled tokenizer (quantize_causal_block_size, "
+                "pooling_kernel_size in config.json)")
         self.block_frames = cfg.quantize_causal_block_size * CONV2_STRIDE
         self.stats = StreamStats()
         self.reset()
