@@ -302,7 +302,7 @@ def main() -> None:
         "prompt_tokens": len(turn_ids(lm.text_tokenizer, prompt, None)),
         "new_tokens": new_tokens,
         "repeats": repeats,
-        "sampling": {"temperature": options.temperature, "top_p": options.top_p},
+        "sampling": options.sampling(lm.sampling).to_dict(),
         "load_s": round(load_s, 2),
         "compile": compile_info,
         "floor": limit,

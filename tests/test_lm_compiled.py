@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from glmvoice_cli.lm.compiled import INDUCTOR_CACHE_ENV, CompileUnavailable, StaticDecoder
-from glmvoice_cli.lm.prompts import SpeechInput, TextInput, UserInput
+from glmvoice_cli.lm.prompts import SpeechInput, TextInput, UserInput, turn_ids
 from glmvoice_cli.lm.voice_lm import (
     Conversation,
     GenerationOptions,
@@ -137,10 +137,12 @@ def test_context_full_ends_the_answer(tmp_path: Path) -> None:
     """The static cache holds the context: an answer stops at its end (eager static step: no compile)."""
     folder = write_tiny_lm(tmp_path / "lm", SPEC)
     lm = VoiceLM.from_folder(folder, LoadOptions(device="cpu", dtype="fp32"))
-    lm.enable_static(compiled=False, max_len=200)
+    prompt = len(turn_ids(lm.text_tokenizer, TextInput("x"), None))
+    max_len = 2 * prompt + 20  # room for the answer (half the context) is kept, the rest is reached
+    lm.enable_static(compiled=False, max_len=max_len)
     conv = lm.new_conversation()
-    _, end = _turn(lm, conv, TextInput("x"), GenerationOptions(temperature=0.0, max_new_tokens=100))
-    assert end.reason is StopReason.MAX_TOKENS and len(conv.ids) == 200 and conv.cached_ids == conv.ids
+    _, end = _turn(lm, conv, TextInput("x"), GenerationOptions(temperature=0.0, max_new_tokens=10 * max_len))
+    assert end.reason is StopReason.CONTEXT and len(conv.ids) == max_len and conv.cached_ids == conv.ids
 
 
 def test_a_failing_compile_raises_compile_unavailable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -118,6 +118,8 @@ def _check_options(input_file: Path | None, output_file: Path | None, text: bool
                    simulate_echo: float, session_dir: Path | None, resume: str | None) -> None:
     if text and input_file is not None:
         raise UsageError("--text reads typed turns from stdin: it cannot be used with --input-file")
+    if not simulate_echo < float("inf"):
+        raise UsageError("--simulate-echo must be a finite gain")
     if (realtime or simulate_echo) and input_file is None:
         raise UsageError("--realtime and --simulate-echo apply to --input-file runs only")
     if session_dir is not None and resume is not None:

@@ -22,7 +22,8 @@ QuantizeOpt = Annotated[int | None, typer.Option(
     "--quantize", help="Load the language model in 4 or 8 bits (CUDA; pip install 'glmvoice\\[quant]').")]
 MaxTokensOpt = Annotated[int | None, typer.Option(
     "--max-new-tokens", min=1, help="Cap on generated tokens per answer (or per piece / window).")]
-SeedOpt = Annotated[int | None, typer.Option("--seed", help="Seed for sampling and the decoder's noise.")]
+SeedOpt = Annotated[int | None, typer.Option(
+    "--seed", min=0, max=2**64 - 1, help="Seed for sampling and the decoder's noise (0 to 2**64-1).")]
 CompileOpt = Annotated[bool | None, typer.Option(
     "--compile/--no-compile", help="Static cache + compiled LM decode step (default: on with CUDA, off on CPU).")]
 

@@ -40,10 +40,12 @@ def transcribe(
     from rich.console import Console
 
     from glmvoice_cli.audio.io import load_audio
-    from glmvoice_cli.errors import AudioError
+    from glmvoice_cli.errors import AudioError, UsageError
     from glmvoice_cli.transcribe import WINDOW_TRANSCRIPT_MAX_TOKENS
     from glmvoice_cli.transcribe import transcribe as run
 
+    if not window < float("inf"):
+        raise UsageError("--window must be a finite number of seconds")
     err = Console(stderr=True)
     audios = [load_audio(f) for f in files]  # every file is checked before the models load
     for audio in audios:
