@@ -45,7 +45,7 @@ def lm(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory)
     folder = write_tiny_lm(tmp_path_factory.mktemp("lm"), SPEC)
     model = VoiceLM.from_folder(folder, LoadOptions(device="cpu", dtype="fp32"))
     if request.param == "static":
-        model.enable_static(compiled=False, max_len=256)
+        model.enable_static(compiled=False, max_len=512)  # room for a first turn and half the context
     return model
 
 

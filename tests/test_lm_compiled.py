@@ -142,7 +142,9 @@ def test_context_full_ends_the_answer(tmp_path: Path) -> None:
     lm.enable_static(compiled=False, max_len=max_len)
     conv = lm.new_conversation()
     _, end = _turn(lm, conv, TextInput("x"), GenerationOptions(temperature=0.0, max_new_tokens=10 * max_len))
-    assert end.reason is StopReason.CONTEXT and len(conv.ids) == max_len and conv.cached_ids == conv.ids
+    assert lm.context_length == min(max_len, lm.seq_length)
+    assert end.reason is StopReason.CONTEXT and len(conv.ids) == lm.context_length
+    assert conv.cached_ids == conv.ids[:-1]  # the last sampled token needs no forward
 
 
 def test_a_failing_compile_raises_compile_unavailable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
