@@ -20,6 +20,7 @@ from glmvoice_cli.lm.sampling import (
     blocked_ids,
     candidates,
     read_sampling,
+    sample_on_device,
     sample_token,
 )
 from glmvoice_cli.lm.voice_lm import GenerationOptions, VoiceLM
@@ -217,3 +218,38 @@ def test_doctor_shows_the_sampling_in_effect(tmp_path: Path) -> None:
     _write_generation_config(tmp_path, do_sample="maybe")
     check = _sampling_check(tmp_path)
     assert check.status == "fail" and "do_sample" in check.detail
+
+
+def _reference_sample(logits: torch.Tensor, sampling: SamplingSettings, generator: torch.Generator) -> int:
+    """The host-synchronising rule it replaces: top-k (with ties) or the full sort, then top-p, multinomial."""
+    scaled = logits / sampling.temperature
+    n = scaled.numel()
+    if 0 < sampling.top_k < n:
+        values, ids = scaled.topk(sampling.top_k)
+        values, ids = scaled.topk(int((scaled >= values[-1]).sum()))
+        probs = torch.softmax(values, dim=-1)
+    else:
+        probs, ids = torch.softmax(scaled, dim=-1).sort(descending=True)
+    if sampling.top_p < 1.0:
+        before = probs.cumsum(0) - probs
+        probs = probs.masked_fill(before >= sampling.top_p, 0.0)
+    return int(ids[torch.multinomial(probs, 1, generator=generator)])
+
+
+@pytest.mark.parametrize("top_k, top_p", [(50, 0.8), (0, 0.8), (3, 1.0), (2000, 0.95)])
+def test_device_sampler_draws_as_the_reference_rule(top_k: int, top_p: float) -> None:
+    logits = torch.randn(5000, generator=torch.Generator().manual_seed(1)) * 3  # no ties: the order is unique
+    sampling = SamplingSettings(temperature=0.7, top_k=top_k, top_p=top_p)
+    for seed in range(40):
+        ours, tensor = sample_on_device(logits, sampling, torch.Generator().manual_seed(seed))
+        assert ours == _reference_sample(logits, sampling, torch.Generator().manual_seed(seed))
+        assert tensor.shape == (1, 1) and int(tensor) == ours
+
+
+def test_device_sampler_keeps_every_id_tied_with_the_kth() -> None:
+    logits = torch.full((3000,), -5.0)
+    logits[:2] = 4.0
+    logits[10:2010] = 3.0  # 2000 ids tied with the 3rd: beyond the candidates, so the exact redraw runs
+    sampling = SamplingSettings(temperature=1.0, top_k=3, top_p=1.0)
+    seen = {sample_on_device(logits, sampling, torch.Generator().manual_seed(seed))[0] for seed in range(300)}
+    assert seen <= {0, 1, *range(10, 2010)} and max(seen) > 10 + NUCLEUS_CANDIDATES

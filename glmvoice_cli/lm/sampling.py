@@ -124,14 +124,69 @@ def _read_json_object(path: Path) -> dict[str, Any]:
 def sample_token(logits: torch.Tensor, sampling: SamplingSettings, generator: torch.Generator) -> int:
     """logits [V] -> one id, as transformers' sampling does: temperature, top-k, top-p, multinomial.
 
-    Greedy takes the argmax; otherwise one multinomial draw over `candidates(logits, sampling)`.
+    Greedy takes the argmax; otherwise one multinomial draw over the ids `candidates` lists.
+    """
+    return sample_on_device(logits, sampling, generator)[0]
+
+
+def sample_on_device(
+    logits: torch.Tensor, sampling: SamplingSettings, generator: torch.Generator
+) -> tuple[int, torch.Tensor]:
+    """logits [V] -> (id, the same id as ids [1, 1] on the logits' device), with one host synchronisation.
+
+    The draw runs on the device among a fixed number of candidates (the top NUCLEUS_CANDIDATES ids,
+    or top_k if larger), so nothing needs the host until the id is read back. In the rare case where
+    the candidates cannot hold the answer (a nucleus wider than them, or ids tied with the k-th beyond
+    them), the draw is made again over the full sorted vocabulary: a second synchronisation.
     """
     import torch
 
     if sampling.greedy:
-        return int(logits.argmax())
-    probs, ids = candidates(logits, sampling)
-    return int(ids[torch.multinomial(probs, 1, generator=generator)])
+        token = logits.argmax()
+        return int(token), token.view(1, 1)
+    scaled = logits / sampling.temperature
+    n = scaled.numel()
+    token, exact = _draw(scaled, sampling, generator, _n_candidates(sampling, n))
+    token_id, is_exact = torch.stack([token, exact.to(token.dtype)]).tolist()  # the one sync
+    if not is_exact:
+        token, _ = _draw(scaled, sampling, generator, n)
+        token_id = int(token)
+    return int(token_id), token.view(1, 1)
+
+
+def _n_candidates(sampling: SamplingSettings, n: int) -> int:
+    if 0 < sampling.top_k < n:
+        return min(n, max(sampling.top_k + 1, NUCLEUS_CANDIDATES))  # one past the k-th at least: ties show
+    return n if sampling.top_p >= 1.0 else min(n, NUCLEUS_CANDIDATES)
+
+
+def _draw(
+    scaled: torch.Tensor, sampling: SamplingSettings, generator: torch.Generator, n_candidates: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One draw among the top `n_candidates` ids: (id, exact) as 0-d device tensors, no host sync.
+
+    `exact` is False when the candidates may miss an id that the full-vocabulary rule keeps.
+    """
+    import torch
+
+    n = scaled.numel()
+    everything = torch.ones((), dtype=torch.bool, device=scaled.device)  # a fill, not a host-to-device copy
+    if 0 < sampling.top_k < n:
+        values, ids = scaled.topk(n_candidates)
+        values = values.masked_fill(values < values[sampling.top_k - 1], float("-inf"))  # ties at the k-th stay
+        exact = everything if n_candidates >= n else torch.isinf(values[-1])  # last dropped: no tie beyond it
+        probs = torch.softmax(values, dim=-1)
+    else:
+        full = torch.softmax(scaled, dim=-1)
+        if sampling.top_p >= 1.0:  # plain multinomial over the whole vocabulary
+            return torch.multinomial(full, 1, generator=generator)[0], everything
+        probs, ids = full.topk(n_candidates)
+        exact = everything if n_candidates >= n else probs.sum() >= sampling.top_p
+    if sampling.top_p < 1.0:
+        # keep an id while the mass before it is below top_p; the top id always stays
+        before = probs.cumsum(0) - probs
+        probs = probs.masked_fill(before >= sampling.top_p, 0.0)
+    return ids[torch.multinomial(probs, 1, generator=generator)[0]], exact
 
 
 def candidates(logits: torch.Tensor, sampling: SamplingSettings) -> tuple[torch.Tensor, torch.Tensor]:

@@ -28,7 +28,7 @@ from glmvoice_cli.lm.sampling import (
     SamplingSettings,
     blocked_mask,
     read_sampling,
-    sample_token,
+    sample_on_device,
 )
 from glmvoice_cli.lm.text_tokenizer import USER, TextDetokenizer, TextTokenizer
 
@@ -361,7 +361,6 @@ class VoiceLM:
         limit: tuple[int, StopReason],
     ) -> Iterator[LMEvent]:
         """Sample up to `limit[0]` tokens; reaching that many ends the turn with `limit[1]`."""
-        import torch
 
         generator = _make_generator(self.device, options.seed)
         sampling = options.sampling(self.sampling)
@@ -375,7 +374,7 @@ class VoiceLM:
             if options.text_only:
                 start = self.text_tokenizer.audio_offset
                 logits[start : start + self.text_tokenizer.n_audio_tokens] = float("-inf")
-            token_id = sample_token(logits, sampling, generator)
+            token_id, token = sample_on_device(logits, sampling, generator)  # the step's one host sync
             if token_id in eos:
                 reason = StopReason.USER if token_id == self.user_id else StopReason.EOS
                 yield from self._finish(conv, text, reason)
@@ -386,7 +385,7 @@ class VoiceLM:
             else:
                 yield TextPiece(text.push(token_id), token_id)
             if n + 1 < max_steps:
-                logits = self._forward(conv, [token_id], torch.tensor([[token_id]], device=self.device))
+                logits = self._forward(conv, [token_id], token)
         yield from self._finish(conv, text, limit_reason)
 
     def _finish(self, conv: Conversation, text: TextDetokenizer, reason: StopReason) -> Iterator[LMEvent]:
