@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Annotated, NoReturn
+from collections.abc import Sequence
+from typing import Annotated, Any, NoReturn
 
 import typer
+from typer import _click as click  # typer >= 0.29 carries its own Click
 from typer.core import TyperGroup
 
 from glmvoice_cli import __version__
 from glmvoice_cli.commands import chat as _chat
+from glmvoice_cli.commands import conventions
 from glmvoice_cli.commands import decode as _decode
 from glmvoice_cli.commands import devices as _devices
 from glmvoice_cli.commands import diagnostics as _diagnostics
@@ -24,6 +27,7 @@ from glmvoice_cli.commands import tokenize as _tokenize
 from glmvoice_cli.commands import transcribe as _transcribe
 from glmvoice_cli.commands import tts as _tts
 from glmvoice_cli.commands.models import models_app
+from glmvoice_cli.commands.sessions import sessions_app
 from glmvoice_cli.errors import GlmVoiceError
 
 _DEBUG_ENV = "GLMVOICE_DEBUG"
@@ -33,15 +37,55 @@ def _debug() -> bool:
     return "--debug" in sys.argv[1:] or os.environ.get(_DEBUG_ENV) == "1"
 
 
-def fail(message: str, code: int = 1) -> NoReturn:
-    """Print one line to stderr and exit: the only place errors are formatted."""
+def _print_error(message: str) -> None:
     line = message.strip().splitlines()[0] if message.strip() else "unknown error"
     typer.secho(f"error: {line}", fg=typer.colors.RED, err=True)
+
+
+def fail(message: str, code: int = 1) -> NoReturn:
+    """Print one line to stderr and exit: the only place errors are formatted."""
+    _print_error(message)
     raise typer.Exit(code)
 
 
 class _Group(TyperGroup):
-    """Turns library errors into one line and an exit code, for every command."""
+    """The root: settings from flag/env/config for every option, -v/-q, and every error as one line."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        conventions.add_verbosity(self)
+        conventions.install_envvars(self)
+
+    def make_context(self, info_name: str | None, args: list[str], parent: click.Context | None = None,
+                     **extra: Any) -> click.Context:
+        if parent is None:
+            conventions.reset_verbosity()
+            if "default_map" not in extra:
+                extra["default_map"] = conventions.default_map_for(self)
+        return super().make_context(info_name, args, parent=parent, **extra)
+
+    def main(self, args: Sequence[str] | None = None, prog_name: str | None = None,
+             complete_var: str | None = None, standalone_mode: bool = True, windows_expand_args: bool = True,
+             **extra: Any) -> Any:
+        def run() -> Any:
+            return super(_Group, self).main(args, prog_name, complete_var, False, windows_expand_args, **extra)
+
+        if not standalone_mode:
+            return run()
+        try:
+            code = run()
+        except click.ClickException as e:  # usage errors: one line, like every other error
+            _print_error(conventions.one_line(e))
+            sys.exit(e.exit_code)
+        except click.core.Abort:
+            _print_error("aborted")
+            sys.exit(1)
+        except GlmVoiceError as e:  # raised while reading the config file, before any command
+            if _debug():
+                raise
+            _print_error(str(e) or type(e).__name__)
+            sys.exit(e.exit_code)
+        sys.exit(code if isinstance(code, int) else 0)
 
     # typer passes its own Context (a click Context subclass; recent typer vendors click as typer._click)
     def invoke(self, ctx: typer.Context) -> object:  # type: ignore[override]
@@ -61,8 +105,10 @@ app = typer.Typer(
     cls=_Group,
     name="glmvoice",
     help="A local, streaming voice assistant around GLM-4-Voice.",
+    epilog="Every option can also be set by the environment variable GLMVOICE_<NAME> (GLMVOICE_TOP_P for "
+    "--top-p) or as the key <name> in config.toml; a flag beats the environment, which beats the file.",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,
     pretty_exceptions_enable=False,
 )
 
@@ -92,6 +138,7 @@ app.command("tokenize")(_tokenize.tokenize)
 app.command("decode")(_decode.decode)
 app.command("devices")(_devices.devices)
 app.add_typer(models_app, name="models")
+app.add_typer(sessions_app, name="sessions")
 app.command("doctor")(_diagnostics.doctor)
 app.command("selftest")(_diagnostics.selftest)
 

@@ -22,6 +22,7 @@ from glmvoice_cli.models import hub, settings
 OK, WARN, FAIL = "ok", "warn", "fail"
 GIB = 2**30
 LM_BF16_GIB = 19.1  # language model weights in bf16
+HUB_PROBE_TIMEOUT_S = 3.0  # doctor must not hang on a dead network
 ALL_STAGES_BF16_GIB = 22  # LM bf16 + tokenizer + decoder (fp32) + a KV cache: what one GPU needs
 
 
@@ -48,10 +49,7 @@ def check_packages() -> list[Check]:
         version = _version(dist)
         checks.append(Check(dist, OK, version) if version else
                       Check(dist, FAIL, "not installed", f"pip install '{dist}' (or reinstall glmvoice)"))
-    livekit = _version("livekit")
-    checks.append(Check("livekit", OK, f"{livekit} (WebRTC echo cancellation)") if livekit else
-                  Check("livekit", WARN, "not installed: echo cancellation falls back to a slower NLMS filter",
-                        "pip install livekit"))
+    checks.append(check_echo())
     try:
         import soundfile
 
@@ -59,6 +57,16 @@ def check_packages() -> list[Check]:
     except (ImportError, OSError) as e:
         checks.append(Check("libsndfile", FAIL, f"cannot load: {e}", "apt install libsndfile1 / brew install libsndfile"))
     return checks
+
+
+def check_echo() -> Check:
+    """Which echo canceller `chat` uses: WebRTC AEC3 (the optional livekit) or the numpy NLMS filter."""
+    from glmvoice_cli.audio.echo import webrtc_available
+
+    if webrtc_available():
+        return Check("echo canceller", OK, f"WebRTC AEC3 (livekit {_version('livekit')})")
+    return Check("echo canceller", WARN, "numpy NLMS filter (livekit is not installed): less suppression "
+                 "of the assistant's own voice", "pip install 'glmvoice[aec]', or use headphones (--headphones)")
 
 
 def check_device() -> list[Check]:
@@ -85,18 +93,22 @@ def check_device() -> list[Check]:
 
 
 def check_audio() -> list[Check]:
-    from glmvoice_cli.audio.devices import list_devices
+    from glmvoice_cli.audio.devices import list_devices, portaudio_problem
 
+    problem = portaudio_problem()
+    if problem is not None:
+        return [Check("portaudio", FAIL, problem)]  # the message names the package to install
+    checks = [Check("portaudio", OK, "loaded")]
     try:
         devices = list_devices()
     except GlmVoiceError as e:
         return [Check("audio", FAIL, str(e), "tts -o FILE and transcribe work without audio devices")]
     inputs = [d for d in devices if d.max_input_channels > 0]
     outputs = [d for d in devices if d.max_output_channels > 0]
-    checks = [Check("microphone", OK, f"{len(inputs)} input device(s)") if inputs else
+    checks += [Check("microphone", OK, f"{len(inputs)} input device(s)") if inputs else
               Check("microphone", FAIL, "no input device", "plug in a microphone; chat --input-file FILE works without")]
     checks.append(Check("speaker", OK, f"{len(outputs)} output device(s)") if outputs else
-                  Check("speaker", FAIL, "no output device", "use -o FILE / --output-file FILE"))
+                  Check("speaker", FAIL, "no output device", "use -o FILE / --output FILE"))
     return checks
 
 
@@ -139,18 +151,61 @@ def check_settings() -> list[Check]:
         checks = [Check("config", OK, detail)]
     except GlmVoiceError as e:
         checks = [Check("config", FAIL, str(e), f"fix or remove {path}")]
-    root = settings.cache_root()
+    from glmvoice_cli.models.cache import hub_cache_dir
+
+    root = hub_cache_dir()
     free = shutil.disk_usage(_existing_parent(root)).free / GIB
     disk = Check("cache", OK, f"{root}, {free:.0f} GiB free on its disk")
     if free < ALL_STAGES_BF16_GIB:
         disk = Check("cache", WARN, disk.detail + f" (the models need about {ALL_STAGES_BF16_GIB} GiB)",
-                     "set GLMVOICE_HOME to a bigger disk")
+                     "set HF_HOME (or GLMVOICE_HOME) to a folder on a bigger disk")
     checks.append(disk)
-    offline = hub.is_offline()
-    endpoint = hub.hub_endpoint() or "https://huggingface.co"
-    checks.append(Check("hub", WARN if offline else OK, f"{endpoint}{' (offline mode)' if offline else ''}",
-                        "unset HF_HUB_OFFLINE to download" if offline else ""))
+    checks.append(check_hub())
     return checks
+
+
+def check_hub() -> Check:
+    """Offline mode is fine when every model is present; online, the Hub must answer."""
+    from glmvoice_cli.models.cache import hub_cache_dir
+
+    endpoint = hub.hub_endpoint() or hub.DEFAULT_ENDPOINT
+    if hub.is_offline():
+        missing = [n for n in hub.STAGES if not hub.inspect_stage(hub.STAGES[n], settings.locate(n).path).complete]
+        if not missing:
+            return Check("hub", OK, f"offline mode (HF_HUB_OFFLINE); every model is in {hub_cache_dir()}")
+        return Check("hub", WARN, f"offline mode (HF_HUB_OFFLINE) and {', '.join(missing)} missing",
+                     "unset HF_HUB_OFFLINE to download the missing models")
+    try:
+        hub.check_reachable(endpoint, timeout_s=HUB_PROBE_TIMEOUT_S)
+    except GlmVoiceError as e:
+        return Check("hub", WARN, f"unreachable: {e}", "models already downloaded still work; "
+                     "check the network or set HF_ENDPOINT to a mirror to download")
+    return Check("hub", OK, f"{endpoint} reachable; models cached in {hub_cache_dir()}")
+
+
+def check_memory(device: str | None = None, dtype: str | None = None, quantize: int | None = None) -> list[Check]:
+    """Whether the three models fit in the chosen device's memory at the chosen dtype, and what to do if not."""
+    from glmvoice_cli.commands.common import memory_need
+
+    need = memory_need(tuple(hub.STAGES), models=None, overrides={}, device=device, dtype=dtype, quantize=quantize)
+    have = "unknown" if need.available_bytes is None else f"{need.available_bytes / 1e9:.1f} GB available"
+    detail = f"the models need about {need.needed_bytes / 1e9:.0f} GB of {need.where} in {need.dtype}; {have}"
+    if need.fits:
+        return [Check("memory", OK, detail)]
+    return [Check("memory", FAIL, detail, need.advice().split(": ", 1)[-1])]
+
+
+def check_threads(threads: int | None = None) -> list[Check]:
+    """The CPU threads torch will use, and why (a busy CPU with too many threads is several times slower)."""
+    from glmvoice_cli.threads import default_threads
+
+    auto = default_threads()
+    load = "" if auto.load is None else f", load {auto.load:.1f}"
+    if threads is not None:
+        detail = f"{threads} (set by --threads / GLMVOICE_THREADS / config threads; {auto.cpus} CPUs{load})"
+        status = WARN if threads > auto.cpus else OK
+        return [Check("threads", status, detail, f"use at most {auto.cpus}: more threads than CPUs slow runs down")]
+    return [Check("threads", OK, f"{auto.count} (automatic: {auto.cpus} CPUs{load}; set --threads to choose)")]
 
 
 def _existing_parent(path: Path) -> Path:
@@ -163,11 +218,13 @@ CHECKS: tuple[Callable[[], list[Check]], ...] = (check_packages, check_device, c
                                                  check_settings)
 
 
-def run_checks() -> list[Check]:
+def run_checks(threads: int | None = None, device: str | None = None, dtype: str | None = None,
+               quantize: int | None = None) -> list[Check]:
     results: list[Check] = []
-    for check in CHECKS:
+    for check in (*CHECKS, lambda: check_memory(device, dtype, quantize), lambda: check_threads(threads)):
         try:
             results.extend(check())
         except Exception as e:  # noqa: BLE001 - a doctor must report a broken environment, not crash on it
-            results.append(Check(check.__name__.removeprefix("check_"), FAIL, f"{type(e).__name__}: {e}"))
+            name = getattr(check, "__name__", "check").removeprefix("check_")
+            results.append(Check(name, FAIL, f"{type(e).__name__}: {e}"))
     return results

@@ -45,3 +45,9 @@ class ContextLengthError(GlmVoiceError):
     """A turn is too long for the model's context, even with every past turn dropped."""
 
     exit_code = 2
+
+
+class HubUnreachableError(GlmVoiceError):
+    """The model hub (or its proxy) cannot be reached: no network, a wrong HF_ENDPOINT, a firewall."""
+
+    exit_code = 5

@@ -46,11 +46,13 @@ class Assistant:
 
     @classmethod
     def load(cls, dirs: dict[str, Path], options: LoadOptions | None = None,
-             on_status: Callable[[str], None] | None = None) -> Assistant:
+             on_status: Callable[[str], None] | None = None,
+             on_stage: Callable[[str, str, float | None], None] | None = None) -> Assistant:
         """Load the stages named in `dirs` (keys among tokenizer, lm, decoder); lm is required.
 
         `on_status` hears about slow steps (the LM's compile at first start); a compile that fails
-        leaves the eager loop and one line in `warnings`.
+        leaves the eager loop and one line in `warnings`. `on_stage(stage, folder, None)` is called as
+        each stage starts loading and `on_stage(stage, folder, seconds)` when it is loaded.
         """
         from glmvoice_cli.decoder.checkpoint import load_decoder
         from glmvoice_cli.decoder.speech_decoder import SpeechDecoder
@@ -66,6 +68,8 @@ class Assistant:
             if stage not in dirs:
                 continue
             start = time.perf_counter()
+            if on_stage is not None:
+                on_stage(stage, str(dirs[stage]), None)
             if stage == "tokenizer":
                 loaded[stage] = SpeechTokenizer.from_pretrained(dirs[stage], device=str(device))
             elif stage == "lm":
@@ -73,6 +77,8 @@ class Assistant:
             else:
                 loaded[stage] = SpeechDecoder(load_decoder(dirs[stage], device), seed=options.seed)
             seconds[stage] = time.perf_counter() - start
+            if on_stage is not None:
+                on_stage(stage, str(dirs[stage]), seconds[stage])
         assistant = cls(loaded["lm"], loaded.get("tokenizer"), loaded.get("decoder"))  # type: ignore[arg-type]
         assistant.load_seconds, assistant.dirs = seconds, dict(dirs)
         if _wants_compile(options, device):

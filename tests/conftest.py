@@ -40,11 +40,17 @@ def golden() -> Path:
 
 @pytest.fixture(autouse=True)
 def _isolated_env(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Never touch the user's cache or the network from a test."""
+    """Never touch the user's cache, config, settings or the network from a test."""
+    for name in list(os.environ):  # any GLMVOICE_<OPTION> of the user's shell would set a flag
+        if name.startswith("GLMVOICE_") and name != "GLMVOICE_GOLDEN_DIR":
+            monkeypatch.delenv(name)
     home = tmp_path_factory.mktemp("glmvoice_home")
     monkeypatch.setenv("GLMVOICE_HOME", str(home))
+    monkeypatch.setenv("GLMVOICE_CONFIG", str(home / "absent-config.toml"))
+    monkeypatch.setenv("HF_HOME", str(home / "hf"))
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.delenv("GLMVOICE_DEBUG", raising=False)
+    monkeypatch.setenv("GLMVOICE_THREADS", "2")  # commands set torch's threads: keep the pinned count
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from glmvoice_cli.commands.models import ensure_models, human_size, models_app
 from glmvoice_cli.errors import CheckpointError, ModelNotFoundError
-from glmvoice_cli.models import hub, settings
+from glmvoice_cli.models import cache, hub, settings
 from tests.fake_hub import FakeHub, serving
 
 runner = CliRunner()
@@ -36,7 +36,7 @@ def _no_user_settings(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
 def _listing(*args: str) -> dict[str, dict]:
     result = runner.invoke(models_app, ["list", "--json", *args])
     assert result.exit_code == 0, result.output
-    return {row["model"]: row for row in json.loads(result.stdout)}
+    return {row["model"]: row for row in map(json.loads, result.stdout.splitlines())}
 
 
 def test_download_all_then_list(fake_hub: FakeHub) -> None:
@@ -47,7 +47,8 @@ def test_download_all_then_list(fake_hub: FakeHub) -> None:
     rows = _listing()
     for name, row in rows.items():
         assert row["complete"] and row["missing"] == []
-        assert row["path"] == str(settings.stage_cache_dir(name)) and row["source"] == "cache"
+        assert row["path"] == str(settings.cached_stage_dir(name)) and row["source"] == "cache"
+        assert Path(row["path"]).parent == cache.repo_dir(hub.STAGES[name].repo_id) / "snapshots"
         assert row["size_bytes"] > 0
     table = runner.invoke(models_app, ["list"])
     assert table.exit_code == 0 and table.stdout.count("complete") == 3 and "hint" not in table.stdout
@@ -65,8 +66,9 @@ def test_download_one_stage_into_a_models_folder(fake_hub: FakeHub, tmp_path: Pa
 def test_download_shows_rich_progress_on_stderr(fake_hub: FakeHub) -> None:
     result = runner.invoke(models_app, ["download", "tokenizer"])
     assert result.exit_code == 0, result.output
-    assert "tokenizer/model.safetensors" in result.stderr
-    assert "tokenizer/model.safetensors" not in result.stdout  # stdout keeps the summary only
+    bars = [line for line in result.stderr.splitlines() if line.startswith("tokenizer")]
+    assert bars and "━" in bars[-1]  # one overall bar for the stage's parallel files
+    assert "━" not in result.stdout  # stdout keeps the summary only
 
 
 def test_download_offline_without_cache_fails_in_one_line(
@@ -82,7 +84,7 @@ def test_download_offline_without_cache_fails_in_one_line(
 
 
 def test_list_shows_incomplete_and_the_fix(tmp_path: Path) -> None:
-    folder = settings.stage_cache_dir("decoder")
+    folder = cache.repo_dir(hub.DECODER.repo_id) / "snapshots" / "c0ffee"
     folder.mkdir(parents=True)
     (folder / "config.yaml").write_text("x: 1\n")
     rows = _listing()
@@ -103,18 +105,18 @@ def test_list_and_path_follow_env_and_config(monkeypatch: pytest.MonkeyPatch, tm
     assert rows["decoder"]["path"] == str(tmp_path / "dec")
     assert runner.invoke(models_app, ["path", "lm"]).stdout.strip() == str(tmp_path / "my_lm")
     assert runner.invoke(models_app, ["path", "tokenizer"]).stdout.strip() == str(
-        settings.stage_cache_dir("tokenizer")
+        settings.cached_stage_dir("tokenizer")
     )
 
 
 def test_path_prints_the_cache_root(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("GLMVOICE_HOME", str(tmp_path / "home"))
-    assert runner.invoke(models_app, ["path"]).stdout.strip() == str(tmp_path / "home")
-    assert runner.invoke(models_app, ["path", "all"]).stdout.strip() == str(tmp_path / "home" / "models")
+    assert runner.invoke(models_app, ["path"]).stdout.strip() == str(tmp_path / "home" / "hub")
+    assert runner.invoke(models_app, ["path", "all"]).stdout.strip() == str(tmp_path / "home" / "hub")
 
 
 def _fake_stage(name: str) -> Path:
-    folder = settings.stage_cache_dir(name)
+    folder = cache.repo_dir(hub.STAGES[name].repo_id) / "snapshots" / "c0ffee"
     folder.mkdir(parents=True)
     for n in hub.STAGES[name].files:
         (folder / n).write_bytes(b"0123456789")
@@ -125,6 +127,7 @@ def test_rm_asks_unless_yes(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> 
     folder = _fake_stage("decoder")
     kept = runner.invoke(models_app, ["rm", "decoder"], input="n\n")
     assert kept.exit_code == 0 and "kept" in kept.stdout and folder.is_dir()
+    assert "transformers, vLLM" in kept.output  # the cache is shared: the question says so
     removed = runner.invoke(models_app, ["rm", "decoder"], input="y\n")
     assert removed.exit_code == 0 and not folder.exists()
     assert "30 B freed" in removed.stdout
@@ -132,7 +135,7 @@ def test_rm_asks_unless_yes(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> 
     _fake_stage("lm")
     everything = runner.invoke(models_app, ["rm", "all", "--yes"])
     assert everything.exit_code == 0
-    assert not any(settings.stage_cache_dir(n).exists() for n in hub.STAGES)
+    assert not any(cache.repo_dir(s.repo_id).exists() for s in hub.STAGES.values())
 
 
 def test_rm_never_touches_folders_chosen_by_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -141,7 +144,7 @@ def test_rm_never_touches_folders_chosen_by_env(monkeypatch: pytest.MonkeyPatch,
     (mine / "flow.pt").write_bytes(b"keep me")
     monkeypatch.setenv("GLMVOICE_DECODER", str(mine))
     result = runner.invoke(models_app, ["rm", "decoder", "--yes"])
-    assert result.exit_code == 0 and "nothing at" in result.stdout
+    assert result.exit_code == 0 and "nothing to remove" in result.stdout
     assert (mine / "flow.pt").read_bytes() == b"keep me"
 
 
@@ -159,7 +162,7 @@ def test_registers_under_a_root_app() -> None:
 
     root.add_typer(models_app, name="models")
     result = runner.invoke(root, ["models", "path"])
-    assert result.exit_code == 0 and result.stdout.strip() == str(settings.cache_root())
+    assert result.exit_code == 0 and result.stdout.strip() == str(cache.hub_cache_dir())
 
 
 def test_models_commands_do_not_import_torch() -> None:
@@ -187,7 +190,7 @@ def test_verify_command(fake_hub: FakeHub) -> None:
     assert runner.invoke(models_app, ["download", "decoder", "-q"]).exit_code == 0
     good = runner.invoke(models_app, ["verify", "decoder"])
     assert good.exit_code == 0 and "decoder: 3 ok" in good.stdout
-    (settings.stage_cache_dir("decoder") / "hift.pt").write_bytes(b"garbage")
+    (settings.cached_stage_dir("decoder") / "hift.pt").write_bytes(b"garbage")  # through the link: the blob
     bad = runner.invoke(models_app, ["verify", "decoder"])
     assert isinstance(bad.exception, CheckpointError)
     assert "hift.pt" in str(bad.exception) and "glmvoice models download decoder" in str(bad.exception)
@@ -204,9 +207,9 @@ def test_ensure_models_offers_the_missing_download(
 
     monkeypatch.setattr(typer, "confirm", confirm)
     found = ensure_models(("tokenizer", "decoder"), offer=True)
-    assert found == {n: settings.stage_cache_dir(n) for n in ("tokenizer", "decoder")}
+    assert found == {n: settings.cached_stage_dir(n) for n in ("tokenizer", "decoder")}
     assert len(answers) == 1 and "tokenizer (" in answers[0] and "decoder (" in answers[0]
-    assert ensure_models(("decoder",), offer=True) == {"decoder": settings.stage_cache_dir("decoder")}
+    assert ensure_models(("decoder",), offer=True) == {"decoder": settings.cached_stage_dir("decoder")}
     assert len(answers) == 1  # nothing missing: no second question
 
 

@@ -155,7 +155,7 @@ def test_unknown_mode_and_missing_livekit(monkeypatch: pytest.MonkeyPatch) -> No
     monkeypatch.setitem(sys.modules, "livekit", None)  # import livekit -> ImportError
     assert not webrtc_available()
     assert isinstance(make_echo_canceller("auto"), NlmsEchoCanceller)
-    with pytest.raises(GlmVoiceError, match="pip install livekit, or use --headphones"):
+    with pytest.raises(GlmVoiceError, match=r"pip install 'glmvoice\[aec\]', or use --headphones"):
         make_echo_canceller("webrtc")
 
 

@@ -75,7 +75,7 @@ def test_flag_beats_env_beats_config_beats_cache(
         "env_models": (places["env_models"] / "lm", "GLMVOICE_MODELS"),
         "cfg": (places["cfg"], "config.toml [paths] lm"),
         "cfg_models": (places["cfg_models"] / "lm", "config.toml models"),
-        "cache": (settings.stage_cache_dir("lm"), None),
+        "cache": (settings.cached_stage_dir("lm"), None),
     }
     if "env" in present:
         monkeypatch.setenv("GLMVOICE_LM", str(places["env"]))

@@ -34,7 +34,9 @@ PLAYBACK_BLOCK_MS = 20  # speaker callback block: small, so a flush is heard wit
 STALL_S = 2.0  # a running stream whose callback has not run for this long is a lost device
 CAPTURE_QUEUE_BLOCKS = 200  # 6 s of capture buffered before the oldest blocks are dropped
 RESAMPLE_QUALITY = "HQ"
-PORTAUDIO_HINT = "install PortAudio, e.g. `apt install libportaudio2` or `brew install portaudio`"
+PORTAUDIO_HINT = ("install PortAudio: `apt install libportaudio2` (Debian, Ubuntu), `dnf install portaudio` "
+                  "(Fedora), `brew install portaudio` (macOS); tts -o, transcribe and chat --input-file work "
+                  "without it")
 DEVICES_HINT = "see `glmvoice devices`"
 
 
@@ -89,6 +91,15 @@ class DeviceInfo:
     default_sample_rate: float  # Hz
     is_default_input: bool
     is_default_output: bool
+
+
+def portaudio_problem() -> str | None:
+    """None when sounddevice and its PortAudio library load, else the one-line reason with the fix."""
+    try:
+        import_sounddevice()
+    except AudioDeviceError as e:
+        return str(e)
+    return None
 
 
 def import_sounddevice() -> ModuleType:
@@ -197,8 +208,9 @@ class Microphone:
         except queue.Empty:
             self._check_alive()
             return np.zeros(0, dtype=np.float32)
-        if self._resampler is not None:
-            block = self._resampler.resample_chunk(block)
+        resampler = self._resampler  # close() may drop it from another thread
+        if resampler is not None:
+            block = resampler.resample_chunk(block)
         return block
 
     def _check_alive(self) -> None:
@@ -212,6 +224,9 @@ class Microphone:
         if not self._closed:
             self._closed = True
             _close_stream(self._stream)
+            # soxr's streams are native (nanobind) objects: one still referenced at exit, e.g. from the
+            # daemon thread reading typed turns, makes the interpreter print "nanobind: leaked" lines
+            self._resampler = None
 
 
 class Speaker(BufferedSink):
@@ -253,10 +268,11 @@ class Speaker(BufferedSink):
 
     def _next(self, frames: int) -> np.ndarray:
         """(frames,) float32 at the device rate."""
-        if self._resampler is None:
+        resampler = self._resampler  # close() may drop it while a last callback runs
+        if resampler is None:
             return self.buffer.pull(frames)
         while len(self._resampled) < frames:
-            more = self._resampler.resample_chunk(self.buffer.pull(self._pull_block))
+            more = resampler.resample_chunk(self.buffer.pull(self._pull_block))
             self._resampled = np.concatenate([self._resampled, more])
         out, self._resampled = self._resampled[:frames], self._resampled[frames:]
         return out
@@ -271,6 +287,9 @@ class Speaker(BufferedSink):
         if not self._closed:
             self._closed = True
             _close_stream(self._stream)
+            # soxr's streams are native (nanobind) objects: one still referenced at exit, e.g. from the
+            # daemon thread reading typed turns, makes the interpreter print "nanobind: leaked" lines
+            self._resampler = None
 
 
 def _defaults(sd: ModuleType) -> tuple[int, int]:

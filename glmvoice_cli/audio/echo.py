@@ -51,7 +51,7 @@ GUARD_SMOOTHING = 0.7  # error energies compared by the double-talk guard: weigh
 GUARD_PROMOTE_RATIO = 0.5  # background error 3 dB below the foreground's: it is the better filter
 GUARD_PROMOTE_BLOCKS = 3  # ... for 30 ms in a row before it replaces the foreground
 GUARD_RESET_RATIO = 4.0  # background error 6 dB above the foreground's: it diverged (double talk)
-LIVEKIT_HINT = "pip install livekit, or use --headphones to turn echo cancellation off"
+LIVEKIT_HINT = "pip install 'glmvoice[aec]', or use --headphones to turn echo cancellation off"
 
 
 class EchoCanceller(Protocol):

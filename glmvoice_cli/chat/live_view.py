@@ -56,6 +56,14 @@ CONTEXT_FULL = "context_full"  # TurnEnded.reason of an answer stopped by the mo
 CONTEXT_FULL_NOTE = "stopped: the model's context is full (older turns are dropped next turn)"
 
 
+@dataclass(frozen=True)
+class DraftChanged:
+    """The line being typed (not yet sent with Enter): the view shows it, since the terminal's own echo
+    would be overwritten by the next redraw. Put on the engine's event queue by the key reader."""
+
+    text: str
+
+
 @dataclass
 class TurnView:
     """One turn as the view shows it."""
@@ -80,10 +88,14 @@ class TranscriptState:
     status: ChatState = ChatState.IDLE
     level: float = 0.0  # input RMS, linear, full scale = 1.0
     error: str | None = None  # the last Failed message
+    text_mode: bool = False  # chat --text: no microphone, so no "listening" and no meter
+    draft: str | None = None  # the line being typed; None: no keyboard input is shown
 
-    def apply(self, event: ChatEvent) -> None:
+    def apply(self, event: ChatEvent | DraftChanged) -> None:
         """Fold one engine event into the state (unknown events are ignored)."""
-        if isinstance(event, StatusChanged):
+        if isinstance(event, DraftChanged):
+            self.draft = event.text
+        elif isinstance(event, StatusChanged):
             self.status, self.level = event.state, event.level
         elif isinstance(event, UserTurnStarted):
             if self._open("user") is None:
@@ -161,17 +173,49 @@ def replay(records: Iterable[TurnRecord]) -> TranscriptState:
     return state
 
 
-def render(state: TranscriptState, max_turns: int = MAX_TURNS_SHOWN) -> RenderableType:
-    """The transcript (the last `max_turns` turns) above the status line."""
+def render(state: TranscriptState, max_turns: int = MAX_TURNS_SHOWN, console: Console | None = None
+           ) -> RenderableType:
+    """The transcript (the last `max_turns` turns) above the typed draft and the status line.
+
+    With `console`, the whole fits its height: the newest lines of the transcript are kept and the
+    older ones scroll off, so a long answer never pushes its own end or the status line off screen.
+    """
     parts: list[RenderableType] = []
     hidden = max(0, len(state.turns) - max_turns)
     if hidden:
         parts.append(Text(f"… {hidden} earlier turn{'s' if hidden > 1 else ''}", style="dim"))
     for turn in state.turns[hidden:]:
         parts.extend(_render_turn(turn))
-    parts.append(Text(""))
-    parts.append(status_line(state))
-    return Group(*parts)
+    footer: list[RenderableType] = [Text("")]
+    if state.draft is not None:
+        footer.append(_draft_line(state.draft))
+    footer.append(status_line(state))
+    if console is not None:
+        parts = _last_lines(parts, console, console.size.height - len(footer))
+    return Group(*parts, *footer)
+
+
+def _last_lines(parts: list[RenderableType], console: Console, budget: int) -> list[RenderableType]:
+    """The tail of `parts` (Text lines, wrapped to the console's width) that fits in `budget` lines."""
+    budget = max(1, budget)
+    lines: list[Text] = []
+    for part in parts:
+        if isinstance(part, Text):
+            lines.extend(part.wrap(console, console.size.width))
+        else:  # pragma: no cover - the transcript is made of Text only
+            lines.append(Text(str(part)))
+    if len(lines) <= budget:
+        return list(lines)
+    kept = lines[len(lines) - (budget - 1):] if budget > 1 else lines[-1:]
+    marker = [Text(f"… {len(lines) - len(kept)} earlier lines", style="dim")] if budget > 1 else []
+    return [*marker, *kept]
+
+
+def _draft_line(draft: str) -> Text:
+    line = Text("type ", style="bold cyan")
+    line.append(draft)
+    line.append(CURSOR, style="cyan")
+    return line
 
 
 def _render_turn(turn: TurnView) -> list[RenderableType]:
@@ -237,8 +281,15 @@ def _seconds(value: float | None) -> str:
 
 
 def status_line(state: TranscriptState) -> Text:
-    """'● listening  mic ▕█████░░░░░▏ -32 dB', plus the last error."""
+    """'● listening  mic ▕█████░░░░░▏ -32 dB' (text mode: '● your turn: type a line'), plus the last error."""
     line = Text("● ", style=_STATE_STYLE[state.status])
+    if state.text_mode:
+        label = "your turn: type a line, Enter sends it" if state.status is ChatState.LISTENING else \
+            state.status.value
+        line.append(label, style=_STATE_STYLE[state.status])
+        if state.error:
+            line.append(f"   error: {state.error}", style="bold red")
+        return line
     line.append(state.status.value, style=_STATE_STYLE[state.status])
     db = level_db(state.level)
     filled = round(METER_CELLS * (db - METER_FLOOR_DB) / -METER_FLOOR_DB)
@@ -274,7 +325,7 @@ class LiveView:
         """Consume events until the sentinel (None) or `stop` is set; returns the final state."""
         stop = stop or threading.Event()
         with Live(
-            render(self.state),
+            render(self.state, console=self.console),
             console=self.console,
             refresh_per_second=REFRESH_PER_SECOND,
             transient=False,
@@ -283,7 +334,7 @@ class LiveView:
         ) as live:
             while not stop.is_set():
                 ended = self._drain(events)
-                live.update(render(self.state))
+                live.update(render(self.state, console=self.console))
                 if ended:
                     break
         return self.state

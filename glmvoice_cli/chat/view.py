@@ -20,14 +20,18 @@ if TYPE_CHECKING:
 POLL_S = 0.1  # wait on the event queue before checking again (Ctrl-C lands in between)
 
 
-def show_live(events: queue.Queue[Any], saved: Sequence[TurnRecord] = ()) -> None:
-    """The Rich live transcript, starting from a resumed session's saved turns."""
+def show_live(events: queue.Queue[Any], saved: Sequence[TurnRecord] = (), text_mode: bool = False,
+              typing: bool = False) -> None:
+    """The Rich live transcript, starting from a resumed session's saved turns. `text_mode`: no microphone
+    status; `typing`: the line being typed is drawn (keys come as DraftChanged events)."""
     from rich.console import Console
 
     from glmvoice_cli.chat.live_view import LiveView, replay
 
     view = LiveView(Console(stderr=False))
     view.state = replay(saved)
+    view.state.text_mode = text_mode
+    view.state.draft = "" if typing else None
     view.run(events)
 
 

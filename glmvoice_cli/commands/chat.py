@@ -7,7 +7,7 @@ Audio in and out, by option:
 - `--input-file in.wav`: the file is the microphone. By default it runs on a virtual clock: each
   answer is generated completely before the file moves on (model time counts as zero), so the run
   is reproducible and as fast as the CPU allows. `--realtime` plays it at wall-clock pace instead,
-  against the live model. `--output-file out.wav` records what the speaker would play, on the
+  against the live model. `--output out.wav` (or `--output-file`) records what the speaker would play, on the
   same sample timeline as the input. `--simulate-echo GAIN` feeds that output back into the file
   microphone (30 ms later), as a room would.
 - `--text`: typed turns, one per line of stdin, answered in speech. In a spoken conversation on a
@@ -19,6 +19,7 @@ the session is saved as it goes (`--session-dir`, or a new folder under the data
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import threading
 from dataclasses import dataclass
@@ -37,8 +38,13 @@ from glmvoice_cli.commands.common import (
     ModelsOpt,
     QuantizeOpt,
     SeedOpt,
+    TemperatureOpt,
+    ThreadsOpt,
     TokenizerOpt,
+    TopPOpt,
     load_assistant,
+    use_threads,
+    with_sampling,
 )
 from glmvoice_cli.errors import UsageError
 
@@ -49,6 +55,7 @@ if TYPE_CHECKING:
     from glmvoice_cli.audio.vad import VadConfig
     from glmvoice_cli.chat.engine import ChatEngine
     from glmvoice_cli.chat.store import SessionStore
+    from glmvoice_cli.lm.voice_lm import GenerationOptions
     from glmvoice_cli.pipeline import Assistant
 
 ECHO_DELAY_S = 0.03  # --simulate-echo: speaker-to-microphone delay of the simulated room
@@ -61,8 +68,9 @@ def chat(
     output_device: Annotated[str | None, typer.Option(help="Speaker name or index.")] = None,
     input_file: Annotated[Path | None, typer.Option(
         "--input-file", help="Use this audio file as the microphone (virtual clock unless --realtime).")] = None,
-    output_file: Annotated[Path | None, typer.Option(
-        "--output-file", help="Record what the speaker would play to this .wav instead of playing it.")] = None,
+    output: Annotated[Path | None, typer.Option(
+        "--output", "-o", "--output-file",
+        help="Record what the speaker would play to this .wav instead of playing it.")] = None,
     realtime: Annotated[bool, typer.Option("--realtime", help="Play --input-file at wall-clock pace.")] = False,
     simulate_echo: Annotated[float, typer.Option(
         min=0.0, help="With --input-file: feed the output back into the input at this gain.")] = 0.0,
@@ -88,27 +96,32 @@ def chat(
     stream_input: Annotated[bool, typer.Option(envvar="GLMVOICE_STREAM_INPUT", help=(
         "Tokenize and prefill your speech while you speak; --no-stream-input does it all after your turn."))] = True,
     session_dir: Annotated[Path | None, typer.Option(help="Save the session in this folder.")] = None,
-    resume: Annotated[str | None, typer.Option(help="Continue a saved session (ID or folder).")] = None,
+    resume: Annotated[str | None, typer.Option(
+        help="Continue a saved session: 'last', an ID or a unique start of one, or a folder.")] = None,
     transcribe_user: Annotated[bool, typer.Option(
         "--transcribe-user", help="Also transcribe each spoken turn (a text-only pass: adds latency).")] = False,
     live: Annotated[bool, typer.Option(help="Rich live view; --no-live prints plain lines.")] = True,
     models: ModelsOpt = None, tokenizer: TokenizerOpt = None, lm: LmOpt = None, decoder: DecoderOpt = None,
     device: DeviceOpt = None, dtype: DtypeOpt = None, quantize: QuantizeOpt = None, compile_lm: CompileOpt = None,
     max_new_tokens: MaxTokensOpt = None, seed: SeedOpt = None,
+    temperature: TemperatureOpt = None, top_p: TopPOpt = None, threads: ThreadsOpt = None,
 ) -> None:
     """Talk with GLM-4-Voice: speak (or type with --text), interrupt it any time; the session is saved."""
-    _check_options(input_file, output_file, text, realtime, simulate_echo, session_dir, resume)
-    io = _open_audio(input_file, output_file, text, realtime, simulate_echo, headphones, input_device, output_device)
+    _check_options(input_file, output, text, realtime, simulate_echo, session_dir, resume)
+    resumed = _find_resumed(resume)  # an unknown session fails now, not after a minute of loading
+    io = _open_audio(input_file, output, text, realtime, simulate_echo, headphones, input_device, output_device)
     try:
+        use_threads(threads)
         stages = ("lm", "decoder") if text else ("tokenizer", "lm", "decoder")
         assistant = load_assistant(stages, models=models,
                                    overrides={"tokenizer": tokenizer, "lm": lm, "decoder": decoder},
                                    device=device, dtype=dtype, quantize=quantize, seed=seed,
                                    compile=compile_lm)
-        store = _open_store(session_dir, resume, assistant.dirs, "text" if text else "voice")
+        store = _open_store(session_dir, resumed, assistant.dirs, "text" if text else "voice")
         turns = TurnTaking(vad_aggressiveness, end_silence_ms, speculative_pause_ms, pre_roll_ms, min_speech_ms,
                            max_turn_s, barge_in, min_interruption_ms, stream_input)
-        engine = _make_engine(assistant, io, store, turns, max_new_tokens, seed, transcribe_user)
+        generation = with_sampling(_generation(max_new_tokens, seed), temperature, top_p)
+        engine = _make_engine(assistant, io, store, turns, generation, transcribe_user)
         _converse(engine, store, text, live)
     finally:
         io.close()
@@ -174,7 +187,13 @@ def _open_audio(input_file: Path | None, output_file: Path | None, text: bool, r
     return _AudioIO(source, sink, echo, clock, lockstep)
 
 
-def _open_store(session_dir: Path | None, resume: str | None, dirs: dict[str, Path], mode: str) -> SessionStore:
+def _find_resumed(resume: str | None) -> Path | None:
+    from glmvoice_cli.chat.sessions import find_session
+
+    return find_session(resume) if resume is not None else None
+
+
+def _open_store(session_dir: Path | None, resume: Path | None, dirs: dict[str, Path], mode: str) -> SessionStore:
     from glmvoice_cli.chat.store import SessionStore
 
     if resume is not None:
@@ -208,19 +227,21 @@ class TurnTaking:
                          start_frames=max(1, -(-self.min_interruption_ms // frame_ms)))
 
 
+def _generation(max_new_tokens: int | None, seed: int | None) -> GenerationOptions:
+    from glmvoice_cli.lm.voice_lm import DEFAULT_MAX_NEW_TOKENS, GenerationOptions
+
+    return GenerationOptions(max_new_tokens=max_new_tokens or DEFAULT_MAX_NEW_TOKENS, seed=seed)
+
+
 def _make_engine(assistant: Assistant, io: _AudioIO, store: SessionStore, turns: TurnTaking,
-                 max_new_tokens: int | None, seed: int | None, transcribe_user: bool) -> ChatEngine:
+                 generation: GenerationOptions, transcribe_user: bool) -> ChatEngine:
     from glmvoice_cli.chat.engine import TURN_TRANSCRIPT_MAX_TOKENS, ChatEngine, EngineConfig
     from glmvoice_cli.chat.history import restore_conversation
-    from glmvoice_cli.lm.voice_lm import DEFAULT_MAX_NEW_TOKENS, GenerationOptions
 
     config = EngineConfig(vad=turns.vad(), lockstep=io.lockstep, barge_in=turns.barge_in,
                           streaming=turns.stream_input, speculative_pause_ms=turns.speculative_pause_ms or None,
-                          generation=GenerationOptions(max_new_tokens=max_new_tokens or DEFAULT_MAX_NEW_TOKENS,
-                                                       seed=seed),
-                          transcribe_user=transcribe_user,
-                          transcribe_max_new_tokens=min(max_new_tokens or TURN_TRANSCRIPT_MAX_TOKENS,
-                                                        TURN_TRANSCRIPT_MAX_TOKENS))
+                          generation=generation, transcribe_user=transcribe_user,
+                          transcribe_max_new_tokens=min(generation.max_new_tokens, TURN_TRANSCRIPT_MAX_TOKENS))
     conversation = restore_conversation(assistant.lm, store.turns)
     return ChatEngine(assistant, io.source, io.sink, store=store, conversation=conversation, echo=io.echo,
                       config=config, clock=io.clock)
@@ -228,14 +249,25 @@ def _make_engine(assistant: Assistant, io: _AudioIO, store: SessionStore, turns:
 
 def _converse(engine: ChatEngine, store: SessionStore, text: bool, live: bool) -> None:
     """Run the engine, show its events; Ctrl-C and failures end cleanly with the session saved."""
+    from glmvoice_cli.chat.keys import cbreak
+
+    # Under the live view, keys are read one by one (no terminal echo) and the view draws the draft
+    keyboard = live and sys.stdin is not None and sys.stdin.isatty() and sys.stdout.isatty()
+    with cbreak(sys.stdin.fileno()) if keyboard else contextlib.nullcontext(False) as keys:
+        _run_engine(engine, store, text, live, keys)
+
+
+def _run_engine(engine: ChatEngine, store: SessionStore, text: bool, live: bool, keys: bool) -> None:
     from glmvoice_cli.chat.view import PlainView, show_live
 
     engine.start()
-    if text or sys.stdin.isatty():  # while talking, a line typed in the terminal is a typed turn too
+    if keys:
+        threading.Thread(target=_read_keys, args=(engine, text), name="glmvoice-keys", daemon=True).start()
+    elif text or sys.stdin.isatty():  # while talking, a line typed in the terminal is a typed turn too
         threading.Thread(target=_read_turns, args=(engine, text), name="glmvoice-stdin", daemon=True).start()
     try:
         if live:
-            show_live(engine.events, store.turns)
+            show_live(engine.events, store.turns, text_mode=text, typing=keys)
         else:
             PlainView(sys.stdout).run(engine.events)
     except KeyboardInterrupt:
@@ -260,6 +292,17 @@ def _print_latency(engine: ChatEngine) -> None:
     text = summary_text([r.timings for r in engine.reports if r.timings is not None and r.utterance_end])
     if text:
         typer.echo(text, err=True)
+
+
+def _read_keys(engine: ChatEngine, end_at_eof: bool) -> None:
+    """Typed turns from the terminal in cbreak mode; the draft goes to the view as it is typed."""
+    from glmvoice_cli.chat.keys import read_keys
+    from glmvoice_cli.chat.live_view import DraftChanged
+
+    ended = read_keys(sys.stdin.fileno(), on_draft=lambda draft: engine.events.put(DraftChanged(draft)),
+                      on_line=engine.type_text, stopped=lambda: engine.stopped)
+    if ended and end_at_eof:
+        engine.end_input()
 
 
 def _read_turns(engine: ChatEngine, end_at_eof: bool) -> None:

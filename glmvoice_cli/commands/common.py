@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+from glmvoice_cli.commands.conventions import is_quiet
+
 if TYPE_CHECKING:
+    from glmvoice_cli.lm.voice_lm import GenerationOptions
+    from glmvoice_cli.memory_need import MemoryNeed
     from glmvoice_cli.pipeline import Assistant
+
+log = logging.getLogger("glmvoice_cli")
 
 ModelsOpt = Annotated[Path | None, typer.Option(
     "--models", help="A folder holding tokenizer/, lm/ and decoder/ (default: the download cache).")]
@@ -26,23 +35,120 @@ SeedOpt = Annotated[int | None, typer.Option(
     "--seed", min=0, max=2**64 - 1, help="Seed for sampling and the decoder's noise (0 to 2**64-1).")]
 CompileOpt = Annotated[bool | None, typer.Option(
     "--compile/--no-compile", help="Static cache + compiled LM decode step (default: on with CUDA, off on CPU).")]
+ThreadsOpt = Annotated[int | None, typer.Option(
+    "--threads", min=1, help="CPU threads for torch (default: the CPUs not already busy; see glmvoice doctor).")]
+TemperatureOpt = Annotated[float | None, typer.Option(
+    "--temperature", min=0.0, help="Sampling temperature; 0 = greedy (default: 0.2, transcribe: 0).")]
+TopPOpt = Annotated[float | None, typer.Option(
+    "--top-p", min=0.0, max=1.0, help="Nucleus sampling mass kept; 1 disables (default: 0.8).")]
+
+
+def with_sampling(options: GenerationOptions, temperature: float | None, top_p: float | None
+                  ) -> GenerationOptions:
+    """`options` with the sampling values given (None keeps the default)."""
+    from dataclasses import replace
+
+    if temperature is not None:
+        options = replace(options, temperature=temperature)
+    if top_p is not None:
+        options = replace(options, top_p=top_p)
+    return options
+
+
+def sampling(temperature: float | None, top_p: float | None) -> dict[str, float]:
+    """GenerationOptions keyword arguments for the values given; the others keep their defaults."""
+    given = {"temperature": temperature, "top_p": top_p}
+    return {k: v for k, v in given.items() if v is not None}
+
+
+def use_threads(threads: int | None) -> int:
+    """Set torch's thread count (given, else the default of glmvoice_cli.threads) and return it."""
+    import torch
+
+    from glmvoice_cli.threads import default_threads
+
+    count = threads or default_threads().count
+    torch.set_num_threads(count)
+    return count
 
 
 def load_assistant(stages: tuple[str, ...], *, models: Path | None, overrides: dict[str, Path | None],
                    device: str | None, dtype: str | None, quantize: int | None = None, seed: int | None = None,
                    compile: bool | None = None) -> Assistant:
-    """Find (or offer to fetch) the stages' folders and load them; slow steps show a status line."""
-    from rich.console import Console
-
+    """Check memory, find (or offer to fetch) the stages' folders and load them, showing each stage and slow
+    steps (the LM's compile) on stderr."""
     from glmvoice_cli.commands.models import ensure_models
     from glmvoice_cli.options import LoadOptions
     from glmvoice_cli.pipeline import Assistant
 
-    dirs = ensure_models(stages, models=models, overrides=overrides)
+
+    need = memory_need(stages, models=models, overrides=overrides, device=device, dtype=dtype, quantize=quantize)
+    dirs = ensure_models(stages, models=models, overrides=overrides, memory=need)
+    if not need.fits:
+        log.warning(need.advice())
     options = LoadOptions(device=device, dtype=dtype, quantize_bits=quantize, seed=seed, compile=compile)
-    err = Console(stderr=True)
-    with err.status("loading the models") as status:
-        assistant = Assistant.load(dirs, options, on_status=lambda text: status.update(text))
+    with stage_progress("loading") as (on_stage, on_status):
+        assistant = Assistant.load(dirs, options, on_status=on_status, on_stage=on_stage)
     for warning in assistant.warnings:
-        err.print(f"[yellow]warning:[/] {warning}", highlight=False, soft_wrap=True)
+        log.warning(warning)
     return assistant
+
+
+def memory_need(stages: tuple[str, ...], *, models: Path | None, overrides: dict[str, Path | None],
+                device: str | None, dtype: str | None, quantize: int | None = None) -> MemoryNeed:
+    """What the stages need in memory on the chosen device and dtype, against what it has free."""
+    import torch
+
+    from glmvoice_cli.device import pick_device, pick_dtype
+    from glmvoice_cli.memory_need import estimate
+    from glmvoice_cli.models import hub, settings
+
+    chosen = pick_device(device)
+    dtype_name = str(pick_dtype(dtype, chosen)).removeprefix("torch.").replace("float32", "fp32").replace(
+        "bfloat16", "bf16").replace("float16", "fp16")
+    dirs: dict[str, Path | None] = {}
+    for s in stages:
+        where = settings.locate(s, models=models, override=overrides.get(s))
+        dirs[s] = where.path if hub.inspect_stage(hub.STAGES[s], where.path).complete else None
+    free = torch.cuda.mem_get_info(chosen)[0] if chosen.type == "cuda" else None
+    return estimate(dirs, chosen.type, dtype_name, quantize, available=free)
+
+
+@contextmanager
+def status_line(text: str) -> Iterator[None]:
+    """A spinner with `text` on stderr while a long step runs; nothing when stderr is not a terminal or -q."""
+    from rich.console import Console
+
+    console = Console(stderr=True)
+    if not console.is_terminal or is_quiet():
+        yield
+        return
+    with console.status(text):
+        yield
+
+
+StageCallback = Callable[[str, str, float | None], None]
+
+
+@contextmanager
+def stage_progress(verb: str) -> Iterator[tuple[StageCallback, Callable[[str], None]]]:
+    """Two callbacks for Assistant.load: (stage, folder, seconds or None when starting) and a slow step's
+    text. On a terminal, a spinner per stage and a line when each is loaded; piped, nothing (-v logs them)."""
+    from rich.console import Console
+
+    console = Console(stderr=True)
+    if not console.is_terminal or is_quiet():
+        def quiet(stage: str, folder: str, seconds: float | None) -> None:
+            if seconds is not None:
+                log.info("%s the %s from %s: %.1f s", verb, stage, folder, seconds)
+
+        yield quiet, lambda text: log.info("%s", text)
+        return
+    with console.status(f"{verb} the models") as status:
+        def show(stage: str, folder: str, seconds: float | None) -> None:
+            if seconds is None:
+                status.update(f"{verb} the {stage} from {folder}")
+            else:
+                console.print(f"[dim]{verb} the {stage}: {seconds:.1f} s[/]", highlight=False)
+
+        yield show, status.update

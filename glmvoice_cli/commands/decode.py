@@ -14,6 +14,15 @@ from typing import Annotated
 
 import typer
 
+from glmvoice_cli.commands.common import (
+    DecoderOpt,
+    DeviceOpt,
+    ModelsOpt,
+    ThreadsOpt,
+    status_line,
+    use_threads,
+)
+from glmvoice_cli.config import TOKENS_PER_SECOND
 from glmvoice_cli.errors import UsageError
 
 _INT_SEPARATORS = re.compile(r"[\s,]+")
@@ -71,15 +80,18 @@ def read_tokens(tokens: str) -> list[int]:
 def decode(
     tokens: Annotated[str, typer.Argument(help="File of speech token ids (whitespace or JSON), or - for stdin.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Audio file to write: .wav, .flac or .ogg.")],
-    decoder: Annotated[Path | None, typer.Option(
-        "--decoder", help="Folder of THUDM/glm-4-voice-decoder (default: the downloaded one).")] = None,
-    models: Annotated[Path | None, typer.Option(
-        "--models", help="A folder holding tokenizer/, lm/ and decoder/.")] = None,
+    decoder: DecoderOpt = None,
+    models: ModelsOpt = None,
     stream: Annotated[bool, typer.Option("--stream", help="Decode block by block, as the assistant speaks.")] = False,
     schedule: Annotated[str, typer.Option(
         "--schedule", help="With --stream: 'default' (first audio after 10 tokens) or 'reference' (the demo's).")
     ] = "default",
     seed: Annotated[int | None, typer.Option("--seed", help="Seed of the decoder's noise (default 0; the reference schedule always seeds 42).")] = None,
+    device: DeviceOpt = None,
+    dtype: Annotated[str | None, typer.Option(
+        "--dtype", help="The decoder runs in fp32 (auto): flow matching and the vocoder lose quality in 16 bits.")
+    ] = None,
+    threads: ThreadsOpt = None,
 ) -> None:
     """Turn speech token ids (12.5 per second) into 22.05 kHz speech."""
     ids = read_tokens(tokens)
@@ -87,11 +99,16 @@ def decode(
         raise UsageError(f"unknown schedule {schedule!r} (use {', '.join(SCHEDULES)})")
     if output.suffix.lower() not in (".wav", ".flac", ".ogg"):
         raise UsageError(f"cannot write {output}: use a .wav, .flac or .ogg file name")
+    if dtype not in (None, "auto", "fp32", "float32"):
+        raise UsageError(f"the speech decoder runs in fp32 only (got --dtype {dtype})")
     from glmvoice_cli.audio.io import write_audio
     from glmvoice_cli.commands.models import ensure_models
     from glmvoice_cli.decoder.speech_decoder import synthesize
 
     folder = decoder or ensure_models(("decoder",), models=models)["decoder"]
-    audio, rate = synthesize(folder, ids, stream=stream, reference=schedule == "reference", seed=seed)
+    use_threads(threads)
+    with status_line(f"decoding {len(ids)} speech tokens ({len(ids) / TOKENS_PER_SECOND:.0f} s of speech)"):
+        audio, rate = synthesize(folder, ids, stream=stream, reference=schedule == "reference", seed=seed,
+                                 device=device)
     write_audio(output, audio, rate)
     typer.echo(f"wrote {output} ({len(audio) / rate:.2f} s, {rate} Hz, {len(ids)} tokens)", err=True)

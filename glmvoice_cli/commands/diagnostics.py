@@ -2,23 +2,37 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import tempfile
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
+from glmvoice_cli.commands.common import DeviceOpt, DtypeOpt, QuantizeOpt, ThreadsOpt
+
 STATUS_STYLE = {"ok": "green", "warn": "yellow", "fail": "red"}
 
 
-def doctor() -> None:
+def doctor(
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object per check: area, status, detail, fix."
+                                          )] = False,
+    threads: ThreadsOpt = None, device: DeviceOpt = None, dtype: DtypeOpt = None, quantize: QuantizeOpt = None,
+) -> None:
     """Check versions, device and memory, audio devices, models and settings, with a fix for each problem."""
     from rich.console import Console
     from rich.markup import escape
 
     from glmvoice_cli.doctor import FAIL, run_checks
 
-    checks = run_checks()
+    checks = run_checks(threads=threads, device=device, dtype=dtype, quantize=quantize)
+    if as_json:
+        for c in checks:
+            typer.echo(json.dumps(dataclasses.asdict(c)))
+        if any(c.status == FAIL for c in checks):
+            raise typer.Exit(1)
+        return
     console = Console(soft_wrap=True, highlight=False)  # one line per check: long paths stay whole
     for c in checks:
         console.print(f"[{STATUS_STYLE[c.status]}]{c.status:<5}[/] {c.area:<17} {escape(c.detail)}")
@@ -57,3 +71,9 @@ def selftest(
     table.add_row("[bold]total[/]", f"[bold]{sum(s.seconds for s in steps):.2f}[/]")
     console.print(table)
     console.print("selftest passed" + (f"; models kept in {keep} (use --models {keep})" if keep else ""))
+    from glmvoice_cli.audio.devices import portaudio_problem
+
+    problem = portaudio_problem()
+    if problem is not None:  # the selftest needs no audio devices, but `glmvoice chat` does
+        typer.secho(f"warning: glmvoice chat cannot use a microphone or speaker: {problem}",
+                    fg=typer.colors.YELLOW, err=True)

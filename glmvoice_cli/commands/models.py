@@ -16,11 +16,13 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from glmvoice_cli.errors import CheckpointError
+from glmvoice_cli.errors import CheckpointError, ModelNotFoundError
 from glmvoice_cli.models import hub, integrity, settings
 
 if TYPE_CHECKING:
     from rich.progress import Progress, TaskID
+
+    from glmvoice_cli.memory_need import MemoryNeed
 
 models_app = typer.Typer(
     name="models",
@@ -55,28 +57,40 @@ def human_size(n: int) -> str:
     return f"{n} B"
 
 
-def _target(stage: hub.Stage, root: Path | None) -> Path:
-    return root / stage.name if root is not None else settings.stage_cache_dir(stage.name)
+def _cache_targets(stage: hub.Stage) -> list[Path]:
+    """What `models rm` deletes for a stage in the cache: its repository in the Hugging Face cache and
+    the folder an older glmvoice filled, those that exist."""
+    from glmvoice_cli.models import cache
+
+    return [p for p in (cache.repo_dir(stage.repo_id), settings.stage_cache_dir(stage.name)) if p.exists()]
 
 
 class _RichReporter:
-    """hub.DownloadReporter drawing one Rich progress row per transferred file."""
+    """hub.DownloadReporter feeding one overall Rich bar: files download in parallel, so one row per file
+    would jump around; the total grows as each file's size becomes known."""
 
-    def __init__(self, progress: Progress) -> None:
+    def __init__(self, progress: Progress, label: str) -> None:
+        import threading
+
         self._progress = progress
-        self._tasks: dict[str, TaskID] = {}
+        self._lock = threading.Lock()  # files report from several download threads
+        self._totals: dict[str, int] = {}
+        self._task: TaskID = progress.add_task(label, total=None)
 
     def file_started(self, name: str, total: int | None, initial: int) -> None:
-        self._tasks[name] = self._progress.add_task(name, total=total, completed=initial)
+        self.file_total(name, total or 0)
+        self._progress.advance(self._task, initial)
 
     def file_advanced(self, name: str, n: int) -> None:
-        self._progress.advance(self._tasks[name], n)
+        self._progress.advance(self._task, n)
 
     def file_total(self, name: str, total: int) -> None:
-        self._progress.update(self._tasks[name], total=total)
+        with self._lock:
+            self._totals[name] = total
+            self._progress.update(self._task, total=sum(self._totals.values()) or None)
 
     def file_finished(self, name: str) -> None:
-        self._tasks.pop(name, None)  # the row stays as drawn: full on success, partial on failure
+        pass  # the bar stays as drawn: full on success, partial on failure
 
 
 def _progress() -> Progress:
@@ -102,26 +116,31 @@ def _progress() -> Progress:
 
 def _download_one(
     stage: hub.Stage,
-    dest: Path,
+    dest: Path | None,
     *,
     revision: str = hub.DEFAULT_REVISION,
     force: bool = False,
     quiet: bool = False,
 ) -> hub.StageStatus:
-    if quiet:
+    """Download into `dest`, or the Hugging Face cache when None; one progress bar on stderr unless quiet."""
+    from glmvoice_cli.commands.conventions import is_quiet
+
+    if quiet or is_quiet():
         return hub.download_stage(stage, dest, revision=revision, force=force)
+    if not hub.is_offline():
+        hub.check_reachable()  # before drawing a bar: an unreachable host is one line, nothing else
     with _progress() as progress:
         return hub.download_stage(
-            stage, dest, revision=revision, force=force, reporter=_RichReporter(progress)
+            stage, dest, revision=revision, force=force, reporter=_RichReporter(progress, stage.name)
         )
 
 
 @models_app.command("download")
 def download(
     which: Annotated[Which, typer.Argument(help="Which model to fetch.")] = Which.all,
-    root: Annotated[
+    models: Annotated[
         Path | None,
-        typer.Option("--dir", help="Download into DIR/<model> instead of the cache (for --models DIR)."),
+        typer.Option("--models", "--dir", help="Download into DIR/<model> instead of the cache (for --models DIR)."),
     ] = None,
     revision: Annotated[str, typer.Option(help="Branch, tag or commit of the repositories.")] = "main",
     force: Annotated[bool, typer.Option("--force", help="Fetch every file again.")] = False,
@@ -132,8 +151,10 @@ def download(
     Only the files each model needs; files already present and unchanged are kept, and a cut
     transfer resumes. Honours HF_ENDPOINT (a mirror), HF_TOKEN and HF_HUB_OFFLINE.
     """
+    root = models  # --models DIR (or the older --dir): DIR/<model>
     for stage in _stages(which):
-        status = _download_one(stage, _target(stage, root), revision=revision, force=force, quiet=quiet)
+        dest = root / stage.name if root is not None else None
+        status = _download_one(stage, dest, revision=revision, force=force, quiet=quiet)
         typer.echo(f"{stage.name}: {status.state}, {human_size(status.size_bytes)} in {status.path}")
 
 
@@ -143,12 +164,14 @@ def ensure_models(
     models: str | Path | None = None,
     overrides: Mapping[str, str | Path | None] | None = None,
     offer: bool | None = None,
+    memory: MemoryNeed | None = None,
 ) -> dict[str, Path]:
     """Checked model folders for a command, offering to download what the cache lacks.
 
     The offer (one prompt on stderr, with the total size) is made only for stages that would
     come from the cache, online, and when `offer` is True or (None) stdin and stderr are
     terminals; otherwise the first missing stage raises its one-line ModelNotFoundError.
+    `memory` (a glmvoice_cli.memory_need.MemoryNeed) that does not fit turns the offer into that advice.
     """
     overrides = overrides or {}
     where = {s: settings.locate(s, models=models, override=overrides.get(s)) for s in stages}
@@ -160,17 +183,20 @@ def ensure_models(
     if offer is None:
         offer = sys.stdin.isatty() and sys.stderr.isatty()
     if absent and offer and not hub.is_offline():
+        if memory is not None and not memory.fits:  # say so before offering gigabytes that cannot load
+            raise ModelNotFoundError(f"{memory.advice()} (to download anyway: glmvoice models download "
+                                     f"{' '.join(absent) if len(absent) == 1 else 'all'})")
         total = sum(hub.STAGES[s].approx_bytes for s in absent)
         names = ", ".join(f"{s} ({human_size(hub.STAGES[s].approx_bytes)})" for s in absent)
         if typer.confirm(f"Not downloaded yet: {names}. Download {human_size(total)} now?", err=True):
             for s in absent:
-                _download_one(hub.STAGES[s], where[s].path)
+                where[s] = settings.ModelLocation(s, _download_one(hub.STAGES[s], None).path, None)
     return {s: hub.require_complete(hub.STAGES[s], where[s].path, where[s].source) for s in stages}
 
 
 def _inspect(stage: hub.Stage, root: Path | None) -> tuple[settings.ModelLocation, hub.StageStatus]:
     if root is not None:
-        where = settings.ModelLocation(stage.name, root / stage.name, "--dir")
+        where = settings.ModelLocation(stage.name, root / stage.name, "--models")
     else:
         where = settings.locate(stage.name)
     return where, hub.inspect_stage(stage, where.path)
@@ -192,19 +218,25 @@ def _row(where: settings.ModelLocation, status: hub.StageStatus) -> dict[str, ob
 
 @models_app.command("list")
 def list_models(
-    root: Annotated[Path | None, typer.Option("--dir", help="Inspect DIR/<model> instead.")] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="One JSON array on stdout.")] = False,
+    models: Annotated[
+        Path | None,
+        typer.Option("--models", "--dir", help="Inspect DIR/<model> instead.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object per model, one per line.")] = False,
 ) -> None:
     """Show each model: complete or not, size on disk, folder, and which setting chose it."""
+    root = models  # --models DIR (or the older --dir): DIR/<model>
     found = [_inspect(stage, root) for stage in hub.STAGES.values()]
     rows = [_row(where, status) for where, status in found]
     if as_json:
-        typer.echo(json.dumps(rows, indent=2))
+        for r in rows:
+            typer.echo(json.dumps(r))
         return
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"models (cache: {settings.models_root()})", title_justify="left")
+    from glmvoice_cli.models import cache
+
+    table = Table(title=f"models (Hugging Face cache: {cache.hub_cache_dir()})", title_justify="left")
     for column in ("model", "state", "size", "path", "from"):
         table.add_column(column, overflow="fold")
     for r in rows:
@@ -227,11 +259,11 @@ def path(
         Which | None, typer.Argument(help="A model, or nothing for the cache root.", show_default=False)
     ] = None,
 ) -> None:
-    """Print the cache root, or the folder a model is read from (flags aside)."""
-    if which is None:
-        typer.echo(str(settings.cache_root()))
-    elif which is Which.all:
-        typer.echo(str(settings.models_root()))
+    """Print the Hugging Face cache glmvoice uses, or the folder a model is read from (flags aside)."""
+    from glmvoice_cli.models import cache
+
+    if which is None or which is Which.all:
+        typer.echo(str(cache.hub_cache_dir()))
     else:
         typer.echo(str(settings.locate(which.value).path))
 
@@ -239,31 +271,41 @@ def path(
 @models_app.command("rm")
 def remove(
     which: Annotated[Which, typer.Argument(help="Which model to delete from the cache.", show_default=False)],
-    root: Annotated[Path | None, typer.Option("--dir", help="Delete DIR/<model> instead.")] = None,
+    models: Annotated[
+        Path | None,
+        typer.Option("--models", "--dir", help="Delete DIR/<model> instead.")] = None,
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
 ) -> None:
-    """Delete downloaded model files (only the cache, or --dir; never folders set by env or config)."""
+    """Delete the named models' files (only from the cache, or --models DIR; never folders set by env or
+    config). The Hugging Face cache is shared with transformers, vLLM and `hf download`."""
+    root = models  # --models DIR (or the older --dir): DIR/<model>
     for stage in _stages(which):
-        folder = _target(stage, root)
-        if not folder.exists():
-            typer.echo(f"{stage.name}: nothing at {folder}")
+        folders = [root / stage.name] if root is not None else _cache_targets(stage)
+        folders = [f for f in folders if f.exists()]
+        if not folders:
+            typer.echo(f"{stage.name}: nothing to remove")
             continue
-        size = human_size(hub.folder_size(folder))
-        if not yes and not typer.confirm(
-            f"Remove the {stage.name} model ({size}) at {folder}?", default=False
-        ):
+        size = human_size(sum(hub.folder_size(f) for f in folders))
+        shared = "" if root is not None else (
+            " Other tools that read the Hugging Face cache (transformers, vLLM, hf) share this copy.")
+        where = ", ".join(map(str, folders))
+        if not yes and not typer.confirm(f"Remove the {stage.name} model ({size}) at {where}?{shared}",
+                                         default=False):
             typer.echo(f"{stage.name}: kept")
             continue
-        freed = hub.remove_stage(folder)
-        typer.echo(f"{stage.name}: removed {folder} ({human_size(freed)} freed)")
+        freed = sum(hub.remove_stage(f) for f in folders)
+        typer.echo(f"{stage.name}: removed {where} ({human_size(freed)} freed)")
 
 
 @models_app.command("verify")
 def verify(
     which: Annotated[Which, typer.Argument(help="Which model to check.")] = Which.all,
-    root: Annotated[Path | None, typer.Option("--dir", help="Check DIR/<model> instead.")] = None,
+    models: Annotated[
+        Path | None,
+        typer.Option("--models", "--dir", help="Check DIR/<model> instead.")] = None,
 ) -> None:
     """Recompute the checksums of downloaded files and compare them with the Hub's."""
+    root = models  # --models DIR (or the older --dir): DIR/<model>
     failures: list[str] = []
     for stage in _stages(which):
         folder = root / stage.name if root is not None else settings.locate(stage.name).path

@@ -8,20 +8,27 @@ from typing import Annotated
 
 import typer
 
-DeviceOpt = Annotated[str | None, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.")]
-DtypeOpt = Annotated[str | None, typer.Option("--dtype", help="fp32 (default) or bf16.")]
+from glmvoice_cli.commands.common import (
+    DeviceOpt,
+    ModelsOpt,
+    ThreadsOpt,
+    TokenizerOpt,
+    status_line,
+    use_threads,
+)
+
+TokDtypeOpt = Annotated[str | None, typer.Option("--dtype", help="fp32 (default) or bf16.")]
 
 
 def tokenize(
     files: Annotated[list[Path], typer.Argument(help="Audio files (wav, flac, ogg, mp3; any rate or channels).")],
-    tokenizer: Annotated[Path | None, typer.Option(
-        "--tokenizer", help="Folder of THUDM/glm-4-voice-tokenizer (default: the downloaded one).")] = None,
-    models: Annotated[Path | None, typer.Option(
-        "--models", help="A folder holding tokenizer/, lm/ and decoder/.")] = None,
+    tokenizer: TokenizerOpt = None,
+    models: ModelsOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per line: file, tokens, seconds.")] = False,
     device: DeviceOpt = None,
-    dtype: DtypeOpt = None,
+    dtype: TokDtypeOpt = None,
     batch_size: Annotated[int, typer.Option(help="Windows of 30 s encoded at once (memory, not results).")] = 8,
+    threads: ThreadsOpt = None,
 ) -> None:
     """Print the speech token ids (12.5 per second) of each FILE; all files are encoded in one batch."""
     from glmvoice_cli.audio.io import load_audio
@@ -33,8 +40,11 @@ def tokenize(
     for audio in audios:
         for warning in audio.warnings:
             typer.secho(f"warning: {warning}", fg=typer.colors.YELLOW, err=True)
+    use_threads(threads)
     model = SpeechTokenizer.from_pretrained(folder, device=device, dtype=dtype, micro_batch=batch_size)
-    for path, audio, ids in zip(files, audios, model.encode([a.samples for a in audios])):
+    with status_line(f"encoding {len(audios)} file(s), {sum(a.seconds for a in audios):.0f} s of audio"):
+        encoded = model.encode([a.samples for a in audios])
+    for path, audio, ids in zip(files, audios, encoded):
         if as_json:
             typer.echo(json.dumps({"file": str(path), "tokens": ids, "seconds": round(audio.seconds, 3)}))
         elif len(files) == 1:

@@ -17,8 +17,13 @@ from glmvoice_cli.commands.common import (
     MaxTokensOpt,
     ModelsOpt,
     QuantizeOpt,
+    TemperatureOpt,
+    ThreadsOpt,
     TokenizerOpt,
+    TopPOpt,
     load_assistant,
+    sampling,
+    use_threads,
 )
 from glmvoice_cli.config import WINDOW_SECONDS
 
@@ -33,7 +38,8 @@ def transcribe(
     window: Annotated[float, typer.Option(min=1.0, help="Seconds of audio per model call.")] = WINDOW_SECONDS,
     models: ModelsOpt = None, tokenizer: TokenizerOpt = None, lm: LmOpt = None,
     device: DeviceOpt = None, dtype: DtypeOpt = None, quantize: QuantizeOpt = None, compile_lm: CompileOpt = None,
-    max_new_tokens: MaxTokensOpt = None,
+    max_new_tokens: MaxTokensOpt = None, temperature: TemperatureOpt = None, top_p: TopPOpt = None,
+    threads: ThreadsOpt = None,
 ) -> None:
     """Transcribe each FILE with GLM-4-Voice (the speech plus an instruction, text-only output)."""
     import numpy as np
@@ -51,6 +57,7 @@ def transcribe(
     for audio in audios:
         if float(np.abs(audio.samples).max()) < SILENCE_PEAK:
             raise AudioError(f"{audio.source} is silent (no signal above -80 dBFS): there is nothing to transcribe")
+    use_threads(threads)
     start = time.perf_counter()
     assistant = load_assistant(("tokenizer", "lm"), models=models, overrides={"tokenizer": tokenizer, "lm": lm},
                                device=device, dtype=dtype, quantize=quantize,
@@ -64,7 +71,8 @@ def transcribe(
                 status.update(f"transcribing {name}: window {done}/{total}")
 
             result = run(assistant, audio.samples, prompt=prompt, window_s=window,
-                         max_new_tokens=max_new_tokens or WINDOW_TRANSCRIPT_MAX_TOKENS, on_window=progress)
+                         max_new_tokens=max_new_tokens or WINDOW_TRANSCRIPT_MAX_TOKENS, on_window=progress,
+                         **sampling(temperature, top_p))
         if as_json:
             typer.echo(json.dumps({"file": str(path), "text": result.text, "seconds": round(result.seconds, 3),
                                    "tokens": result.speech_tokens, "generated_tokens": result.generated_tokens,

@@ -20,7 +20,12 @@ from glmvoice_cli.commands.common import (
     ModelsOpt,
     QuantizeOpt,
     SeedOpt,
+    TemperatureOpt,
+    ThreadsOpt,
+    TopPOpt,
     load_assistant,
+    use_threads,
+    with_sampling,
 )
 from glmvoice_cli.config import SAMPLE_RATE_OUT
 from glmvoice_cli.errors import UsageError
@@ -29,6 +34,7 @@ from glmvoice_cli.instructions import DIALECTS, EMOTIONS, SPEEDS
 if TYPE_CHECKING:
     from glmvoice_cli.audio.devices import Speaker
     from glmvoice_cli.instructions import SpeakingStyle
+    from glmvoice_cli.lm.voice_lm import GenerationOptions
     from glmvoice_cli.pipeline import Assistant
 
 DRAIN_POLL_S = 0.05  # how often to check that the speaker has played everything
@@ -50,36 +56,40 @@ def tts(
     models: ModelsOpt = None, lm: LmOpt = None, decoder: DecoderOpt = None,
     device: DeviceOpt = None, dtype: DtypeOpt = None, quantize: QuantizeOpt = None, compile_lm: CompileOpt = None,
     max_new_tokens: MaxTokensOpt = None, seed: SeedOpt = None,
+    temperature: TemperatureOpt = None, top_p: TopPOpt = None, threads: ThreadsOpt = None,
 ) -> None:
     """Speak TEXT with GLM-4-Voice, in the chosen emotion, speed and dialect (long texts go sentence by sentence)."""
     from glmvoice_cli.instructions import SpeakingStyle
+    from glmvoice_cli.lm.voice_lm import GenerationOptions
+    from glmvoice_cli.speak import TTS_MAX_NEW_TOKENS
 
     style = SpeakingStyle(emotion=emotion, speed=speed, dialect=dialect)
     words = _read_text(text, file)
     _check_output(output)
     speaker = _open_speaker(output_device) if play or output is None else None
     try:
+        use_threads(threads)
         assistant = load_assistant(("lm", "decoder"), models=models, overrides={"lm": lm, "decoder": decoder},
                                    device=device, dtype=dtype, quantize=quantize, seed=seed,
                                    compile=compile_lm)
-        _run(assistant, words, style, instruction, output, speaker, max_new_tokens, seed)
+        options = with_sampling(GenerationOptions(max_new_tokens=max_new_tokens or TTS_MAX_NEW_TOKENS, seed=seed),
+                                temperature, top_p)
+        _run(assistant, words, style, instruction, output, speaker, options)
     finally:
         if speaker is not None:
             speaker.close()
 
 
 def _run(assistant: Assistant, words: str, style: SpeakingStyle, instruction: str | None, output: Path | None,
-         speaker: Speaker | None, max_new_tokens: int | None, seed: int | None) -> None:
+         speaker: Speaker | None, options: GenerationOptions) -> None:
     """Stream the events: text to the console, audio to the speaker; the file is written even on Ctrl-C."""
     import numpy as np
 
     from glmvoice_cli.audio.io import write_audio
     from glmvoice_cli.events import AudioChunk, TextDelta
-    from glmvoice_cli.lm.voice_lm import GenerationOptions
-    from glmvoice_cli.speak import TTS_MAX_NEW_TOKENS, speak
+    from glmvoice_cli.speak import speak
 
     echo = sys.stderr if str(output) == "-" else sys.stdout
-    options = GenerationOptions(max_new_tokens=max_new_tokens or TTS_MAX_NEW_TOKENS, seed=seed)
     chunks: list[np.ndarray] = []
     cancel = threading.Event()
     try:
@@ -95,7 +105,10 @@ def _run(assistant: Assistant, words: str, style: SpeakingStyle, instruction: st
     finally:  # Ctrl-C included: keep what was spoken so far
         rate = assistant.decoder.sample_rate if assistant.decoder is not None else SAMPLE_RATE_OUT
         if output is not None:
-            write_audio(output, np.concatenate(chunks) if chunks else np.zeros(0, np.float32), rate)
+            audio = np.concatenate(chunks) if chunks else np.zeros(0, np.float32)
+            write_audio(output, audio, rate)
+            where = "stdout" if str(output) == "-" else str(output)
+            typer.echo(f"wrote {where} ({len(audio) / rate:.2f} s, {rate} Hz)", err=True)
     if speaker is not None:
         while speaker.pending > 0:
             time.sleep(DRAIN_POLL_S)

@@ -302,11 +302,13 @@ def check_vocabulary(tokens: list[int], vocab_size: int) -> None:
 
 
 def synthesize(decoder_dir: str | Path, tokens: list[int], *, stream: bool = False, reference: bool = False,
-               seed: int | None = None) -> tuple[np.ndarray, int]:
-    """Load the decoder in `decoder_dir` and turn `tokens` into (float32 samples, sample rate)."""
+               seed: int | None = None, device: str | None = None) -> tuple[np.ndarray, int]:
+    """Load the decoder in `decoder_dir` on `device` (auto: cuda > mps > cpu) and turn `tokens` into
+    (float32 samples, sample rate)."""
     from glmvoice_cli.decoder.checkpoint import load_decoder
+    from glmvoice_cli.device import pick_device
 
-    models = load_decoder(Path(decoder_dir))
+    models = load_decoder(Path(decoder_dir), pick_device(device))
     decoder = SpeechDecoder(models, REFERENCE_SCHEDULE if reference else DEFAULT_SCHEDULE, seed=seed)
     if stream:
         chunks = list(decoder.stream(tokens))

@@ -11,16 +11,22 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import os
 import shutil
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from glmvoice_cli.errors import CheckpointError, GlmVoiceError, ModelNotFoundError
+from glmvoice_cli.errors import CheckpointError, GlmVoiceError, HubUnreachableError, ModelNotFoundError
 
 DEFAULT_REVISION = "main"
+DEFAULT_ENDPOINT = "https://huggingface.co"
+DOWNLOAD_WORKERS = 8  # files fetched at once (huggingface_hub's own snapshot_download default)
+REACH_TIMEOUT_S = 5.0  # to open a connection to the Hub before any download
+_PROXY_ENVS = ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")
 _OFFLINE_ENVS = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
 _TRUE = {"1", "on", "yes", "true"}
 _MAX_REASON_CHARS = 200  # of the library's message, inside our one-line error
@@ -154,10 +160,11 @@ def required_files(stage: Stage, folder: Path) -> tuple[str, ...]:
 
 
 def folder_size(folder: Path) -> int:
-    """Bytes of all regular files under `folder` (0 when it does not exist)."""
-    if not folder.is_dir():
-        return 0
-    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file() and not p.is_symlink())
+    """Bytes of the files under `folder`, following links (a cache snapshot is links to blobs), each once;
+    0 when it does not exist."""
+    from glmvoice_cli.models.cache import true_size
+
+    return true_size(folder)
 
 
 def inspect_stage(stage: Stage, folder: Path) -> StageStatus:
@@ -312,63 +319,123 @@ def hub_endpoint() -> str | None:
 
 def download_stage(
     stage: Stage,
-    folder: Path,
+    folder: Path | None = None,
     *,
     revision: str = DEFAULT_REVISION,
     endpoint: str | None = None,
     reporter: DownloadReporter | None = None,
     force: bool = False,
+    workers: int = DOWNLOAD_WORKERS,
 ) -> StageStatus:
-    """Fetch the files of `stage` into `folder` and return its final status.
+    """Fetch the files of `stage` and return the final status of the folder holding them.
 
-    Files already there and unchanged on the Hub are kept; a transfer cut mid-file is resumed
-    with HTTP Range requests. `endpoint` defaults to HF_ENDPOINT and the token to HF_TOKEN
-    (huggingface_hub's own lookup). Offline (HF_HUB_OFFLINE), nothing is fetched: a complete
-    folder is returned, anything else is a ModelNotFoundError naming the missing files.
+    `folder` None: into the Hugging Face cache (`cache.hub_cache_dir()`, the layout `hf download`,
+    transformers and vLLM share); else into that plain folder. Files are fetched `workers` at a time;
+    files already there and unchanged on the Hub are kept; a transfer cut mid-file is resumed with
+    HTTP Range requests. `endpoint` defaults to HF_ENDPOINT and the token to HF_TOKEN (huggingface_hub's
+    own lookup). A host that cannot be reached fails at once, in one line. Offline (HF_HUB_OFFLINE),
+    nothing is fetched: a complete folder is returned, anything else is a ModelNotFoundError.
     """
-    folder = Path(folder)
+    from glmvoice_cli.models import cache
+
     if is_offline():
         return _offline_status(stage, folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    fetch = functools.partial(
-        _fetch_file,
-        stage,
-        folder,
-        revision=revision,
-        endpoint=endpoint or hub_endpoint(),
-        reporter=reporter,
-        force=force,
-    )
-    for name in stage.files:
-        fetch(name)
-    for name in stage.extra_files:
-        fetch(name, optional=True)
+    endpoint = endpoint or hub_endpoint()
+    check_reachable(endpoint)
+    if folder is not None:
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        target: dict[str, Any] = {"local_dir": folder}
+    else:
+        target = {"cache_dir": cache.hub_cache_dir()}
+    fetch = functools.partial(_fetch_file, stage, target, revision=revision, endpoint=endpoint,
+                              reporter=reporter, force=force)
+    first = [(name, False) for name in stage.files] + [(name, True) for name in stage.extra_files]
+    first += [(stage.weights_index, False)] if stage.weights_index else []
+    paths = _fetch_all(fetch, first, workers)
+    where = folder if folder is not None else Path(paths[0]).parent  # the snapshot of this commit
     if stage.weights_index is not None:
-        fetch(stage.weights_index)
-        for shard in read_shard_names(folder / stage.weights_index):
-            fetch(shard)
-    status = inspect_stage(stage, folder)
+        _fetch_all(fetch, [(s, False) for s in read_shard_names(where / stage.weights_index)], workers)
+    status = inspect_stage(stage, where)
     if not status.complete:
         raise CheckpointError(
-            f"{stage.name}: download finished but {folder} still lacks {short_list(status.missing)}"
+            f"{stage.name}: download finished but {where} still lacks {short_list(status.missing)}"
         )
     return status
 
 
-def _offline_status(stage: Stage, folder: Path) -> StageStatus:
-    status = inspect_stage(stage, folder)
-    if status.complete:
-        return status
+def _fetch_all(fetch: Callable[..., str | None], names: list[tuple[str, bool]], workers: int) -> list[str]:
+    """Fetch (name, optional) pairs in parallel; the first failure is raised once the others stop."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with _quiet_hf_logs(), ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        futures = [pool.submit(fetch, name, optional=optional) for name, optional in names]
+        try:
+            results = [f.result() for f in futures]
+        except BaseException:
+            for f in futures:
+                f.cancel()
+            raise
+    return [r for r in results if r is not None]
+
+
+@contextmanager
+def _quiet_hf_logs() -> Iterator[None]:
+    """huggingface_hub logs each retry as a warning: our one-line error says what failed instead."""
+    logger = logging.getLogger("huggingface_hub")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def check_reachable(endpoint: str | None = None, timeout_s: float = REACH_TIMEOUT_S) -> None:
+    """Open (and close) a TCP connection to the Hub, or its HTTPS proxy, or raise one line with the cause.
+
+    huggingface_hub retries an unreachable host for a minute with a log line per try; this answers in
+    seconds.
+    """
+    import socket
+    from urllib.parse import urlsplit
+
+    url = endpoint or hub_endpoint() or DEFAULT_ENDPOINT
+    proxy = next((os.environ[k] for k in _PROXY_ENVS if os.environ.get(k, "").strip()), None)
+    parts = urlsplit(proxy if proxy and "://" in proxy else f"http://{proxy}" if proxy else url)
+    host = parts.hostname or ""
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        with socket.create_connection((host, port), timeout=timeout_s):
+            pass
+    except OSError as e:
+        via = f" through the proxy {host}:{port}" if proxy else ""
+        cause = e.strerror or str(e) or type(e).__name__
+        raise HubUnreachableError(
+            f"cannot reach {url}{via}: {cause}; check the network connection, or set HF_ENDPOINT to a mirror"
+        ) from e
+
+
+def _offline_status(stage: Stage, folder: Path | None) -> StageStatus:
+    from glmvoice_cli.models import cache
+
+    candidates = [folder] if folder is not None else cache.snapshots(stage.repo_id)
+    for candidate in candidates:
+        status = inspect_stage(stage, candidate)
+        if status.complete:
+            return status
+    where = candidates[0] if candidates else cache.repo_dir(stage.repo_id)
+    status = inspect_stage(stage, where)
     missing = short_list(status.missing) if status.exists else "all files"
     raise ModelNotFoundError(
-        f"HF_HUB_OFFLINE is set and the {stage.name} model in {folder} is missing {missing}; "
+        f"HF_HUB_OFFLINE is set and the {stage.name} model in {where} is missing {missing}; "
         f"unset HF_HUB_OFFLINE and run `{stage.fetch_command}`"
     )
 
 
 def _fetch_file(
     stage: Stage,
-    folder: Path,
+    target: dict[str, Any],
     filename: str,
     *,
     revision: str,
@@ -376,17 +443,19 @@ def _fetch_file(
     reporter: DownloadReporter | None,
     force: bool,
     optional: bool = False,
-) -> None:
-    """Download one file with huggingface_hub into `folder`, translating its errors to one line."""
+) -> str | None:
+    """Download one file with huggingface_hub into `target` (local_dir= or cache_dir=), translating its
+    errors to one line; its path, or None for an optional file the repository lacks."""
     import huggingface_hub as hf
     from huggingface_hub import errors as hf_errors
 
+    folder = Path(target.get("local_dir") or target["cache_dir"])
     try:
-        hf.hf_hub_download(
+        return hf.hf_hub_download(
             stage.repo_id,
             filename,
             revision=revision,
-            local_dir=folder,
+            **target,
             endpoint=endpoint,
             force_download=force,
             tqdm_class=_ReporterBar.bound(reporter, f"{stage.name}/{filename}"),
@@ -400,7 +469,7 @@ def _fetch_file(
         raise GlmVoiceError(_network_line(stage, filename, endpoint, cause or e)) from e
     except hf_errors.EntryNotFoundError:  # the file is not in the repository (HTTP 404)
         if optional:
-            return
+            return None
         raise ModelNotFoundError(f"{stage.repo_id}@{revision} has no file {filename}") from None
     except (hf_errors.HfHubHTTPError, OSError, ValueError) as e:
         raise GlmVoiceError(_network_line(stage, filename, endpoint, e)) from e
@@ -434,7 +503,7 @@ def _reason(error: BaseException) -> str:
 
 
 def _network_line(stage: Stage, filename: str, endpoint: str | None, error: BaseException) -> str:
-    where = endpoint or "https://huggingface.co"
+    where = endpoint or DEFAULT_ENDPOINT
     return (
         f"could not download {stage.repo_id}/{filename} from {where}: {_reason(error)}; "
         f"run `{stage.fetch_command}` again to resume"

@@ -2,7 +2,7 @@
 
 huggingface_hub records, for each file it downloads into a folder, the commit and the ETag it
 saw in ``<folder>/.cache/huggingface/download/<file>.metadata`` (three lines: commit, ETag,
-timestamp). The ETag of a large (LFS) file is its SHA-256, that of a small file its git blob
+timestamp); in its cache, a snapshot's file is a link to ``blobs/<ETag>``. The ETag of a large (LFS) file is its SHA-256, that of a small file its git blob
 SHA-1, so both can be recomputed locally. Files without such a record (folders written by
 `selftest` or copied by hand) are reported as unverified, not as bad.
 """
@@ -39,7 +39,13 @@ class Verification:
 
 
 def recorded_etag(folder: Path, filename: str) -> str | None:
-    """The ETag huggingface_hub stored for `filename` in `folder`, or None."""
+    """The ETag huggingface_hub stored for `filename` in `folder` (a plain folder's metadata record, or
+    the blob a cache snapshot's link points to), or None."""
+    from glmvoice_cli.models.cache import blob_etag
+
+    linked = blob_etag(folder / filename)
+    if linked is not None:
+        return linked
     record = folder / METADATA_DIR / f"{filename}.metadata"
     try:
         lines = record.read_text(encoding="utf-8").splitlines()

@@ -5,8 +5,11 @@ A model folder is chosen, first match wins:
 1. ``--tokenizer/--lm/--decoder PATH``, then ``--models DIR`` (``DIR/<stage>``)   command-line flags
 2. ``GLMVOICE_TOKENIZER/_LM/_DECODER``, then ``GLMVOICE_MODELS``                  environment
 3. ``[paths] tokenizer/lm/decoder``, then ``models`` in ``config.toml``            config file
-4. ``<cache root>/models/<stage>``, filled by ``glmvoice models download``        cache
+4. the Hugging Face cache (a complete snapshot of the stage's repository), else
+   ``<cache root>/models/<stage>`` (folders fetched by glmvoice before it used that cache)   cache
 
+The Hugging Face cache is the one `hf download`, transformers and vLLM use (``HF_HUB_CACHE``,
+``HF_HOME``; see `glmvoice_cli.models.cache`), or ``$GLMVOICE_HOME/hub`` when that is set.
 The cache root is ``GLMVOICE_HOME``, else the platform cache folder. The config file is
 ``GLMVOICE_CONFIG``, else ``config.toml`` in the platform config folder; relative paths in it
 are taken from its own folder. Everything is read when asked for, never at import.
@@ -145,7 +148,24 @@ def locate(
     shared = _config_value(config, path, (CONFIG_MODELS_KEY,))
     if shared is not None:
         return ModelLocation(name, shared / name, f"{label} {CONFIG_MODELS_KEY}")
-    return ModelLocation(name, stage_cache_dir(name), None)
+    return ModelLocation(name, cached_stage_dir(name), None)
+
+
+def cached_stage_dir(stage: str) -> Path:
+    """Where the cache holds `stage`: a complete Hugging Face snapshot, else a complete folder of an older
+    glmvoice, else the newest (incomplete) snapshot, else the repository folder still to be filled."""
+    from glmvoice_cli.models import cache
+    from glmvoice_cli.models.hub import inspect_stage
+
+    spec = get_stage(stage)
+    snapshots = cache.snapshots(spec.repo_id)
+    for snapshot in snapshots:
+        if inspect_stage(spec, snapshot).complete:
+            return snapshot
+    legacy = stage_cache_dir(spec.name)
+    if inspect_stage(spec, legacy).complete:
+        return legacy
+    return snapshots[0] if snapshots else cache.repo_dir(spec.repo_id)
 
 
 def resolve_model_dir(

@@ -1,0 +1,91 @@
+"""`glmvoice sessions list|show|export|rm`: the saved conversations. No torch here."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+sessions_app = typer.Typer(name="sessions", help="List, show, export and remove saved chat sessions.",
+                           no_args_is_help=True, add_completion=False)
+
+RefArg = Annotated[str, typer.Argument(help="A session ID, a unique start of one, 'last', or a folder.",
+                                       show_default=False)]
+
+
+@sessions_app.command("list")
+def list_cmd(as_json: Annotated[bool, typer.Option("--json", help="One JSON object per session.")] = False,
+             ) -> None:
+    """The saved sessions, oldest first, with their turn counts."""
+    from glmvoice_cli.chat.store import list_sessions, sessions_root
+
+    found = list_sessions()
+    if as_json:
+        for s in found:
+            typer.echo(json.dumps({"id": s.id, "created": s.created, "mode": s.mode, "turns": s.turns,
+                                   "path": str(s.path)}))
+        return
+    if not found:
+        typer.echo(f"no saved sessions in {sessions_root()}")
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"sessions ({sessions_root()})", title_justify="left")
+    for column in ("id", "created", "mode", "turns"):
+        table.add_column(column)
+    for s in found:
+        table.add_row(s.id, (s.created or "?")[:19].replace("T", " "), s.mode or "?", str(s.turns))
+    Console(soft_wrap=True).print(table)
+
+
+@sessions_app.command("show")
+def show(ref: RefArg, as_json: Annotated[bool, typer.Option("--json", help="One JSON object per turn.")] = False,
+         ) -> None:
+    """Print a session's conversation."""
+    from glmvoice_cli.chat.sessions import export_text, load
+
+    session = load(ref)
+    for warning in session.warnings:
+        typer.secho(f"warning: {warning}", fg=typer.colors.YELLOW, err=True)
+    typer.echo(export_text(session, "jsonl" if as_json else "txt"), nl=False)
+
+
+@sessions_app.command("export")
+def export(
+    ref: RefArg,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Write here instead of stdout.")] = None,
+    fmt: Annotated[str, typer.Option("--format", help="md (Markdown), txt or jsonl.")] = "md",
+) -> None:
+    """Export a session's conversation as Markdown, plain text or JSON lines."""
+    from glmvoice_cli.chat.sessions import export_text, load
+    from glmvoice_cli.errors import UsageError
+
+    text = export_text(load(ref), fmt)
+    if output is None:
+        typer.echo(text, nl=False)
+        return
+    try:
+        output.write_text(text, encoding="utf-8")
+    except OSError as e:
+        raise UsageError(f"cannot write {output}: {e.strerror or e}") from e
+    typer.echo(f"wrote {output}", err=True)
+
+
+@sessions_app.command("rm")
+def rm(
+    refs: Annotated[list[str], typer.Argument(help="Sessions to delete (IDs, unique starts, 'last').")],
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
+) -> None:
+    """Delete saved sessions (their transcript and audio)."""
+    from glmvoice_cli.chat.sessions import find_session, remove
+
+    paths = list(dict.fromkeys(find_session(r) for r in refs))  # every name checked before deleting any
+    for path in paths:
+        if not yes and not typer.confirm(f"Delete session {path.name} ({path})?", default=False):
+            typer.echo(f"{path.name}: kept")
+            continue
+        remove(path)
+        typer.echo(f"{path.name}: deleted")

@@ -1,0 +1,88 @@
+"""Will the models fit? Memory needed for the chosen device and dtype against what the machine has free.
+
+The official language model is stored in bf16 (2 bytes per parameter, about 19 GB); loaded in fp32 on a
+CPU it takes twice that. The check runs before a model loads and before a download is offered, so that a
+machine that cannot hold the model is told what to do instead of downloading 21 GB and then swapping.
+No torch at import.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from glmvoice_cli.models import hub
+
+GB = 1_000_000_000
+STORED_BYTES_PER_PARAM = 2  # the official LM shards are bf16
+BYTES_PER_PARAM = {"fp32": 4, "float32": 4, "bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2}
+QUANT_BYTES_PER_PARAM = {4: 0.56, 8: 1.06}  # NF4 / int8 weights plus their scales and the fp16 layers
+OVERHEAD = 1.15  # activations, KV cache of a conversation, allocator slack
+
+
+@dataclass(frozen=True)
+class MemoryNeed:
+    needed_bytes: int
+    available_bytes: int | None  # None: the platform does not say
+    where: str  # "RAM" or "cuda:0 memory"
+    dtype: str
+
+    @property
+    def fits(self) -> bool:
+        return self.available_bytes is None or self.needed_bytes <= self.available_bytes
+
+    def advice(self) -> str:
+        """One line: how much is needed, how much is free, and what to do."""
+        have = "unknown" if self.available_bytes is None else f"{self.available_bytes / GB:.1f} GB"
+        line = (f"the models need about {self.needed_bytes / GB:.0f} GB of {self.where} in {self.dtype} and "
+                f"{have} is available")
+        if self.where == "RAM" and self.dtype in ("fp32", "float32"):
+            return line + ": use --dtype bf16 (about half), or a CUDA GPU (--device cuda)"
+        if self.where == "RAM":
+            return line + ": free memory, or use a CUDA GPU (--device cuda)"
+        return line + ": use --quantize 4 (pip install 'glmvoice[quant]'), or a larger GPU"
+
+
+def stored_bytes(stage: hub.Stage, folder: Path | None) -> int:
+    """The stage's weights on disk when present, else its published size."""
+    if folder is not None:
+        size = hub.folder_size(folder)
+        if size > 0 and hub.inspect_stage(stage, folder).complete:
+            return size
+    return stage.approx_bytes
+
+
+def available_ram() -> int | None:
+    """MemAvailable on Linux, else physical pages free where sysconf knows, else None."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def estimate(dirs: dict[str, Path | None], device_type: str, dtype: str, quantize: int | None = None,
+             available: int | None = None) -> MemoryNeed:
+    """The memory the stages in `dirs` (stage -> folder, None when not downloaded) need on the device.
+
+    `available` is the device's free memory (RAM for "cpu" and "mps", which shares it) when known.
+    """
+    total = 0.0
+    for name, folder in dirs.items():
+        stage = hub.STAGES[name]
+        size: float = stored_bytes(stage, folder)
+        if name == "lm":
+            per_param = QUANT_BYTES_PER_PARAM.get(quantize or 0) or BYTES_PER_PARAM.get(dtype, 4)
+            size = size * per_param / STORED_BYTES_PER_PARAM
+        total += size
+    where = "RAM" if device_type in ("cpu", "mps") else f"{device_type} memory"
+    if available is None and where == "RAM":
+        available = available_ram()
+    return MemoryNeed(int(total * OVERHEAD), available, where, dtype)

@@ -1,0 +1,85 @@
+"""The Hugging Face cache layout: where `hf download`, transformers, vLLM and glmvoice share one copy.
+
+A repository is cached as ``<hub cache>/models--<owner>--<name>/`` holding ``blobs/<etag>`` (the
+content, named by its ETag), ``snapshots/<commit>/<file>`` (symlinks to the blobs) and
+``refs/<branch>`` (the commit a branch pointed to when last fetched). The hub cache is, first found:
+``$GLMVOICE_HOME/hub`` (glmvoice's own store, in the same layout), ``$HF_HUB_CACHE``,
+``$HF_HOME/hub``, ``$XDG_CACHE_HOME/huggingface/hub``, ``~/.cache/huggingface/hub``. All read at call
+time (huggingface_hub reads them once, at import), and nothing here imports huggingface_hub.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+REPO_PREFIX = "models--"
+DEFAULT_BRANCH = "main"
+
+
+def _env_path(name: str) -> Path | None:
+    value = os.environ.get(name, "").strip()
+    return Path(value).expanduser() if value else None
+
+
+def hub_cache_dir() -> Path:
+    """Where model repositories are cached (see the module docstring for the order)."""
+    home = _env_path("GLMVOICE_HOME")
+    if home is not None:
+        return home / "hub"
+    explicit = _env_path("HF_HUB_CACHE")
+    if explicit is not None:
+        return explicit
+    hf_home = _env_path("HF_HOME")
+    if hf_home is not None:
+        return hf_home / "hub"
+    xdg = _env_path("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return xdg / "huggingface" / "hub"
+
+
+def repo_dir(repo_id: str, cache: Path | None = None) -> Path:
+    """``<cache>/models--THUDM--glm-4-voice-9b`` for ``THUDM/glm-4-voice-9b``."""
+    return (cache or hub_cache_dir()) / (REPO_PREFIX + repo_id.replace("/", "--"))
+
+
+def snapshots(repo_id: str, cache: Path | None = None, revision: str = DEFAULT_BRANCH) -> list[Path]:
+    """The repository's snapshot folders, the one `revision` points to first, then newest first."""
+    root = repo_dir(repo_id, cache)
+    folder = root / "snapshots"
+    if not folder.is_dir():
+        return []
+    found = sorted((p for p in folder.iterdir() if p.is_dir()), key=lambda p: p.stat().st_mtime, reverse=True)
+    ref = root / "refs" / revision
+    try:
+        commit = ref.read_text(encoding="utf-8").strip() if ref.is_file() else revision
+    except OSError:
+        commit = revision
+    pointed = folder / commit
+    return ([pointed] if pointed in found else []) + [p for p in found if p != pointed]
+
+
+def true_size(folder: Path) -> int:
+    """Bytes of the files under `folder`, following symlinks (a snapshot's files are links to blobs),
+    each distinct file counted once."""
+    if not folder.is_dir():
+        return 0
+    seen: set[tuple[int, int]] = set()
+    total = 0
+    for path in folder.rglob("*"):
+        try:
+            st = path.stat()  # follows links
+        except OSError:  # a dangling link
+            continue
+        if not path.is_file() or (st.st_dev, st.st_ino) in seen:
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        total += st.st_size
+    return total
+
+
+def blob_etag(path: Path) -> str | None:
+    """The ETag of a cached snapshot file: the name of the blob its link points to, else None."""
+    if not path.is_symlink():
+        return None
+    target = Path(os.readlink(path))
+    return target.name.lower() if target.parent.name == "blobs" else None
