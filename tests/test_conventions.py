@@ -137,7 +137,11 @@ def test_every_option_of_every_command_has_its_environment_variable() -> None:
             if param.name in conventions.MODEL_PATH_OPTIONS:
                 assert param.envvar is None, (path, param.name)  # models.settings.locate owns their order
             else:
-                assert param.envvar == f"GLMVOICE_{param.name.upper()}", (path, param.name)
+                assert param.envvar == f"GLMVOICE_{conventions.setting_name(param).upper()}", (path, param.name)
+    chat = commands["chat"]
+    names = {conventions.setting_name(p) for p in chat.params}
+    assert {"compile", "top_p", "output", "threads"} <= names  # flags' names, not Python parameters'
+    assert "compile_lm" not in names
 
 
 @pytest.mark.parametrize("command", ["chat", "tts", "transcribe", "tokenize", "decode"])

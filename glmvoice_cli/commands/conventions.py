@@ -38,9 +38,16 @@ LOGGER_NAME = "glmvoice_cli"
 log = logging.getLogger(LOGGER_NAME)
 
 
-def env_name(param_name: str) -> str:
-    """GLMVOICE_TOP_P for the option --top-p (parameter top_p)."""
-    return ENV_PREFIX + param_name.upper()
+def env_name(setting: str) -> str:
+    """GLMVOICE_TOP_P for the setting top_p (the option --top-p)."""
+    return ENV_PREFIX + setting.upper()
+
+
+def setting_name(option: Any) -> str:
+    """The name users see: the option's first long flag without dashes (--top-p: top_p; --json: json,
+    whatever the Python parameter is called)."""
+    flags = [o for o in getattr(option, "opts", []) if o.startswith("--")]
+    return _normalise(flags[0][2:]) if flags else str(option.name)
 
 
 def _leaf_commands(group: TyperGroup, prefix: str = "") -> dict[str, click.Command]:
@@ -65,7 +72,7 @@ def install_envvars(root: TyperGroup) -> None:
     for command in [root, *_leaf_commands(root).values()]:
         for option in _settings(command):
             if option.envvar is None and option.name:
-                option.envvar = env_name(option.name)
+                option.envvar = env_name(setting_name(option))
                 option.show_envvar = False  # one sentence in the root --help says it for all
             if getattr(option, "is_flag", False) and not getattr(option, "count", False) and option.metavar is None:
                 option.metavar = ""  # a flag takes no value: show no "<bool>" type in --help
@@ -87,7 +94,7 @@ def _config_value(option: Any, value: Any, base: Path) -> Any:
 def build_default_map(root: TyperGroup, config: dict[str, Any], path: Path) -> dict[str, Any]:
     """Click's default_map (nested by command) from a parsed config file; unknown keys are logged."""
     commands = _leaf_commands(root)
-    top_names: set[str] = {o.name for c in [root, *commands.values()] for o in c.params if o.name}
+    top_names = {setting_name(o) for c in [root, *commands.values()] for o in c.params if o.name}
     default_map: dict[str, Any] = {}
     top = {_normalise(k): v for k, v in config.items() if not isinstance(v, dict)}
     tables = {_normalise(k): v for k, v in config.items() if isinstance(v, dict)}
@@ -101,16 +108,17 @@ def build_default_map(root: TyperGroup, config: dict[str, Any], path: Path) -> d
             warn_unknown(path, f"[{name}]")
             continue
         for key in table:
-            if _normalise(key) not in {o.name for o in _settings(commands[name])}:
+            if _normalise(key) not in {setting_name(o) for o in _settings(commands[name])}:
                 warn_unknown(path, f"{name}.{key}")
     for command_path, command in [("", root), *commands.items()]:
         values: dict[str, Any] = {}
         table = tables.get(command_path, {}) if command_path else {}
         table = {_normalise(k): v for k, v in table.items()}
         for option in _settings(command):
+            key = setting_name(option)
             for source in (table, top):
-                if option.name in source:
-                    values[option.name] = _config_value(option, source[option.name], path.parent)
+                if key in source:
+                    values[option.name] = _config_value(option, source[key], path.parent)
                     break
         node = default_map
         for part in command_path.split():
