@@ -36,8 +36,15 @@ def load_lm(folder: Path, options: LoadOptions | None = None) -> GlmForCausalLM:
     folder = Path(folder)
     cfg = load_lm_config(folder)
     files = weight_files(folder)
-    check_lm_size(cfg, files, folder / CONFIG_FILE)  # before the per-key checks, which loop over layers
-    check_weight_files(files, cfg)
+    # The per-key check names the exact key at fault but loops over the config's layers, so it goes
+    # first only while that loop is bounded by what is on disk (every layer has tensors of its own);
+    # a config with more layers than the files have keys meets the cheap size check first.
+    keys_bound_layers = cfg.num_hidden_layers <= len(files)
+    if keys_bound_layers:
+        check_weight_files(files, cfg)
+    check_lm_size(cfg, files, folder / CONFIG_FILE)
+    if not keys_bound_layers:
+        check_weight_files(files, cfg)
     from glmvoice_cli.device import pick_device, pick_dtype
 
     device = pick_device(options.device)
