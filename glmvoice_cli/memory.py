@@ -20,14 +20,16 @@ GIB = 1 << 30
 
 def available_bytes() -> int:
     """Memory this process may still allocate: the machine's available memory, capped by RLIMIT_AS."""
-    limits = [_machine_available()]
+    machine = machine_available()
+    limits = [machine if machine is not None else 1 << 62]  # unknown: do not refuse on a guess
     soft, _ = resource.getrlimit(resource.RLIMIT_AS)
     if soft != resource.RLIM_INFINITY:
         limits.append(max(soft - _address_space_used(), 0))
     return min(limits)
 
 
-def _machine_available() -> int:
+def machine_available() -> int | None:
+    """MemAvailable on Linux, else physical pages free where sysconf knows, else None."""
     try:
         for line in MEMINFO.read_text().splitlines():
             if line.startswith("MemAvailable:"):
@@ -37,7 +39,7 @@ def _machine_available() -> int:
     try:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):
-        return 1 << 62  # unknown: do not refuse on a guess
+        return None
 
 
 def _address_space_used() -> int:

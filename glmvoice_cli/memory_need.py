@@ -8,10 +8,10 @@ No torch at import.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from glmvoice_cli.memory import machine_available
 from glmvoice_cli.models import hub
 
 GB = 1_000_000_000
@@ -54,18 +54,8 @@ def stored_bytes(stage: hub.Stage, folder: Path | None) -> int:
 
 
 def available_ram() -> int | None:
-    """MemAvailable on Linux, else physical pages free where sysconf knows, else None."""
-    try:
-        with open("/proc/meminfo", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return None
+    """The machine's available RAM, None where the platform does not say."""
+    return machine_available()
 
 
 def estimate(dirs: dict[str, Path | None], device_type: str, dtype: str, quantize: int | None = None,
