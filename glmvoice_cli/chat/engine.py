@@ -58,6 +58,7 @@ from glmvoice_cli.chat.history import answer_text, trim_to_heard
 from glmvoice_cli.chat.listening import Speculation, SpeculationStats, TurnListener
 from glmvoice_cli.chat.turn_timing import breakdown
 from glmvoice_cli.chat.writer import SessionWriter
+from glmvoice_cli.config import SPECULATIVE_PAUSE_MS
 from glmvoice_cli.errors import AudioDeviceError, ContextLengthError, GlmVoiceError
 from glmvoice_cli.events import (
     AssistantTurn,
@@ -91,7 +92,6 @@ LEVEL_EVERY_BLOCKS = 5  # capture blocks between input-level updates (150 ms at 
 IDLE_TICK_S = 0.03  # virtual time advanced per wait once the source has ended
 JOIN_TIMEOUT_S = 10.0  # how long join() waits for a thread that is inside a model call
 PLAYBACK_STALL_S = 5.0  # queued audio that does not move for this long: the output device is gone
-DEFAULT_SPECULATIVE_PAUSE_MS = 200  # a pause this long starts the answer, played only once the turn ends
 
 
 @dataclass(frozen=True)
@@ -103,7 +103,7 @@ class EngineConfig:
     transcribe_user: bool = False  # a text-only LM pass before each answer (costs latency) fills the user's text
     transcribe_max_new_tokens: int = TURN_TRANSCRIPT_MAX_TOKENS
     streaming: bool = True  # tokenize each completed block and prefill it while the user speaks
-    speculative_pause_ms: int | None = DEFAULT_SPECULATIVE_PAUSE_MS  # start answering (unheard) at this pause
+    speculative_pause_ms: int | None = SPECULATIVE_PAUSE_MS  # start answering (unheard) at this pause
 
 
 @dataclass

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+from glmvoice_cli.audio.vad import VadConfig
 from glmvoice_cli.commands.common import (
     CompileOpt,
     DecoderOpt,
@@ -46,13 +47,13 @@ from glmvoice_cli.commands.common import (
     use_threads,
     with_sampling,
 )
+from glmvoice_cli.config import SPECULATIVE_PAUSE_MS
 from glmvoice_cli.errors import UsageError
 
 if TYPE_CHECKING:
     from glmvoice_cli.audio.devices import AudioSink, AudioSource
     from glmvoice_cli.audio.echo import EchoCanceller
     from glmvoice_cli.audio.playback import Clock
-    from glmvoice_cli.audio.vad import VadConfig
     from glmvoice_cli.chat.engine import ChatEngine
     from glmvoice_cli.chat.store import SessionStore
     from glmvoice_cli.lm.voice_lm import GenerationOptions
@@ -60,6 +61,9 @@ if TYPE_CHECKING:
 
 ECHO_DELAY_S = 0.03  # --simulate-echo: speaker-to-microphone delay of the simulated room
 INTERRUPTED_EXIT = 130  # the shell's code for Ctrl-C
+
+_VAD = VadConfig()  # the turn-taking flags default to the segmenter's own values
+_ONSET_MS = _VAD.start_frames * _VAD.frame_ms  # voiced time that confirms a turn or an interruption
 
 
 def chat(
@@ -78,21 +82,23 @@ def chat(
     headphones: Annotated[bool, typer.Option("--headphones", help="No echo cancellation (the speaker cannot reach the mic).")
                           ] = False,
     vad_aggressiveness: Annotated[int, typer.Option(min=0, max=3, envvar="GLMVOICE_VAD_AGGRESSIVENESS",
-                                                    help="0 keeps most audio as speech, 3 the least.")] = 2,
+                                                    help="0 keeps most audio as speech, 3 the least.")] = _VAD.aggressiveness,
     end_silence_ms: Annotated[int, typer.Option(min=30, envvar="GLMVOICE_END_SILENCE_MS", help=(
-        "Silence that ends your turn. Lower answers sooner but cuts you off at pauses."))] = 700,
+        "Silence that ends your turn. Lower answers sooner but cuts you off at pauses."))] = _VAD.hangover_ms,
     speculative_pause_ms: Annotated[int, typer.Option(min=0, envvar="GLMVOICE_SPECULATIVE_PAUSE_MS", help=(
-        "A pause this long starts the answer unheard (dropped if you go on); 0 turns it off (saves CPU)."))] = 200,
+        "A pause this long starts the answer unheard (dropped if you go on); 0 turns it off (saves CPU)."))] = (
+        SPECULATIVE_PAUSE_MS),
     pre_roll_ms: Annotated[int, typer.Option(min=0, envvar="GLMVOICE_PRE_ROLL_MS", help=(
-        "Audio kept from before your speech was detected, so the first syllable is not clipped."))] = 300,
+        "Audio kept from before your speech was detected, so the first syllable is not clipped."))] = _VAD.pre_roll_ms,
     min_speech_ms: Annotated[int, typer.Option(min=0, envvar="GLMVOICE_MIN_SPEECH_MS", help=(
-        "Shorter bursts (a cough, a door) are not a turn."))] = 250,
+        "Shorter bursts (a cough, a door) are not a turn."))] = _VAD.min_turn_ms,
     max_turn_s: Annotated[float, typer.Option(min=1.0, envvar="GLMVOICE_MAX_TURN_S", help=(
-        "A turn this long is cut and answered, and what follows is a new turn."))] = 30.0,
+        "A turn this long is cut and answered, and what follows is a new turn."))] = _VAD.max_turn_s,
     barge_in: Annotated[bool, typer.Option(envvar="GLMVOICE_BARGE_IN", help=(
         "Speaking while it answers interrupts it; --no-barge-in makes your speech wait its turn."))] = True,
     min_interruption_ms: Annotated[int, typer.Option(min=10, envvar="GLMVOICE_MIN_INTERRUPTION_MS", help=(
-        "Speech needed to start a turn or interrupt. Higher ignores short noises but reacts later."))] = 90,
+        "Speech needed to start a turn or interrupt. Higher ignores short noises but reacts later."))] = (
+        _ONSET_MS),
     stream_input: Annotated[bool, typer.Option(envvar="GLMVOICE_STREAM_INPUT", help=(
         "Tokenize and prefill your speech while you speak; --no-stream-input does it all after your turn."))] = True,
     session_dir: Annotated[Path | None, typer.Option(help="Save the session in this folder.")] = None,
@@ -208,20 +214,18 @@ def _open_store(session_dir: Path | None, resume: Path | None, dirs: dict[str, P
 class TurnTaking:
     """The chat's turn-taking flags (see `glmvoice chat --help`)."""
 
-    aggressiveness: int = 2
-    end_silence_ms: int = 700
-    speculative_pause_ms: int = 200
-    pre_roll_ms: int = 300
-    min_speech_ms: int = 250
-    max_turn_s: float = 30.0
+    aggressiveness: int = _VAD.aggressiveness
+    end_silence_ms: int = _VAD.hangover_ms
+    speculative_pause_ms: int = SPECULATIVE_PAUSE_MS
+    pre_roll_ms: int = _VAD.pre_roll_ms
+    min_speech_ms: int = _VAD.min_turn_ms
+    max_turn_s: float = _VAD.max_turn_s
     barge_in: bool = True
-    min_interruption_ms: int = 90
+    min_interruption_ms: int = _ONSET_MS
     stream_input: bool = True
 
     def vad(self) -> VadConfig:
-        from glmvoice_cli.audio.vad import VadConfig
-
-        frame_ms = VadConfig().frame_ms
+        frame_ms = _VAD.frame_ms
         return VadConfig(aggressiveness=self.aggressiveness, hangover_ms=max(self.end_silence_ms, frame_ms),
                          pre_roll_ms=self.pre_roll_ms, min_turn_ms=self.min_speech_ms, max_turn_s=self.max_turn_s,
                          start_frames=max(1, -(-self.min_interruption_ms // frame_ms)))
