@@ -165,11 +165,21 @@ def test_list_sessions_oldest_first_with_turn_counts(tmp_path: Path):
     assert list_sessions(tmp_path / "nowhere") == []
 
 
-def test_session_ids_are_unique_and_sortable():
-    ids = {new_session_id() for _ in range(50)}
-    assert len(ids) == 50
-    first = min(ids)
-    assert len(first.split("-")) == 3 and first[:8].isdigit()
+def test_session_ids_sort_by_time_and_a_taken_name_is_never_reused(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    from datetime import datetime, timezone
+
+    from glmvoice_cli.chat import store
+
+    early = new_session_id(datetime(2026, 1, 2, 3, 4, 5, tzinfo=timezone.utc))
+    late = new_session_id(datetime(2026, 1, 2, 3, 4, 6, tzinfo=timezone.utc))
+    assert early < late and early.startswith("20260102-030405-") and len(early.split("-")) == 3
+    # Two sessions started in the same second may draw the same suffix: the second gets another name.
+    names = iter(["20260102-030405-aaaa", "20260102-030405-aaaa", "20260102-030405-bbbb"])
+    monkeypatch.setattr(store, "new_session_id", lambda: next(names))
+    monkeypatch.setattr(store, "sessions_root", lambda: tmp_path)
+    first, second = store._claim_folder(None), store._claim_folder(None)
+    assert (first.name, second.name) == ("20260102-030405-aaaa", "20260102-030405-bbbb")
 
 
 def test_unknown_session_is_a_clear_error(tmp_path: Path):
