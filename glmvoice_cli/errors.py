@@ -51,3 +51,12 @@ class HubUnreachableError(GlmVoiceError):
     """The model hub (or its proxy) cannot be reached: no network, a wrong HF_ENDPOINT, a firewall."""
 
     exit_code = 5
+
+
+class LMServerError(GlmVoiceError):
+    """A remote LM server (--lm-url) is unreachable, refuses a request, stalls or cuts an answer.
+
+    A chat survives it: the turn is cut, the session kept, and the next turn tries again.
+    """
+
+    exit_code = 5

@@ -157,7 +157,7 @@ class Failed:
     """A stage failed; the message is one line for the user. The session goes on or ends."""
 
     message: str
-    recoverable: bool = False  # True: only this turn was refused, the session goes on
+    recoverable: bool = False  # True: only this turn failed or was refused, the session goes on
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+DEFAULT_LM_TIMEOUT_S = 60.0  # a remote LM's longest silence: the headers, or the next token of an answer
+
+
+@dataclass(frozen=True)
+class LMServer:
+    """A remote LM: an OpenAI-compatible completions server (vLLM) serving the GLM-4-Voice LM."""
+
+    url: str  # http(s)://host:port, with or without /v1
+    api_key: str | None = None  # sent as a Bearer token
+    model: str | None = None  # the served model name; None: the server's only model
+    timeout_s: float = DEFAULT_LM_TIMEOUT_S
+
 
 @dataclass(frozen=True)
 class LoadOptions:
@@ -15,3 +27,4 @@ class LoadOptions:
     attn_implementation: str = "sdpa"  # the LM's attention: "sdpa" or "eager"
     seed: int | None = None  # the speech decoder's noise seed; None draws a fresh one
     compile: bool | None = None  # the LM's static cache + compiled decode step; auto: on for CUDA only
+    lm_server: LMServer | None = None  # run the LM on this server; only its tokenizer and config load here

@@ -25,9 +25,10 @@ if TYPE_CHECKING:
     import torch
 
     from glmvoice_cli.decoder.speech_decoder import SpeechDecoder
+    from glmvoice_cli.lm.backend import LMBackend
     from glmvoice_cli.lm.compiled import CompileReport
     from glmvoice_cli.lm.prompts import SpeechInput, UserInput
-    from glmvoice_cli.lm.voice_lm import Conversation, GenerationOptions, VoiceLM
+    from glmvoice_cli.lm.voice_lm import Conversation, GenerationOptions
     from glmvoice_cli.tokenizer.speech_tokenizer import SpeechTokenizer
 
 STAGE_ORDER = ("tokenizer", "lm", "decoder")
@@ -36,7 +37,7 @@ STAGE_ORDER = ("tokenizer", "lm", "decoder")
 class Assistant:
     """The loaded stages a command needs (any of them may be absent when not needed)."""
 
-    def __init__(self, lm: VoiceLM, tokenizer: SpeechTokenizer | None = None,
+    def __init__(self, lm: LMBackend, tokenizer: SpeechTokenizer | None = None,
                  decoder: SpeechDecoder | None = None) -> None:
         self.lm, self.speech_tokenizer, self.decoder = lm, tokenizer, decoder
         self.load_seconds: dict[str, float] = {}
@@ -52,12 +53,13 @@ class Assistant:
 
         `on_status` hears about slow steps (the LM's compile at first start); a compile that fails
         leaves the eager loop and one line in `warnings`. `on_stage(stage, folder, None)` is called as
-        each stage starts loading and `on_stage(stage, folder, seconds)` when it is loaded.
+        each stage starts loading and `on_stage(stage, folder, seconds)` when it is loaded. With
+        `options.lm_server` the LM runs on that server and only its config and tokenizer load.
         """
         from glmvoice_cli.decoder.checkpoint import load_decoder
         from glmvoice_cli.decoder.speech_decoder import SpeechDecoder
         from glmvoice_cli.device import pick_device
-        from glmvoice_cli.lm.voice_lm import VoiceLM
+        from glmvoice_cli.lm.backend import load_lm_backend
         from glmvoice_cli.tokenizer.speech_tokenizer import SpeechTokenizer
 
         options = options or LoadOptions()
@@ -73,7 +75,7 @@ class Assistant:
             if stage == "tokenizer":
                 loaded[stage] = SpeechTokenizer.from_pretrained(dirs[stage], device=str(device))
             elif stage == "lm":
-                loaded[stage] = VoiceLM.from_folder(dirs[stage], replace(options, device=str(device)))
+                loaded[stage] = load_lm_backend(dirs[stage], replace(options, device=str(device)))
             else:
                 loaded[stage] = SpeechDecoder(load_decoder(dirs[stage], device), seed=options.seed)
             seconds[stage] = time.perf_counter() - start
@@ -91,6 +93,10 @@ class Assistant:
         if on_status is not None:
             on_status(f"compiling the language model's decode step (cached in {inductor_cache_dir()})")
         start = time.perf_counter()
+        from glmvoice_cli.lm.voice_lm import VoiceLM
+
+        if not isinstance(self.lm, VoiceLM):
+            return
         try:
             report = self.lm.enable_static(compiled=True)
             self.compile_report = report
@@ -170,7 +176,12 @@ class _Voice:
 
 
 def _wants_compile(options: LoadOptions, device: torch.device) -> bool:
-    """--compile/--no-compile, else on for CUDA only (on CPU the eager loop is faster: benchmarks/lm.py)."""
+    """--compile/--no-compile, else on for CUDA only (on CPU the eager loop is faster: benchmarks/lm.py).
+
+    Never for a remote LM: the server compiles its own.
+    """
+    if options.lm_server is not None:
+        return False
     return options.compile if options.compile is not None else device.type == "cuda"
 
 

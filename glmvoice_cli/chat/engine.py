@@ -59,7 +59,7 @@ from glmvoice_cli.chat.listening import Speculation, SpeculationStats, TurnListe
 from glmvoice_cli.chat.turn_timing import breakdown
 from glmvoice_cli.chat.writer import SessionWriter
 from glmvoice_cli.config import SPECULATIVE_PAUSE_MS
-from glmvoice_cli.errors import AudioDeviceError, ContextLengthError, GlmVoiceError
+from glmvoice_cli.errors import AudioDeviceError, ContextLengthError, GlmVoiceError, LMServerError
 from glmvoice_cli.events import (
     AssistantTurn,
     AudioChunk,
@@ -120,6 +120,7 @@ class _Job:
     generated: threading.Event = field(default_factory=threading.Event)  # the answer is fully generated
     barge_in: SpeechStarted | None = None  # the onset that cut this turn
     stopped: bool = False  # cut by stop() (Ctrl-C, a failure)
+    error: LMServerError | None = None  # the LM server failed this turn (the chat goes on)
     base_played: int | None = None  # sink.played when the answer started (None: not started yet)
     turn_start: int | None = None  # input sample where the spoken turn began (the listener's turn id)
     voice_end_at: float | None = None  # perf_counter when the last voiced frame was read (end of voice)
@@ -169,7 +170,8 @@ class ChatEngine:
         self.conversation = conversation if conversation is not None else assistant.lm.new_conversation()
         self.echo = echo or NullEchoCanceller()
         tokenizer = assistant.speech_tokenizer
-        self.listener = (TurnListener(tokenizer, assistant.lm, prefill=hasattr(assistant.lm, "warm"))
+        self.listener = (TurnListener(tokenizer, assistant.lm,  # type: ignore[arg-type]
+                                      prefill=hasattr(assistant.lm, "warm"))
                          if self.config.streaming and source is not None and tokenizer is not None else None)
         pause = self.config.speculative_pause_ms if not self.config.transcribe_user else None
         self.segmenter = (Segmenter(self.config.vad, classifier, stream_turns=self.listener is not None,
@@ -187,6 +189,7 @@ class ChatEngine:
         self._jobs: queue.Queue[_Job | object] = queue.Queue()
         self._open: list[_Job] = []  # turns queued or running, not yet finished (under _play_lock)
         self._turns = 0  # turns submitted so far (under _play_lock)
+        self.last_turn_error: LMServerError | None = None  # the last turn failed on the LM server
         self._play_lock = threading.Lock()  # sink writes vs. barge-in flushes
         self._stop = threading.Event()
         self._done = threading.Event()
@@ -467,6 +470,8 @@ class ChatEngine:
                 self._refuse(job, e)
                 return
             error = e
+        except LMServerError as e:  # the LM server failed: cut this turn, keep the session, take the next
+            job.error = e
         except GlmVoiceError as e:  # a lost speaker, a failing stage: save what was said, then end
             error = e
         except Exception as e:  # noqa: BLE001 - a bug or a torch error: the same, with its cause
@@ -484,6 +489,9 @@ class ChatEngine:
             self._fail(error)
         self._wait_played(job)
         self._finish_turn(job, answer, start)
+        self.last_turn_error = job.error
+        if job.error is not None:
+            self._emit(Failed(_one_line(job.error), recoverable=True))
 
     def _user_input(self, job: _Job) -> UserInput:
         """The turn as LM input: typed text, or speech ids (from the listener when it heard this turn)."""
@@ -598,7 +606,8 @@ class ChatEngine:
         if interrupted and answer.started:
             trim_to_heard(conv, tok, played, rate)
         kept = tuple(conv.last_output) if answer.started else ()
-        reason = "cancelled" if job.stopped else "barge_in" if job.cancel.is_set() else ended.reason
+        reason = ("error" if job.error else "cancelled" if job.stopped else "barge_in" if job.cancel.is_set()
+                  else ended.reason)
         listener = self.listener
         marks = listener.marks if listener is not None and job.turn_start == listener.turn_start else None
         timings = breakdown(ended.timings, origin=job.voice_end_at or job.heard_at, confirmed=job.heard_at,
@@ -635,8 +644,12 @@ class ChatEngine:
             if first:
                 self._error = error
         if first:
-            self._emit(Failed(str(error).splitlines()[0] if str(error) else type(error).__name__))
+            self._emit(Failed(_one_line(error)))
         self.stop()
+
+
+def _one_line(error: GlmVoiceError) -> str:
+    return str(error).splitlines()[0] if str(error) else type(error).__name__
 
 
 @dataclass

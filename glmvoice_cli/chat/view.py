@@ -76,8 +76,8 @@ class PlainView:
             self._speaking = False
         elif isinstance(event, Failed):
             self._close_line()
-            if event.recoverable:
-                self._write(f"note: {event.message}\n")
+            if event.recoverable:  # a fatal one is printed by the command as it exits
+                self._write(f"error: {event.message} (the conversation goes on)\n")
 
     def _close_line(self) -> None:
         if self._speaking:

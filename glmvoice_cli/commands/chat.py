@@ -34,7 +34,11 @@ from glmvoice_cli.commands.common import (
     DecoderOpt,
     DeviceOpt,
     DtypeOpt,
+    LmApiKeyOpt,
+    LmModelOpt,
     LmOpt,
+    LmTimeoutOpt,
+    LmUrlOpt,
     MaxTokensOpt,
     ModelsOpt,
     QuantizeOpt,
@@ -43,6 +47,7 @@ from glmvoice_cli.commands.common import (
     ThreadsOpt,
     TokenizerOpt,
     TopPOpt,
+    lm_server,
     load_assistant,
     use_threads,
     with_sampling,
@@ -111,6 +116,8 @@ def chat(
     device: DeviceOpt = None, dtype: DtypeOpt = None, quantize: QuantizeOpt = None, compile_lm: CompileOpt = None,
     max_new_tokens: MaxTokensOpt = None, seed: SeedOpt = None,
     temperature: TemperatureOpt = None, top_p: TopPOpt = None, threads: ThreadsOpt = None,
+    lm_url: LmUrlOpt = None, lm_api_key: LmApiKeyOpt = None, lm_model: LmModelOpt = None,
+    lm_timeout: LmTimeoutOpt = None,
 ) -> None:
     """Talk with GLM-4-Voice: speak (or type with --text), interrupt it any time; the session is saved."""
     _check_options(input_file, output, text, realtime, simulate_echo, session_dir, resume)
@@ -122,7 +129,8 @@ def chat(
         assistant = load_assistant(stages, models=models,
                                    overrides={"tokenizer": tokenizer, "lm": lm, "decoder": decoder},
                                    device=device, dtype=dtype, quantize=quantize, seed=seed,
-                                   compile=compile_lm)
+                                   compile=compile_lm,
+                                   server=lm_server(lm_url, lm_api_key, lm_model, lm_timeout))
         store = _open_store(session_dir, resumed, assistant.dirs, "text" if text else "voice")
         turns = TurnTaking(vad_aggressiveness, end_silence_ms, speculative_pause_ms, pre_roll_ms, min_speech_ms,
                            max_turn_s, barge_in, min_interruption_ms, stream_input)
@@ -283,9 +291,11 @@ def _run_engine(engine: ChatEngine, store: SessionStore, text: bool, live: bool,
         raise typer.Exit(INTERRUPTED_EXIT) from None
     engine.join()
     _print_latency(engine)
-    if engine.error is not None:
+    if engine.error is not None or engine.last_turn_error is not None:
         typer.echo(f"session saved in {store.path}", err=True)
-        raise engine.error
+        failure = engine.error or engine.last_turn_error
+        assert failure is not None
+        raise failure
     typer.echo(f"session {store.id} saved in {store.path}", err=True)
 
 

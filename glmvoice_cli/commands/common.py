@@ -15,6 +15,7 @@ from glmvoice_cli.commands.conventions import is_quiet
 if TYPE_CHECKING:
     from glmvoice_cli.lm.voice_lm import GenerationOptions
     from glmvoice_cli.memory_need import MemoryNeed
+    from glmvoice_cli.options import LMServer
     from glmvoice_cli.pipeline import Assistant
 
 log = logging.getLogger("glmvoice_cli")
@@ -72,21 +73,51 @@ def use_threads(threads: int | None) -> int:
     return count
 
 
+LmUrlOpt = Annotated[str | None, typer.Option(
+    "--lm-url", help="Run the LM on this OpenAI-compatible server (vLLM, see `glmvoice serve-lm`).")]
+LmApiKeyOpt = Annotated[str | None, typer.Option(
+    "--lm-api-key", help="API key of the --lm-url server.")]
+LmModelOpt = Annotated[str | None, typer.Option(
+    "--lm-model", help="Model name on the --lm-url server (default: its only model).")]
+LmTimeoutOpt = Annotated[float | None, typer.Option(
+    "--lm-timeout", min=0.1, help="Seconds the --lm-url server may stay silent mid-answer (default 60).")]
+
+
+def lm_server(url: str | None, api_key: str | None, model: str | None, timeout_s: float | None) -> LMServer | None:
+    """The --lm-url server (flag, GLMVOICE_LM_URL or lm_url in config.toml); None: the LM runs in-process.
+
+    An empty value counts as unset, so `GLMVOICE_LM_URL=` in a shell turns a configured server off.
+    """
+    from glmvoice_cli.options import DEFAULT_LM_TIMEOUT_S, LMServer
+
+    url = (url or "").strip()
+    if not url:
+        return None
+    return LMServer(url, (api_key or "").strip() or None, (model or "").strip() or None,
+                    timeout_s or DEFAULT_LM_TIMEOUT_S)
+
+
 def load_assistant(stages: tuple[str, ...], *, models: Path | None, overrides: dict[str, Path | None],
                    device: str | None, dtype: str | None, quantize: int | None = None, seed: int | None = None,
-                   compile: bool | None = None) -> Assistant:
+                   compile: bool | None = None, server: LMServer | None = None) -> Assistant:
     """Check memory, find (or offer to fetch) the stages' folders and load them, showing each stage and slow
-    steps (the LM's compile) on stderr."""
+    steps (the LM's compile) on stderr. `server` runs the LM remotely (only its config and tokenizer are needed)."""
     from glmvoice_cli.commands.models import ensure_models
+    from glmvoice_cli.errors import UsageError
     from glmvoice_cli.options import LoadOptions
     from glmvoice_cli.pipeline import Assistant
 
-
-    need = memory_need(stages, models=models, overrides=overrides, device=device, dtype=dtype, quantize=quantize)
-    dirs = ensure_models(stages, models=models, overrides=overrides, memory=need)
+    if server is not None and quantize is not None:
+        raise UsageError("--quantize applies to the in-process LM; with --lm-url the server chooses its weights "
+                         "(e.g. `glmvoice serve-lm --quantization fp8`)")
+    # With a remote LM only the tokenizer and decoder take memory here.
+    local = tuple(s for s in stages if server is None or s != "lm")
+    need = memory_need(local, models=models, overrides=overrides, device=device, dtype=dtype, quantize=quantize)
+    dirs = ensure_models(stages, models=models, overrides=overrides, memory=need, lm_weights=server is None)
     if not need.fits:
         log.warning(need.advice())
-    options = LoadOptions(device=device, dtype=dtype, quantize_bits=quantize, seed=seed, compile=compile)
+    options = LoadOptions(device=device, dtype=dtype, quantize_bits=quantize, seed=seed, compile=compile,
+                          lm_server=server)
     with stage_progress("loading") as (on_stage, on_status):
         assistant = Assistant.load(dirs, options, on_status=on_status, on_stage=on_stage)
     for warning in assistant.warnings:

@@ -145,6 +145,8 @@ def download(
     revision: Annotated[str, typer.Option(help="Branch, tag or commit of the repositories.")] = "main",
     force: Annotated[bool, typer.Option("--force", help="Fetch every file again.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
+    no_weights: Annotated[bool, typer.Option(
+        "--no-weights", help="For the LM, only its config and tokenizer (enough with --lm-url).")] = False,
 ) -> None:
     """Fetch model files from the Hugging Face Hub.
 
@@ -152,7 +154,8 @@ def download(
     transfer resumes. Honours HF_ENDPOINT (a mirror), HF_TOKEN and HF_HUB_OFFLINE.
     """
     root = models  # --models DIR (or the older --dir): DIR/<model>
-    for stage in _stages(which):
+    for chosen in _stages(which):
+        stage = hub.stage_files(chosen.name, weights=not no_weights)
         dest = root / stage.name if root is not None else None
         status = _download_one(stage, dest, revision=revision, force=force, quiet=quiet)
         typer.echo(f"{stage.name}: {status.state}, {human_size(status.size_bytes)} in {status.path}")
@@ -165,6 +168,7 @@ def ensure_models(
     overrides: Mapping[str, str | Path | None] | None = None,
     offer: bool | None = None,
     memory: MemoryNeed | None = None,
+    lm_weights: bool = True,
 ) -> dict[str, Path]:
     """Checked model folders for a command, offering to download what the cache lacks.
 
@@ -172,26 +176,24 @@ def ensure_models(
     come from the cache, online, and when `offer` is True or (None) stdin and stderr are
     terminals; otherwise the first missing stage raises its one-line ModelNotFoundError.
     `memory` (a glmvoice_cli.memory_need.MemoryNeed) that does not fit turns the offer into that advice.
+    `lm_weights=False` (the LM on a server) needs and offers only the LM's config and tokenizer.
     """
     overrides = overrides or {}
     where = {s: settings.locate(s, models=models, override=overrides.get(s)) for s in stages}
-    absent = [
-        s
-        for s in stages
-        if where[s].source is None and not hub.inspect_stage(hub.STAGES[s], where[s].path).complete
-    ]
+    need = {s: hub.stage_files(s, weights=lm_weights) for s in stages}
+    absent = [s for s in stages if where[s].source is None and not hub.inspect_stage(need[s], where[s].path).complete]
     if offer is None:
         offer = sys.stdin.isatty() and sys.stderr.isatty()
     if absent and offer and not hub.is_offline():
         if memory is not None and not memory.fits:  # say so before offering gigabytes that cannot load
             raise ModelNotFoundError(f"{memory.advice()} (to download anyway: glmvoice models download "
                                      f"{' '.join(absent) if len(absent) == 1 else 'all'})")
-        total = sum(hub.STAGES[s].approx_bytes for s in absent)
-        names = ", ".join(f"{s} ({human_size(hub.STAGES[s].approx_bytes)})" for s in absent)
+        total = sum(need[s].approx_bytes for s in absent)
+        names = ", ".join(f"{s} ({human_size(need[s].approx_bytes)})" for s in absent)
         if typer.confirm(f"Not downloaded yet: {names}. Download {human_size(total)} now?", err=True):
             for s in absent:
-                where[s] = settings.ModelLocation(s, _download_one(hub.STAGES[s], None).path, None)
-    return {s: hub.require_complete(hub.STAGES[s], where[s].path, where[s].source) for s in stages}
+                where[s] = settings.ModelLocation(s, _download_one(need[s], None).path, None)
+    return {s: hub.require_complete(need[s], where[s].path, where[s].source) for s in stages}
 
 
 def _inspect(stage: hub.Stage, root: Path | None) -> tuple[settings.ModelLocation, hub.StageStatus]:
@@ -251,6 +253,9 @@ def list_models(
     Console(soft_wrap=True).print(table)
     for line in hub.describe_missing(status for _, status in found):
         typer.echo(f"hint: {line}")
+    lm_where, lm_status = next(item for item in found if item[1].stage.name == hub.LM.name)
+    if not lm_status.complete and hub.inspect_stage(hub.LM_WITHOUT_WEIGHTS, lm_where.path).complete:
+        typer.echo("hint: lm: its config and tokenizer are here, enough for --lm-url (the LM on a server)")
 
 
 @models_app.command("path")

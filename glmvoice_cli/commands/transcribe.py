@@ -13,7 +13,11 @@ from glmvoice_cli.commands.common import (
     CompileOpt,
     DeviceOpt,
     DtypeOpt,
+    LmApiKeyOpt,
+    LmModelOpt,
     LmOpt,
+    LmTimeoutOpt,
+    LmUrlOpt,
     MaxTokensOpt,
     ModelsOpt,
     QuantizeOpt,
@@ -21,6 +25,7 @@ from glmvoice_cli.commands.common import (
     ThreadsOpt,
     TokenizerOpt,
     TopPOpt,
+    lm_server,
     load_assistant,
     sampling,
     use_threads,
@@ -40,6 +45,8 @@ def transcribe(
     device: DeviceOpt = None, dtype: DtypeOpt = None, quantize: QuantizeOpt = None, compile_lm: CompileOpt = None,
     max_new_tokens: MaxTokensOpt = None, temperature: TemperatureOpt = None, top_p: TopPOpt = None,
     threads: ThreadsOpt = None,
+    lm_url: LmUrlOpt = None, lm_api_key: LmApiKeyOpt = None, lm_model: LmModelOpt = None,
+    lm_timeout: LmTimeoutOpt = None,
 ) -> None:
     """Transcribe each FILE with GLM-4-Voice (the speech plus an instruction, text-only output)."""
     import numpy as np
@@ -61,7 +68,8 @@ def transcribe(
     start = time.perf_counter()
     assistant = load_assistant(("tokenizer", "lm"), models=models, overrides={"tokenizer": tokenizer, "lm": lm},
                                device=device, dtype=dtype, quantize=quantize,
-                               compile=compile_lm)
+                               compile=compile_lm,
+                               server=lm_server(lm_url, lm_api_key, lm_model, lm_timeout))
     load_s = time.perf_counter() - start
     for path, audio in zip(files, audios):
         for warning in audio.warnings:

@@ -15,7 +15,11 @@ from glmvoice_cli.commands.common import (
     DecoderOpt,
     DeviceOpt,
     DtypeOpt,
+    LmApiKeyOpt,
+    LmModelOpt,
     LmOpt,
+    LmTimeoutOpt,
+    LmUrlOpt,
     MaxTokensOpt,
     ModelsOpt,
     QuantizeOpt,
@@ -23,6 +27,7 @@ from glmvoice_cli.commands.common import (
     TemperatureOpt,
     ThreadsOpt,
     TopPOpt,
+    lm_server,
     load_assistant,
     use_threads,
     with_sampling,
@@ -57,6 +62,8 @@ def tts(
     device: DeviceOpt = None, dtype: DtypeOpt = None, quantize: QuantizeOpt = None, compile_lm: CompileOpt = None,
     max_new_tokens: MaxTokensOpt = None, seed: SeedOpt = None,
     temperature: TemperatureOpt = None, top_p: TopPOpt = None, threads: ThreadsOpt = None,
+    lm_url: LmUrlOpt = None, lm_api_key: LmApiKeyOpt = None, lm_model: LmModelOpt = None,
+    lm_timeout: LmTimeoutOpt = None,
 ) -> None:
     """Speak TEXT with GLM-4-Voice, in the chosen emotion, speed and dialect (long texts go sentence by sentence)."""
     from glmvoice_cli.instructions import SpeakingStyle
@@ -71,7 +78,8 @@ def tts(
         use_threads(threads)
         assistant = load_assistant(("lm", "decoder"), models=models, overrides={"lm": lm, "decoder": decoder},
                                    device=device, dtype=dtype, quantize=quantize, seed=seed,
-                                   compile=compile_lm)
+                                   compile=compile_lm,
+                                   server=lm_server(lm_url, lm_api_key, lm_model, lm_timeout))
         options = with_sampling(GenerationOptions(max_new_tokens=max_new_tokens or TTS_MAX_NEW_TOKENS, seed=seed),
                                 temperature, top_p)
         _run(assistant, words, style, instruction, output, speaker, options)

@@ -127,6 +127,7 @@ class TextTokenizer:
         self.vocab_size = max([*ranks.values(), *added.values()]) + 1  # ids beyond are never valid
         self.valid_ids = frozenset(ranks.values()) | frozenset(added.values())  # gaps are never sampled
         self.max_token_bytes = max((len(token) for token in ranks), default=1)  # bounds tokens per byte
+        self._named = self.valid_ids
         self._audio = self._audio_block(added, where)
 
     @classmethod
@@ -209,6 +210,10 @@ class TextTokenizer:
 
     def token_bytes_of(self, ids: list[int]) -> bytes:
         return self._encoding.decode_bytes(ids)
+
+    def named_ids(self) -> list[int]:
+        """Every id that is a token (a BPE rank or an added token), ascending; other rows are padding."""
+        return sorted(self._named)
 
     def is_special(self, token_id: int) -> bool:
         return token_id >= self.n_ranks

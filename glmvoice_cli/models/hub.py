@@ -16,7 +16,7 @@ import os
 import shutil
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -46,10 +46,11 @@ class Stage:
     single_weights: str | None = None  # an unsharded file that may stand in for the index and shards
     approx_bytes: int = 0  # published download size, shown before a download is offered
     title: str = ""  # what the stage does, for listings
+    fetch_flags: str = ""  # appended to the download command (a partial stage's option)
 
     @property
     def fetch_command(self) -> str:
-        return f"glmvoice models download {self.name}"
+        return f"glmvoice models download {self.name}{' ' + self.fetch_flags if self.fetch_flags else ''}"
 
 
 TOKENIZER = Stage(
@@ -79,6 +80,18 @@ DECODER = Stage(
 )
 
 STAGES: dict[str, Stage] = {s.name: s for s in (TOKENIZER, LM, DECODER)}
+
+# With the LM on a server (--lm-url), this machine needs only the LM's config and tokenizer files.
+LM_WITHOUT_WEIGHTS = replace(
+    LM, weights_index=None, single_weights=None, approx_bytes=6_000_000, fetch_flags="--no-weights",
+    title="GLM-4-Voice-9B config and tokenizer (the LM itself runs on a server)",
+)
+
+
+def stage_files(name: str, *, weights: bool = True) -> Stage:
+    """The stage called `name`; `weights=False` asks for the LM's config and tokenizer only."""
+    stage = get_stage(name)
+    return LM_WITHOUT_WEIGHTS if stage is LM and not weights else stage
 
 
 def get_stage(name: str) -> Stage:

@@ -7,7 +7,7 @@ are boosted so that a random model actually speaks (emits audio tokens) instead 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from glmvoice_cli.tiny.decoder import TinyDecoderSpec, write_tiny_decoder
@@ -27,11 +27,16 @@ class TinyModelSet:
         return {stage: self.root / stage for stage in ("tokenizer", "lm", "decoder")}
 
 
-def write_tiny_model_set(root: str | Path, codebook: int = 128, seed: int = 0) -> TinyModelSet:
-    """Write tokenizer/, lm/ and decoder/ under `root`; returns their paths."""
+def write_tiny_model_set(root: str | Path, codebook: int = 128, seed: int = 0,
+                         lm: TinyLMSpec | None = None) -> TinyModelSet:
+    """Write tokenizer/, lm/ and decoder/ under `root`; returns their paths.
+
+    `lm` chooses the LM's size (its audio vocabulary and seed are always the set's).
+    """
     root = Path(root)
     write_tiny_tokenizer(root / "tokenizer", TinyTokenizerSpec(codebook=codebook, seed=seed))
-    write_tiny_lm(root / "lm", TinyLMSpec(n_audio_tokens=codebook, kv_channels=NON_SQUARE_HEAD_DIM, seed=seed))
+    write_tiny_lm(root / "lm", replace(lm or TinyLMSpec(kv_channels=NON_SQUARE_HEAD_DIM), n_audio_tokens=codebook,
+                                        seed=seed))
     _boost_audio_rows(root / "lm", codebook)
     write_tiny_decoder(root / "decoder", TinyDecoderSpec(vocab_size=codebook, seed=seed))
     return TinyModelSet(root)

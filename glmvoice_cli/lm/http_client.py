@@ -1,0 +1,300 @@
+"""A small HTTP/1.1 client for an OpenAI-compatible LM server, standard library only.
+
+Two kinds of call: JSON in, JSON out (`get_json`, `post_json`), and a streamed completion read as
+server-sent events (`open_events`). Every call is bounded: connecting by `connect_timeout_s`, and
+each read (the headers, every next event) by `read_timeout_s`, so a server that stalls mid-answer
+is an error after that long, never a hang. A streamed answer is read by its own thread into a
+queue; the consumer waits on the queue in short steps and checks its cancel Event in between, so
+a barge-in closes the connection at once, whatever the server is doing (and closing it is how the
+server learns to stop generating). Every failure is an `LMServerError` with a one-line message.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import queue
+import socket
+import ssl
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+from glmvoice_cli.errors import LMServerError, UsageError
+
+DEFAULT_CONNECT_TIMEOUT_S = 5.0
+DEFAULT_READ_TIMEOUT_S = 60.0  # longest wait for the headers or the next token (a long prefill included)
+POLL_S = 0.02  # the consumer's wait on the event queue between cancel checks
+READ_BYTES = 65536
+MAX_ERROR_CHARS = 200  # of a server's error message, inside our one-line error
+_API_PREFIX = "/v1"
+
+
+@dataclass(frozen=True)
+class ServerURL:
+    """Where the server is: `http://host:port` with an optional path prefix (a trailing /v1 is dropped)."""
+
+    scheme: str
+    host: str
+    port: int
+    prefix: str  # path before /v1, "" for most servers
+
+    @classmethod
+    def parse(cls, url: str) -> ServerURL:
+        text = url.strip()
+        parts = urlsplit(text if "://" in text else f"http://{text}")
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise UsageError(f"LM server URL {url!r} is not an http(s)://host[:port] address")
+        try:
+            port = parts.port or (443 if parts.scheme == "https" else 80)
+        except ValueError as e:
+            raise UsageError(f"LM server URL {url!r} has an invalid port") from e
+        prefix = parts.path.rstrip("/")
+        prefix = prefix.removesuffix(_API_PREFIX)
+        return cls(parts.scheme, parts.hostname, port, prefix)
+
+    def path(self, endpoint: str) -> str:
+        """`models` -> `/v1/models` (under the prefix); `/metrics` stays at the root of the prefix."""
+        return f"{self.prefix}{endpoint}" if endpoint.startswith("/") else f"{self.prefix}{_API_PREFIX}/{endpoint}"
+
+    def __str__(self) -> str:
+        return f"{self.scheme}://{self.host}:{self.port}{self.prefix}"
+
+
+class HttpClient:
+    """JSON and event-stream calls to one server; one connection per call (no shared state)."""
+
+    def __init__(self, url: ServerURL, api_key: str | None = None,
+                 connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S,
+                 read_timeout_s: float = DEFAULT_READ_TIMEOUT_S) -> None:
+        self.url, self.api_key = url, api_key
+        self.connect_timeout_s, self.read_timeout_s = connect_timeout_s, read_timeout_s
+
+    def _headers(self, body: bytes | None) -> dict[str, str]:
+        headers = {"Accept": "application/json, text/event-stream"}
+        if body is not None:
+            headers["Content-Type"] = "application/json"
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        return headers
+
+    def connect(self) -> http.client.HTTPConnection:
+        """An open connection whose socket reads time out after `read_timeout_s`."""
+        cls: Any = http.client.HTTPSConnection if self.url.scheme == "https" else http.client.HTTPConnection
+        kwargs: dict[str, Any] = {"context": ssl.create_default_context()} if self.url.scheme == "https" else {}
+        conn = cls(self.url.host, self.url.port, timeout=self.connect_timeout_s, **kwargs)
+        try:
+            conn.connect()
+        except (OSError, http.client.HTTPException) as e:
+            conn.close()
+            raise self._error(e, "connect") from e
+        assert conn.sock is not None
+        conn.sock.settimeout(self.read_timeout_s)
+        return conn
+
+    def request(self, method: str, endpoint: str, body: Any = None) -> http.client.HTTPResponse:
+        """Send one request and return the response (status checked; the caller reads the body).
+
+        `body` is JSON-encoded, unless it is bytes already.
+        """
+        data = body if isinstance(body, bytes) or body is None else json.dumps(body, separators=(",", ":")).encode()
+        conn = self.connect()
+        try:
+            conn.request(method, self.url.path(endpoint), body=data, headers=self._headers(data))
+            response = conn.getresponse()
+        except (OSError, http.client.HTTPException) as e:
+            conn.close()
+            raise self._error(e, "answer") from e
+        if response.status >= 400:
+            try:
+                detail = response.read(READ_BYTES)
+            except (OSError, http.client.HTTPException):
+                detail = b""
+            conn.close()
+            raise self._status_error(response.status, response.reason, detail)
+        return response
+
+    def get_json(self, endpoint: str) -> Any:
+        return self._read_json(self.request("GET", endpoint), endpoint)
+
+    def post_json(self, endpoint: str, body: Any) -> Any:
+        return self._read_json(self.request("POST", endpoint, body), endpoint)
+
+    def get_text(self, endpoint: str) -> str:
+        response = self.request("GET", endpoint)
+        try:
+            return response.read().decode("utf-8", errors="replace")
+        except (OSError, http.client.HTTPException) as e:
+            raise self._error(e, "answer") from e
+        finally:
+            response.close()
+
+    def _read_json(self, response: http.client.HTTPResponse, endpoint: str) -> Any:
+        try:
+            return json.loads(response.read())
+        except (OSError, http.client.HTTPException) as e:
+            raise self._error(e, "answer") from e
+        except ValueError as e:
+            raise LMServerError(f"the LM server at {self.url} sent malformed JSON for /{endpoint}") from e
+        finally:
+            response.close()
+
+    def open_events(self, endpoint: str, body: Any) -> EventStream:
+        """Start a streamed POST; its events are read in a thread (see EventStream)."""
+        stream = EventStream(self, endpoint, body)
+        stream.start()
+        return stream
+
+    # ------------------------------------------------------------------ errors
+
+    def _error(self, error: BaseException, stage: str) -> LMServerError:
+        if isinstance(error, (TimeoutError, socket.timeout)):
+            limit = self.connect_timeout_s if stage == "connect" else self.read_timeout_s
+            what = "accept a connection" if stage == "connect" else "answer"
+            return LMServerError(f"the LM server at {self.url} did not {what} within {limit:g} s")
+        if stage == "connect":
+            return LMServerError(f"cannot reach the LM server at {self.url} ({_reason(error)}); "
+                                 "is it running? (start one with `glmvoice serve-lm`)")
+        return LMServerError(f"the LM server at {self.url} failed mid-answer ({_reason(error)})")
+
+    def _status_error(self, status: int, reason: str, detail: bytes) -> LMServerError:
+        message = _server_message(detail)
+        line = f"the LM server at {self.url} answered HTTP {status} {reason}".rstrip()
+        if message:
+            line += f": {message}"
+        if status in (401, 403):
+            line += "; check the API key (--lm-api-key or GLMVOICE_LM_API_KEY)"
+        return LMServerError(line)
+
+
+def _reason(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return text[0][:MAX_ERROR_CHARS] if text else type(error).__name__
+
+
+def _server_message(detail: bytes) -> str:
+    """The message of an OpenAI-style error body ({"error": {"message": ...}} or {"message": ...})."""
+    text = detail.decode("utf-8", errors="replace").strip()
+    try:
+        doc = json.loads(text)
+    except ValueError:
+        doc = None
+    if isinstance(doc, dict):
+        inner = doc.get("error", doc)
+        message = inner.get("message") if isinstance(inner, dict) else inner
+        if message is None:
+            message = doc.get("detail") or doc.get("message")
+        text = str(message) if message is not None else text
+    line = " ".join(text.split())
+    return line if len(line) <= MAX_ERROR_CHARS else line[: MAX_ERROR_CHARS - 3] + "..."
+
+
+_END = object()
+
+
+class Cancelled(Exception):
+    """The consumer's cancel Event was set: the stream was closed."""
+
+
+class EventStream:
+    """One streamed completion: a reader thread turns server-sent events into parsed JSON objects.
+
+    `events(cancel)` yields them in order and ends at `data: [DONE]`; it raises Cancelled when
+    `cancel` is set (after closing the connection), and LMServerError when the server fails,
+    stalls longer than the read timeout, or cuts the stream before [DONE].
+    """
+
+    def __init__(self, client: HttpClient, endpoint: str, body: Any) -> None:
+        self._client, self._endpoint, self._body = client, endpoint, body
+        self._queue: queue.Queue[Any] = queue.Queue()
+        self._lock = threading.Lock()
+        self._response: http.client.HTTPResponse | None = None
+        self._closed = False
+        self._thread = threading.Thread(target=self._read, name="glmvoice-lm-stream", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def events(self, cancel: threading.Event | None = None) -> Iterator[dict[str, Any]]:
+        while True:
+            if cancel is not None and cancel.is_set():
+                self.close()
+                raise Cancelled
+            try:
+                item = self._queue.get(timeout=POLL_S)
+            except queue.Empty:
+                continue  # the reader thread's own read timeout bounds this wait
+            if item is _END:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+    def close(self) -> None:
+        """Drop the connection (from any thread): the server sees the client go and stops generating."""
+        with self._lock:
+            self._closed = True
+            response = self._response
+        if response is not None:
+            _shutdown(response)
+
+    def _read(self) -> None:
+        response = None
+        try:
+            response = self._client.request("POST", self._endpoint, self._body)
+            with self._lock:
+                self._response = response
+                closed = self._closed
+            if closed:
+                return
+            for event in _parse_events(response, self._client.url):
+                self._queue.put(event)
+            self._queue.put(_END)
+        except LMServerError as e:
+            self._queue.put(e)
+        except Exception as e:  # noqa: BLE001 - a socket shut from another thread fails in many ways
+            if not self._closed:
+                self._queue.put(self._client._error(e, "answer"))
+        finally:
+            if response is not None:
+                response.close()
+
+
+def _shutdown(response: http.client.HTTPResponse) -> None:
+    """Shut the socket under a response being read in another thread; that thread then closes it."""
+    sock = getattr(getattr(response, "fp", None), "raw", None)
+    sock = getattr(sock, "_sock", None)
+    try:
+        if isinstance(sock, socket.socket):
+            sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+
+
+def _parse_events(response: http.client.HTTPResponse, url: ServerURL) -> Iterator[dict[str, Any]]:
+    """The JSON payload of each `data:` event until `data: [DONE]`; a cut stream is an LMServerError."""
+    buffer, data = b"", []
+    while True:
+        chunk = response.read1(READ_BYTES)
+        if not chunk:
+            raise LMServerError(f"the LM server at {url} closed the stream before the answer ended")
+        buffer += chunk
+        *lines, buffer = buffer.split(b"\n")
+        for raw in lines:
+            line = raw.rstrip(b"\r")
+            if line.startswith(b"data:"):
+                data.append(line[5:].strip())
+            elif not line and data:
+                payload, data = b"\n".join(data), []
+                if payload == b"[DONE]":
+                    return
+                try:
+                    event = json.loads(payload)
+                except ValueError as e:
+                    raise LMServerError(f"the LM server at {url} sent a malformed event") from e
+                if isinstance(event, dict) and "error" in event:
+                    raise LMServerError(f"the LM server at {url} failed mid-answer: "
+                                        f"{_server_message(json.dumps(event).encode())}")
+                yield event
