@@ -12,10 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from glmvoice_cli.errors import CheckpointMismatchError, LMServerError, UsageError
+from glmvoice_cli.errors import CheckpointMismatchError, ContextLengthError, LMServerError, UsageError
+from glmvoice_cli.lm.context import plan_context
 from glmvoice_cli.lm.http_client import ServerURL
-from glmvoice_cli.lm.prompts import SpeechInput, TextInput
+from glmvoice_cli.lm.prompts import InputMode, SpeechInput, TextInput, turn_ids
 from glmvoice_cli.lm.remote import RemoteVoiceLM
+from glmvoice_cli.lm.text_tokenizer import TextTokenizer
 from glmvoice_cli.lm.voice_lm import AudioTokens, GenerationOptions, StopReason, TurnEnd, VoiceLM
 from glmvoice_cli.options import LMServer
 from glmvoice_cli.tiny.lm import TinyLMSpec, write_tiny_lm
@@ -91,7 +93,8 @@ def test_every_sampling_choice_is_sent_explicitly(lm_dir: Path, server: FakeLMSe
     list(remote.stream(remote.new_conversation(), TextInput("hi"), options))
     body = server.completions[-1]
     tok = remote.text_tokenizer
-    assert body["temperature"] == 0.7 and body["top_p"] == 0.9 and body["top_k"] == 0 and body["seed"] == 5
+    assert body["temperature"] == 0.7 and body["top_p"] == 0.9 and body["top_k"] == remote.sampling.top_k
+    assert body["seed"] == 5
     assert body["repetition_penalty"] == 1.0 and body["presence_penalty"] == 0.0 and body["min_p"] == 0.0
     assert body["max_tokens"] == 12 and sorted(body["stop_token_ids"]) == sorted(tok.eos_ids)
     assert body["return_token_ids"] is True and body["detokenize"] is False and body["skip_special_tokens"] is False
@@ -282,15 +285,28 @@ def test_a_server_that_dies_mid_answer_and_comes_back(lm_dir: Path, local: Voice
         assert isinstance(list(remote.stream(conv, TextInput("again"), GREEDY))[-1], TurnEnd)
 
 
-def test_a_conversation_longer_than_the_server_context_is_refused(lm_dir: Path, local: VoiceLM) -> None:
-    state = FakeState(vocab_size=local.model.config.vocab_size, max_model_len=230)
+def test_a_conversation_longer_than_the_server_context_drops_old_turns_like_in_process(lm_dir: Path,
+                                                                                       local: VoiceLM) -> None:
+    tok = TextTokenizer.from_folder(lm_dir)
+    question = TextInput("a much longer question " * 5)
+    first_ids = turn_ids(tok, TextInput("hi"), None)
+    # Room for the system prompt, the question and its answer, but not also for the first turn.
+    limit = len(first_ids) + len(turn_ids(tok, question, InputMode.TEXT)) + GREEDY.max_new_tokens
+    state = FakeState(vocab_size=local.model.config.vocab_size, max_model_len=limit)
     with FakeLMServer(local, state) as fake:
         remote = connect(lm_dir, fake)
         conv = remote.new_conversation()
-        list(remote.stream(conv, TextInput("hi"), GenerationOptions(temperature=0, max_new_tokens=500)))
-        assert server_budget(fake) == 230 - len(fake.completions[-1]["prompt"])
-        with pytest.raises(LMServerError, match="fills the LM server's context"):
-            list(remote.stream(conv, TextInput("a much longer question " * 5), GREEDY))
+        list(remote.stream(conv, TextInput("hi"), GenerationOptions(temperature=0, max_new_tokens=20)))
+        assert server_budget(fake) == 20
+        new_ids = turn_ids(remote.text_tokenizer, question, conv.system_mode)
+        plan = plan_context(conv.ids, new_ids, user_id=remote.user_id, seq_length=limit,
+                            max_new_tokens=GREEDY.max_new_tokens)
+        assert plan.dropped_turns == 1  # the case under test: the first turn no longer fits
+        list(remote.stream(conv, question, GREEDY))
+        assert fake.completions[-1]["prompt"] == [*plan.history, *new_ids]
+        assert server_budget(fake) == plan.max_answer_tokens and conv.dropped_turns == 1
+        with pytest.raises(ContextLengthError):  # a turn that alone leaves no room is refused, as in-process
+            list(remote.stream(conv, TextInput("far too long " * 200), GREEDY))
 
 
 def server_budget(fake: FakeLMServer) -> int:

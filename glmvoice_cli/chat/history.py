@@ -16,8 +16,9 @@ from glmvoice_cli.config import TOKENS_PER_SECOND
 
 if TYPE_CHECKING:
     from glmvoice_cli.chat.store import TurnRecord
+    from glmvoice_cli.lm.backend import LMBackend
     from glmvoice_cli.lm.text_tokenizer import TextTokenizer
-    from glmvoice_cli.lm.voice_lm import Conversation, VoiceLM
+    from glmvoice_cli.lm.voice_lm import Conversation
 
 HEARD_EPSILON_TOKENS = 1e-6  # float slack so an exactly played token is not rounded up to the next
 
@@ -49,7 +50,7 @@ def answer_text(tokenizer: TextTokenizer, ids: Sequence[int]) -> str:
     return tokenizer.decode(words).strip()
 
 
-def restore_conversation(lm: VoiceLM, records: Sequence[TurnRecord]) -> Conversation:
+def restore_conversation(lm: LMBackend, records: Sequence[TurnRecord]) -> Conversation:
     """A conversation whose history is the ids the saved turns kept, in order (no cache yet).
 
     The system prompt of the first turn tells the input mode (spoken or typed) that later turns

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import random
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,7 @@ from typing import Any
 
 from glmvoice_cli.errors import CheckpointMismatchError, LMServerError
 from glmvoice_cli.lm.checkpoint import read_chatglm_config
+from glmvoice_cli.lm.context import ContextPlan, plan_context
 from glmvoice_cli.lm.http_client import Cancelled, HttpClient, ServerURL
 from glmvoice_cli.lm.prompts import UserInput, turn_ids
 from glmvoice_cli.lm.sampling import SamplingSettings, read_sampling
@@ -70,6 +72,7 @@ class RemoteVoiceLM:
         }
         self.masks_ids = True  # the server honours allowed_token_ids (checked by `connect`)
         self.sampling = SamplingSettings()  # the folder's generation_config.json; options may override it
+        self.seq_length: int | None = None  # the checkpoint's trained context (config seq_length)
 
     @classmethod
     def connect(cls, folder: Path, server: LMServer) -> RemoteVoiceLM:
@@ -82,6 +85,8 @@ class RemoteVoiceLM:
         served = pick_model(client.get_json(MODELS), server.model, client.url)
         lm = cls(client, served, tokenizer)
         lm.sampling = read_sampling(folder)
+        seq_length = raw.get("seq_length")
+        lm.seq_length = seq_length if isinstance(seq_length, int) and seq_length > 0 else None
         lm.check_vocabulary(int(raw["padded_vocab_size"]))
         return lm
 
@@ -142,6 +147,20 @@ class RemoteVoiceLM:
         """Append raw prompt ids to the history and generate from there (see `VoiceLM.stream_ids`)."""
         return self._answer(conv, new_ids, options or GenerationOptions(), cancel, False)
 
+    @property
+    def context_length(self) -> int | None:
+        """Positions a conversation may use: the checkpoint's seq_length, or the server's shorter limit."""
+        limits = [n for n in (self.seq_length, self.served.max_model_len) if n is not None]
+        return min(limits) if limits else None
+
+    def _plan(self, conv: Conversation, new_ids: list[int], max_new_tokens: int) -> ContextPlan:
+        """The same context trim as in-process (`lm.context.plan_context`), against the server's limit."""
+        limit = self.context_length
+        if limit is None:  # neither the checkpoint nor the server says: send everything, the server decides
+            return ContextPlan(list(conv.ids), 0, 0, max_new_tokens, False)
+        return plan_context(conv.ids, new_ids, user_id=self.user_id, seq_length=limit,
+                            max_new_tokens=max_new_tokens)
+
     def _answer(self, conv: Conversation, new_ids: list[int], options: GenerationOptions,
                 cancel: threading.Event | None, first_turn: bool) -> Iterator[LMEvent]:
         """Commit the prompt, stream the answer; a turn that fails before its first token is undone.
@@ -149,25 +168,31 @@ class RemoteVoiceLM:
         A failure after some tokens keeps them (like a barge-in: the caller trims to what was heard)
         and raises the LMServerError.
         """
-        before, last_start = len(conv.ids), conv.last_output_start
+        plan = self._plan(conv, new_ids, options.max_new_tokens)
+        history, last_start = list(conv.ids), conv.last_output_start
+        last_input, dropped = conv.last_input_start, conv.dropped_turns
+        if plan.dropped_tokens:
+            conv.ids[:] = plan.history
+            conv.dropped_turns += plan.dropped_turns
+        conv.last_input_start = len(conv.ids)
         conv.ids.extend(new_ids)
         conv.last_output_start = len(conv.ids)
         if cancel is not None and cancel.is_set():
             yield TurnEnd(StopReason.CANCELLED, 0)
             return
         try:
-            yield from self._generate(conv, options, cancel)
+            yield from self._generate(conv, options, cancel, plan)
         except LMServerError:
             if len(conv.ids) == conv.last_output_start:  # nothing generated: as if the turn never ran
-                del conv.ids[before:]
-                conv.last_output_start = last_start
+                conv.ids[:] = history
+                conv.last_output_start, conv.last_input_start, conv.dropped_turns = last_start, last_input, dropped
                 if first_turn:
                     conv.system_mode = None
             raise
 
     def _generate(self, conv: Conversation, options: GenerationOptions,
-                  cancel: threading.Event | None) -> Iterator[LMEvent]:
-        max_tokens = self._answer_budget(len(conv.ids), options.max_new_tokens)
+                  cancel: threading.Event | None, plan: ContextPlan) -> Iterator[LMEvent]:
+        max_tokens = self._answer_budget(len(conv.ids), plan.max_answer_tokens)
         conv.last_prefill_tokens = len(conv.ids)  # until the server reports its prefix-cache hits
         stream = self.client.open_events(COMPLETIONS, self.request_body(conv.ids, options, max_tokens))
         turn = _Turn(self, conv, cancel)
@@ -179,7 +204,7 @@ class RemoteVoiceLM:
                     if turn.reason is not None:
                         break
                 else:
-                    turn.reason = turn.reason_at_end(max_tokens)
+                    turn.reason = turn.reason_at_end(max_tokens, plan.context_limited)
             except Cancelled:
                 turn.reason = StopReason.CANCELLED
             yield from turn.finish()
@@ -263,6 +288,8 @@ class _Turn:
         if token_id not in self.lm._named:
             raise LMServerError(f"the LM server at {self.lm.client.url} sent token id {token_id}, which this "
                                 "tokenizer does not have: it serves another model")
+        if len(self.conv.ids) == self.conv.last_output_start:
+            self.conv.prefilled_at = time.perf_counter()  # the first token: the server's prefill is done
         self.conv.ids.append(token_id)
         if tok.is_audio(token_id):
             yield AudioTokens((tok.audio_index(token_id),))
@@ -276,10 +303,10 @@ class _Turn:
         if isinstance(prompt, int):
             self.conv.last_prefill_tokens = prompt - (cached if isinstance(cached, int) else 0)
 
-    def reason_at_end(self, max_tokens: int) -> StopReason:
+    def reason_at_end(self, max_tokens: int, context_limited: bool = False) -> StopReason:
         """The stream ended ([DONE]) without a stop id in it."""
         if self.finish_reason == _FINISH_LENGTH or len(self.conv.last_output) >= max_tokens:
-            return StopReason.MAX_TOKENS
+            return StopReason.CONTEXT if context_limited else StopReason.MAX_TOKENS
         if self.finish_reason == "stop":
             return StopReason.EOS
         raise LMServerError(f"the LM server at {self.lm.client.url} ended the answer without a reason "
