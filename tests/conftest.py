@@ -14,6 +14,13 @@ if TYPE_CHECKING:
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
+# OpenMP threads that wait for work sleep instead of spinning. The suite pins torch to 2 threads; on a
+# machine whose cores are busy (CI running a server beside the tests, a developer's build) spinning threads
+# steal the cores the working ones need, and a tiny decoder stream took 20x the CPU time it takes with
+# passive waiting. It must be set before torch loads its OpenMP runtime, so here, before any test imports
+# torch; subprocesses inherit it.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 
 def golden_dir() -> Path | None:
     """The golden fixture folder, or None where a user's fresh clone simply lacks it.
