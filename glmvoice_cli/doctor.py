@@ -6,6 +6,7 @@ heavy packages are imported inside the checks so that a broken install is report
 
 from __future__ import annotations
 
+import functools
 import importlib
 import platform
 import shutil
@@ -119,7 +120,7 @@ def check_models() -> list[Check]:
         try:
             where = settings.locate(name)
         except GlmVoiceError as e:
-            checks.append(Check(f"model {name}", FAIL, str(e), f"fix {settings.config_path()}"))
+            checks.append(Check(f"model {name}", FAIL, str(e), "fix the setting named above"))
             continue
         status = hub.inspect_stage(stage, where.path)
         detail = f"{where.path} ({where.source_label}), {status.size_bytes / GIB:.2f} GiB"
@@ -221,10 +222,12 @@ CHECKS: tuple[Callable[[], list[Check]], ...] = (check_packages, check_device, c
 def run_checks(threads: int | None = None, device: str | None = None, dtype: str | None = None,
                quantize: int | None = None) -> list[Check]:
     results: list[Check] = []
-    for check in (*CHECKS, lambda: check_memory(device, dtype, quantize), lambda: check_threads(threads)):
+    checks: list[Callable[[], list[Check]]] = [*CHECKS, functools.partial(check_memory, device, dtype, quantize),
+                                               functools.partial(check_threads, threads)]
+    for check in checks:
         try:
             results.extend(check())
         except Exception as e:  # noqa: BLE001 - a doctor must report a broken environment, not crash on it
-            name = getattr(check, "__name__", "check").removeprefix("check_")
+            name = getattr(getattr(check, "func", check), "__name__", "check").removeprefix("check_")
             results.append(Check(name, FAIL, f"{type(e).__name__}: {e}"))
     return results

@@ -7,6 +7,7 @@ weights say nothing about quality; a pass says the install, the loaders and the 
 
 from __future__ import annotations
 
+import shutil
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -24,6 +25,8 @@ if TYPE_CHECKING:
 SELFTEST_CODEBOOK = 64  # audio vocabulary shared by the three tiny stages
 SELFTEST_MAX_NEW_TOKENS = 40  # generation cap: the random model never ends a turn by itself
 SELFTEST_TEXT = "Hello! This is the glmvoice self test."
+KEEP_MARKER = ".glmvoice-selftest"  # written in a --keep folder: a later selftest may replace what it made
+MADE = ("tokenizer", "lm", "decoder", "selftest_tts.wav", "selftest_chat.wav", "selftest_session")
 
 
 class SelftestError(GlmVoiceError):
@@ -56,6 +59,33 @@ class _Recorder:
         self.steps.append(step)
         if self.report:
             self.report(step)
+
+
+def prepare_kept_folder(folder: Path) -> Path:
+    """Make `folder` ready for `run_selftest`: create it, or clear what an earlier selftest left there.
+
+    A folder holding anything without the marker of an earlier selftest is the user's: it is refused,
+    never written into. An unwritable path is a one-line SelftestError naming it.
+    """
+    if folder.exists() and not folder.is_dir():
+        raise SelftestError(f"--keep {folder} is a file, not a folder")
+    ours = (folder / KEEP_MARKER).is_file()
+    if folder.is_dir() and not ours and any(folder.iterdir()):
+        raise SelftestError(f"--keep {folder} already holds files that glmvoice selftest did not make: "
+                            "give a new or empty folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / KEEP_MARKER).write_text("made by glmvoice selftest; it may replace what it made here\n",
+                                          encoding="utf-8")
+        for name in MADE if ours else ():
+            path = folder / name
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            elif path.exists() or path.is_symlink():
+                path.unlink()
+    except OSError as e:
+        raise SelftestError(f"--keep {folder}: cannot write there ({e.strerror or e})") from e
+    return folder
 
 
 def run_selftest(root: Path, report: Callable[[Step], None] | None = None) -> list[Step]:

@@ -53,10 +53,24 @@ def test_parse_tokens(text: str, ids: list[int]) -> None:
     assert parse_tokens(text) == ids
 
 
-@pytest.mark.parametrize("text", ["", "1 x 3", "[1, -2]", "[1.5]", '{"t": [1]}', "[true]"])
+@pytest.mark.parametrize("text", ["", "1 x 3", "[1, -2]", "[1.5]", '{"t": [1]}', "[true]", '{"tokens": "12"}'])
 def test_parse_tokens_rejects(text: str) -> None:
     with pytest.raises(UsageError):
         parse_tokens(text)
+
+
+@pytest.mark.parametrize(("text", "said"), [
+    ("1 " + "9" * 100_000, "token id with 100000 digits is out of range"),
+    ("[" + "9" * 100_000 + "]", "token id with 100000 digits is out of range"),
+    ("[" * 100_000 + "]" * 100_000, "JSON nested too deeply"),
+    ("[[1, 2], 3]", "got a nested JSON list"),
+    ("1 " + "x" * 1_000_000, "... (1000000 characters)"),
+])
+def test_parse_tokens_refuses_absurd_input_in_a_short_line(text: str, said: str) -> None:
+    with pytest.raises(UsageError) as caught:
+        parse_tokens(text, "t.txt")
+    message = str(caught.value)
+    assert message.startswith("t.txt: ") and said in message and len(message) < 200
 
 
 @pytest.mark.parametrize(("suffix", "stream"), [(".wav", False), (".flac", True), (".ogg", False)])

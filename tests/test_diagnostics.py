@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -31,6 +35,53 @@ def test_selftest_keep_gives_a_model_set_every_command_uses(kept: Path, tmp_path
     tts = runner.invoke(app, ["tts", "Hi.", "--models", str(kept), "-o", str(tmp_path / "a.wav"),
                               "--max-new-tokens", "20"])
     assert tts.exit_code == 0, tts.output
+
+
+def test_selftest_keep_twice_on_the_same_folder(kept: Path) -> None:
+    """The second run replaces what the first made there (its session folder included)."""
+    (kept / "selftest_session" / "stale.txt").write_text("from the first run")
+    result = runner.invoke(app, ["selftest", "--keep", str(kept)])
+    assert result.exit_code == 0, result.output
+    assert not (kept / "selftest_session" / "stale.txt").exists()
+    assert (kept / "lm" / "config.json").is_file() and (kept / "selftest_session").is_dir()
+
+
+def test_selftest_keep_never_writes_into_a_folder_it_did_not_make(tmp_path: Path) -> None:
+    (tmp_path / "lm").mkdir()
+    (tmp_path / "lm" / "mine.txt").write_text("the user's")
+    result = runner.invoke(app, ["selftest", "--keep", str(tmp_path)])
+    assert result.exit_code == 1
+    assert result.stderr.strip().splitlines() == [
+        f"error: --keep {tmp_path} already holds files that glmvoice selftest did not make: give a new or empty folder"]
+    assert [p.name for p in tmp_path.iterdir()] == ["lm"] and (tmp_path / "lm" / "mine.txt").read_text() == "the user's"
+
+
+@contextmanager
+def _read_only_folder(path: Path) -> Iterator[Path]:
+    """A folder nobody may write into: a read-only tmpfs as root (chmod binds no root), else mode 555."""
+    path.mkdir()
+    if os.geteuid() != 0:
+        path.chmod(0o555)
+        yield path
+        path.chmod(0o755)
+        return
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(path)],
+                      capture_output=True, check=False).returncode != 0:
+        pytest.skip("root without permission to mount a read-only tmpfs")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", str(path)], check=False)
+
+
+@pytest.mark.parametrize("below", ["", "sub"])
+def test_selftest_keep_on_a_read_only_path_is_one_line(tmp_path: Path, below: str) -> None:
+    with _read_only_folder(tmp_path / "ro") as folder:
+        target = folder / below if below else folder
+        result = runner.invoke(app, ["selftest", "--keep", str(target)])
+    assert result.exit_code == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: --keep {target}: cannot write there"), result.stderr
 
 
 def test_selftest_without_keep_cleans_up(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

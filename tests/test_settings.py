@@ -147,3 +147,38 @@ def test_only_the_requested_stages_are_checked(tmp_path: Path) -> None:
     assert set(found) == {"tokenizer", "lm"}
     with pytest.raises(ModelNotFoundError, match="decoder"):
         settings.resolve_models(models=root)
+
+
+@pytest.mark.parametrize(("content", "said"), [
+    (bytes(range(256)) * 4, "is not UTF-8 text"),
+    ("a = " + "[" * 100_000 + "]" * 100_000, "nested too deeply"),
+    ("a = " + "{x=" * 100_000 + "1" + "}" * 100_000, "nested too deeply"),
+    ("# padding\n" * 200_000, "KiB: not a config file"),
+])
+def test_a_config_file_that_is_no_config_is_one_line(tmp_path: Path, content: bytes | str, said: str) -> None:
+    path = tmp_path / "cfg" / "config.toml"
+    path.parent.mkdir()
+    path.write_bytes(content.encode() if isinstance(content, str) else content)
+    with pytest.raises(UsageError) as caught:
+        settings.load_config()
+    assert str(caught.value).startswith(f"config file {path} (from GLMVOICE_CONFIG) ") and said in str(caught.value)
+
+
+def test_config_pointing_at_a_folder(tmp_path: Path) -> None:
+    (tmp_path / "cfg" / "config.toml").mkdir(parents=True)
+    with pytest.raises(UsageError, match="GLMVOICE_CONFIG.* is a folder"):
+        settings.load_config()
+
+
+@pytest.mark.parametrize("below", ["", "home"])
+def test_glmvoice_home_on_a_file_names_the_variable(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                                    below: str) -> None:
+    (tmp_path / "afile").write_bytes(b"\x00\xff")
+    monkeypatch.setenv("GLMVOICE_HOME", str(tmp_path / "afile" / below))
+    for where in (settings.cache_root, settings.models_root, lambda: settings.locate("lm")):
+        with pytest.raises(UsageError, match="^GLMVOICE_HOME=.*afile.* is not a folder"):
+            where()
+    from glmvoice_cli.chat.store import sessions_root
+
+    with pytest.raises(UsageError, match="^GLMVOICE_HOME="):
+        sessions_root()

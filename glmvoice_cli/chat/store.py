@@ -32,7 +32,7 @@ from glmvoice_cli.audio.io import write_audio
 from glmvoice_cli.config import SAMPLE_RATE_IN, SAMPLE_RATE_OUT
 from glmvoice_cli.errors import GlmVoiceError
 from glmvoice_cli.events import TurnTimings
-from glmvoice_cli.models.settings import APP_NAME, ENV_HOME
+from glmvoice_cli.models.settings import APP_NAME, ENV_HOME, check_env_folder
 
 SESSIONS_SUBDIR = "sessions"
 TRANSCRIPT_FILE = "transcript.jsonl"
@@ -128,7 +128,7 @@ def sessions_root() -> Path:
     """<GLMVOICE_HOME>/sessions when set, else <platform data folder>/sessions."""
     home = os.environ.get(ENV_HOME, "").strip()
     if home:
-        return Path(home).expanduser() / SESSIONS_SUBDIR
+        return check_env_folder(ENV_HOME, Path(home).expanduser()) / SESSIONS_SUBDIR
     import platformdirs
 
     return Path(platformdirs.user_data_dir(APP_NAME)) / SESSIONS_SUBDIR

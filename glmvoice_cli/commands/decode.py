@@ -25,49 +25,92 @@ from glmvoice_cli.commands.common import (
 from glmvoice_cli.config import TOKENS_PER_SECOND
 from glmvoice_cli.errors import UsageError
 
-_INT_SEPARATORS = re.compile(r"[\s,]+")
+_TOKEN_WORD = re.compile(r"[^\s,]+")  # ids are separated by whitespace and/or commas
 SCHEDULES = ("default", "reference")
+MAX_TOKEN_DIGITS = 9  # no speech vocabulary has a billion ids: longer digit runs are refused before int()
+SHOWN_VALUE_CHARS = 40  # a bad value is quoted in the error up to this length
+
+
+class _TooLong(ValueError):
+    """A JSON integer with more than MAX_TOKEN_DIGITS digits."""
+
+
+def _json_int(digits: str) -> int:
+    if len(digits.lstrip("-")) > MAX_TOKEN_DIGITS:
+        raise _TooLong(digits)
+    return int(digits)
 
 
 def parse_tokens(text: str, source: str = "tokens") -> list[int]:
-    """Integers from whitespace/comma-separated text, a JSON list, or JSON objects with "tokens"."""
+    """Integers from whitespace/comma-separated text, a JSON list, or JSON objects with "tokens".
+
+    Every failure is a one-line UsageError naming `source`: a 100,000-digit number is refused by its
+    length (never converted), JSON nested too deeply by its depth (never a RecursionError).
+    """
     text = text.strip()
     if not text:
         raise UsageError(f"{source}: no speech tokens")
-    if text[0] in "[{":
-        try:
-            values: list[object] = []
-            for line in text.splitlines() if text[0] == "{" else [text]:
-                if line.strip():
-                    data = json.loads(line)
-                    values += data["tokens"] if isinstance(data, dict) else data
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise UsageError(f"{source}: not a JSON list of token ids or objects with \"tokens\"") from e
-    else:
-        values = [v for v in _INT_SEPARATORS.split(text) if v]
+    values: list[object] | None = _json_values(text, source) if text[0] in "[{" else None
     ids: list[int] = []
-    for value in values:
+    for value in values if values is not None else (m.group() for m in _TOKEN_WORD.finditer(text)):
         token = _token_id(value)
+        if token is None and isinstance(value, str) and value.isascii() and value.isdigit():
+            raise UsageError(f"{source}: token id with {len(value)} digits is out of range")
         if token is None:
-            raise UsageError(f"{source}: token ids must be non-negative integers, got {value!r}")
+            raise UsageError(f"{source}: token ids must be non-negative integers, got {_shown(value)}")
         ids.append(token)
     if not ids:
         raise UsageError(f"{source}: no speech tokens")
     return ids
 
 
+def _json_values(text: str, source: str) -> list[object]:
+    values: list[object] = []
+    try:
+        for line in text.splitlines() if text[0] == "{" else [text]:
+            if line.strip():
+                data = json.loads(line, parse_int=_json_int)
+                part = data["tokens"] if isinstance(data, dict) else data
+                if not isinstance(part, list):  # a string would be taken apart character by character
+                    raise TypeError(type(part).__name__)
+                values += part
+    except _TooLong as e:
+        raise UsageError(f"{source}: token id with {len(str(e))} digits is out of range") from e
+    except RecursionError as e:
+        raise UsageError(f"{source}: JSON nested too deeply (expected a flat list of token ids)") from e
+    except (ValueError, KeyError, TypeError) as e:  # json.JSONDecodeError is a ValueError
+        raise UsageError(f"{source}: not a JSON list of token ids or objects with \"tokens\"") from e
+    return values
+
+
 def _token_id(value: object) -> int | None:
     if isinstance(value, int) and not isinstance(value, bool):
         return value if value >= 0 else None
     if isinstance(value, str) and value.isascii() and value.isdigit():
+        if len(value) > MAX_TOKEN_DIGITS:
+            return None
         return int(value)
     return None
 
 
+def _shown(value: object) -> str:
+    """repr(value), cut short: a bad value may be a million-character string or a huge nested list."""
+    if isinstance(value, (list, dict)):
+        return "a nested JSON list" if isinstance(value, list) else "a JSON object"
+    if isinstance(value, str) and len(value) > SHOWN_VALUE_CHARS:
+        return f"{value[:SHOWN_VALUE_CHARS]!r}... ({len(value)} characters)"
+    return repr(value)
+
+
 def read_tokens(tokens: str) -> list[int]:
-    """Token ids from a file path or `-` (stdin)."""
+    """Token ids from a file path or `-` (stdin); undecodable bytes are a one-line error, as in a file."""
     if tokens == "-":
-        return parse_tokens(sys.stdin.read(), "stdin")
+        stream = getattr(sys.stdin, "buffer", None)
+        try:
+            text = stream.read().decode("utf-8") if stream is not None else sys.stdin.read()
+        except UnicodeDecodeError as e:
+            raise UsageError(f"stdin is not UTF-8 text: {e.reason} at byte {e.start}") from e
+        return parse_tokens(text, "stdin")
     path = Path(tokens)
     if not path.is_file():
         raise UsageError(f"token file not found: {path}")

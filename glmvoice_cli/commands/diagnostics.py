@@ -52,7 +52,7 @@ def selftest(
     from rich.console import Console
     from rich.table import Table
 
-    from glmvoice_cli.selftest import Step, run_selftest
+    from glmvoice_cli.selftest import Step, prepare_kept_folder, run_selftest
 
     console = Console()
 
@@ -60,8 +60,7 @@ def selftest(
         console.print(f"[green]ok[/] {step.name:<18} {step.seconds:6.2f} s  {step.detail}", highlight=False)
 
     if keep is not None:
-        keep.mkdir(parents=True, exist_ok=True)
-        steps = run_selftest(keep, show)
+        steps = run_selftest(prepare_kept_folder(keep), show)
     else:
         with tempfile.TemporaryDirectory(prefix="glmvoice-selftest-") as tmp:
             steps = run_selftest(Path(tmp), show)

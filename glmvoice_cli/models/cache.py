@@ -13,6 +13,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from glmvoice_cli.errors import UsageError
+
 REPO_PREFIX = "models--"
 DEFAULT_BRANCH = "main"
 
@@ -22,17 +24,29 @@ def _env_path(name: str) -> Path | None:
     return Path(value).expanduser() if value else None
 
 
+def check_env_folder(name: str, path: Path) -> Path:
+    """`path`, set by the environment variable `name`; a one-line UsageError naming the variable where it
+    (or the nearest existing folder above it) is not a folder, before anything is written under it."""
+    for part in (path, *path.parents):
+        if part.exists() or part.is_symlink():
+            if not part.is_dir():
+                where = "" if part == path else f" (under {part}, which is not a folder either)"
+                raise UsageError(f"{name}={path} is not a folder{where}")
+            break
+    return path
+
+
 def hub_cache_dir() -> Path:
     """Where model repositories are cached (see the module docstring for the order)."""
     home = _env_path("GLMVOICE_HOME")
     if home is not None:
-        return home / "hub"
+        return check_env_folder("GLMVOICE_HOME", home) / "hub"
     explicit = _env_path("HF_HUB_CACHE")
     if explicit is not None:
-        return explicit
+        return check_env_folder("HF_HUB_CACHE", explicit)
     hf_home = _env_path("HF_HOME")
     if hf_home is not None:
-        return hf_home / "hub"
+        return check_env_folder("HF_HOME", hf_home) / "hub"
     xdg = _env_path("XDG_CACHE_HOME") or Path.home() / ".cache"
     return xdg / "huggingface" / "hub"
 

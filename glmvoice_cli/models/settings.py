@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from glmvoice_cli.errors import UsageError
+from glmvoice_cli.models.cache import check_env_folder
 from glmvoice_cli.models.hub import STAGES, get_stage, require_complete
 from glmvoice_cli.options import DEFAULT_LM_TIMEOUT_S, LMServer
 
@@ -35,6 +36,7 @@ CONFIG_FILENAME = "config.toml"
 MODELS_SUBDIR = "models"
 CONFIG_PATHS_TABLE = "paths"  # [paths] tokenizer = "...", lm = "...", decoder = "..."
 CONFIG_MODELS_KEY = "models"  # models = "DIR", a folder with tokenizer/, lm/, decoder/
+CONFIG_MAX_BYTES = 1 << 20  # a settings file is a few hundred bytes; a bigger one was named by mistake
 
 
 def stage_env(stage: str) -> str:
@@ -48,10 +50,13 @@ def _env_path(name: str) -> Path | None:
 
 
 def cache_root() -> Path:
-    """GLMVOICE_HOME, else the platform cache folder (e.g. ~/.cache/glmvoice)."""
+    """GLMVOICE_HOME, else the platform cache folder (e.g. ~/.cache/glmvoice).
+
+    GLMVOICE_HOME naming a file (not a folder, existing or yet to be made) is a one-line UsageError.
+    """
     explicit = _env_path(ENV_HOME)
     if explicit is not None:
-        return explicit
+        return check_env_folder(ENV_HOME, explicit)
     import platformdirs
 
     return Path(platformdirs.user_cache_dir(APP_NAME))
@@ -78,8 +83,15 @@ def config_path() -> Path:
 
 
 def load_config(path: Path | None = None) -> dict[str, Any]:
-    """The parsed config file, or {} when there is none; bad TOML is a one-line UsageError."""
+    """The parsed config file, or {} when there is none.
+
+    A folder, binary content, a file too large or nested too deeply to be a config file, or bad TOML
+    is a one-line UsageError naming the file (and GLMVOICE_CONFIG when that chose it).
+    """
     path = config_path() if path is None else path
+    named = f" (from {ENV_CONFIG})" if path == _env_path(ENV_CONFIG) else ""
+    if path.is_dir():
+        raise UsageError(f"config file {path}{named} is a folder, not a TOML file")
     if not path.is_file():
         return {}
     if sys.version_info >= (3, 11):
@@ -88,9 +100,18 @@ def load_config(path: Path | None = None) -> dict[str, Any]:
         import tomli as tomllib
     try:
         with path.open("rb") as f:
-            return tomllib.load(f)
-    except (OSError, tomllib.TOMLDecodeError) as e:
-        raise UsageError(f"config file {path} is not valid TOML: {e}") from e
+            data = f.read(CONFIG_MAX_BYTES + 1)
+        if len(data) > CONFIG_MAX_BYTES:
+            raise UsageError(f"config file {path}{named} is over {CONFIG_MAX_BYTES // 1024} KiB: not a config file")
+        return tomllib.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise UsageError(f"config file {path}{named} is not UTF-8 text (byte {e.start}): not a TOML file") from e
+    except RecursionError as e:
+        raise UsageError(f"config file {path}{named} is nested too deeply to be a config file") from e
+    except OSError as e:
+        raise UsageError(f"cannot read config file {path}{named}: {e.strerror or e}") from e
+    except tomllib.TOMLDecodeError as e:
+        raise UsageError(f"config file {path}{named} is not valid TOML: {e}") from e
 
 
 def _config_value(config: dict[str, Any], path: Path, keys: tuple[str, ...]) -> Path | None:
