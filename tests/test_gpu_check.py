@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 ABSENT_ON_GPU_MACHINES = ("soxr", "sounddevice", "webrtcvad", "livekit", "bitsandbytes", "soundfile", "rich",
@@ -38,3 +41,18 @@ def test_gpu_check_shell_wrapper_runs_the_module() -> None:
     done = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--help"], capture_output=True,
                           text=True, timeout=300, check=False)
     assert done.returncode == 0 and "--tiny" in done.stdout, done.stderr
+
+
+def test_gpu_check_4bit_stage_on_the_cpu_backend(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """The NF4 stage (run on GPU machines that have bitsandbytes) quantizes the in-memory model and decodes;
+    here on bitsandbytes' CPU backend at the tiny size."""
+    pytest.importorskip("bitsandbytes")
+    import torch
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    gpu_check = importlib.import_module("gpu_check")
+    spec = gpu_check.SIZES["quick"]
+    result = gpu_check.check_lm_4bit(spec, torch.device("cpu"), torch.float32, 8, allow_cpu=True)
+    assert result["eager"]["decode_tokens_per_s"] > 0 and result["eager"]["new_tokens"] > 0
+    assert 0 < result["weight_bytes_per_token"] < result["dense_weight_bytes_per_token"]  # packed 4-bit layers
+    assert gpu_check.check_lm_4bit(spec, torch.device("cpu"), torch.float32, 8) == {"skipped": "4-bit needs CUDA"}

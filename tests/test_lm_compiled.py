@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -225,3 +226,42 @@ def test_assistant_compiles_at_load_with_a_status_line(models: Path, monkeypatch
     assert "lm_compile" in assistant.load_seconds and assistant.warnings == []
     default = Assistant.load(dirs, LoadOptions(device="cpu"))  # CPU default: the eager loop
     assert default.lm.static is None and default.compile_report is None
+
+
+def test_cuda_graphs_are_recorded_on_the_thread_that_decodes(tmp_path: Path) -> None:
+    """CUDA graph trees are per thread: a reduce-overhead decoder warms up once more on a new thread (the
+    chat's model thread), once; other modes need nothing (their kernels serve every thread)."""
+    folder = write_tiny_lm(tmp_path / "lm", SPEC)
+    lm = VoiceLM.from_folder(folder, LoadOptions(device="cpu", dtype="fp32"))
+    lm.enable_static(compiled=False)
+    static = lm.static
+    assert static is not None and not static.warm_this_thread()  # eager mode: nothing per thread
+    static.mode = "reduce-overhead"  # as on CUDA (the step itself runs eagerly here)
+    steps: list[str] = []
+    eager_step = static._step
+    static._step = lambda token: (steps.append(threading.current_thread().name), eager_step(token))[1]
+    assert not static.warm_this_thread()  # the loading thread warmed up at build time
+    worker = threading.Thread(target=lambda: (lm.prepare_thread(), lm.prepare_thread()), name="model")
+    worker.start()
+    worker.join(timeout=60)
+    assert steps and set(steps) == {"model"}  # recorded on the model thread, once: the second call is free
+    count = len(steps)
+    worker = threading.Thread(target=lm.prepare_thread, name="other")
+    worker.start()
+    worker.join(timeout=60)
+    assert len(steps) > count and steps[-1] == "other"
+
+
+def test_the_chat_prepares_its_model_thread_before_the_first_turn(assistant, tmp_path: Path,  # type: ignore[no-untyped-def]
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    from .chat_helpers import burst, make_rig, run_rig, silence
+
+    calls: list[tuple[str, int]] = []  # (thread, turns already started)
+    turns: list[int] = []
+    stream = assistant.lm.stream
+    monkeypatch.setattr(assistant.lm, "prepare_thread",
+                        lambda: calls.append((threading.current_thread().name, len(turns))), raising=False)
+    monkeypatch.setattr(assistant.lm, "stream", lambda *a, **k: (turns.append(1), stream(*a, **k))[1])
+    rig = make_rig(assistant, np.concatenate([silence(0.3), burst(0.8), silence(1.5)]), tmp_path=tmp_path)
+    run_rig(rig)
+    assert turns and calls == [("glmvoice-model", 0)]

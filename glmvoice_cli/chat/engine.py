@@ -412,6 +412,9 @@ class ChatEngine:
 
     def _model_loop(self) -> None:
         try:
+            prepare = getattr(self.assistant.lm, "prepare_thread", None)  # the in-process LM: CUDA graphs
+            if prepare is not None:
+                prepare()
             while True:
                 try:
                     job = self._jobs.get(timeout=POLL_S)

@@ -18,6 +18,7 @@ prefill of a user turn).
 from __future__ import annotations
 
 import os
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,6 +89,7 @@ class StaticDecoder:
         self.mode = compile_mode(blocked.device) if compiled else "eager"
         self.report: CompileReport | None = None  # set by build_static_decoder
         self._input = torch.zeros((1, 1), dtype=torch.long, device=blocked.device)
+        self._warm_threads: set[int] = set()  # threads whose CUDA graphs are recorded (see warm_this_thread)
         self._step = self._eager_step
         if compiled:
             self._step = torch.compile(self._eager_step, mode=self.mode, fullgraph=True, dynamic=False)
@@ -137,10 +139,24 @@ class StaticDecoder:
         if n_tokens < held:
             self.cache.crop(n_tokens - held)
 
+    def warm_this_thread(self, first_id: int = 0) -> bool:
+        """Record the CUDA graphs for the calling thread, if they are not yet; True if it ran.
+
+        torch's CUDA graph trees are kept per thread: graphs recorded by the loading thread are recorded
+        again by the first steps on another one. The chat decodes on its model thread, so it calls this
+        there once, before the first turn, instead of paying the recording inside it. Other modes'
+        compiled kernels serve every thread: nothing to do. The cache is emptied (call it between turns).
+        """
+        if self.mode != "reduce-overhead" or threading.get_ident() in self._warm_threads:
+            return False
+        self.warm_up(first_id)
+        return True
+
     def warm_up(self, first_id: int = 0) -> CompileReport:
         """Prefill a few ids and run the step until every shape is compiled (and graphs recorded)."""
         import torch
 
+        self._warm_threads.add(threading.get_ident())
         start = time.perf_counter()
         ids = torch.full((1, WARM_UP_PROMPT), first_id, dtype=torch.long, device=self.device)
         self.claim(None)

@@ -17,7 +17,7 @@ from glmvoice_cli.errors import UsageError
 
 if TYPE_CHECKING:
     import torch
-    from transformers import GlmConfig, GlmForCausalLM
+    from transformers import BitsAndBytesConfig, GlmConfig, GlmForCausalLM
 
     from glmvoice_cli.options import LoadOptions
 
@@ -42,7 +42,7 @@ def load_quantized(
 ) -> GlmForCausalLM:
     """Build on meta, swap in bitsandbytes Linear layers, quantize each tensor as it streams in."""
     import torch
-    from transformers import BitsAndBytesConfig, GlmForCausalLM
+    from transformers import GlmForCausalLM
     from transformers.integrations.bitsandbytes import replace_with_bnb_linear
 
     from glmvoice_cli.lm.checkpoint import (
@@ -53,24 +53,42 @@ def load_quantized(
 
     bits = int(options.quantize_bits or 0)
     check_quantization(bits, device)
-    if bits == 4:
-        quant = BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=dtype,
-        )
-    else:
-        quant = BitsAndBytesConfig(load_in_8bit=True)
     cfg._attn_implementation = options.attn_implementation
     with torch.device("meta"):
         model = GlmForCausalLM(cfg)
-    model = replace_with_bnb_linear(model, modules_to_not_convert=KEEP_DENSE, quantization_config=quant)
+    model = replace_with_bnb_linear(model, modules_to_not_convert=KEEP_DENSE,
+                                    quantization_config=_bnb_config(bits, dtype))
     for key, tensor in iter_official_tensors(files):
         for native, part in map_official_tensor(key, tensor, cfg):
             _assign_quantized(model, native, part.to(dtype).contiguous(), device)
     rebuild_rotary(model, device)
     return model.eval()
+
+
+def quantize_model(model: torch.nn.Module, bits: int, dtype: torch.dtype, device: torch.device) -> torch.nn.Module:
+    """Swap the Linear layers of a built dense model (lm_head aside) for `bits`-bit ones holding its weights.
+
+    For benchmarks that build random weights in memory (the loader quantizes tensors as they stream in
+    instead, without a dense copy). The CUDA requirement is the caller's to check, as in `load_quantized`.
+    """
+    from transformers.integrations.bitsandbytes import replace_with_bnb_linear
+
+    dense = {name: tensor.detach() for name, tensor in model.named_parameters()}
+    model = replace_with_bnb_linear(model, modules_to_not_convert=KEEP_DENSE,
+                                    quantization_config=_bnb_config(bits, dtype))
+    for name, value in dense.items():
+        _assign_quantized(model, name, value.to(dtype).contiguous(), device)
+    return model
+
+
+def _bnb_config(bits: int, dtype: torch.dtype) -> BitsAndBytesConfig:
+    """The official int4 mode (NF4, double quantization, compute in `dtype`), or LLM.int8."""
+    from transformers import BitsAndBytesConfig
+
+    if bits == 4:
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                  bnb_4bit_compute_dtype=dtype)
+    return BitsAndBytesConfig(load_in_8bit=True)
 
 
 def _assign_quantized(model: torch.nn.Module, native: str, value: torch.Tensor, device: torch.device) -> None:

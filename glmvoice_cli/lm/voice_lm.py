@@ -195,6 +195,14 @@ class VoiceLM:
         assert static.report is not None
         return static.report
 
+    def prepare_thread(self) -> None:
+        """Get the calling thread ready to decode without first-turn set-up (CUDA graphs are per thread).
+
+        Call it from the thread that will run the turns, before the first one: it empties the cache.
+        """
+        if self.static is not None:
+            self.static.warm_this_thread()
+
     @classmethod
     def from_folder(cls, folder: Path, options: LoadOptions | None = None) -> VoiceLM:
         """Load an official ChatGLM-format checkpoint folder (weights, config and tokenizer)."""
