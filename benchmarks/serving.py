@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 import torch
+from lm import copy_bandwidth, decode_weight_bytes  # benchmarks/lm.py (this folder is on sys.path)
 
 from glmvoice_cli.lm.backend import LMBackend
 from glmvoice_cli.lm.prompts import SpeechInput
@@ -168,6 +169,8 @@ def main() -> None:
         folder = write_checkpoint(Path(tmp) / "lm", spec)
         local = VoiceLM.from_folder(folder, LoadOptions(device="cpu", dtype="fp32"))
         params_m = sum(p.numel() for p in local.model.parameters()) / 1e6
+        weight_bytes = decode_weight_bytes(local.model)
+        bandwidth = copy_bandwidth(torch.device("cpu"))
         users = prompts(max(CONCURRENCY), spec.n_audio_tokens)
         converse(local, users[0], GenerationOptions(temperature=0.0, max_new_tokens=4))  # warm-up
         in_process = {n: run_sequential(local, users[:n], options) for n in CONCURRENCY}
@@ -194,6 +197,10 @@ def main() -> None:
         "aggregate_speedup_4_vs_1": round(served[4]["aggregate_tokens_per_s"] / served[1]["aggregate_tokens_per_s"], 2),
         "vllm_4_vs_in_process_4": round(served[4]["aggregate_tokens_per_s"]
                                         / in_process[4]["aggregate_tokens_per_s"], 2),
+        # One decode step reads every weight once, whatever the batch: the floor of one conversation, and
+        # of N batched ones N times that (until compute, not memory, bounds the step).
+        "floor": {"copy_bandwidth_gb_s": round(bandwidth / 1e9, 2), "weight_bytes_per_token": weight_bytes,
+                  "tokens_per_s_one_conversation": round(bandwidth / weight_bytes, 1)},
         "same_ids_as_in_process": same_ids, "load_average_1min": os.getloadavg()[0],
         "versions": {"vllm": vllm_version(python), "torch": torch.__version__, "python": platform.python_version()},
         "machine": f"{platform.machine()}, {os.cpu_count()} cores",
