@@ -16,7 +16,8 @@ It answers only the requests `huggingface_hub.hf_hub_download` makes for plain H
 
 Faults are injected per file name: ``cut`` sends half of the first full GET and closes the
 connection (Content-Length promises more, so the client sees a protocol error), ``fail_resume``
-answers 503 to Range requests. Every request is recorded for assertions.
+answers 503 to Range requests, ``scramble`` serves the bytes reversed under the true headers (a
+mirror or proxy that corrupts content). Every request is recorded for assertions.
 """
 
 from __future__ import annotations
@@ -57,6 +58,7 @@ class FakeHub:
     # files are named "<repo_id>/<filename>" in the fault sets and in queries
     cut: set[str] = field(default_factory=set)  # files whose first full GET is cut mid-file
     fail_resume: set[str] = field(default_factory=set)  # files whose Range GETs answer 503
+    scramble: set[str] = field(default_factory=set)  # files served reversed: right size and headers, wrong bytes
     token: str | None = None  # when set, hub requests without "Bearer <token>" answer 401
     seen: list[Seen] = field(default_factory=list)
 
@@ -208,6 +210,7 @@ class _Handler(BaseHTTPRequestHandler):
         if start is not None and name in self.hub.fail_resume:
             return self._empty(503)
         cut = send_body and start is None and self.hub.take_cut(name)
+        data = data[::-1] if name in self.hub.scramble else data  # a bad mirror: same size, other bytes
         body = data if start is None else data[start:]
         self.send_response(200 if start is None else 206)
         for key, value in headers.items():

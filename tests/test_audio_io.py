@@ -255,3 +255,21 @@ def test_write_errors(tmp_path: Path) -> None:
     with pytest.raises(AudioError, match="cannot write") as info:
         write_audio(tmp_path / "no" / "such" / "dir.wav", np.zeros(10, np.float32), 16_000)
     assert "dir.wav" in str(info.value)
+
+
+def test_chunked_writing_keeps_an_existing_file_when_the_producer_fails(tmp_path: Path) -> None:
+    from glmvoice_cli.audio.chunk_writer import write_audio_chunks
+
+    out = tmp_path / "out.wav"
+    out.write_bytes(b"earlier take")
+
+    def chunks():  # type: ignore[no-untyped-def]
+        yield np.zeros(1000, dtype=np.float32)
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        write_audio_chunks(out, chunks(), 22_050)
+    assert out.read_bytes() == b"earlier take" and [p.name for p in tmp_path.iterdir()] == ["out.wav"]
+    assert write_audio_chunks(out, [np.ones(10), np.zeros(5)], 22_050) == 15
+    data, rate = sf.read(out)
+    assert rate == 22_050 and len(data) == 15 and [p.name for p in tmp_path.iterdir()] == ["out.wav"]

@@ -148,3 +148,52 @@ def test_tokenize_then_decode_round_trip(tiny_dec: Path, tmp_path: Path) -> None
     assert rate == SAMPLE_RATE and data.ndim == 1
     assert len(data) == mel_frames(n_tokens, 12.5) * 256
     assert abs(len(data) / rate - seconds) < 0.1
+
+
+def test_long_input_is_decoded_in_bounded_blocks(tiny_dec: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                                                 ) -> None:
+    """Offline, a long token file goes through the flow in blocks: no call sees more than one block and the
+    default schedule's bounded prompt, so memory is set by the block size, not by the file's length."""
+    from glmvoice_cli.decoder import speech_decoder
+    from glmvoice_cli.decoder.flow import FlowModel
+
+    block, n_tokens = 20, 130
+    monkeypatch.setattr(speech_decoder, "OFFLINE_BLOCK_TOKENS", block)
+    seen: list[int] = []
+    inference = FlowModel.inference
+
+    def counting(self, new, prompt_tokens, *args, **kwargs):  # type: ignore[no-untyped-def]
+        seen.append(new.shape[1] + prompt_tokens.shape[1])
+        return inference(self, new, prompt_tokens, *args, **kwargs)
+
+    monkeypatch.setattr(FlowModel, "inference", counting)
+    tokens = tmp_path / "t.txt"
+    tokens.write_text(" ".join(str(i % 64) for i in range(n_tokens)))
+    out = tmp_path / "long.wav"
+    result = runner.invoke(app, ["decode", str(tokens), "--decoder", str(tiny_dec), "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    assert len(seen) == -(-n_tokens // block) and max(seen) <= block + speech_decoder.DEFAULT_SCHEDULE.context_tokens
+    data, _ = sf.read(out)
+    assert len(data) == mel_frames(n_tokens, 12.5) * 256  # the same length as one call would give
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".partial")] == []
+
+
+def test_reference_schedule_refuses_an_unbounded_answer(tiny_dec: Path, tmp_path: Path) -> None:
+    from glmvoice_cli.decoder.speech_decoder import REFERENCE_MAX_TOKENS
+
+    tokens = tmp_path / "t.txt"
+    tokens.write_text("1 " * (REFERENCE_MAX_TOKENS + 1))
+    result = runner.invoke(app, ["decode", str(tokens), "--decoder", str(tiny_dec), "-o", str(tmp_path / "o.wav"),
+                                 "--stream", "--schedule", "reference"])
+    assert result.exit_code == 2 and "reference schedule" in result.output and "default schedule" in result.output
+
+
+def test_a_failed_decode_leaves_an_existing_file_untouched(tiny_dec: Path, tmp_path: Path) -> None:
+    out = tmp_path / "keep.wav"
+    out.write_bytes(b"the user's recording")
+    tokens = tmp_path / "t.txt"
+    tokens.write_text("1 2 3 9999")
+    result = runner.invoke(app, ["decode", str(tokens), "--decoder", str(tiny_dec), "-o", str(out)])
+    assert result.exit_code == 2 and "9999" in result.output
+    assert out.read_bytes() == b"the user's recording" and sorted(p.name for p in tmp_path.iterdir()) == [
+        "keep.wav", "t.txt"]

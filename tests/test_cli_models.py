@@ -218,3 +218,14 @@ def test_ensure_models_without_offer_raises_one_line(tmp_path: Path) -> None:
         ensure_models(("lm",), offer=False)
     with pytest.raises(ModelNotFoundError, match="--lm"):
         ensure_models(("lm",), overrides={"lm": tmp_path / "nowhere"}, offer=True)
+
+
+def test_download_from_a_scrambling_mirror_fails_without_saying_complete(fake_hub: FakeHub, tmp_path: Path) -> None:
+    from glmvoice_cli.cli import app as root
+
+    fake_hub.scramble.add(f"{hub.DECODER.repo_id}/hift.pt")
+    result = runner.invoke(root, ["models", "download", "decoder", "--dir", str(tmp_path)])
+    assert result.exit_code == 3, result.output
+    lines = result.stderr.strip().splitlines()
+    assert lines[-1].startswith("error: ") and "hift.pt" in lines[-1] and "checksum" in lines[-1]
+    assert "complete" not in result.stdout and not (tmp_path / "decoder" / "hift.pt").exists()

@@ -335,3 +335,29 @@ def test_remove_stage_drops_a_link_but_not_its_target(tmp_path: Path) -> None:
     (tmp_path / "link").symlink_to(tmp_path / "real", target_is_directory=True)
     assert hub.remove_stage(tmp_path / "link") == 0
     assert not (tmp_path / "link").exists() and (tmp_path / "real" / "flow.pt").is_file()
+
+
+@pytest.mark.parametrize(("stage", "filename", "cached"), [
+    (hub.DECODER, "flow.pt", False),  # large (LFS) file: sha256 from X-Linked-Etag
+    (hub.DECODER, "config.yaml", True),  # small file: git blob sha1 from ETag, in the Hugging Face cache
+])
+def test_a_mirror_serving_other_bytes_is_caught_and_nothing_bad_is_kept(
+    fake_hub: FakeHub, tmp_path: Path, stage: hub.Stage, filename: str, cached: bool
+) -> None:
+    name = f"{stage.repo_id}/{filename}"
+    fake_hub.scramble.add(name)
+    folder = None if cached else tmp_path / "decoder"
+    with pytest.raises(CheckpointError) as info:
+        hub.download_stage(stage, folder, workers=1)
+    message = _one_line(info.value)
+    assert name in message and "checksum" in message and "glmvoice models download decoder" in message
+    from glmvoice_cli.models import cache
+
+    where = folder if folder is not None else cache.snapshots(stage.repo_id)[0]
+    assert not (where / filename).exists()
+    if cached:  # the bad blob is gone too, or the next download would be handed it again
+        blobs = where.parent.parent / "blobs"
+        assert all(p.read_bytes() != fake_hub.repos[stage.repo_id][filename][::-1] for p in blobs.iterdir())
+    fake_hub.scramble.clear()
+    status = hub.download_stage(stage, folder, workers=1)
+    assert status.complete and (status.path / filename).read_bytes() == fake_hub.repos[stage.repo_id][filename]

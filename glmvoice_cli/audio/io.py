@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import io
 import re
+import stat
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +26,7 @@ from glmvoice_cli.errors import AudioError
 READ_BLOCK_FRAMES = 1 << 16  # frames per read: a truncated file keeps every block read before the damage
 SALVAGE_BLOCK_FRAMES = 256  # frames per read when re-reading the block that failed
 RESAMPLE_QUALITY = "HQ"  # soxr: 20-bit precision, flat to ~94% of Nyquist, stopband far below 16-bit noise
+PIPE_MAX_BYTES = 1 << 30  # a pipe is read into memory once (it cannot seek); 1 GiB is 9 h of 16 kHz 16-bit mono
 STREAMED_SIZE_MIN = 0x7FFF_F000  # bytes; WAV writers on pipes put a placeholder this large in the header
 WRITE_FORMATS = {  # extension -> (libsndfile format, subtype)
     ".wav": ("WAV", "PCM_16"),
@@ -54,16 +57,16 @@ def read_audio(path: str | Path) -> Audio:
     NaN/inf samples. A truncated file gives its readable part and a line in ``warnings``.
     """
     path = Path(path)
-    _check_file(path)
+    source = _open_source(path)
     try:
-        handle = sf.SoundFile(path)
+        handle = sf.SoundFile(source())
     except RuntimeError as e:
         raise AudioError(f"{path} is not a readable audio file ({_reason(e)})") from e
     with handle:
         blocks, error = _read_blocks(handle, path, READ_BLOCK_FRAMES)
         expected, sample_rate, log = handle.frames, handle.samplerate, handle.extra_info
     if error is not None:
-        blocks += _salvage(path, sum(map(len, blocks)))
+        blocks += _salvage(source, path, sum(map(len, blocks)))
     samples = np.concatenate(blocks) if blocks else np.zeros(0, dtype=np.float32)
     if len(samples) == 0:
         if error is not None or expected > 0 or _wav_data_sizes(log) is not None:
@@ -133,19 +136,30 @@ def write_audio(path: str | Path, samples: np.ndarray, sample_rate: int) -> None
         raise AudioError(f"cannot write audio file {path}: {_reason(e)}") from e
 
 
-def _check_file(path: Path) -> None:
-    """Errors libsndfile would report vaguely ("System error"), checked up front."""
-    if not path.exists():
-        raise AudioError(f"audio file not found: {path}")
-    if path.is_dir():
+def _open_source(path: Path) -> Callable[[], Path | io.BytesIO]:
+    """What libsndfile reads, as a factory (a salvage re-reads from the start): the path of a regular file,
+    or the bytes of a named pipe or `<(...)` read once, up to PIPE_MAX_BYTES. Errors libsndfile would
+    report vaguely ("System error", or "possibly a pipe?") are checked here, naming the file."""
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        raise AudioError(f"audio file not found: {path}") from None
+    except OSError as e:
+        raise AudioError(f"cannot open audio file {path}: {e.strerror or e}") from e
+    if stat.S_ISDIR(mode):
         raise AudioError(f"{path} is a directory, not an audio file")
     try:
         with path.open("rb") as fh:
-            first = fh.read(1)
+            data = fh.read(1 if stat.S_ISREG(mode) else PIPE_MAX_BYTES + 1)
     except OSError as e:
         raise AudioError(f"cannot open audio file {path}: {e.strerror or e}") from e
-    if not first:
+    if not data:
         raise AudioError(f"audio file is empty (0 bytes): {path}")
+    if stat.S_ISREG(mode):
+        return lambda: path
+    if len(data) > PIPE_MAX_BYTES:
+        raise AudioError(f"{path} streams more than {PIPE_MAX_BYTES >> 30} GiB: save it to a file and give that")
+    return lambda: io.BytesIO(data)
 
 
 def _read_blocks(handle: sf.SoundFile, path: Path, frames: int) -> tuple[list[np.ndarray], str | None]:
@@ -172,10 +186,10 @@ def _read_blocks(handle: sf.SoundFile, path: Path, frames: int) -> tuple[list[np
     return blocks, error
 
 
-def _salvage(path: Path, start: int) -> list[np.ndarray]:
+def _salvage(source: Callable[[], Path | io.BytesIO], path: Path, start: int) -> list[np.ndarray]:
     """Re-read from frame ``start`` in small blocks up to the damage; [] where seeking fails too."""
     try:
-        with sf.SoundFile(path) as handle:
+        with sf.SoundFile(source()) as handle:
             handle.seek(start)
             return _read_blocks(handle, path, SALVAGE_BLOCK_FRAMES)[0]
     except RuntimeError:

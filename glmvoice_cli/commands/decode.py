@@ -144,14 +144,14 @@ def decode(
         raise UsageError(f"cannot write {output}: use a .wav, .flac or .ogg file name")
     if dtype not in (None, "auto", "fp32", "float32"):
         raise UsageError(f"the speech decoder runs in fp32 only (got --dtype {dtype})")
-    from glmvoice_cli.audio.io import write_audio
+    from glmvoice_cli.audio.chunk_writer import write_audio_chunks
     from glmvoice_cli.commands.models import ensure_models
-    from glmvoice_cli.decoder.speech_decoder import synthesize
+    from glmvoice_cli.decoder.speech_decoder import synthesize_blocks
 
     folder = decoder or ensure_models(("decoder",), models=models)["decoder"]
     use_threads(threads)
     with status_line(f"decoding {len(ids)} speech tokens ({len(ids) / TOKENS_PER_SECOND:.0f} s of speech)"):
-        audio, rate = synthesize(folder, ids, stream=stream, reference=schedule == "reference", seed=seed,
-                                 device=device)
-    write_audio(output, audio, rate)
-    typer.echo(f"wrote {output} ({len(audio) / rate:.2f} s, {rate} Hz, {len(ids)} tokens)", err=True)
+        chunks, rate = synthesize_blocks(folder, ids, stream=stream, reference=schedule == "reference", seed=seed,
+                                         device=device)
+        samples = write_audio_chunks(output, chunks, rate)  # block by block: memory stays flat
+    typer.echo(f"wrote {output} ({samples / rate:.2f} s, {rate} Hz, {len(ids)} tokens)", err=True)

@@ -32,6 +32,7 @@ _TRUE = {"1", "on", "yes", "true"}
 _MAX_REASON_CHARS = 200  # of the library's message, inside our one-line error
 _AUTH_STATUSES = (401, 403)
 _HTTP_CLIENT_MODULES = {"httpx", "httpx2", "httpcore", "requests", "urllib3"}
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -263,12 +264,14 @@ class _ReporterBar:
     """
 
     _bound: tuple[DownloadReporter | None, str] = (None, "")
+    transferred = False  # set on the bound class once huggingface_hub starts a transfer with it
 
     @classmethod
     def bound(cls, reporter: DownloadReporter | None, name: str) -> type[_ReporterBar]:
         return type("_BoundReporterBar", (cls,), {"_bound": (reporter, name)})
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
+        type(self).transferred = True
         self._reporter, self._name = self._bound
         self._total: int | None = kwargs.get("total")
         self.n = int(kwargs.get("initial") or 0)
@@ -463,16 +466,20 @@ def _fetch_file(
     from huggingface_hub import errors as hf_errors
 
     folder = Path(target.get("local_dir") or target["cache_dir"])
+    bar = _ReporterBar.bound(reporter, f"{stage.name}/{filename}")
     try:
-        return hf.hf_hub_download(
+        path = hf.hf_hub_download(
             stage.repo_id,
             filename,
             revision=revision,
             **target,
             endpoint=endpoint,
             force_download=force,
-            tqdm_class=_ReporterBar.bound(reporter, f"{stage.name}/{filename}"),
+            tqdm_class=bar,
         )
+        if bar.transferred:  # bytes arrived in this call: check them before the file counts as complete
+            _verify_transfer(stage, Path(path), filename, endpoint)
+        return path
     except hf_errors.OfflineModeIsEnabled as e:
         raise ModelNotFoundError(_offline_line(stage, folder, filename)) from e
     except hf_errors.LocalEntryNotFoundError as e:  # before EntryNotFoundError: it subclasses it
@@ -490,6 +497,26 @@ def _fetch_file(
         if type(e).__module__.split(".")[0] not in _HTTP_CLIENT_MODULES:
             raise
         raise GlmVoiceError(_network_line(stage, filename, endpoint, e)) from e
+
+
+def _verify_transfer(stage: Stage, path: Path, filename: str, endpoint: str | None) -> None:
+    """The bytes just downloaded against the checksum the hub sent with them (the ETag: sha256 of a large
+    file, git blob id of a small one): a mirror or proxy serving other bytes of the same size passes
+    huggingface_hub's own size check. A mismatch discards the file and raises one line."""
+    from glmvoice_cli.models.integrity import discard_download, matches_etag, recorded_etag
+
+    etag = recorded_etag(path.parent, filename)
+    verdict = matches_etag(path, etag) if etag else None
+    if verdict is None or etag is None:
+        log.warning("%s/%s: the hub sent no checksum to verify it against", stage.repo_id, filename)
+        return
+    if not verdict:
+        discard_download(path.parent, filename)
+        where = endpoint or DEFAULT_ENDPOINT
+        raise CheckpointError(
+            f"{stage.repo_id}/{filename} from {where} does not match the checksum the hub recorded for it "
+            f"({etag[:16]}...): discarded; run `{stage.fetch_command}` again, or set HF_ENDPOINT to another mirror"
+        )
 
 
 def _offline_line(stage: Stage, folder: Path, filename: str) -> str:

@@ -54,6 +54,19 @@ def recorded_etag(folder: Path, filename: str) -> str | None:
     return lines[1].strip().strip('"').lower() if len(lines) >= 2 else None
 
 
+def discard_download(folder: Path, filename: str) -> None:
+    """Remove a downloaded file and its record: in the cache its blob too (huggingface_hub would otherwise
+    hand the same bad blob back), in a plain folder its metadata (so the next download fetches it again)."""
+    path = folder / filename
+    if path.is_symlink():
+        blob = path.resolve()
+        path.unlink()
+        blob.unlink(missing_ok=True)
+    else:
+        path.unlink(missing_ok=True)
+    (folder / METADATA_DIR / f"{filename}.metadata").unlink(missing_ok=True)
+
+
 def _digest(path: Path, algorithm: str, prefix: bytes = b"") -> str:
     h = hashlib.new(algorithm)
     h.update(prefix)
