@@ -10,11 +10,17 @@ time (huggingface_hub reads them once, at import), and nothing here imports hugg
 
 from __future__ import annotations
 
+import hashlib
 import os
+import re
 from pathlib import Path
 
 from glmvoice_cli.errors import UsageError
 
+HASH_CHUNK_BYTES = 8 * 1024 * 1024  # read size while hashing multi-GB shards
+METADATA_DIR = Path(".cache") / "huggingface" / "download"
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+_SHA1 = re.compile(r"[0-9a-f]{40}")
 REPO_PREFIX = "models--"
 DEFAULT_BRANCH = "main"
 
@@ -97,3 +103,48 @@ def blob_etag(path: Path) -> str | None:
         return None
     target = Path(os.readlink(path))
     return target.name.lower() if target.parent.name == "blobs" else None
+
+
+def recorded_etag(folder: Path, filename: str) -> str | None:
+    """The ETag huggingface_hub stored for `filename` in `folder` (a plain folder's metadata record, or
+    the blob a cache snapshot's link points to), or None."""
+    linked = blob_etag(folder / filename)
+    if linked is not None:
+        return linked
+    record = folder / METADATA_DIR / f"{filename}.metadata"
+    try:
+        lines = record.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError):
+        return None
+    return lines[1].strip().strip('"').lower() if len(lines) >= 2 else None
+
+
+def discard_download(folder: Path, filename: str) -> None:
+    """Remove a downloaded file and its record: in the cache its blob too (huggingface_hub would otherwise
+    hand the same bad blob back), in a plain folder its metadata (so the next download fetches it again)."""
+    path = folder / filename
+    if path.is_symlink():
+        blob = path.resolve()
+        path.unlink()
+        blob.unlink(missing_ok=True)
+    else:
+        path.unlink(missing_ok=True)
+    (folder / METADATA_DIR / f"{filename}.metadata").unlink(missing_ok=True)
+
+
+def _digest(path: Path, algorithm: str, prefix: bytes = b"") -> str:
+    h = hashlib.new(algorithm)
+    h.update(prefix)
+    with path.open("rb") as f:
+        while chunk := f.read(HASH_CHUNK_BYTES):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def matches_etag(path: Path, etag: str) -> bool | None:
+    """Whether the file's content gives `etag`; None when the ETag is not a digest we know."""
+    if _SHA256.fullmatch(etag):
+        return _digest(path, "sha256") == etag
+    if _SHA1.fullmatch(etag):  # git blob id: sha1 of "blob <size>\0" + content
+        return _digest(path, "sha1", b"blob %d\0" % path.stat().st_size) == etag
+    return None

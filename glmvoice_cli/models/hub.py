@@ -503,7 +503,7 @@ def _verify_transfer(stage: Stage, path: Path, filename: str, endpoint: str | No
     """The bytes just downloaded against the checksum the hub sent with them (the ETag: sha256 of a large
     file, git blob id of a small one): a mirror or proxy serving other bytes of the same size passes
     huggingface_hub's own size check. A mismatch discards the file and raises one line."""
-    from glmvoice_cli.models.integrity import discard_download, matches_etag, recorded_etag
+    from glmvoice_cli.models.cache import discard_download, matches_etag, recorded_etag
 
     etag = recorded_etag(path.parent, filename)
     verdict = matches_etag(path, etag) if etag else None
