@@ -19,7 +19,7 @@ from typer.core import TyperGroup
 
 from glmvoice_cli import __version__
 from glmvoice_cli.commands import chat as _chat
-from glmvoice_cli.commands import conventions
+from glmvoice_cli.commands import conventions, signals
 from glmvoice_cli.commands import decode as _decode
 from glmvoice_cli.commands import devices as _devices
 from glmvoice_cli.commands import diagnostics as _diagnostics
@@ -96,10 +96,10 @@ class _Group(TyperGroup):
             if _debug():
                 raise
             fail(str(e) or type(e).__name__, e.exit_code)
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM / SIGHUP in chat and tts (commands.signals)
             if _debug():
                 raise
-            fail("interrupted", 130)
+            fail(signals.describe(e), signals.exit_code(e))
 
 
 app = typer.Typer(

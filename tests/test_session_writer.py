@@ -136,8 +136,10 @@ def test_a_disk_failure_in_the_writer_ends_the_chat_with_one_error(assistant: As
     engine.end_input()
     engine.run()  # returns: the model thread never waits on the writer
     assert isinstance(engine.error, SessionError) and "No space left" in str(engine.error)
-    lines = _lines(store)  # the typed line needed no audio; the answer's audio could not be written
-    assert [(line["role"], line["text"]) for line in lines] == [("user", "Hello.")]
+    lines = _lines(store)  # the typed line needed no audio; the answer's audio could not be written ...
+    assert (lines[0]["role"], lines[0]["text"]) == ("user", "Hello.")
+    assert [line["role"] for line in lines] == ["user", "assistant"]  # ... but its line (ids, text) is kept
+    assert lines[1]["audio"] is None and lines[1]["token_ids"]
 
 
 def test_the_writer_saves_every_turn_it_was_given_before_it_ends(tmp_path: Path) -> None:

@@ -12,8 +12,12 @@ OSError, and the rest of the CLI must still work. Every PortAudio problem become
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import logging
 import queue
+import sys
+import threading
 import time
 from dataclasses import dataclass
 from types import ModuleType
@@ -32,12 +36,15 @@ DeviceSpec = int | str | None  # index, (part of a) name, or None for the system
 CAPTURE_BLOCK_MS = 30  # microphone callback block: one VAD frame
 PLAYBACK_BLOCK_MS = 20  # speaker callback block: small, so a flush is heard within ~20 ms
 STALL_S = 2.0  # a running stream whose callback has not run for this long is a lost device
+CLOSE_TIMEOUT_S = 2.0  # longest wait for PortAudio to stop and close a stream; a lost device may never return
 CAPTURE_QUEUE_BLOCKS = 200  # 6 s of capture buffered before the oldest blocks are dropped
 RESAMPLE_QUALITY = "HQ"
 PORTAUDIO_HINT = ("install PortAudio: `apt install libportaudio2` (Debian, Ubuntu), `dnf install portaudio` "
                   "(Fedora), `brew install portaudio` (macOS); tts -o, transcribe and chat --input-file work "
                   "without it")
 DEVICES_HINT = "see `glmvoice devices`"
+
+log = logging.getLogger("glmvoice_cli")
 
 
 class AudioSource(Protocol):
@@ -321,8 +328,30 @@ def _stream_resampler(rate_in: int, rate_out: int) -> soxr.ResampleStream | None
     return soxr.ResampleStream(rate_in, rate_out, 1, dtype="float32", quality=RESAMPLE_QUALITY)
 
 
-def _close_stream(stream: Any) -> None:
-    """Stop and close, ignoring a device that is already gone."""
-    with contextlib.suppress(Exception):  # PortAudio errors on an unplugged device do not matter here
-        stream.stop()
-        stream.close()
+def _close_stream(stream: Any) -> bool:
+    """Stop and close, ignoring a device that is already gone; never blocks for more than CLOSE_TIMEOUT_S.
+
+    PortAudio's stop can wait forever on a device that vanished mid-stream, so it runs on a daemon thread and
+    a stuck one is left behind (the OS reclaims it at exit). Returns False when it had to be left.
+    """
+    def close() -> None:
+        with contextlib.suppress(Exception):  # PortAudio errors on an unplugged device do not matter here
+            stream.stop()
+            stream.close()
+
+    closer = threading.Thread(target=close, name="glmvoice-audio-close", daemon=True)
+    closer.start()
+    closer.join(CLOSE_TIMEOUT_S)
+    if not closer.is_alive():
+        return True
+    log.info("the audio stream did not close within %.1f s (device lost?); left to the OS", CLOSE_TIMEOUT_S)
+    _skip_portaudio_exit()
+    return False
+
+
+def _skip_portaudio_exit() -> None:
+    """sounddevice terminates PortAudio at exit, which would block on the stuck stream: skip it."""
+    sd = sys.modules.get("sounddevice")
+    handler = getattr(sd, "_exit_handler", None)
+    if callable(handler):
+        atexit.unregister(handler)

@@ -22,6 +22,7 @@ import soxr
 
 from glmvoice_cli.config import SAMPLE_RATE_IN as TOKENIZER_SAMPLE_RATE  # Hz, what the tokenizer expects
 from glmvoice_cli.errors import AudioError
+from glmvoice_cli.files import write_file
 
 READ_BLOCK_FRAMES = 1 << 16  # frames per read: a truncated file keeps every block read before the damage
 SALVAGE_BLOCK_FRAMES = 256  # frames per read when re-reading the block that failed
@@ -113,13 +114,12 @@ def load_audio(path: str | Path, sample_rate: int = TOKENIZER_SAMPLE_RATE) -> Au
 def write_audio(path: str | Path, samples: np.ndarray, sample_rate: int) -> None:
     """Write (n,) float samples as 16-bit WAV/FLAC or Vorbis OGG by extension; ``-`` is WAV on stdout.
 
-    Samples are clipped to [-1, 1] so integer formats never wrap around.
+    Samples are clipped to [-1, 1] so integer formats never wrap around. The file is encoded in memory, then
+    replaces `path` whole or not at all (glmvoice_cli.files): a failure (a full disk) leaves an existing file
+    untouched and raises one AudioError line, never a libsndfile callback traceback.
     """
-    data = np.clip(np.asarray(samples, dtype=np.float32), -1.0, 1.0)
     if str(path) == "-":
-        buffer = io.BytesIO()
-        sf.write(buffer, data, sample_rate, format="WAV", subtype="PCM_16")
-        sys.stdout.buffer.write(buffer.getvalue())
+        sys.stdout.buffer.write(encode_audio(samples, sample_rate, WRITE_FORMATS[".wav"]))
         sys.stdout.buffer.flush()
         return
     path = Path(path)
@@ -128,12 +128,21 @@ def write_audio(path: str | Path, samples: np.ndarray, sample_rate: int) -> None
         known = ", ".join(WRITE_FORMATS)
         raise AudioError(f"cannot write {path}: unknown audio extension {path.suffix!r} (use {known})")
     try:
-        with path.open("wb") as fh:
-            sf.write(fh, data, sample_rate, format=fmt[0], subtype=fmt[1])
-    except OSError as e:
-        raise AudioError(f"cannot write audio file {path}: {e.strerror or e}") from e
+        data = encode_audio(samples, sample_rate, fmt)
     except RuntimeError as e:
         raise AudioError(f"cannot write audio file {path}: {_reason(e)}") from e
+    try:
+        write_file(path, data)
+    except OSError as e:
+        raise AudioError(f"cannot write audio file {path}: {e.strerror or e}") from e
+
+
+def encode_audio(samples: np.ndarray, sample_rate: int, fmt: tuple[str, str]) -> bytes:
+    """(n,) float samples as the bytes of a (libsndfile format, subtype) file, clipped to [-1, 1]."""
+    data = np.clip(np.asarray(samples, dtype=np.float32), -1.0, 1.0)
+    buffer = io.BytesIO()
+    sf.write(buffer, data, sample_rate, format=fmt[0], subtype=fmt[1])
+    return buffer.getvalue()
 
 
 def _open_source(path: Path) -> Callable[[], Path | io.BytesIO]:

@@ -16,6 +16,7 @@ line cut by a crash (skipped, with a warning); resuming drops that fragment befo
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -32,6 +33,7 @@ from glmvoice_cli.audio.io import write_audio
 from glmvoice_cli.config import SAMPLE_RATE_IN, SAMPLE_RATE_OUT
 from glmvoice_cli.errors import GlmVoiceError
 from glmvoice_cli.events import TurnTimings
+from glmvoice_cli.files import fsync_dir, write_file
 from glmvoice_cli.models.settings import APP_NAME, ENV_HOME, check_env_folder
 
 SESSIONS_SUBDIR = "sessions"
@@ -189,9 +191,9 @@ class SessionStore:
         }
         try:
             (path / AUDIO_SUBDIR).mkdir(exist_ok=True)
-            _write_atomic(path / META_FILE, json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
+            write_file(path / META_FILE, (json.dumps(meta, indent=2, ensure_ascii=False) + "\n").encode())
             (path / TRANSCRIPT_FILE).touch()
-            _fsync_dir(path)
+            fsync_dir(path)
         except OSError as e:
             raise SessionError(f"cannot write session folder {path}: {_reason(e)}") from e
         return cls(path)
@@ -234,9 +236,13 @@ class SessionStore:
         timings: TurnTimings | Mapping[str, Any] | None = None,
         sample_rate: int = SAMPLE_RATE_OUT,
         reason: str | None = None,
+        audio: AudioFile | None = None,
     ) -> TurnRecord:
-        """Save an assistant turn: the audio played (n,) float32 at sample_rate Hz, its text and ids."""
-        audio = self.save_audio("assistant", samples, sample_rate)
+        """Save an assistant turn: the audio played (n,) float32 at sample_rate Hz, its text and ids.
+
+        `audio`: the audio already saved by save_audio (then `samples` is not used).
+        """
+        audio = audio or self.save_audio("assistant", samples, sample_rate)
         return self._append("assistant", audio, text, token_ids, interrupted, timings, reason)
 
     def _append(
@@ -261,14 +267,7 @@ class SessionStore:
                 duration_s=None if audio is None else audio.duration_s,
                 reason=reason,
             )
-            line = json.dumps(record.to_json(), ensure_ascii=False) + "\n"
-            try:
-                with self.transcript_path.open("a", encoding="utf-8") as fh:
-                    fh.write(line)
-                    fh.flush()
-                    os.fsync(fh.fileno())
-            except OSError as e:
-                raise SessionError(f"cannot append to {self.transcript_path}: {_reason(e)}") from e
+            _append_line(self.transcript_path, json.dumps(record.to_json(), ensure_ascii=False) + "\n")
             self.turns.append(record)
             return record
 
@@ -287,18 +286,32 @@ class SessionStore:
         relative = name or self.audio_name(role)
         while (self.path / relative).exists():  # a file left by a turn whose line was lost: keep it
             relative = self.audio_name(role)
-        target = self.path / relative
-        write_audio(target, np.asarray(samples, dtype=np.float32).reshape(-1), sample_rate)
-        try:
-            with target.open("ab") as fh:
-                os.fsync(fh.fileno())
-        except OSError as e:
-            raise SessionError(f"cannot write {target}: {_reason(e)}") from e
+        # whole or not at all, fsynced (a full disk leaves no cut file for a later turn to trip on)
+        write_audio(self.path / relative, np.asarray(samples, dtype=np.float32).reshape(-1), sample_rate)
         return AudioFile(relative, round(len(samples) / sample_rate, 3))
 
     def audio_file(self, record: TurnRecord) -> Path | None:
         """The absolute path of a turn's audio, or None."""
         return None if record.audio is None else self.path / record.audio
+
+
+def _append_line(transcript: Path, line: str) -> None:
+    """Append one line, fsynced; a failed write (a full disk) is cut off again, so the lines already saved
+    stay the whole file and a later line never lands after a fragment."""
+    data = line.encode("utf-8")
+    try:
+        with transcript.open("ab") as fh:
+            size = fh.tell()
+            try:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            except OSError:
+                with contextlib.suppress(OSError):
+                    fh.truncate(size)
+                raise
+    except OSError as e:
+        raise SessionError(f"cannot append to {transcript}: {_reason(e)}") from e
 
 
 def _highest_audio_number(path: Path) -> int:
@@ -338,26 +351,6 @@ def _claim_folder(session_dir: str | Path | None) -> Path:
         except OSError as e:
             raise SessionError(f"cannot create session folder {path}: {_reason(e)}") from e
     raise SessionError(f"cannot find a free session folder name under {root}")
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", encoding="utf-8") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
-def _fsync_dir(path: Path) -> None:
-    """Make new directory entries durable where the platform allows it (not on Windows)."""
-    if not hasattr(os, "O_DIRECTORY"):
-        return
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _repair_tail(transcript: Path) -> None:

@@ -64,6 +64,16 @@ class SessionWriter:
             self.store.append_user(None, text=event.text, token_ids=event.token_ids,
                                    audio=self._audio.pop(event.turn, None))
         elif isinstance(event, AssistantTurn):
-            self.store.append_assistant(event.samples, text=event.text, token_ids=event.token_ids,
+            audio, failed = self._save_answer_audio(event)
+            self.store.append_assistant(None, text=event.text, token_ids=event.token_ids,
                                         interrupted=event.interrupted, timings=event.timings,
-                                        sample_rate=event.sample_rate, reason=event.reason)
+                                        sample_rate=event.sample_rate, reason=event.reason, audio=audio)
+            if failed is not None:
+                raise failed
+
+    def _save_answer_audio(self, event: AssistantTurn) -> tuple[AudioFile | None, GlmVoiceError | None]:
+        """The answer's saved audio, or None and the error: its line (text, ids) is saved either way."""
+        try:
+            return self.store.save_audio("assistant", event.samples, event.sample_rate), None
+        except GlmVoiceError as e:
+            return None, e

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from glmvoice_cli.audio.vad import VadConfig
+from glmvoice_cli.commands import signals
 from glmvoice_cli.commands.common import (
     CompileOpt,
     DecoderOpt,
@@ -65,7 +66,6 @@ if TYPE_CHECKING:
     from glmvoice_cli.pipeline import Assistant
 
 ECHO_DELAY_S = 0.03  # --simulate-echo: speaker-to-microphone delay of the simulated room
-INTERRUPTED_EXIT = 130  # the shell's code for Ctrl-C
 
 _VAD = VadConfig()  # the turn-taking flags default to the segmenter's own values
 _ONSET_MS = _VAD.start_frames * _VAD.frame_ms  # voiced time that confirms a turn or an interruption
@@ -122,23 +122,25 @@ def chat(
     """Talk with GLM-4-Voice: speak (or type with --text), interrupt it any time; the session is saved."""
     _check_options(input_file, output, text, realtime, simulate_echo, session_dir, resume)
     resumed = _find_resumed(resume)  # an unknown session fails now, not after a minute of loading
-    io = _open_audio(input_file, output, text, realtime, simulate_echo, headphones, input_device, output_device)
-    try:
-        use_threads(threads)
-        stages = ("lm", "decoder") if text else ("tokenizer", "lm", "decoder")
-        assistant = load_assistant(stages, models=models,
-                                   overrides={"tokenizer": tokenizer, "lm": lm, "decoder": decoder},
-                                   device=device, dtype=dtype, quantize=quantize, seed=seed,
-                                   compile=compile_lm,
-                                   server=lm_server(lm_url, lm_api_key, lm_model, lm_timeout))
-        store = _open_store(session_dir, resumed, assistant.dirs, "text" if text else "voice")
-        turns = TurnTaking(vad_aggressiveness, end_silence_ms, speculative_pause_ms, pre_roll_ms, min_speech_ms,
-                           max_turn_s, barge_in, min_interruption_ms, stream_input)
-        generation = with_sampling(_generation(max_new_tokens, seed), temperature, top_p)
-        engine = _make_engine(assistant, io, store, turns, generation, transcribe_user)
-        _converse(engine, store, text, live)
-    finally:
-        io.close()
+    with signals.interrupts_as_keyboard():  # SIGTERM and SIGHUP save the answer being played, as Ctrl-C does
+        io = _open_audio(input_file, output, text, realtime, simulate_echo, headphones, input_device,
+                         output_device)
+        try:
+            use_threads(threads)
+            stages = ("lm", "decoder") if text else ("tokenizer", "lm", "decoder")
+            assistant = load_assistant(stages, models=models,
+                                       overrides={"tokenizer": tokenizer, "lm": lm, "decoder": decoder},
+                                       device=device, dtype=dtype, quantize=quantize, seed=seed,
+                                       compile=compile_lm,
+                                       server=lm_server(lm_url, lm_api_key, lm_model, lm_timeout))
+            store = _open_store(session_dir, resumed, assistant.dirs, "text" if text else "voice")
+            turns = TurnTaking(vad_aggressiveness, end_silence_ms, speculative_pause_ms, pre_roll_ms,
+                               min_speech_ms, max_turn_s, barge_in, min_interruption_ms, stream_input)
+            generation = with_sampling(_generation(max_new_tokens, seed), temperature, top_p)
+            engine = _make_engine(assistant, io, store, turns, generation, transcribe_user)
+            _converse(engine, store, text, live)
+        finally:
+            io.close()
 
 
 def _check_options(input_file: Path | None, output_file: Path | None, text: bool, realtime: bool,
@@ -282,13 +284,13 @@ def _run_engine(engine: ChatEngine, store: SessionStore, text: bool, live: bool,
             show_live(engine.events, store.turns, text_mode=text, typing=keys)
         else:
             PlainView(sys.stdout).run(engine.events)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:  # Ctrl-C, SIGTERM or SIGHUP: the answer being played is saved, interrupted
         engine.stop()
         engine.join()
         _print_latency(engine)
-        typer.secho(f"interrupted; session saved in {store.path} (continue with --resume {store.id})",
+        typer.secho(f"{signals.describe(e)}; session saved in {store.path} (continue with --resume {store.id})",
                     fg=typer.colors.YELLOW, err=True)
-        raise typer.Exit(INTERRUPTED_EXIT) from None
+        raise typer.Exit(signals.exit_code(e)) from None
     engine.join()
     _print_latency(engine)
     if engine.error is not None or engine.last_turn_error is not None:

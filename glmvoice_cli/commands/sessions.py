@@ -62,13 +62,14 @@ def export(
     """Export a session's conversation as Markdown, plain text or JSON lines."""
     from glmvoice_cli.chat.sessions import export_text, load
     from glmvoice_cli.errors import UsageError
+    from glmvoice_cli.files import write_file
 
     text = export_text(load(ref), fmt)
     if output is None:
         typer.echo(text, nl=False)
         return
     try:
-        output.write_text(text, encoding="utf-8")
+        write_file(output, text.encode("utf-8"))  # whole or not at all: a failure keeps an existing file
     except OSError as e:
         raise UsageError(f"cannot write {output}: {e.strerror or e}") from e
     typer.echo(f"wrote {output}", err=True)

@@ -32,17 +32,21 @@ from glmvoice_cli.commands.common import (
     use_threads,
     with_sampling,
 )
+from glmvoice_cli.commands.signals import interrupts_as_keyboard
 from glmvoice_cli.config import SAMPLE_RATE_OUT
-from glmvoice_cli.errors import UsageError
+from glmvoice_cli.errors import AudioDeviceError, UsageError
 from glmvoice_cli.instructions import DIALECTS, EMOTIONS, SPEEDS
 
 if TYPE_CHECKING:
+    import numpy as np
+
     from glmvoice_cli.audio.devices import Speaker
     from glmvoice_cli.instructions import SpeakingStyle
     from glmvoice_cli.lm.voice_lm import GenerationOptions
     from glmvoice_cli.pipeline import Assistant
 
 DRAIN_POLL_S = 0.05  # how often to check that the speaker has played everything
+DRAIN_STALL_S = 5.0  # queued audio that does not move for this long: the output device is gone
 
 
 def tts(
@@ -73,33 +77,34 @@ def tts(
     style = SpeakingStyle(emotion=emotion, speed=speed, dialect=dialect)
     words = _read_text(text, file)
     _check_output(output)
-    speaker = _open_speaker(output_device) if play or output is None else None
-    try:
-        use_threads(threads)
-        assistant = load_assistant(("lm", "decoder"), models=models, overrides={"lm": lm, "decoder": decoder},
-                                   device=device, dtype=dtype, quantize=quantize, seed=seed,
-                                   compile=compile_lm,
-                                   server=lm_server(lm_url, lm_api_key, lm_model, lm_timeout))
-        options = with_sampling(GenerationOptions(max_new_tokens=max_new_tokens or TTS_MAX_NEW_TOKENS, seed=seed),
-                                temperature, top_p)
-        _run(assistant, words, style, instruction, output, speaker, options)
-    finally:
-        if speaker is not None:
-            speaker.close()
+    with interrupts_as_keyboard():  # SIGTERM and SIGHUP keep what was spoken, as Ctrl-C does
+        speaker = _open_speaker(output_device) if play or output is None else None
+        try:
+            use_threads(threads)
+            assistant = load_assistant(("lm", "decoder"), models=models, overrides={"lm": lm, "decoder": decoder},
+                                       device=device, dtype=dtype, quantize=quantize, seed=seed,
+                                       compile=compile_lm,
+                                       server=lm_server(lm_url, lm_api_key, lm_model, lm_timeout))
+            options = with_sampling(GenerationOptions(max_new_tokens=max_new_tokens or TTS_MAX_NEW_TOKENS,
+                                                      seed=seed), temperature, top_p)
+            _run(assistant, words, style, instruction, output, speaker, options)
+        finally:
+            if speaker is not None:
+                speaker.close()
 
 
 def _run(assistant: Assistant, words: str, style: SpeakingStyle, instruction: str | None, output: Path | None,
          speaker: Speaker | None, options: GenerationOptions) -> None:
-    """Stream the events: text to the console, audio to the speaker; the file is written even on Ctrl-C."""
-    import numpy as np
+    """Stream the events: text to the console, audio to the speaker and the file (replaced only at the end:
+    a failure leaves an existing file untouched; an interrupt writes what was spoken so far)."""
 
-    from glmvoice_cli.audio.io import write_audio
     from glmvoice_cli.events import AudioChunk, TextDelta
     from glmvoice_cli.speak import speak
 
     echo = sys.stderr if str(output) == "-" else sys.stdout
     chunks: list[np.ndarray] = []
     cancel = threading.Event()
+    rate = assistant.decoder.sample_rate if assistant.decoder is not None else SAMPLE_RATE_OUT
     try:
         for event in speak(assistant, words, style, instruction, options, cancel):
             if isinstance(event, TextDelta):
@@ -110,16 +115,54 @@ def _run(assistant: Assistant, words: str, style: SpeakingStyle, instruction: st
                 if speaker is not None:
                     speaker.write(event.samples)
         echo.write("\n")
-    finally:  # Ctrl-C included: keep what was spoken so far
-        rate = assistant.decoder.sample_rate if assistant.decoder is not None else SAMPLE_RATE_OUT
+    except KeyboardInterrupt:  # Ctrl-C, SIGTERM or SIGHUP: keep what was spoken so far
+        echo.write("\n")
         if output is not None:
-            audio = np.concatenate(chunks) if chunks else np.zeros(0, np.float32)
-            write_audio(output, audio, rate)
-            where = "stdout" if str(output) == "-" else str(output)
-            typer.echo(f"wrote {where} ({len(audio) / rate:.2f} s, {rate} Hz)", err=True)
+            _write_partial(output, chunks, rate)
+        raise
+    if output is not None:
+        seconds = _write(output, chunks, rate)
+        typer.echo(f"wrote {_where(output)} ({seconds:.2f} s, {rate} Hz)", err=True)
     if speaker is not None:
-        while speaker.pending > 0:
-            time.sleep(DRAIN_POLL_S)
+        _drain(speaker)
+
+
+def _write(output: Path, chunks: list[np.ndarray], rate: int) -> float:
+    """Write the speech (whole or not at all); its length in seconds."""
+    import numpy as np
+
+    from glmvoice_cli.audio.io import write_audio
+
+    audio = np.concatenate(chunks) if chunks else np.zeros(0, np.float32)
+    write_audio(output, audio, rate)
+    return len(audio) / rate
+
+
+def _write_partial(output: Path, chunks: list[np.ndarray], rate: int) -> None:
+    """After an interrupt: the speech so far, or nothing at all (an existing file stays) when there is none."""
+    if not chunks:
+        kept = " (the existing file is unchanged)" if output.exists() and str(output) != "-" else ""
+        typer.echo(f"nothing was spoken yet: {_where(output)} not written{kept}", err=True)
+        return
+    seconds = _write(output, chunks, rate)
+    typer.echo(f"wrote {_where(output)} with the {seconds:.2f} s spoken so far", err=True)
+
+
+def _where(output: Path) -> str:
+    return "stdout" if str(output) == "-" else str(output)
+
+
+def _drain(speaker: Speaker) -> None:
+    """Wait until the speaker has played everything; queued audio that stops moving is a lost device."""
+    from glmvoice_cli.audio.devices import DEVICES_HINT
+
+    last, since = speaker.pending, time.monotonic()
+    while (pending := speaker.pending) > 0:
+        if pending != last:
+            last, since = pending, time.monotonic()
+        elif time.monotonic() - since > DRAIN_STALL_S:
+            raise AudioDeviceError(f"the speaker stopped playing (unplugged?); {DEVICES_HINT}")
+        time.sleep(DRAIN_POLL_S)
 
 
 def _read_text(text: str | None, file: Path | None) -> str:
