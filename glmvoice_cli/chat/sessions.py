@@ -10,6 +10,7 @@ import json
 import shutil
 from pathlib import Path
 
+from glmvoice_cli.chat.session_lock import locked
 from glmvoice_cli.chat.store import (
     TRANSCRIPT_FILE,
     SavedSession,
@@ -83,6 +84,7 @@ def remove(path: Path) -> None:
     if not (path / TRANSCRIPT_FILE).is_file():
         raise SessionNotFoundError(f"{path} is not a glmvoice session folder")
     try:
-        shutil.rmtree(path)
+        with locked(path):  # never pull a session from under a running chat
+            shutil.rmtree(path)
     except OSError as e:
         raise SessionError(f"cannot remove {path}: {e.strerror or e}") from e

@@ -122,7 +122,12 @@ def chat(
     """Talk with GLM-4-Voice: speak (or type with --text), interrupt it any time; the session is saved."""
     _check_options(input_file, output, text, realtime, simulate_echo, session_dir, resume)
     resumed = _find_resumed(resume)  # an unknown session fails now, not after a minute of loading
-    with signals.interrupts_as_keyboard():  # SIGTERM and SIGHUP save the answer being played, as Ctrl-C does
+    # SIGTERM and SIGHUP save the answer being played, as Ctrl-C does; one chat per session folder, locked
+    # before anything slow so that a busy session fails in a second
+    with signals.interrupts_as_keyboard(), contextlib.ExitStack() as held:
+        folder = session_dir or resumed
+        if folder is not None:
+            held.enter_context(_lock_session(folder))
         io = _open_audio(input_file, output, text, realtime, simulate_echo, headphones, input_device,
                          output_device)
         try:
@@ -134,6 +139,8 @@ def chat(
                                        compile=compile_lm,
                                        server=lm_server(lm_url, lm_api_key, lm_model, lm_timeout))
             store = _open_store(session_dir, resumed, assistant.dirs, "text" if text else "voice")
+            if folder is None:  # a new folder of its own: locked against a `--resume last` elsewhere
+                held.enter_context(_lock_session(store.path))
             turns = TurnTaking(vad_aggressiveness, end_silence_ms, speculative_pause_ms, pre_roll_ms,
                                min_speech_ms, max_turn_s, barge_in, min_interruption_ms, stream_input)
             generation = with_sampling(_generation(max_new_tokens, seed), temperature, top_p)
@@ -207,6 +214,17 @@ def _find_resumed(resume: str | None) -> Path | None:
     from glmvoice_cli.chat.sessions import find_session
 
     return find_session(resume) if resume is not None else None
+
+
+def _lock_session(folder: Path) -> contextlib.AbstractContextManager[object]:
+    from glmvoice_cli.chat.session_lock import locked
+    from glmvoice_cli.chat.store import SessionError
+
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise SessionError(f"cannot create session folder {folder}: {e.strerror or e}") from e
+    return locked(folder)
 
 
 def _open_store(session_dir: Path | None, resume: Path | None, dirs: dict[str, Path], mode: str) -> SessionStore:
