@@ -73,7 +73,8 @@ def test_ctrl_c_in_a_voice_chat_prints_only_the_message(tmp_path: Path) -> None:
         stdin=follower, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
         deadline = time.monotonic() + READY_TIMEOUT_S
-        while not session.exists() and proc.poll() is None and time.monotonic() < deadline:
+        # the folder is made (and locked) before the models load; its transcript once the chat is running
+        while not (session / "transcript.jsonl").exists() and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.2)
         assert proc.poll() is None, proc.communicate()
         time.sleep(SETTLE_S)
