@@ -144,7 +144,8 @@ def speak(*args, **kwargs):
     for event in real_speak(*args, **kwargs):
         yield event
         if isinstance(event, AudioChunk):
-            (work / "spoken").write_text(str(len(event.samples)))
+            (work / "spoken.tmp").write_text(str(len(event.samples)))
+            os.replace(work / "spoken.tmp", work / "spoken")  # the test signals as soon as it appears
             while True:
                 time.sleep(0.05)
 
