@@ -127,6 +127,34 @@ def test_an_interrupt_before_any_speech_leaves_an_existing_output_untouched(
     assert out.read_bytes() == before and _temp_files(tmp_path) == []
 
 
+def test_audio_written_block_by_block_to_a_full_disk_is_one_error(tmp_path: Path) -> None:
+    """decode -o's streaming writer on a small tmpfs (where mounting is permitted; else an injected ENOSPC)."""
+    import shutil
+
+    from glmvoice_cli.audio import chunk_writer
+    from glmvoice_cli.errors import AudioError
+
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = shutil.which("mount") is not None and subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(disk)], capture_output=True,
+        check=False).returncode == 0
+    blocks = (np.zeros(22_050, np.float32) for _ in range(10))  # 430 kB of 16-bit WAV
+    try:
+        if mounted:
+            (disk / "out.wav").write_bytes(b"old")
+            with pytest.raises(AudioError) as info:
+                chunk_writer.write_audio_chunks(disk / "out.wav", blocks, 22_050)
+            assert (disk / "out.wav").read_bytes() == b"old" and _temp_files(disk) == []
+        else:
+            with pytest.raises(AudioError) as info, chunk_writer._writing(disk / "out.wav"):
+                raise OSError(errno.ENOSPC, "No space left on device")
+    finally:
+        if mounted:
+            subprocess.run(["umount", "-l", str(disk)], check=False)
+    assert str(info.value) == f"cannot write audio file {disk / 'out.wav'}: No space left on device"
+
+
 # --- signals against the real CLI ---------------------------------------------------------------------
 
 TTS_SCRIPT = r'''

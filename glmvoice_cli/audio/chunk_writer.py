@@ -4,6 +4,7 @@ existing file of that name untouched."""
 
 from __future__ import annotations
 
+import errno
 import os
 import secrets
 from collections.abc import Iterable, Iterator
@@ -31,8 +32,9 @@ def write_audio_chunks(path: str | Path, chunks: Iterable[np.ndarray], sample_ra
         with _writing(path):
             fh = temp.open("xb")  # exclusive create; the umask decides the mode, as for any new file
         with fh:
-            with _writing(path):
-                out = sf.SoundFile(fh, "w", sample_rate, 1, fmt[1], format=fmt[0])
+            with _writing(path):  # on the descriptor: libsndfile's own I/O reports a full disk as one error,
+                # where a Python file object would print a traceback from each failing cffi callback first
+                out = sf.SoundFile(fh.fileno(), "w", sample_rate, 1, fmt[1], format=fmt[0], closefd=False)
             try:
                 for chunk in chunks:  # outside _writing: an error of the producer is its own
                     data = np.clip(np.asarray(chunk, dtype=np.float32).reshape(-1), -1.0, 1.0)
@@ -42,6 +44,8 @@ def write_audio_chunks(path: str | Path, chunks: Iterable[np.ndarray], sample_ra
             finally:
                 with _writing(path):
                     out.close()
+            with _writing(path):
+                os.fsync(fh.fileno())  # the data is on disk before the name points at it
         with _writing(path):
             os.replace(temp, path)
     finally:
@@ -57,4 +61,14 @@ def _writing(path: Path) -> Iterator[None]:
     except OSError as e:
         raise AudioError(f"cannot write audio file {path}: {e.strerror or e}") from e
     except RuntimeError as e:
-        raise AudioError(f"cannot write audio file {path}: {_reason(e)}") from e
+        reason = _reason(e)
+        if reason == "system error" and _disk_full(path):  # libsndfile's words for a failed write(2)
+            reason = os.strerror(errno.ENOSPC)
+        raise AudioError(f"cannot write audio file {path}: {reason}") from e
+
+
+def _disk_full(path: Path) -> bool:
+    try:
+        return os.statvfs(path.parent).f_bavail == 0
+    except (OSError, AttributeError):  # no statvfs on Windows
+        return False
