@@ -48,7 +48,9 @@ REAL_VOCAB = 168_960  # padded vocabulary of glm-4-voice-9b
 REAL_AUDIO_TOKENS = 16_384
 REAL_RESERVED = 1_008  # slots between <|end_of_audio|> and <|audio_0|> in the real tokenizer
 SIZES = {
-    "quick": TinyLMSpec(hidden_size=64, num_layers=2, num_heads=4, kv_groups=2, ffn_hidden_size=128),
+    # The tests' compiled LM (tests/test_lm_compiled.py) has this size too: one compile cache serves both.
+    "quick": TinyLMSpec(hidden_size=32, num_layers=2, num_heads=4, kv_groups=2, ffn_hidden_size=64, n_reserved=3,
+                        seq_length=384),
     "scaled": TinyLMSpec(
         hidden_size=1024, num_layers=12, num_heads=16, kv_groups=2, ffn_hidden_size=3072,
         n_audio_tokens=REAL_AUDIO_TOKENS, n_reserved=REAL_RESERVED, padded_vocab_size=REAL_VOCAB,
@@ -214,18 +216,19 @@ def summarize(runs: list[dict]) -> dict:
     return out
 
 
-def enable_compiled(lm: VoiceLM) -> dict:
-    """Compile the decode step twice: into an empty compile cache, then again from that cache (a second start)."""
+def enable_compiled(lm: VoiceLM, cache_dir: Path | None = None) -> dict:
+    """Compile the decode step twice: into an empty compile cache (or `cache_dir`, which may hold it
+    already: then the first start is not a cold one), then again from that cache (a second start)."""
     import os
 
     from glmvoice_cli.lm.compiled import INDUCTOR_CACHE_ENV
 
-    with tempfile.TemporaryDirectory() as cache:
-        os.environ[INDUCTOR_CACHE_ENV] = cache
+    with tempfile.TemporaryDirectory() as empty:
+        os.environ[INDUCTOR_CACHE_ENV] = str(cache_dir or empty)
         first = lm.enable_static(compiled=True)
         torch._dynamo.reset()  # forget the in-memory compile, as a new process would
         second = lm.enable_static(compiled=True)
-    return {"mode": second.mode, "static_cache_tokens": second.max_len,
+    return {"mode": second.mode, "static_cache_tokens": second.max_len, "cold_first_start": cache_dir is None,
             "first_start_s": round(first.warm_up_s, 2), "second_start_s": round(second.warm_up_s, 2)}
 
 
@@ -265,6 +268,8 @@ def main() -> None:
         "--quick", action="store_true", help="tiny model, short prompt, one repetition (smoke test)"
     )
     ap.add_argument("--size", choices=["scaled", "full"], default="scaled")
+    ap.add_argument("--compile-cache", type=Path, default=None,
+                    help="compile cache folder to use (default: an empty one, so the first start is cold)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default=None, help="fp32 | bf16 | fp16 (default: bf16 on cuda, fp32 on cpu)")
     ap.add_argument("--new-tokens", type=int, default=None)
@@ -284,7 +289,7 @@ def main() -> None:
         lm = VoiceLM.from_folder(folder, LoadOptions(device=args.device, dtype=args.dtype))
         load_s = time.perf_counter() - t
     silence_stops(lm)
-    compile_info = None if args.no_compile else enable_compiled(lm)
+    compile_info = None if args.no_compile else enable_compiled(lm, args.compile_cache)
     prompt = SpeechInput(tuple(i * 7 % lm.text_tokenizer.n_audio_tokens for i in range(n_audio)))
     options = GenerationOptions(max_new_tokens=new_tokens, seed=0)
     loops = measure(lm, prompt, options, repeats, compiled=compile_info is not None)

@@ -61,6 +61,19 @@ def _isolated_env(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.
 
 
 @pytest.fixture(autouse=True, scope="session")
+def _compile_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """One torch.compile cache for the whole run (its workers and subprocesses too): the compiled-LM tests,
+    the benchmark smoke tests and the GPU check compile the same tiny LM, so only the first pays for it.
+    Inductor's cache is safe for concurrent processes. A cache the developer chose is left alone."""
+    if os.environ.get("TORCHINDUCTOR_CACHE_DIR"):
+        return
+    root = tmp_path_factory.getbasetemp()
+    shared = (root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root) / "torch-compile"
+    shared.mkdir(parents=True, exist_ok=True)
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(shared)
+
+
+@pytest.fixture(autouse=True, scope="session")
 def _torch_threads() -> None:
     """Numerical results move slightly with the thread count: pin it (the fixtures used 2)."""
     try:

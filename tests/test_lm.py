@@ -296,7 +296,8 @@ def test_benchmark_quick_smoke(tmp_path: Path) -> None:
     root = Path(__file__).resolve().parent.parent
     out = tmp_path / "lm.json"
     subprocess.run(
-        [sys.executable, str(root / "benchmarks" / "lm.py"), "--quick", "--out", str(out)],
+        [sys.executable, str(root / "benchmarks" / "lm.py"), "--quick", "--out", str(out),
+         "--compile-cache", os.environ["TORCHINDUCTOR_CACHE_DIR"]],  # the session's (conftest)
         check=True,
         cwd=root,
         env={**os.environ, "PYTHONPATH": str(root)},

@@ -56,7 +56,6 @@ def test_4bit_weights_decode_compiled_as_eager(lm_dir: Path, monkeypatch: pytest
     from glmvoice_cli.lm.voice_lm import GenerationOptions
 
     monkeypatch.setattr(lm_quant, "check_quantization", lambda bits, device: None)
-    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
     options = LoadOptions(device="cpu", dtype="fp32", quantize_bits=4)
     eager, compiled = VoiceLM.from_folder(lm_dir, options), VoiceLM.from_folder(lm_dir, options)
     compiled.enable_static(compiled=True, max_len=256)
