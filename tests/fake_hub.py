@@ -2,9 +2,12 @@
 
 Use `serving()` from a fixture; its docstring lists the huggingface_hub settings it pins.
 
-It answers only the requests `huggingface_hub.hf_hub_download` makes for plain HTTP downloads
-(read from huggingface_hub 2.4's file_download.py):
+It answers only the requests `huggingface_hub.snapshot_download` makes for plain HTTP downloads
+(read from huggingface_hub 2.4's _snapshot_download.py, hf_api.py and file_download.py):
 
+* ``GET /api/models/{repo}/revision/{rev}`` (model_info): ``id``, ``sha`` (the commit) and
+  ``siblings`` (the file names); ``GET /api/models/{repo}/tree/{rev}`` (the recursive file listing):
+  one page of ``{"type": "file", "path", "size", "oid", "lfs"}`` entries.
 * ``HEAD /{repo}/resolve/{rev}/{file}``: small files answer 200 with ``ETag`` (a git-style sha1),
   ``Content-Length`` and ``X-Repo-Commit``; large ("LFS") files answer 302 with ``Location`` on a
   second server (the "CDN", another port, so huggingface_hub does not follow it and reads the
@@ -174,7 +177,31 @@ class _Handler(BaseHTTPRequestHandler):
             if data is None:
                 return self._empty(404)
             return self._content(data, self.hub.name_of(path) or "", {}, send_body)
+        if path.startswith("/api/models/"):
+            return self._api(path[len("/api/models/"):])
         self._resolve(path, send_body)
+
+    def _api(self, tail: str) -> None:
+        """model_info ("<repo>/revision/<rev>") and the file listing ("<repo>/tree/<rev>")."""
+        repo, kind, revision = tail, "", ""
+        for marker in ("/revision/", "/tree/"):
+            if marker in tail:
+                repo, _, revision = tail.partition(marker)
+                kind = marker.strip("/")
+        if self.hub.token and self.headers.get("Authorization") != f"Bearer {self.hub.token}":
+            return self._empty(401, {"X-Error-Message": "Invalid credentials in Authorization header"})
+        files = self.hub.repos.get(repo)
+        if files is None or not kind:
+            return self._empty(404, {"X-Error-Code": "RepoNotFound"})
+        commit = self.hub.commit(repo)
+        if revision not in ("main", commit):
+            return self._empty(404, {"X-Error-Code": "RevisionNotFound"})
+        if kind == "revision":
+            body: object = {"id": repo, "sha": commit, "siblings": [{"rfilename": n} for n in files]}
+        else:
+            body = [_tree_entry(name, data) for name, data in files.items()]
+        data = json.dumps(body).encode()
+        self._content(data, "", {"Content-Type": "application/json", "X-Repo-Commit": commit}, True)
 
     def _resolve(self, path: str, send_body: bool) -> None:
         head, sep, tail = path.lstrip("/").partition("/resolve/")
@@ -243,6 +270,13 @@ def _range_start(header: str | None, size: int) -> int | None:
     except ValueError:
         return None
     return start if 0 < start < size else None
+
+
+def _tree_entry(name: str, data: bytes) -> dict[str, object]:
+    entry: dict[str, object] = {"type": "file", "path": name, "size": len(data), "oid": _git_sha1(data)}
+    if name.endswith(LFS_SUFFIXES):
+        entry["lfs"] = {"oid": hashlib.sha256(data).hexdigest(), "size": len(data), "pointerSize": 134}
+    return entry
 
 
 def _git_sha1(data: bytes) -> str:

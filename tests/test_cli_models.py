@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -63,12 +64,48 @@ def test_download_one_stage_into_a_models_folder(fake_hub: FakeHub, tmp_path: Pa
     assert rows["decoder"]["complete"] and rows["lm"]["state"] == "absent"
 
 
-def test_download_shows_rich_progress_on_stderr(fake_hub: FakeHub) -> None:
+def _as_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rich treats stderr as a terminal that is not redrawn: the bar is printed once, as it ends."""
+    monkeypatch.setenv("TTY_COMPATIBLE", "1")
+    monkeypatch.setenv("TTY_INTERACTIVE", "0")
+
+
+def _plain(text: str) -> str:
+    return re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", text)
+
+
+def test_download_shows_rich_progress_on_stderr(fake_hub: FakeHub, monkeypatch: pytest.MonkeyPatch) -> None:
+    _as_terminal(monkeypatch)
     result = runner.invoke(models_app, ["download", "tokenizer"])
     assert result.exit_code == 0, result.output
-    bars = [line for line in result.stderr.splitlines() if line.startswith("tokenizer")]
+    bars = [line for line in _plain(result.stderr).splitlines() if line.startswith("tokenizer")]
     assert bars and "━" in bars[-1]  # one overall bar for the stage's parallel files
     assert "━" not in result.stdout  # stdout keeps the summary only
+
+
+def test_download_all_is_one_bar_over_every_byte(fake_hub: FakeHub, monkeypatch: pytest.MonkeyPatch) -> None:
+    _as_terminal(monkeypatch)
+    result = runner.invoke(models_app, ["download", "all"])
+    assert result.exit_code == 0, result.output
+    bars = [line for line in _plain(result.stderr).splitlines() if "━" in line]
+    assert len(bars) == 1, result.stderr  # not one per model
+    total = sum(len(data) for name in fake_hub.fetched() for data in [_served(fake_hub, name)])
+    assert f"{total / 1000:.1f}/{total / 1000:.1f} kB" in bars[0]  # bytes over all files of all stages
+
+
+def _served(fake: FakeHub, name: str) -> bytes:
+    repo, _, filename = name.rpartition("/")
+    return fake.repos[repo][filename]
+
+
+@pytest.mark.parametrize("args", [["-q"], []])
+def test_download_progress_is_quiet_with_q_or_when_piped(fake_hub: FakeHub, monkeypatch: pytest.MonkeyPatch,
+                                                         args: list[str]) -> None:
+    if args:
+        _as_terminal(monkeypatch)
+    result = runner.invoke(models_app, ["download", "decoder", *args])  # CliRunner's stderr is no terminal
+    assert result.exit_code == 0, result.output
+    assert result.stderr == "" and "decoder: complete" in result.stdout
 
 
 def test_download_offline_without_cache_fails_in_one_line(

@@ -72,7 +72,8 @@ def test_second_download_transfers_nothing(fake_hub: FakeHub, tmp_path: Path) ->
     before = len(fake_hub.seen)
     status = hub.download_stage(hub.DECODER, tmp_path / "decoder")
     assert status.complete
-    assert all(s.method == "HEAD" for s in fake_hub.seen[before:])  # metadata checks only
+    metadata = [s.method == "HEAD" or s.path.startswith("/api/") for s in fake_hub.seen[before:]]
+    assert metadata and all(metadata)  # the listing and metadata checks only, no file bytes
 
 
 def test_cut_transfer_resumes_with_a_range_request(fake_hub: FakeHub, tmp_path: Path) -> None:
@@ -200,12 +201,12 @@ def test_reporter_sees_every_transferred_byte(fake_hub: FakeHub, tmp_path: Path)
             self.finished.append(name)
 
     recorder = Recorder()
-    hub.download_stage(hub.DECODER, tmp_path / "decoder", reporter=recorder)
-    files = fake_hub.repos[hub.DECODER.repo_id]
-    for n in hub.DECODER.files:
-        key = f"decoder/{n}"
-        assert recorder.done[key] == recorder.totals[key] == len(files[n])
-    assert sorted(recorder.finished) == sorted(f"decoder/{n}" for n in hub.DECODER.files)
+    hub.download_stage(hub.LM, tmp_path / "lm", reporter=recorder)
+    files = fake_hub.repos[LM_REPO]
+    shards = _shards(fake_hub)
+    small = _expected_files(fake_hub, hub.LM) - set(shards)
+    expected = {"lm/files": sum(len(files[n]) for n in small), "lm/weights": sum(len(files[n]) for n in shards)}
+    assert recorder.done == recorder.totals == expected  # one batch per snapshot_download, in bytes written
 
 
 # --------------------------------------------------------------------------- inspection
@@ -361,3 +362,19 @@ def test_a_mirror_serving_other_bytes_is_caught_and_nothing_bad_is_kept(
     fake_hub.scramble.clear()
     status = hub.download_stage(stage, folder, workers=1)
     assert status.complete and (status.path / filename).read_bytes() == fake_hub.repos[stage.repo_id][filename]
+
+
+def test_cache_download_is_the_copy_huggingface_hub_itself_finds(fake_hub: FakeHub) -> None:
+    """Into the Hugging Face cache, as `hf download` and transformers lay it out: they find it offline."""
+    import huggingface_hub as hf
+
+    from glmvoice_cli.models import cache
+
+    status = hub.download_stage(hub.LM)
+    assert status.path == cache.repo_dir(LM_REPO) / "snapshots" / fake_hub.commit(LM_REPO)
+    before = len(fake_hub.seen)
+    for name in status.required:
+        found = hf.try_to_load_from_cache(LM_REPO, name, cache_dir=cache.hub_cache_dir())
+        assert isinstance(found, str) and Path(found) == status.path / name
+    assert "modeling_chatglm.py" not in {p.name for p in status.path.iterdir()}  # only the stage's files
+    assert len(fake_hub.seen) == before

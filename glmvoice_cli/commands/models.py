@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
@@ -20,6 +20,7 @@ from glmvoice_cli.errors import CheckpointError, ModelNotFoundError
 from glmvoice_cli.models import hub, integrity, settings
 
 if TYPE_CHECKING:
+    from rich.console import Console
     from rich.progress import Progress, TaskID
 
     from glmvoice_cli.memory_need import MemoryNeed
@@ -66,35 +67,35 @@ def _cache_targets(stage: hub.Stage) -> list[Path]:
 
 
 class _RichReporter:
-    """hub.DownloadReporter feeding one overall Rich bar: files download in parallel, so one row per file
-    would jump around; the total grows as each file's size becomes known."""
+    """hub.DownloadReporter feeding one overall Rich bar over every file of every stage fetched: files
+    download in parallel, so one row per file (or per stage) would jump around; the total grows as
+    each batch's sizes become known."""
 
     def __init__(self, progress: Progress, label: str) -> None:
         import threading
 
         self._progress = progress
-        self._lock = threading.Lock()  # files report from several download threads
+        self._lock = threading.Lock()  # batches report from several download threads
         self._totals: dict[str, int] = {}
-        self._task: TaskID = progress.add_task(label, total=None)
+        self.task: TaskID = progress.add_task(label, total=None)
 
     def file_started(self, name: str, total: int | None, initial: int) -> None:
         self.file_total(name, total or 0)
-        self._progress.advance(self._task, initial)
+        self._progress.advance(self.task, initial)
 
     def file_advanced(self, name: str, n: int) -> None:
-        self._progress.advance(self._task, n)
+        self._progress.advance(self.task, n)
 
     def file_total(self, name: str, total: int) -> None:
         with self._lock:
             self._totals[name] = total
-            self._progress.update(self._task, total=sum(self._totals.values()) or None)
+            self._progress.update(self.task, total=sum(self._totals.values()) or None)
 
     def file_finished(self, name: str) -> None:
         pass  # the bar stays as drawn: full on success, partial on failure
 
 
-def _progress() -> Progress:
-    from rich.console import Console
+def _progress(console: Console) -> Progress:
     from rich.progress import (
         BarColumn,
         DownloadColumn,
@@ -110,29 +111,35 @@ def _progress() -> Progress:
         DownloadColumn(),
         TransferSpeedColumn(),
         TimeRemainingColumn(),
-        console=Console(stderr=True),
+        console=console,
     )
 
 
-def _download_one(
-    stage: hub.Stage,
-    dest: Path | None,
+def _download_stages(
+    jobs: list[tuple[hub.Stage, Path | None]],
     *,
     revision: str = hub.DEFAULT_REVISION,
     force: bool = False,
     quiet: bool = False,
-) -> hub.StageStatus:
-    """Download into `dest`, or the Hugging Face cache when None; one progress bar on stderr unless quiet."""
+) -> Iterator[hub.StageStatus]:
+    """Download each (stage, folder or None for the Hugging Face cache) in turn, yielding its status when
+    done; one overall progress bar on stderr for all of them, unless quiet, -q or stderr is not a terminal."""
+    from rich.console import Console
+
     from glmvoice_cli.commands.conventions import is_quiet
 
-    if quiet or is_quiet():
-        return hub.download_stage(stage, dest, revision=revision, force=force)
+    console = Console(stderr=True)
+    if quiet or is_quiet() or not console.is_terminal:
+        for stage, dest in jobs:
+            yield hub.download_stage(stage, dest, revision=revision, force=force)
+        return
     if not hub.is_offline():
         hub.check_reachable()  # before drawing a bar: an unreachable host is one line, nothing else
-    with _progress() as progress:
-        return hub.download_stage(
-            stage, dest, revision=revision, force=force, reporter=_RichReporter(progress, stage.name)
-        )
+    with _progress(console) as progress:
+        reporter = _RichReporter(progress, jobs[0][0].name if jobs else "")
+        for stage, dest in jobs:
+            progress.update(reporter.task, description=stage.name)
+            yield hub.download_stage(stage, dest, revision=revision, force=force, reporter=reporter)
 
 
 @models_app.command("download")
@@ -144,7 +151,7 @@ def download(
     ] = None,
     revision: Annotated[str, typer.Option(help="Branch, tag or commit of the repositories.")] = "main",
     force: Annotated[bool, typer.Option("--force", help="Fetch every file again.")] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
     no_weights: Annotated[bool, typer.Option(
         "--no-weights", help="For the LM, only its config and tokenizer (enough with --lm-url).")] = False,
 ) -> None:
@@ -154,11 +161,14 @@ def download(
     transfer resumes. Honours HF_ENDPOINT (a mirror), HF_TOKEN and HF_HUB_OFFLINE.
     """
     root = models  # --models DIR (or the older --dir): DIR/<model>
-    for chosen in _stages(which):
-        stage = hub.stage_files(chosen.name, weights=not no_weights)
-        dest = root / stage.name if root is not None else None
-        status = _download_one(stage, dest, revision=revision, force=force, quiet=quiet)
-        typer.echo(f"{stage.name}: {status.state}, {human_size(status.size_bytes)} in {status.path}")
+    jobs = [(hub.stage_files(chosen.name, weights=not no_weights), root / chosen.name if root is not None else None)
+            for chosen in _stages(which)]
+    done: list[hub.StageStatus] = []
+    try:
+        done.extend(_download_stages(jobs, revision=revision, force=force, quiet=quiet))
+    finally:  # on stdout once the bar is gone, also for the stages done before a failure
+        for status in done:
+            typer.echo(f"{status.stage.name}: {status.state}, {human_size(status.size_bytes)} in {status.path}")
 
 
 def ensure_models(
@@ -191,8 +201,8 @@ def ensure_models(
         total = sum(need[s].approx_bytes for s in absent)
         names = ", ".join(f"{s} ({human_size(need[s].approx_bytes)})" for s in absent)
         if typer.confirm(f"Not downloaded yet: {names}. Download {human_size(total)} now?", err=True):
-            for s in absent:
-                where[s] = settings.ModelLocation(s, _download_one(need[s], None).path, None)
+            for status in _download_stages([(need[s], None) for s in absent]):
+                where[status.stage.name] = settings.ModelLocation(status.stage.name, status.path, None)
     return {s: hub.require_complete(need[s], where[s].path, where[s].source) for s in stages}
 
 

@@ -78,6 +78,18 @@ def snapshots(repo_id: str, cache: Path | None = None, revision: str = DEFAULT_B
     return ([pointed] if pointed in found else []) + [p for p in found if p != pointed]
 
 
+def write_ref(repo_id: str, revision: str, commit: str, cache: Path | None = None) -> None:
+    """Record that `revision` (a branch or tag) points to `commit`, as huggingface_hub does, so that tools
+    asking for the branch offline find the snapshot; atomic, and skipped when already so."""
+    ref = repo_dir(repo_id, cache) / "refs" / revision
+    if revision == commit or (ref.is_file() and ref.read_text(encoding="utf-8").strip() == commit):
+        return
+    ref.parent.mkdir(parents=True, exist_ok=True)
+    partial = ref.with_name(f".{ref.name}.{os.getpid()}.tmp")
+    partial.write_text(commit, encoding="utf-8")
+    os.replace(partial, ref)
+
+
 def true_size(folder: Path) -> int:
     """Bytes of the files under `folder`, following symlinks (a snapshot's files are links to blobs),
     each distinct file counted once."""

@@ -14,7 +14,7 @@ import json
 import logging
 import os
 import shutil
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -240,9 +240,10 @@ def remove_stage(folder: Path) -> int:
 
 
 class DownloadReporter(Protocol):
-    """Receives per-file progress, each file named "<stage>/<file>" (e.g. "lm/config.json").
+    """Receives byte progress of each batch of files fetched, named "<stage>/<batch>" (e.g. "lm/weights").
 
-    Only files actually transferred are reported; the CLI renders them, the library never prints.
+    A batch's total grows as its files' sizes become known; bytes already on disk count as `initial`.
+    Only files actually transferred are counted; the CLI renders them, the library never prints.
     """
 
     def file_started(self, name: str, total: int | None, initial: int) -> None: ...
@@ -255,24 +256,23 @@ class DownloadReporter(Protocol):
 
 
 class _ReporterBar:
-    """Just enough of tqdm's interface for huggingface_hub's plain-HTTP and Xet downloads.
+    """Just enough of tqdm's interface to be `snapshot_download`'s `tqdm_class`.
 
-    huggingface_hub instantiates `tqdm_class` itself with tqdm keyword arguments, so the reporter
-    and file name are bound in a subclass (`bound`). `update_transfer` existing makes its Xet
-    reporter feed this single bar instead of creating a second one; network bytes are ignored in
-    favour of bytes written.
+    huggingface_hub instantiates it itself, with tqdm keyword arguments, for several bars: a count of
+    files, the bytes written (its total grows as each file's size is known; this one feeds the
+    reporter) and, since huggingface_hub 2.x, the network bytes of Xet transfers (shown without a
+    total, ignored here). The reporter and batch name are bound in a subclass (`bound`).
     """
 
     _bound: tuple[DownloadReporter | None, str] = (None, "")
-    transferred = False  # set on the bound class once huggingface_hub starts a transfer with it
 
     @classmethod
     def bound(cls, reporter: DownloadReporter | None, name: str) -> type[_ReporterBar]:
         return type("_BoundReporterBar", (cls,), {"_bound": (reporter, name)})
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        type(self).transferred = True
-        self._reporter, self._name = self._bound
+        reporter, self._name = self._bound
+        self._reporter = reporter if _is_written_bytes_bar(kwargs) else None
         self._total: int | None = kwargs.get("total")
         self.n = int(kwargs.get("initial") or 0)
         self.format_dict: dict[str, Any] = {}
@@ -307,6 +307,9 @@ class _ReporterBar:
     def set_description(self, *args: Any, **kwargs: Any) -> None:
         pass
 
+    def set_description_str(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
     def refresh(self) -> None:
         pass
 
@@ -320,6 +323,14 @@ class _ReporterBar:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _is_written_bytes_bar(kwargs: dict[str, Any]) -> bool:
+    """The bar of bytes written to disk: counted in bytes, and drawn with a total (the network-bytes bar of
+    huggingface_hub 2.x has a format without one; the file-count bar has no unit)."""
+    fmt = kwargs.get("bar_format")
+    name = str(kwargs.get("name") or "")
+    return kwargs.get("unit") == "B" and (fmt is None or "total" in fmt) and not name.endswith(".transfer")
 
 
 def is_offline() -> bool:
@@ -346,11 +357,13 @@ def download_stage(
     """Fetch the files of `stage` and return the final status of the folder holding them.
 
     `folder` None: into the Hugging Face cache (`cache.hub_cache_dir()`, the layout `hf download`,
-    transformers and vLLM share); else into that plain folder. Files are fetched `workers` at a time;
-    files already there and unchanged on the Hub are kept; a transfer cut mid-file is resumed with
-    HTTP Range requests. `endpoint` defaults to HF_ENDPOINT and the token to HF_TOKEN (huggingface_hub's
-    own lookup). A host that cannot be reached fails at once, in one line. Offline (HF_HUB_OFFLINE),
-    nothing is fetched: a complete folder is returned, anything else is a ModelNotFoundError.
+    transformers and vLLM share); else into that plain folder. huggingface_hub's `snapshot_download`
+    fetches only the stage's files (allow_patterns), `workers` at a time; files already there and
+    unchanged on the Hub are kept; a transfer cut mid-file is resumed with HTTP Range requests. The
+    sharded LM takes two batches: its small files and weight index, then the shards that index names.
+    `endpoint` defaults to HF_ENDPOINT and the token to HF_TOKEN (huggingface_hub's own lookup). A host
+    that cannot be reached fails at once, in one line. Offline (HF_HUB_OFFLINE), nothing is fetched: a
+    complete folder is returned, anything else is a ModelNotFoundError.
     """
     from glmvoice_cli.models import cache
 
@@ -358,20 +371,26 @@ def download_stage(
         return _offline_status(stage, folder)
     endpoint = endpoint or hub_endpoint()
     check_reachable(endpoint)
+    commit, listed = _resolve(stage, revision, endpoint)
+    index = [stage.weights_index] if stage.weights_index is not None else []
+    absent = [f for f in (*stage.files, *index) if f not in listed]
+    if absent:
+        raise ModelNotFoundError(f"{stage.repo_id}@{revision} has no file {short_list(absent)}")
     if folder is not None:
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        target: dict[str, Any] = {"local_dir": folder}
-    else:
-        target = {"cache_dir": cache.hub_cache_dir()}
-    fetch = functools.partial(_fetch_file, stage, target, revision=revision, endpoint=endpoint,
-                              reporter=reporter, force=force)
-    first = [(name, False) for name in stage.files] + [(name, True) for name in stage.extra_files]
-    first += [(stage.weights_index, False)] if stage.weights_index else []
-    paths = _fetch_all(fetch, first, workers)
-    where = folder if folder is not None else Path(paths[0]).parent  # the snapshot of this commit
+        Path(folder).mkdir(parents=True, exist_ok=True)
+    if folder is None:  # the branch's ref, as huggingface_hub writes it when given a branch
+        cache.write_ref(stage.repo_id, revision, commit)
+    where = Path(folder) if folder is not None else cache.repo_dir(stage.repo_id) / "snapshots" / commit
+    fetch = functools.partial(_snapshot, stage, folder, where, commit=commit, endpoint=endpoint,
+                              reporter=reporter, force=force, workers=workers)
+    fetch("files", [n for n in (*stage.files, *stage.extra_files, *index) if n in listed])
     if stage.weights_index is not None:
-        _fetch_all(fetch, [(s, False) for s in read_shard_names(where / stage.weights_index)], workers)
+        shards = read_shard_names(where / stage.weights_index)
+        absent = [s for s in shards if s not in listed]
+        if absent:
+            raise ModelNotFoundError(f"{stage.repo_id}@{revision} has no file {short_list(absent)} "
+                                     f"(named by {stage.weights_index})")
+        fetch("weights", list(shards))
     status = inspect_stage(stage, where)
     if not status.complete:
         raise CheckpointError(
@@ -380,19 +399,53 @@ def download_stage(
     return status
 
 
-def _fetch_all(fetch: Callable[..., str | None], names: list[tuple[str, bool]], workers: int) -> list[str]:
-    """Fetch (name, optional) pairs in parallel; the first failure is raised once the others stop."""
-    from concurrent.futures import ThreadPoolExecutor
+def _resolve(stage: Stage, revision: str, endpoint: str | None) -> tuple[str, set[str]]:
+    """The commit `revision` points to and the files the repository holds there (one API call).
 
-    with _quiet_hf_logs(), ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        futures = [pool.submit(fetch, name, optional=optional) for name, optional in names]
-        try:
-            results = [f.result() for f in futures]
-        except BaseException:
-            for f in futures:
-                f.cancel()
-            raise
-    return [r for r in results if r is not None]
+    Resolving first pins both batches to one commit, and tells a file the repository lacks from one
+    that failed to download (snapshot_download skips the first and falls back to disk on the second).
+    """
+    import huggingface_hub as hf
+
+    with _hub_errors(stage, revision, endpoint, ()):
+        info = hf.HfApi(endpoint=endpoint).model_info(stage.repo_id, revision=revision)
+    if not info.sha:
+        raise GlmVoiceError(f"{endpoint or DEFAULT_ENDPOINT} gave no commit for {stage.repo_id}@{revision}")
+    return info.sha, {s.rfilename for s in info.siblings or ()}
+
+
+def _snapshot(stage: Stage, folder: Path | None, where: Path, batch: str, names: list[str], *, commit: str,
+              endpoint: str | None, reporter: DownloadReporter | None, force: bool, workers: int) -> None:
+    """One `snapshot_download` of exactly `names` at `commit` into `where` (the cache snapshot, or `folder`
+    as local_dir); a failure names the files still missing."""
+    import huggingface_hub as hf
+
+    from glmvoice_cli.models import cache
+
+    target: dict[str, Any] = {"local_dir": folder} if folder is not None else {"cache_dir": cache.hub_cache_dir()}
+    kept = set() if force else {n for n in names if _nonempty(where / n)}  # checked when they arrived
+    with _quiet_hf_logs(), _hub_errors(stage, commit, endpoint, names, where):
+        hf.snapshot_download(
+            stage.repo_id,
+            revision=commit,
+            allow_patterns=[glob_escape(n) for n in names],
+            **target,
+            endpoint=endpoint,
+            force_download=force,
+            max_workers=max(1, workers),
+            tqdm_class=_ReporterBar.bound(reporter, f"{stage.name}/{batch}"),
+        )
+    missing = [n for n in names if not _nonempty(where / n)]
+    if missing:  # snapshot_download returns what is on disk when the file listing fails mid-way
+        raise GlmVoiceError(_network_line(stage, missing, endpoint, "the file listing could not be read"))
+    for name in names:  # bytes that arrived in this call: checked before the stage counts as complete
+        if name not in kept:
+            _verify_transfer(stage, where / name, name, endpoint)
+
+
+def glob_escape(name: str) -> str:
+    """`name` as an fnmatch pattern that matches only itself (allow_patterns are globs)."""
+    return "".join(f"[{c}]" if c in "*?[" else c for c in name)
 
 
 @contextmanager
@@ -449,54 +502,32 @@ def _offline_status(stage: Stage, folder: Path | None) -> StageStatus:
     )
 
 
-def _fetch_file(
-    stage: Stage,
-    target: dict[str, Any],
-    filename: str,
-    *,
-    revision: str,
-    endpoint: str | None,
-    reporter: DownloadReporter | None,
-    force: bool,
-    optional: bool = False,
-) -> str | None:
-    """Download one file with huggingface_hub into `target` (local_dir= or cache_dir=), translating its
-    errors to one line; its path, or None for an optional file the repository lacks."""
-    import huggingface_hub as hf
+@contextmanager
+def _hub_errors(stage: Stage, revision: str, endpoint: str | None, names: Iterable[str],
+                where: Path | None = None) -> Iterator[None]:
+    """huggingface_hub's errors as one line; `names` (those not yet in `where`) say what is missing."""
     from huggingface_hub import errors as hf_errors
 
-    folder = Path(target.get("local_dir") or target["cache_dir"])
-    bar = _ReporterBar.bound(reporter, f"{stage.name}/{filename}")
+    def missing() -> list[str]:
+        return [n for n in names if where is None or not _nonempty(where / n)] or [stage.repo_id]
+
     try:
-        path = hf.hf_hub_download(
-            stage.repo_id,
-            filename,
-            revision=revision,
-            **target,
-            endpoint=endpoint,
-            force_download=force,
-            tqdm_class=bar,
-        )
-        if bar.transferred:  # bytes arrived in this call: check them before the file counts as complete
-            _verify_transfer(stage, Path(path), filename, endpoint)
-        return path
+        yield
     except hf_errors.OfflineModeIsEnabled as e:
-        raise ModelNotFoundError(_offline_line(stage, folder, filename)) from e
+        raise ModelNotFoundError(_offline_line(stage, where, missing())) from e
     except hf_errors.LocalEntryNotFoundError as e:  # before EntryNotFoundError: it subclasses it
         cause = e.__cause__
         if isinstance(cause, hf_errors.OfflineModeIsEnabled):
-            raise ModelNotFoundError(_offline_line(stage, folder, filename)) from e
-        raise GlmVoiceError(_network_line(stage, filename, endpoint, cause or e)) from e
-    except hf_errors.EntryNotFoundError:  # the file is not in the repository (HTTP 404)
-        if optional:
-            return None
-        raise ModelNotFoundError(f"{stage.repo_id}@{revision} has no file {filename}") from None
+            raise ModelNotFoundError(_offline_line(stage, where, missing())) from e
+        raise GlmVoiceError(_network_line(stage, missing(), endpoint, cause or e)) from e
+    except hf_errors.EntryNotFoundError:  # a listed file vanished from the repository (HTTP 404)
+        raise ModelNotFoundError(f"{stage.repo_id}@{revision} has no file {short_list(missing())}") from None
     except (hf_errors.HfHubHTTPError, OSError, ValueError) as e:
-        raise GlmVoiceError(_network_line(stage, filename, endpoint, e)) from e
+        raise GlmVoiceError(_network_line(stage, missing(), endpoint, e)) from e
     except Exception as e:  # transport errors of the HTTP client share no base class we can import cheaply
         if type(e).__module__.split(".")[0] not in _HTTP_CLIENT_MODULES:
             raise
-        raise GlmVoiceError(_network_line(stage, filename, endpoint, e)) from e
+        raise GlmVoiceError(_network_line(stage, missing(), endpoint, e)) from e
 
 
 def _verify_transfer(stage: Stage, path: Path, filename: str, endpoint: str | None) -> None:
@@ -519,9 +550,10 @@ def _verify_transfer(stage: Stage, path: Path, filename: str, endpoint: str | No
         )
 
 
-def _offline_line(stage: Stage, folder: Path, filename: str) -> str:
+def _offline_line(stage: Stage, where: Path | None, missing: list[str]) -> str:
+    place = f" in {where}" if where is not None else ""
     return (
-        f"HF_HUB_OFFLINE is set and the {stage.name} model in {folder} is missing {filename}; "
+        f"HF_HUB_OFFLINE is set and the {stage.name} model{place} is missing {short_list(missing)}; "
         f"unset HF_HUB_OFFLINE and run `{stage.fetch_command}`"
     )
 
@@ -542,12 +574,11 @@ def _reason(error: BaseException) -> str:
     return reason if len(reason) <= _MAX_REASON_CHARS else reason[: _MAX_REASON_CHARS - 3] + "..."
 
 
-def _network_line(stage: Stage, filename: str, endpoint: str | None, error: BaseException) -> str:
+def _network_line(stage: Stage, missing: list[str], endpoint: str | None, error: BaseException | str) -> str:
     where = endpoint or DEFAULT_ENDPOINT
-    return (
-        f"could not download {stage.repo_id}/{filename} from {where}: {_reason(error)}; "
-        f"run `{stage.fetch_command}` again to resume"
-    )
+    what = stage.repo_id if missing == [stage.repo_id] else f"{stage.repo_id} ({short_list(missing)})"
+    reason = error if isinstance(error, str) else _reason(error)
+    return f"could not download {what} from {where}: {reason}; run `{stage.fetch_command}` again to resume"
 
 
 def describe_missing(statuses: Iterable[StageStatus]) -> list[str]:
