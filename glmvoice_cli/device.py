@@ -36,3 +36,23 @@ def pick_dtype(name: str | None, device: torch.device) -> torch.dtype:
             raise UsageError(f"unknown dtype {name!r} (use auto, fp32, bf16 or fp16)")
         return DTYPES[name]
     return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def check_dtype(name: str | None, device: torch.device, default: torch.dtype) -> torch.dtype:
+    """The named dtype (`default` for "auto" or None) once `device` has run the layers a model is made of
+    in it, else a one-line UsageError: not every device runs every 16-bit type (bf16 needs a recent GPU
+    or CPU build, fp16 kernels are missing on some CPU builds)."""
+    dtype = default if not name or name == "auto" else pick_dtype(name, device)
+    if dtype == torch.float32:
+        return dtype
+    try:
+        probe = torch.randn(1, 4, 8, device=device).to(dtype)
+        conv = torch.nn.Conv1d(4, 4, 3, padding=1).to(device=device, dtype=dtype)
+        linear = torch.nn.Linear(4, 4).to(device=device, dtype=dtype)
+        with torch.inference_mode():
+            torch.nn.functional.interpolate(linear(conv(probe).transpose(1, 2)).transpose(1, 2), size=12)
+    except (RuntimeError, TypeError) as e:
+        label = str(dtype).removeprefix("torch.")
+        raise UsageError(f"{device.type} cannot run {label} here ({str(e).splitlines()[0][:120]}); "
+                         f"use --dtype fp32") from e
+    return dtype

@@ -197,3 +197,56 @@ def test_a_failed_decode_leaves_an_existing_file_untouched(tiny_dec: Path, tmp_p
     assert result.exit_code == 2 and "9999" in result.output
     assert out.read_bytes() == b"the user's recording" and sorted(p.name for p in tmp_path.iterdir()) == [
         "keep.wav", "t.txt"]
+
+
+def test_decode_bf16_on_cpu_is_close_to_fp32(tiny_dec: Path, tmp_path: Path) -> None:
+    import torch
+
+    from glmvoice_cli.decoder.checkpoint import load_decoder
+
+    tokens = tmp_path / "t.txt"
+    tokens.write_text(" ".join(str(i % 64) for i in range(30)))
+    audio = {}
+    for dtype in ("fp32", "bf16"):
+        out = tmp_path / f"{dtype}.wav"
+        result = runner.invoke(app, ["decode", str(tokens), "--decoder", str(tiny_dec), "-o", str(out),
+                                     "--seed", "1", "--device", "cpu", "--dtype", dtype])
+        assert result.exit_code == 0, result.output
+        audio[dtype] = sf.read(out, dtype="float32")[0]
+    assert audio["bf16"].shape == audio["fp32"].shape and np.isfinite(audio["bf16"]).all()
+    error = np.sqrt(np.mean((audio["bf16"] - audio["fp32"]) ** 2) / np.mean(audio["fp32"] ** 2))
+    assert 0 < error < 0.1  # the same speech, with 16-bit rounding (not bit-identical: bf16 did run)
+    models = load_decoder(tiny_dec, "cpu", torch.bfloat16)
+    assert {p.dtype for p in models.flow.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in models.hift.parameters()} == {torch.float32}  # the vocoder stays in fp32
+
+
+def test_decode_unknown_dtype_is_one_line_before_any_model(tmp_path: Path) -> None:
+    tokens = tmp_path / "t.txt"
+    tokens.write_text("1 2 3")
+    result = runner.invoke(app, ["decode", str(tokens), "--decoder", str(tmp_path / "none"), "-o",
+                                 str(tmp_path / "o.wav"), "--dtype", "int8"])
+    assert result.exit_code == 2 and "unknown dtype 'int8'" in result.output
+    assert "decoder folder" not in result.output
+
+
+def test_a_dtype_the_device_cannot_run_is_one_line(tiny_dec: Path, tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    real = torch.nn.functional.conv1d
+
+    def no_half(x: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
+        if x.dtype == torch.float16:
+            raise RuntimeError('"slow_conv1d" not implemented for \'Half\'')
+        return real(x, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(torch.nn.functional, "conv1d", no_half)
+    tokens = tmp_path / "t.txt"
+    tokens.write_text("1 2 3 4 5 6 7 8 9 10 11 12")
+    result = runner.invoke(app, ["decode", str(tokens), "--decoder", str(tiny_dec), "-o", str(tmp_path / "o.wav"),
+                                 "--device", "cpu", "--dtype", "fp16"])
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and "cpu cannot run float16" in lines[0] and "--dtype fp32" in lines[0]
+    assert not (tmp_path / "o.wav").exists()

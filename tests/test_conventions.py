@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import typing
 from pathlib import Path
 from typing import Annotated
 
@@ -164,3 +165,42 @@ def test_flags_show_no_value_type_in_help() -> None:
 
 def test_shell_completion_is_offered() -> None:
     assert "--install-completion" in runner.invoke(app, ["--help"], env={"COLUMNS": "200"}).stdout
+
+
+def test_chat_turn_taking_flags_come_from_env_and_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The turn-taking flags follow the common mechanism: GLMVOICE_<FLAG> and config keys named after the flag."""
+    from glmvoice_cli.commands import chat as chat_command
+    from glmvoice_cli.errors import UsageError
+
+    seen: list[object] = []
+    turn_taking = chat_command.TurnTaking
+
+    class Captured(UsageError):
+        pass
+
+    def capture(*args: object) -> object:
+        seen.append(turn_taking(*args))  # type: ignore[arg-type]
+        raise Captured("captured")
+
+    class _Closed:
+        def close(self) -> None:
+            pass
+
+    monkeypatch.setattr(chat_command, "_open_audio", lambda *a: _Closed())
+    monkeypatch.setattr(chat_command, "load_assistant", lambda *a, **k: type("A", (), {"dirs": {}})())
+    monkeypatch.setattr(chat_command, "_open_store", lambda *a: None)
+    monkeypatch.setattr(chat_command, "TurnTaking", capture)
+    _config(tmp_path, monkeypatch, "speculative_pause_ms = 120\npre-roll-ms = 90\n"
+                                   "[chat]\nbarge_in = false\nmax_turn_s = 12.5\nmin_interruption_ms = 40\n")
+    env = {"END_SILENCE_MS": "450", "VAD_AGGRESSIVENESS": "1", "MIN_SPEECH_MS": "250", "STREAM_INPUT": "0",
+           "PRE_ROLL_MS": "60"}  # the environment beats the file (pre_roll_ms)
+    for name, value in env.items():
+        monkeypatch.setenv(f"GLMVOICE_{name}", value)
+    result = runner.invoke(app, ["chat", "--text"])
+    assert "captured" in result.output and len(seen) == 1, result.output
+    assert seen[0] == turn_taking(
+        aggressiveness=1, end_silence_ms=450, speculative_pause_ms=120, pre_roll_ms=60, min_speech_ms=250,
+        max_turn_s=12.5, barge_in=False, min_interruption_ms=40, stream_input=False)
+    hints = typing.get_type_hints(chat_command.chat, include_extras=True)
+    own = [name for name, hint in hints.items() if getattr(getattr(hint, "__metadata__", [None])[0], "envvar", None)]
+    assert own == []  # no option names its own variable: install_envvars gives every one the same way

@@ -86,25 +86,25 @@ def chat(
     text: Annotated[bool, typer.Option("--text", help="Typed turns from stdin, one per line.")] = False,
     headphones: Annotated[bool, typer.Option("--headphones", help="No echo cancellation (the speaker cannot reach the mic).")
                           ] = False,
-    vad_aggressiveness: Annotated[int, typer.Option(min=0, max=3, envvar="GLMVOICE_VAD_AGGRESSIVENESS",
+    vad_aggressiveness: Annotated[int, typer.Option(min=0, max=3,
                                                     help="0 keeps most audio as speech, 3 the least.")] = _VAD.aggressiveness,
-    end_silence_ms: Annotated[int, typer.Option(min=30, envvar="GLMVOICE_END_SILENCE_MS", help=(
+    end_silence_ms: Annotated[int, typer.Option(min=30, help=(
         "Silence that ends your turn. Lower answers sooner but cuts you off at pauses."))] = _VAD.hangover_ms,
-    speculative_pause_ms: Annotated[int, typer.Option(min=0, envvar="GLMVOICE_SPECULATIVE_PAUSE_MS", help=(
+    speculative_pause_ms: Annotated[int, typer.Option(min=0, help=(
         "A pause this long starts the answer unheard (dropped if you go on); 0 turns it off (saves CPU)."))] = (
         SPECULATIVE_PAUSE_MS),
-    pre_roll_ms: Annotated[int, typer.Option(min=0, envvar="GLMVOICE_PRE_ROLL_MS", help=(
+    pre_roll_ms: Annotated[int, typer.Option(min=0, help=(
         "Audio kept from before your speech was detected, so the first syllable is not clipped."))] = _VAD.pre_roll_ms,
-    min_speech_ms: Annotated[int, typer.Option(min=0, envvar="GLMVOICE_MIN_SPEECH_MS", help=(
+    min_speech_ms: Annotated[int, typer.Option(min=0, help=(
         "Shorter bursts (a cough, a door) are not a turn."))] = _VAD.min_turn_ms,
-    max_turn_s: Annotated[float, typer.Option(min=1.0, envvar="GLMVOICE_MAX_TURN_S", help=(
+    max_turn_s: Annotated[float, typer.Option(min=1.0, help=(
         "A turn this long is cut and answered, and what follows is a new turn."))] = _VAD.max_turn_s,
-    barge_in: Annotated[bool, typer.Option(envvar="GLMVOICE_BARGE_IN", help=(
+    barge_in: Annotated[bool, typer.Option(help=(
         "Speaking while it answers interrupts it; --no-barge-in makes your speech wait its turn."))] = True,
-    min_interruption_ms: Annotated[int, typer.Option(min=10, envvar="GLMVOICE_MIN_INTERRUPTION_MS", help=(
+    min_interruption_ms: Annotated[int, typer.Option(min=10, help=(
         "Speech needed to start a turn or interrupt. Higher ignores short noises but reacts later."))] = (
         _ONSET_MS),
-    stream_input: Annotated[bool, typer.Option(envvar="GLMVOICE_STREAM_INPUT", help=(
+    stream_input: Annotated[bool, typer.Option(help=(
         "Tokenize and prefill your speech while you speak; --no-stream-input does it all after your turn."))] = True,
     session_dir: Annotated[Path | None, typer.Option(help="Save the session in this folder.")] = None,
     resume: Annotated[str | None, typer.Option(

@@ -132,7 +132,8 @@ def decode(
     seed: Annotated[int | None, typer.Option("--seed", help="Seed of the decoder's noise (default 0; the reference schedule always seeds 42).")] = None,
     device: DeviceOpt = None,
     dtype: Annotated[str | None, typer.Option(
-        "--dtype", help="The decoder runs in fp32 (auto): flow matching and the vocoder lose quality in 16 bits.")
+        "--dtype", help="Flow model precision: auto (fp32), fp32, bf16 or fp16 (where the device runs it; "
+        "less memory, some loss of quality). The vocoder always runs in fp32.")
     ] = None,
     threads: ThreadsOpt = None,
 ) -> None:
@@ -142,8 +143,10 @@ def decode(
         raise UsageError(f"unknown schedule {schedule!r} (use {', '.join(SCHEDULES)})")
     if output.suffix.lower() not in (".wav", ".flac", ".ogg"):
         raise UsageError(f"cannot write {output}: use a .wav, .flac or .ogg file name")
-    if dtype not in (None, "auto", "fp32", "float32"):
-        raise UsageError(f"the speech decoder runs in fp32 only (got --dtype {dtype})")
+    from glmvoice_cli.device import DTYPES
+
+    if dtype not in (None, "auto", *DTYPES):  # before any model is looked for
+        raise UsageError(f"unknown dtype {dtype!r} (use auto, fp32, bf16 or fp16)")
     from glmvoice_cli.audio.chunk_writer import write_audio_chunks
     from glmvoice_cli.commands.models import ensure_models
     from glmvoice_cli.decoder.speech_decoder import synthesize_blocks
@@ -152,6 +155,6 @@ def decode(
     use_threads(threads)
     with status_line(f"decoding {len(ids)} speech tokens ({len(ids) / TOKENS_PER_SECOND:.0f} s of speech)"):
         chunks, rate = synthesize_blocks(folder, ids, stream=stream, reference=schedule == "reference", seed=seed,
-                                         device=device)
+                                         device=device, dtype=dtype)
         samples = write_audio_chunks(output, chunks, rate)  # block by block: memory stays flat
     typer.echo(f"wrote {output} ({samples / rate:.2f} s, {rate} Hz, {len(ids)} tokens)", err=True)

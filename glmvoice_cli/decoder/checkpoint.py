@@ -112,8 +112,12 @@ def check_decoder_dir(directory: Path) -> None:
             raise ModelNotFoundError(f"{directory / name}: decoder file not found")
 
 
-def load_decoder(directory: Path, device: str | torch.device = "cpu") -> DecoderModels:
-    """Build the flow model and the vocoder from `directory/config.yaml` and load their weights."""
+def load_decoder(directory: Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
+                 ) -> DecoderModels:
+    """Build the flow model and the vocoder from `directory/config.yaml` and load their weights.
+
+    `dtype` (default float32) is the flow model's; the vocoder always runs in float32 (its STFT and
+    source phases need it, and it is the small part)."""
     import torch
 
     from glmvoice_cli.decoder.flow import FlowModel
@@ -129,6 +133,6 @@ def load_decoder(directory: Path, device: str | torch.device = "cpu") -> Decoder
     load_strict(flow, read_state_dict(directory / FLOW_FILE), directory / FLOW_FILE)
     load_strict(hift, read_state_dict(directory / HIFT_FILE), directory / HIFT_FILE)
     hift.fold_weight_norm()
-    flow.requires_grad_(False).to(device).eval()
+    flow.requires_grad_(False).to(device=device, dtype=dtype or torch.float32).eval()
     hift.requires_grad_(False).to(device).eval()
     return DecoderModels(config=config, flow=flow, hift=hift)

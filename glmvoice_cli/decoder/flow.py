@@ -91,14 +91,19 @@ class ConditionalCFM(nn.Module):
     def forward(self, noise: torch.Tensor, mu: torch.Tensor, spks: torch.Tensor, cond: torch.Tensor,
                 n_steps: int = N_TIMESTEPS, on_step: StepCallback | None = None, batched: bool = False
                 ) -> torch.Tensor:
-        """noise, mu, cond: (1, 80, T); spks: (1, 80) -> mel (1, 80, T) at t = 1."""
-        mask = torch.ones(1, 1, mu.shape[-1], dtype=mu.dtype, device=mu.device)
-        span = time_span(n_steps, self.scheduler, mu.dtype).to(mu.device)
-        x, t, dt = noise, span[0].unsqueeze(0), span[1] - span[0]
+        """noise, mu, cond: (1, 80, T); spks: (1, 80) -> mel (1, 80, T) at t = 1.
+
+        The integration (x, t) stays in float32 whatever the network's dtype (mu's): a bf16 or fp16
+        estimator gives each step's velocity, but summing ten steps in 16 bits would lose the mel's detail.
+        """
+        net = mu.dtype
+        mask = torch.ones(1, 1, mu.shape[-1], dtype=net, device=mu.device)
+        span = time_span(n_steps, self.scheduler, torch.float32).to(mu.device)
+        x, t, dt = noise.float(), span[0].unsqueeze(0), span[1] - span[0]
         for step in range(1, len(span)):
             if on_step is not None:
                 on_step(step - 1, t, x)
-            x = x + dt * self.velocity(x, mask, mu, t, spks, cond, batched)
+            x = x + dt * self.velocity(x.to(net), mask, mu, t.to(net), spks, cond, batched).float()
             t = t + dt
             if step < len(span) - 1:
                 dt = span[step + 1] - t
@@ -151,7 +156,9 @@ class FlowModel(nn.Module):
         """(1, spk_embed_dim) x-vector (GLM-4-Voice passes zeros) -> (1, 80)."""
         if embedding is None:
             embedding = torch.zeros(1, self.cfg.spk_embed_dim)
-        return self.spk_embed_affine_layer(F.normalize(embedding.to(self.device), dim=1))
+        weight = self.spk_embed_affine_layer.weight  # normalised in fp32: its eps (1e-12) is 0 in fp16
+        unit = F.normalize(embedding.to(weight.device, torch.float32), dim=1)
+        return self.spk_embed_affine_layer(unit.to(weight.dtype))
 
     @torch.inference_mode()
     def inference(
@@ -177,9 +184,9 @@ class FlowModel(nn.Module):
         n_prompt = 0 if prompt_feat is None else prompt_feat.shape[1]
         mu = self.condition(tokens, trace)
         total = mu.shape[-1]
-        cond = torch.zeros(1, total, self.cfg.output_size, device=mu.device)
+        cond = torch.zeros(1, total, self.cfg.output_size, device=mu.device, dtype=mu.dtype)
         if prompt_feat is not None and n_prompt:
-            cond[:, :n_prompt] = prompt_feat.to(mu.device)
+            cond[:, :n_prompt] = prompt_feat.to(mu.device, mu.dtype)
         cond = cond.transpose(1, 2)
         spks = self.speaker(embedding)
         if trace is not None:

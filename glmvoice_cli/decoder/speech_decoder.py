@@ -310,9 +310,11 @@ def check_vocabulary(tokens: list[int], vocab_size: int) -> None:
 
 def synthesize_blocks(decoder_dir: str | Path, tokens: list[int], *, stream: bool = False,
                       reference: bool = False, seed: int | None = None, device: str | None = None,
-                      block_tokens: int | None = None) -> tuple[Iterator[np.ndarray], int]:
-    """Load the decoder in `decoder_dir` on `device` (auto: cuda > mps > cpu); return (float32 chunks of
-    `tokens` decoded in order, sample rate).
+                      block_tokens: int | None = None, dtype: str | None = None
+                      ) -> tuple[Iterator[np.ndarray], int]:
+    """Load the decoder in `decoder_dir` on `device` (auto: cuda > mps > cpu), its flow model in `dtype`
+    (auto: fp32; bf16 or fp16 where the device runs them); return (float32 chunks of `tokens` decoded in
+    order, sample rate).
 
     Memory stays bounded whatever the length: offline, up to `block_tokens` (default OFFLINE_BLOCK_TOKENS)
     tokens are decoded in one call
@@ -321,7 +323,7 @@ def synthesize_blocks(decoder_dir: str | Path, tokens: list[int], *, stream: boo
     against the vocabulary before the first chunk.
     """
     from glmvoice_cli.decoder.checkpoint import load_decoder
-    from glmvoice_cli.device import pick_device
+    from glmvoice_cli.device import check_dtype, pick_device
 
     if reference and len(tokens) > REFERENCE_MAX_TOKENS:
         raise UsageError(f"the reference schedule re-encodes the whole answer for every block: it takes at most "
@@ -332,7 +334,8 @@ def synthesize_blocks(decoder_dir: str | Path, tokens: list[int], *, stream: boo
         schedule = StreamSchedule(block_sizes=(block_tokens,))
     else:
         schedule = REFERENCE_SCHEDULE if reference else DEFAULT_SCHEDULE
-    models = load_decoder(Path(decoder_dir), pick_device(device))
+    chosen = pick_device(device)
+    models = load_decoder(Path(decoder_dir), chosen, check_dtype(dtype, chosen, default=torch.float32))
     decoder = SpeechDecoder(models, schedule, seed=seed)
     check_vocabulary(tokens, decoder.flow.cfg.vocab_size)
     if stream:
