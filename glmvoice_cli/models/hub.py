@@ -371,7 +371,7 @@ def download_stage(
         return _offline_status(stage, folder)
     endpoint = endpoint or hub_endpoint()
     check_reachable(endpoint)
-    commit, listed = _resolve(stage, revision, endpoint)
+    commit, listed = _resolve(stage, revision, endpoint, folder)
     index = [stage.weights_index] if stage.weights_index is not None else []
     absent = [f for f in (*stage.files, *index) if f not in listed]
     if absent:
@@ -399,7 +399,7 @@ def download_stage(
     return status
 
 
-def _resolve(stage: Stage, revision: str, endpoint: str | None) -> tuple[str, set[str]]:
+def _resolve(stage: Stage, revision: str, endpoint: str | None, folder: Path | None) -> tuple[str, set[str]]:
     """The commit `revision` points to and the files the repository holds there (one API call).
 
     Resolving first pins both batches to one commit, and tells a file the repository lacks from one
@@ -407,7 +407,7 @@ def _resolve(stage: Stage, revision: str, endpoint: str | None) -> tuple[str, se
     """
     import huggingface_hub as hf
 
-    with _hub_errors(stage, revision, endpoint, ()):
+    with _hub_errors(stage, revision, endpoint, stage.files, folder):  # a failure names the files lacking
         info = hf.HfApi(endpoint=endpoint).model_info(stage.repo_id, revision=revision)
     if not info.sha:
         raise GlmVoiceError(f"{endpoint or DEFAULT_ENDPOINT} gave no commit for {stage.repo_id}@{revision}")
