@@ -188,19 +188,10 @@ def test_serve_lm_refuses_a_checkpoint_vllm_would_compute_differently(models: Pa
 
 def test_models_download_no_weights_fetches_config_and_tokenizer_only(tmp_path: Path,
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    from glmvoice_cli.models import hub
+    from tests.fake_hub import serving
 
-    fetched: list[str] = []
-
-    def fake_fetch(stage, target, filename, **kwargs):  # type: ignore[no-untyped-def]
-        fetched.append(filename)
-        folder = Path(target.get("local_dir") or target["cache_dir"])
-        (folder / filename).write_text("{}")
-        return str(folder / filename)
-
-    monkeypatch.setattr(hub, "_fetch_file", fake_fetch)
-    monkeypatch.setattr(hub, "check_reachable", lambda *a, **k: None)
-    monkeypatch.delenv("HF_HUB_OFFLINE")
-    result = runner.invoke(app, ["models", "download", "lm", "--no-weights", "--dir", str(tmp_path), "-q"])
+    with serving(monkeypatch, tmp_path) as fake:
+        result = runner.invoke(app, ["models", "download", "lm", "--no-weights", "--dir", str(tmp_path / "M"), "-q"])
+        fetched = {name.rsplit("/", 1)[1] for name in fake.fetched()}
     assert result.exit_code == 0, result.output
     assert not any("safetensors" in name for name in fetched) and "tokenizer.model" in fetched
