@@ -162,8 +162,9 @@ def test_typed_turns_leave_no_copy_of_the_first_line() -> None:
     assert [line for line in screen if line.startswith("you")] == [f"you  (typed) {t}" for t in TURNS]
 
 
-def test_the_same_check_finds_the_copies_with_echo_on() -> None:
-    """The old way (cooked mode, echo on): the copies of the first line that the test above rules out."""
+def test_the_same_check_finds_stray_lines_with_echo_on() -> None:
+    """The old way (cooked mode, echo on): stray lines above the view (copies of its first lines, echoed keys
+    where the timing puts them), which the test above rules out."""
     pytest.importorskip("termios")
     screen, view = _chat_on_a_pty(_echo_on)
-    assert screen != view and sum(line == view[0] for line in screen) > 1
+    assert len(screen) > len(view)  # the view itself is drawn last, below them
