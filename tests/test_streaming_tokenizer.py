@@ -106,6 +106,23 @@ def test_a_louder_sound_later_reencodes_the_blocks_its_clamp_changes(tok: Speech
     assert st.finish() == tok.encode([audio])[0]
 
 
+def test_a_loud_sound_in_the_last_partial_block_is_recomputed_before_the_end_of_turn(tok: SpeechTokenizer) -> None:
+    """Digital silence first (its frames sit at the clamp), the loudest sound in the last partial block, then the
+    end-of-turn silence: the blocks the louder clamp changes are redone while the silence is still arriving, so
+    the end of the turn encodes the partial block only, and the ids are still the whole utterance's."""
+    block = block_samples(tok)
+    speech = speechlike(block / RATE + 1.0, 17)
+    speech[-RATE // 2 : -RATE // 4] *= 10.0  # the loudest moment: after the last complete block
+    silence = np.zeros(int(0.7 * RATE), dtype=np.float32)  # the end-of-turn silence
+    audio = np.concatenate([np.zeros(RATE // 4, dtype=np.float32), speech, silence])
+    st = StreamingTokenizer(tok)
+    for start in range(0, len(audio), 480):  # 30 ms capture blocks, as the chat pushes them
+        st.push(audio[start : start + 480])
+    assert st.stats.blocks_redone >= 1  # the first block was redone while the turn went on
+    assert st.finish() == tok.encode([audio])[0]
+    assert st.stats.last_span_frames < block // tok.feature_config.hop_length  # less than one block
+
+
 def test_finish_of_a_shorter_utterance_and_going_on_after_a_finish(tok: SpeechTokenizer) -> None:
     audio = speechlike(12.0, 11, loud_at=0.9)
     st = StreamingTokenizer(tok)

@@ -11,10 +11,13 @@ What reaches across blocks, and how it is handled:
   past its own end. A block is complete once those samples have arrived, or once its window is closed
   (audio went past the window's 30 s, whose own edge is reflected, as in the reference).
 - The clamp: log-mel values are floored at (the window's maximum - 8), so a louder sound later can
-  change quiet frames earlier. Each time blocks complete, and at `finish`, the features of the window
-  are recomputed and compared, block by block, with those each encoded block used; from the first
-  block that differs on, blocks are encoded again. The same check catches the end of the utterance
-  (padding, reflection and a final length inside an encoded block).
+  change quiet frames earlier. Each time blocks complete, every `RECHECK_S` of audio in between, and at
+  `finish`, the features of the window are recomputed and compared, block by block, with those each
+  encoded block used; from the first block that differs on, blocks are encoded again. The periodic
+  check moves the recompute a loud sound in the last partial block causes to while the turn is still
+  going (its end-of-turn silence is longer than `RECHECK_S`), so `finish` is left with the partial block
+  only. The same check catches the end of the utterance (padding, reflection and a final length inside
+  an encoded block).
 - Windows: each 30 s window has its own blocks and caches; no state crosses a window.
 - Rounding: a span's states equal the whole window's up to float rounding. An id whose nearest code
   wins by less than `tie_margin` (relative) could flip, so `finish` then returns the whole-utterance
@@ -33,6 +36,7 @@ from glmvoice_cli.tokenizer.block_encoder import LayerCache, SpanResult, encode_
 from glmvoice_cli.tokenizer.speech_tokenizer import REFERENCE_BATCH, SpeechTokenizer, _Window
 from glmvoice_cli.tokenizer.whisper_vq import CONV2_STRIDE
 
+RECHECK_S = 0.25  # audio between clamp checks when no block completes: well under the end-of-turn silence
 DEFAULT_TIE_MARGIN = 2e-5  # relative gap under which an id might flip: span vs whole-window rounding measured ~7e-7
 
 
@@ -48,6 +52,7 @@ class _Block:
 @dataclass
 class _WindowState:
     blocks: list[_Block] = field(default_factory=list)
+    checked_at: int = 0  # pushed samples when its features were last recomputed
 
 
 @dataclass
@@ -75,6 +80,7 @@ class StreamingTokenizer:
                 "streaming tokenization needs a block-causal, pooled tokenizer (quantize_causal_block_size, "
                 "pooling_kernel_size in config.json)")
         self.block_frames = cfg.quantize_causal_block_size * CONV2_STRIDE
+        self.recheck_samples = int(RECHECK_S * feat.sampling_rate)
         self.stats = StreamStats()
         self.reset()
 
@@ -135,8 +141,10 @@ class StreamingTokenizer:
             self._windows.append(_WindowState())
         window, limit = self._windows[w], self._complete_frames(w)
         done = window.blocks[-1].frames[1] if window.blocks else 0
-        if limit <= done:
+        due = bool(window.blocks) and self._length - window.checked_at >= self.recheck_samples
+        if limit <= done and not due:
             return
+        window.checked_at = self._length
         start = w * self.window_samples
         audio = torch.from_numpy(self._audio[start : min(self._length, start + self.window_samples)].copy())
         feats = self.tokenizer.logmel(audio[None])[0]
