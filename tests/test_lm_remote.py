@@ -156,11 +156,10 @@ def test_a_turn_cancelled_before_it_starts_sends_nothing(lm_dir: Path, server: F
 # ------------------------------------------------------------------ connect-time checks
 
 
-def test_unreachable_server_is_one_line_within_the_timeout(lm_dir: Path) -> None:
-    start = time.monotonic()
+def test_unreachable_server_is_one_line(lm_dir: Path) -> None:
+    """A refused connection is one line saying how to start a server (a silent one is the stall test's)."""
     with pytest.raises(LMServerError, match=r"cannot reach the LM server at http://127.0.0.1:\d+ .*serve-lm"):
         RemoteVoiceLM.connect(lm_dir, LMServer(f"http://127.0.0.1:{free_port()}"))
-    assert time.monotonic() - start < 10
 
 
 def test_several_models_need_a_name_and_a_wrong_name_is_refused(lm_dir: Path, local: VoiceLM) -> None:

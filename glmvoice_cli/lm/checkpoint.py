@@ -62,7 +62,15 @@ def read_chatglm_config(folder: Path) -> dict[str, Any]:
     path = Path(folder) / CONFIG_FILE
     if not path.is_file():
         raise ModelNotFoundError(f"{path}: not found (expected a ChatGLM-format GLM-4-Voice checkpoint)")
+    return read_json_object(path)
+
+
+def read_json_object(path: Path, max_bytes: int | None = None) -> dict[str, Any]:
+    """A JSON file holding one object; anything else (unreadable, too big, nested past recursion, a list)
+    is one CheckpointMismatchError naming the file."""
     try:
+        if max_bytes is not None and path.stat().st_size > max_bytes:
+            raise CheckpointMismatchError(f"{path}: {path.stat().st_size} bytes, too big for this file")
         raw = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise CheckpointMismatchError(f"{path}: unreadable JSON ({type(exc).__name__})") from exc

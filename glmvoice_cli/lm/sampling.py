@@ -13,13 +13,13 @@ reproduces that order). Flags override everything.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from glmvoice_cli.errors import CheckpointMismatchError
+from glmvoice_cli.lm.checkpoint import read_json_object
 
 if TYPE_CHECKING:
     import torch
@@ -97,7 +97,7 @@ def read_sampling(folder: Path) -> SamplingSettings:
     path = Path(folder) / GENERATION_CONFIG_FILE
     if not path.is_file():
         return SamplingSettings()
-    raw = _read_json_object(path)
+    raw = read_json_object(path, MAX_GENERATION_CONFIG_BYTES)
     do_sample = raw.get("do_sample", False)  # transformers' default: a file silent on it means greedy
     if not isinstance(do_sample, bool):
         raise CheckpointMismatchError(f"{path}: field 'do_sample' must be true or false, got {do_sample!r}")
@@ -107,18 +107,6 @@ def read_sampling(folder: Path) -> SamplingSettings:
     if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
         raise CheckpointMismatchError(f"{path}: field 'top_k' must be an integer >= 0, got {top_k!r}")
     return SamplingSettings(do_sample=do_sample, top_k=top_k, source=str(path))
-
-
-def _read_json_object(path: Path) -> dict[str, Any]:
-    try:
-        if path.stat().st_size > MAX_GENERATION_CONFIG_BYTES:
-            raise CheckpointMismatchError(f"{path}: {path.stat().st_size} bytes, not a generation config")
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise CheckpointMismatchError(f"{path}: unreadable JSON ({type(exc).__name__})") from exc
-    if not isinstance(raw, dict):
-        raise CheckpointMismatchError(f"{path}: expected a JSON object")
-    return raw
 
 
 def sample_token(logits: torch.Tensor, sampling: SamplingSettings, generator: torch.Generator) -> int:
