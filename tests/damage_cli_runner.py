@@ -8,25 +8,13 @@ code, stderr and whether an exception other than the CLI's own exit escaped (a t
 
 from __future__ import annotations
 
-import json
 import os
-import resource
 import signal
-import sys
 import time
 import traceback
 from pathlib import Path
 
-ADDRESS_SPACE_BYTES = 4 << 30
-CASE_SECONDS = 60
-
-
-class _Timeout(Exception):
-    pass
-
-
-def _alarm(signum: int, frame: object) -> None:
-    raise _Timeout
+from damage_runner import CASE_SECONDS, _Timeout, run_all  # tests/ is on sys.path: this script's folder
 
 
 def run_case(case: dict) -> dict:
@@ -56,14 +44,7 @@ def run_case(case: dict) -> dict:
 
 
 def main() -> None:
-    resource.setrlimit(resource.RLIMIT_AS, (ADDRESS_SPACE_BYTES, ADDRESS_SPACE_BYTES))
-    signal.signal(signal.SIGALRM, _alarm)
-    import torch
-
-    torch.set_num_threads(1)
-    cases = json.loads(Path(sys.argv[1]).read_text(encoding="utf-8"))
-    results = [run_case(case) for case in cases]
-    Path(sys.argv[2]).write_text(json.dumps(results, indent=1), encoding="utf-8")
+    run_all(run_case)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ import signal
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 
 ADDRESS_SPACE_BYTES = 4 << 30
@@ -63,15 +64,20 @@ def run_case(case: dict) -> dict:
     return {**case, "outcome": outcome, "message": message, "seconds": time.monotonic() - start}
 
 
-def main() -> None:
+def run_all(run: Callable[[dict], dict]) -> None:
+    """argv: the cases' JSON, the results' JSON. Every case under the address-space limit, each with its alarm."""
     resource.setrlimit(resource.RLIMIT_AS, (ADDRESS_SPACE_BYTES, ADDRESS_SPACE_BYTES))
     signal.signal(signal.SIGALRM, _alarm)
     import torch
 
     torch.set_num_threads(1)
     cases = json.loads(Path(sys.argv[1]).read_text(encoding="utf-8"))
-    results = [run_case(case) for case in cases]
+    results = [run(case) for case in cases]
     Path(sys.argv[2]).write_text(json.dumps(results, indent=1), encoding="utf-8")
+
+
+def main() -> None:
+    run_all(run_case)
 
 
 if __name__ == "__main__":
