@@ -1,12 +1,11 @@
-"""Audio written as it is produced: chunk by chunk into a temporary file beside the target, renamed over
-it only once every chunk is in. Memory stays flat whatever the length, and a failure (or Ctrl-C) leaves an
+"""Audio written as it is produced: chunk by chunk through `files.replace_file` (a temporary file beside
+the target, renamed over it only once every chunk is in). Memory stays flat whatever the length, and a failure (or Ctrl-C) leaves an
 existing file of that name untouched."""
 
 from __future__ import annotations
 
 import errno
 import os
-import secrets
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -16,6 +15,7 @@ import soundfile as sf
 
 from glmvoice_cli.audio.io import WRITE_FORMATS, _reason
 from glmvoice_cli.errors import AudioError
+from glmvoice_cli.files import replace_file
 
 
 def write_audio_chunks(path: str | Path, chunks: Iterable[np.ndarray], sample_rate: int) -> int:
@@ -26,17 +26,20 @@ def write_audio_chunks(path: str | Path, chunks: Iterable[np.ndarray], sample_ra
     if fmt is None:
         known = ", ".join(WRITE_FORMATS)
         raise AudioError(f"cannot write {path}: unknown audio extension {path.suffix!r} (use {known})")
-    temp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.partial")
-    written = 0
+    written, producing = 0, False
     try:
-        with _writing(path):
-            fh = temp.open("xb")  # exclusive create; the umask decides the mode, as for any new file
-        with fh:
+        with replace_file(path) as fh:  # whole or not at all: temporary file, fsync, rename
             with _writing(path):  # on the descriptor: libsndfile's own I/O reports a full disk as one error,
                 # where a Python file object would print a traceback from each failing cffi callback first
                 out = sf.SoundFile(fh.fileno(), "w", sample_rate, 1, fmt[1], format=fmt[0], closefd=False)
             try:
-                for chunk in chunks:  # outside _writing: an error of the producer is its own
+                iterator = iter(chunks)
+                while True:
+                    producing = True  # an error of the producer is its own, not a writing error
+                    chunk = next(iterator, None)
+                    producing = False
+                    if chunk is None:
+                        break
                     data = np.clip(np.asarray(chunk, dtype=np.float32).reshape(-1), -1.0, 1.0)
                     with _writing(path):
                         out.write(data)
@@ -44,12 +47,10 @@ def write_audio_chunks(path: str | Path, chunks: Iterable[np.ndarray], sample_ra
             finally:
                 with _writing(path):
                     out.close()
-            with _writing(path):
-                os.fsync(fh.fileno())  # the data is on disk before the name points at it
-        with _writing(path):
-            os.replace(temp, path)
-    finally:
-        temp.unlink(missing_ok=True)
+    except OSError as e:  # replace_file's own create, fsync or rename
+        if producing:
+            raise
+        raise AudioError(f"cannot write audio file {path}: {e.strerror or e}") from e
     return written
 
 
