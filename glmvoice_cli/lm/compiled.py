@@ -89,7 +89,10 @@ class StaticDecoder:
         self.mode = compile_mode(blocked.device) if compiled else "eager"
         self.report: CompileReport | None = None  # set by build_static_decoder
         self._input = torch.zeros((1, 1), dtype=torch.long, device=blocked.device)
-        self._warm_threads: set[int] = set()  # threads whose CUDA graphs are recorded (see warm_this_thread)
+        # Which threads have recorded their CUDA graphs (see warm_this_thread). Thread-local, as torch keeps
+        # the graph trees: a thread id is reused once its thread ends, so a set of ids would mistake a new
+        # thread for an old one.
+        self._warm = threading.local()
         self._step = self._eager_step
         if compiled:
             self._step = torch.compile(self._eager_step, mode=self.mode, fullgraph=True, dynamic=False)
@@ -147,7 +150,7 @@ class StaticDecoder:
         there once, before the first turn, instead of paying the recording inside it. Other modes'
         compiled kernels serve every thread: nothing to do. The cache is emptied (call it between turns).
         """
-        if self.mode != "reduce-overhead" or threading.get_ident() in self._warm_threads:
+        if self.mode != "reduce-overhead" or getattr(self._warm, "done", False):
             return False
         self.warm_up(first_id)
         return True
@@ -156,7 +159,7 @@ class StaticDecoder:
         """Prefill a few ids and run the step until every shape is compiled (and graphs recorded)."""
         import torch
 
-        self._warm_threads.add(threading.get_ident())
+        self._warm.done = True
         start = time.perf_counter()
         ids = torch.full((1, WARM_UP_PROMPT), first_id, dtype=torch.long, device=self.device)
         self.claim(None)
