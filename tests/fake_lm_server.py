@@ -76,9 +76,9 @@ class FakeLMServer:
         self.stop()
 
     def stop(self) -> None:
-        self.stopping.set()
         self.httpd.shutdown()
-        self.httpd.server_close()
+        self.httpd.server_close()  # the listening socket first: a request after this cannot connect
+        self.stopping.set()  # then the open answers end
 
     def wait_idle(self, timeout_s: float = 10.0) -> None:
         deadline = time.monotonic() + timeout_s
@@ -204,7 +204,9 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             for token, finish in self._generate(body):
                 if fault.stall_after is not None and sent >= fault.stall_after:
-                    server.stopping.wait(30)
+                    if server.stopping.wait(30):  # the server goes away: its sockets close, as a dead process's do
+                        self.close_connection = True
+                        self.connection.shutdown(2)
                     return
                 if fault.cut_after is not None and sent >= fault.cut_after:
                     self.wfile.flush()
