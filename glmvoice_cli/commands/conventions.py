@@ -16,6 +16,8 @@ table; their names are still known keys of the file.
 
 from __future__ import annotations
 
+import copy
+import functools
 import logging
 import sys
 from dataclasses import dataclass
@@ -205,7 +207,17 @@ def reset_verbosity() -> None:
 
 
 def verbosity_options() -> list[Any]:
-    """-v/--verbose (repeatable) and -q/--quiet, for the root and every command (built by typer itself)."""
+    """-v/--verbose (repeatable) and -q/--quiet, for the root and every command (built by typer itself).
+
+    Fresh copies each call (install_envvars sets attributes on each command's own options); typer builds
+    the originals once per process, as a probe app costs milliseconds and every command of every start
+    asks for them.
+    """
+    return [copy.copy(option) for option in _verbosity_templates()]
+
+
+@functools.cache
+def _verbosity_templates() -> tuple[Any, ...]:
     probe = typer.Typer()
 
     @probe.command()
@@ -218,7 +230,7 @@ def verbosity_options() -> list[Any]:
     ) -> None:
         pass
 
-    return [p for p in typer.main.get_command(probe).params if p.name in ("verbose", "quiet")]
+    return tuple(p for p in typer.main.get_command(probe).params if p.name in ("verbose", "quiet"))
 
 
 def add_verbosity(root: TyperGroup) -> None:
