@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -12,6 +13,8 @@ if TYPE_CHECKING:
     from glmvoice_cli.pipeline import Assistant
     from glmvoice_cli.tiny.modelset import TinyModelSet
 
+    from .warm_python import WarmPython
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 # OpenMP threads that wait for work sleep instead of spinning. The suite pins torch to 1 thread; on a
@@ -20,6 +23,30 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 # passive waiting. It must be set before torch loads its OpenMP runtime, so here, before any test imports
 # torch; subprocesses inherit it.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
+COMPILE_GROUP = "torch-compile"
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Work units for the workers (`--dist loadgroup`), the longest first.
+
+    A test module is one unit, as with loadscope (its module fixtures are built once); the tests marked
+    `compiles` are one more, across modules: they run one after another on one worker, so the first
+    compiles the tiny LM cold and the rest find it in the session's compile cache (two workers compiling
+    the same graph at once would both pay the cold compile). Units are handed out in the order of `items`
+    (`--no-loadscope-reorder`): the compile unit first, then modules with tests marked `slow`, then the
+    rest, so that no long unit starts last while the other worker sits idle.
+    """
+    def group(item: pytest.Item) -> str:
+        return COMPILE_GROUP if item.get_closest_marker("compiles") else item.nodeid.split("::")[0]
+
+    for item in items:
+        item.add_marker(pytest.mark.xdist_group(group(item)))
+    slow = {group(item) for item in items if item.get_closest_marker("slow")}
+    order = {name: index for index, name in enumerate(dict.fromkeys(group(item) for item in items))}
+    items.sort(key=lambda item: (group(item) != COMPILE_GROUP, group(item) not in slow, order[group(item)]))
 
 
 def golden_dir() -> Path | None:
@@ -101,3 +128,14 @@ def assistant(tiny_models: TinyModelSet) -> Assistant:
     from glmvoice_cli.pipeline import Assistant
 
     return Assistant.load(tiny_models.dirs, LoadOptions(device="cpu", seed=0))
+
+
+@pytest.fixture(scope="session")
+def warm_python(tmp_path_factory: pytest.TempPathFactory) -> Iterator[WarmPython]:
+    """A Python with torch and transformers imported, forking a fresh process per run (tests/warm_python.py):
+    the signal, damage and benchmark tests start their real processes without paying the imports each."""
+    from .warm_python import WarmPython
+
+    server = WarmPython(tmp_path_factory.mktemp("warm"))
+    yield server
+    server.close()

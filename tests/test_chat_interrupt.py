@@ -6,14 +6,14 @@ from __future__ import annotations
 import os
 import pty
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
 from glmvoice_cli.tiny.modelset import write_tiny_model_set
+
+from .warm_python import WarmPython
 
 READY_TIMEOUT_S = 300  # loading tiny models in a fresh process on a busy 2-core machine
 SETTLE_S = 2.0  # let the microphone and speaker callbacks run before the interrupt
@@ -59,7 +59,7 @@ main()
 
 
 @pytest.mark.slow
-def test_ctrl_c_in_a_voice_chat_prints_only_the_message(tmp_path: Path) -> None:
+def test_ctrl_c_in_a_voice_chat_prints_only_the_message(tmp_path: Path, warm_python: WarmPython) -> None:
     models = write_tiny_model_set(tmp_path / "models", codebook=64).root
     session = tmp_path / "S"
     script = tmp_path / "run_chat.py"
@@ -67,10 +67,9 @@ def test_ctrl_c_in_a_voice_chat_prints_only_the_message(tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     # stdin a terminal, as for a user: the thread reading typed turns is blocked on it at Ctrl-C
     leader, follower = pty.openpty()
-    proc = subprocess.Popen(
-        [sys.executable, str(script), "chat", "--models", str(models), "--session-dir", str(session),
-         "--no-live", "--max-new-tokens", "5"],
-        stdin=follower, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    proc = warm_python.popen(  # a process of its own, torch and transformers imported (conftest)
+        [str(script), "chat", "--models", str(models), "--session-dir", str(session), "--no-live",
+         "--max-new-tokens", "5"], env, stdin=follower)
     try:
         deadline = time.monotonic() + READY_TIMEOUT_S
         # the folder is made (and locked) before the models load; its transcript once the chat is running

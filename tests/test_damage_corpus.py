@@ -1,8 +1,8 @@
 """A corpus of damaged model folders, built at run time from the tiny model set.
 
 Every case must end in ONE line naming its file (and field), never in a traceback, within a 4 GB
-address space and 60 s per case. All cases load in one subprocess (tests/damage_runner.py) so that
-torch is imported once.
+address space and 60 s per case. All cases load in one process of their own (tests/damage_runner.py,
+forked by conftest's warm Python, which has torch imported already).
 """
 
 from __future__ import annotations
@@ -10,8 +10,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -19,6 +17,8 @@ import pytest
 import torch
 
 from glmvoice_cli.tiny.modelset import write_tiny_model_set
+
+from .warm_python import WarmPython
 
 RUNNER = Path(__file__).with_name("damage_runner.py")
 Mutation = Callable[[Path], None]
@@ -176,7 +176,7 @@ CASES: list[tuple[str, str, Mutation, tuple[str, ...]]] = [
 
 
 @pytest.fixture(scope="module")
-def results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]:
+def results(tmp_path_factory: pytest.TempPathFactory, warm_python: WarmPython) -> dict[str, dict]:
     root = tmp_path_factory.mktemp("corpus")
     models = write_tiny_model_set(root / "models", codebook=32)
     cases = []
@@ -187,11 +187,9 @@ def results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]:
         cases.append({"name": name, "stage": stage, "path": str(folder)})
     (root / "cases.json").write_text(json.dumps(cases), encoding="utf-8")
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent), "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(
-        [sys.executable, str(RUNNER), str(root / "cases.json"), str(root / "results.json")],
-        capture_output=True, text=True, timeout=60 * len(CASES), env=env, check=False,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
+    runner = warm_python.popen([str(RUNNER), str(root / "cases.json"), str(root / "results.json")], env)
+    _, err = runner.communicate(timeout=60 * len(CASES))
+    assert runner.returncode == 0, err[-3000:]
     return {r["name"]: r for r in json.loads((root / "results.json").read_text(encoding="utf-8"))}
 
 

@@ -2,19 +2,20 @@
 
 The companion of test_damage_corpus.py (damaged model folders). Every case runs the real CLI and must
 end in ONE line naming its file, option or variable, never a traceback, within a 4 GB address space and
-60 s. All cases run in one subprocess (tests/damage_cli_runner.py), so torch is imported once.
+60 s. All cases run in one process of their own (tests/damage_cli_runner.py, forked by conftest's warm
+Python, which has torch imported already).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+
+from .warm_python import WarmPython
 
 RUNNER = Path(__file__).with_name("damage_cli_runner.py")
 MILLIONS = 2_000_000  # tokens on one line: parsed and checked without gigabytes
@@ -131,7 +132,7 @@ CASES: list[tuple[str, Build, tuple[str, ...]]] = [
 
 
 @pytest.fixture(scope="module")
-def results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]:
+def results(tmp_path_factory: pytest.TempPathFactory, warm_python: WarmPython) -> dict[str, dict]:
     from glmvoice_cli.tiny.decoder import TinyDecoderSpec, write_tiny_decoder
 
     root = tmp_path_factory.mktemp("inputs")
@@ -144,11 +145,9 @@ def results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]:
         cases.append({"name": name, "env": {}, **build(folder)})
     (root / "cases.json").write_text(json.dumps(cases), encoding="utf-8")
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent), "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(
-        [sys.executable, str(RUNNER), str(root / "cases.json"), str(root / "results.json")],
-        capture_output=True, text=True, timeout=60 * len(CASES), env=env, check=False, cwd=root,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
+    runner = warm_python.popen([str(RUNNER), str(root / "cases.json"), str(root / "results.json")], env, cwd=root)
+    _, err = runner.communicate(timeout=60 * len(CASES))
+    assert runner.returncode == 0, err[-3000:]
     return {r["name"]: r for r in json.loads((root / "results.json").read_text(encoding="utf-8"))}
 
 

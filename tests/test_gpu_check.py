@@ -16,6 +16,7 @@ ABSENT_ON_GPU_MACHINES = ("soxr", "sounddevice", "webrtcvad", "livekit", "bitsan
                           "typer", "platformdirs")
 
 
+@pytest.mark.compiles
 def test_gpu_check_tiny_runs_without_the_extras(tmp_path: Path) -> None:
     out = tmp_path / "gpu.json"
     blocked = "".join(f"sys.modules[{name!r}] = None\n" for name in ABSENT_ON_GPU_MACHINES)  # import fails

@@ -28,6 +28,8 @@ from glmvoice_cli.lm.voice_lm import (
 from glmvoice_cli.options import LoadOptions
 from glmvoice_cli.tiny.lm import TinyLMSpec, write_tiny_lm
 
+pytestmark = pytest.mark.compiles
+
 SPEC = TinyLMSpec(hidden_size=32, num_layers=2, num_heads=4, kv_groups=2, ffn_hidden_size=64, n_reserved=3,
                   seq_length=384)
 GREEDY = GenerationOptions(temperature=0.0, max_new_tokens=24)

@@ -48,6 +48,7 @@ def test_quantized_loading_path_on_the_cpu_backend(lm_dir: Path, monkeypatch: py
         assert float((out - ref).abs().max()) < 0.05 * float(ref.abs().max())
 
 
+@pytest.mark.compiles
 def test_4bit_weights_decode_compiled_as_eager(lm_dir: Path, monkeypatch: pytest.MonkeyPatch,
                                                tmp_path: Path) -> None:
     """NF4 layers compile with the static cache (bitsandbytes' CPU backend here) and give the same greedy ids."""

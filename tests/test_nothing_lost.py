@@ -1,7 +1,8 @@
 """Nothing the user named is lost: files are replaced whole or not at all, and `tts` and `chat` keep what was
 said when a signal (Ctrl-C, SIGTERM, SIGHUP, a second Ctrl-C) or a lost audio device ends them.
 
-The signal tests run the real CLI in a subprocess on the tiny model set; a small wrapper script holds the
+The signal tests run the real CLI in a process of its own (forked by the warm Python of conftest, which has
+torch and transformers imported already) on the tiny model set; a small wrapper script holds the
 answer mid-way (after its first audio block) so that the signal always lands mid-answer, and every wait
 has a timeout so nothing can hang the suite.
 """
@@ -27,6 +28,8 @@ from typer.testing import CliRunner
 from glmvoice_cli.cli import app
 from glmvoice_cli.files import replace_file, write_file
 from glmvoice_cli.tiny.modelset import TinyModelSet
+
+from .warm_python import WarmProcess, WarmPython
 
 runner = CliRunner()
 REPO = Path(__file__).resolve().parents[1]
@@ -194,15 +197,14 @@ main()
 '''
 
 
-def _start(script_text: str, args: list[str], work: Path, **extra_env: str) -> subprocess.Popen[str]:
+def _start(warm: WarmPython, script_text: str, args: list[str], work: Path, **extra_env: str) -> WarmProcess:
     script = work / "run.py"
     script.write_text(script_text)
     env = {**os.environ, "PYTHONPATH": str(REPO), "TEST_WORK": str(work), **extra_env}
-    return subprocess.Popen([sys.executable, str(script), *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env)
+    return warm.popen([str(script), *args], env, stdin=subprocess.PIPE)
 
 
-def _wait_for(path: Path, proc: subprocess.Popen[str]) -> None:
+def _wait_for(path: Path, proc: WarmProcess) -> None:
     deadline = time.monotonic() + START_TIMEOUT_S
     while not path.exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.1)
@@ -211,7 +213,7 @@ def _wait_for(path: Path, proc: subprocess.Popen[str]) -> None:
         pytest.fail(f"{path.name} never appeared: {proc.communicate(timeout=EXIT_TIMEOUT_S)}")
 
 
-def _finish(proc: subprocess.Popen[str]) -> str:
+def _finish(proc: WarmProcess) -> str:
     try:
         return proc.communicate(timeout=EXIT_TIMEOUT_S)[1]
     finally:
@@ -222,9 +224,10 @@ def _finish(proc: subprocess.Popen[str]) -> str:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
-def test_tts_killed_by_a_signal_writes_what_was_spoken(models: Path, tmp_path: Path, signum: int) -> None:
+def test_tts_killed_by_a_signal_writes_what_was_spoken(models: Path, tmp_path: Path, signum: int,
+                                                      warm_python: WarmPython) -> None:
     out, _ = _existing(tmp_path)
-    proc = _start(TTS_SCRIPT, ["tts", "Hello there.", "--models", str(models), "-o", str(out), *FAST], tmp_path)
+    proc = _start(warm_python, TTS_SCRIPT, ["tts", "Hello there.", "--models", str(models), "-o", str(out), *FAST], tmp_path)
     _wait_for(tmp_path / "spoken", proc)
     proc.send_signal(signum)
     err = _finish(proc)
@@ -237,9 +240,10 @@ def test_tts_killed_by_a_signal_writes_what_was_spoken(models: Path, tmp_path: P
 
 
 @pytest.mark.slow
-def test_a_second_ctrl_c_during_tts_exits_as_cleanly_as_the_first(models: Path, tmp_path: Path) -> None:
+def test_a_second_ctrl_c_during_tts_exits_as_cleanly_as_the_first(models: Path, tmp_path: Path,
+                                                                  warm_python: WarmPython) -> None:
     out = tmp_path / "out.wav"
-    proc = _start(TTS_SCRIPT, ["tts", "Hello there.", "--models", str(models), "-o", str(out), *FAST], tmp_path,
+    proc = _start(warm_python, TTS_SCRIPT, ["tts", "Hello there.", "--models", str(models), "-o", str(out), *FAST], tmp_path,
                   TEST_HOLD_WRITE="1")
     _wait_for(tmp_path / "spoken", proc)
     proc.send_signal(signal.SIGINT)
@@ -280,9 +284,10 @@ main()
 
 
 @pytest.mark.slow
-def test_sigterm_during_a_chat_answer_saves_it_as_interrupted(models: Path, tmp_path: Path) -> None:
+def test_sigterm_during_a_chat_answer_saves_it_as_interrupted(models: Path, tmp_path: Path,
+                                                              warm_python: WarmPython) -> None:
     session = tmp_path / "S"
-    proc = _start(CHAT_SCRIPT, ["chat", "--text", "--models", str(models), "--session-dir", str(session),
+    proc = _start(warm_python, CHAT_SCRIPT, ["chat", "--text", "--models", str(models), "--session-dir", str(session),
                                 "--output-file", str(tmp_path / "o.wav"), "--no-live", *FAST], tmp_path)
     assert proc.stdin is not None
     proc.stdin.write("Talk for long.\n")
