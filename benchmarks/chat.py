@@ -41,6 +41,7 @@ from glmvoice_cli.chat.engine import ChatEngine, EngineConfig
 from glmvoice_cli.lm.voice_lm import GenerationOptions
 from glmvoice_cli.options import LoadOptions
 from glmvoice_cli.pipeline import Assistant
+from glmvoice_cli.threads import on_passing_thread
 from glmvoice_cli.tiny.modelset import write_tiny_model_set
 
 RATE, OUT_RATE = 16_000, 22_050
@@ -121,7 +122,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as scratch:
         root = args.models or write_tiny_model_set(Path(scratch) / "models", codebook=64).root
         dirs = {stage: Path(root) / stage for stage in ("tokenizer", "lm", "decoder")}
-        assistant = Assistant.load(dirs, LoadOptions(device=args.device, seed=args.seed))
+        # loaded on a thread that ends, as the CLI does: the engine's model thread then holds the only OpenMP pool
+        assistant = on_passing_thread(lambda: Assistant.load(dirs, LoadOptions(device=args.device, seed=args.seed)))
         question, cut, speech = _phrases()
         vad = VadConfig()
         _one_run(assistant, question, cut, CUT_IN_S[0], args, vad)  # warm-up: first calls allocate

@@ -47,6 +47,7 @@ from glmvoice_cli.decoder.speech_decoder import SpeechDecoder
 from glmvoice_cli.lm.voice_lm import GenerationOptions, VoiceLM
 from glmvoice_cli.options import LoadOptions
 from glmvoice_cli.pipeline import Assistant
+from glmvoice_cli.threads import on_passing_thread
 from glmvoice_cli.tiny.decoder import REAL_DECODER_SPEC, tiny_decoder
 from glmvoice_cli.tiny.lm import write_tiny_lm
 from glmvoice_cli.tokenizer.features import FeatureConfig
@@ -99,6 +100,12 @@ def real_tokenizer() -> SpeechTokenizer:
                 p.normal_(0.0, 0.02)
             else:
                 p.zero_()
+        # A trained codebook sits where the encoder's states are. Codes at the 0.02 scale above leave every
+        # state almost equidistant from all of them: a fifth of the ids became near-ties (relative margin
+        # under the streaming tokenizer's 2e-5) and every turn fell back to whole-utterance tokenization,
+        # which real weights rarely do. Codes at unit scale give margins of 3e-5 and up; the fallbacks that
+        # remain are counted in the JSON.
+        model.codebook.weight.normal_(0.0, 1.0)
     return SpeechTokenizer(model, FeatureConfig(), micro_batch=1)
 
 
@@ -138,7 +145,11 @@ def converse(assistant: Assistant, user: np.ndarray, streaming: bool, max_new_to
         rows.append(row)
     if streaming:
         spec = engine.speculation
-        rows.append({"speculation": {"started": spec.started, "confirmed": spec.confirmed, "dropped": spec.dropped}})
+        stream = engine.listener.stream.stats if engine.listener is not None else None
+        rows.append({"speculation": {"started": spec.started, "confirmed": spec.confirmed, "dropped": spec.dropped},
+                     "tokenizer": None if stream is None else {
+                         "blocks_encoded": stream.blocks_encoded, "blocks_redone": stream.blocks_redone,
+                         "fallbacks": stream.fallbacks}})
     return rows
 
 
@@ -170,7 +181,8 @@ def main() -> None:
     load_before = os.getloadavg()[0]
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as scratch:
-        assistant = build(Path(scratch), args.seed, args.quick)
+        # built on a thread that ends, as the CLI loads: the engine's model thread holds the only OpenMP pool
+        assistant = on_passing_thread(lambda: build(Path(scratch), args.seed, args.quick))
         chosen = CONVERSATIONS
         users = {name: script([espeak(t, Path(scratch)) for t in turns]) for name, turns in chosen.items()}
         build_s = time.perf_counter() - start

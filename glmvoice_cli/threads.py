@@ -1,4 +1,6 @@
-"""How many CPU threads torch should use: the CPUs this process may run on, less those already busy.
+"""How many CPU threads torch should use, and which thread does its work.
+
+How many: the CPUs this process may run on, less those already busy.
 
 torch's own default is every core; on a machine where other work keeps cores busy, that oversubscribes
 them and a run gets several times slower (a seeded `tts` took 6.7-63.6 s with the default, a steady
@@ -8,7 +10,13 @@ them and a run gets several times slower (a seeded `tts` took 6.7-63.6 s with th
 from __future__ import annotations
 
 import os
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
+
+T = TypeVar("T")
+JOIN_POLL_S = 0.1  # the caller's wait steps: Ctrl-C reaches it between them
 
 
 @dataclass(frozen=True)
@@ -34,3 +42,31 @@ def default_threads() -> ThreadChoice:
         load = None
     idle = cpus if load is None else round(cpus - load)
     return ThreadChoice(count=max(1, min(cpus, idle)), cpus=cpus, load=load)
+
+
+def on_passing_thread(fn: Callable[[], T], name: str = "glmvoice-load") -> T:
+    """Run `fn` on a new thread that ends with it; return its result or raise its exception here.
+
+    Why: on CPU, a thread that has run a parallel torch op keeps its OpenMP worker threads for as long as it
+    lives. The chat computes on its own model thread. Had the main thread loaded the models, its idle workers
+    would stay, the process would hold more OpenMP threads than cores, and libgomp then cuts its spin-waits
+    short, so every op hands its work over through a sleep and a wake-up: on 2 cores the decoder's first
+    block took 2.7 s on the model thread against 1.2-1.4 s with one pool (benchmarks/latency.py measures the
+    chat). A thread that ends takes its workers with it. Ctrl-C reaches the caller while it waits.
+    """
+    result: list[T] = []
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            result.append(fn())
+        except BaseException as e:  # noqa: BLE001 - handed to the caller, which raises it
+            failure.append(e)
+
+    worker = threading.Thread(target=run, name=name, daemon=True)  # daemon: Ctrl-C need not wait for it
+    worker.start()
+    while worker.is_alive():
+        worker.join(JOIN_POLL_S)
+    if failure:
+        raise failure[0]
+    return result[0]

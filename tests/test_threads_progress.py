@@ -4,6 +4,7 @@ terminal, quiet when piped or with -q."""
 from __future__ import annotations
 
 import io
+import threading
 from collections.abc import Iterator
 
 import pytest
@@ -12,6 +13,7 @@ import torch
 from glmvoice_cli import threads
 from glmvoice_cli.commands import common
 from glmvoice_cli.commands.conventions import configure_logging, reset_verbosity
+from glmvoice_cli.tiny.modelset import TinyModelSet
 
 
 @pytest.mark.parametrize(("cpus", "load", "expected"), [
@@ -71,3 +73,39 @@ def test_stage_progress_on_a_terminal_only(monkeypatch: pytest.MonkeyPatch, term
     assert ("loading the decoder: 1.2 s" in err.getvalue()) is shown
     if not shown:
         assert err.getvalue() == ""
+
+
+def test_on_passing_thread_returns_or_raises_what_its_thread_did() -> None:
+    ran_on: list[threading.Thread] = []
+
+    def work() -> int:
+        ran_on.append(threading.current_thread())
+        return 42
+
+    assert threads.on_passing_thread(work) == 42
+    assert ran_on[0] is not threading.current_thread() and not ran_on[0].is_alive()  # the thread has ended
+    boom = ValueError("bad weights")
+    with pytest.raises(ValueError) as caught:
+        threads.on_passing_thread(lambda: (_ for _ in ()).throw(boom))
+    assert caught.value is boom  # the very exception, its traceback kept for --debug
+
+
+def test_models_load_on_a_thread_that_ends(tiny_models: TinyModelSet, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The chat's model thread must hold the only OpenMP pool: loading on the caller's (main) thread would
+    leave a second one (see threads.on_passing_thread)."""
+    from glmvoice_cli.pipeline import Assistant
+
+    loaded_on: list[threading.Thread] = []
+    real_load = Assistant.load
+
+    def load(*args: object, **kwargs: object) -> Assistant:
+        loaded_on.append(threading.current_thread())
+        return real_load(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Assistant, "load", load)
+    dirs = tiny_models.dirs
+    assistant = common.load_assistant(("tokenizer", "lm", "decoder"), models=None,
+                                      overrides={"tokenizer": dirs["tokenizer"], "lm": dirs["lm"], "decoder": dirs["decoder"]},
+                                      device="cpu", dtype=None)
+    assert assistant.speech_tokenizer is not None and assistant.decoder is not None
+    assert loaded_on and loaded_on[0] is not threading.current_thread() and not loaded_on[0].is_alive()

@@ -106,6 +106,7 @@ def load_assistant(stages: tuple[str, ...], *, models: Path | None, overrides: d
     from glmvoice_cli.errors import UsageError
     from glmvoice_cli.options import LoadOptions
     from glmvoice_cli.pipeline import Assistant
+    from glmvoice_cli.threads import on_passing_thread
 
     if server is not None and quantize is not None:
         raise UsageError("--quantize applies to the in-process LM; with --lm-url the server chooses its weights "
@@ -119,7 +120,8 @@ def load_assistant(stages: tuple[str, ...], *, models: Path | None, overrides: d
     options = LoadOptions(device=device, dtype=dtype, quantize_bits=quantize, seed=seed, compile=compile,
                           lm_server=server)
     with stage_progress("loading") as (on_stage, on_status):
-        assistant = Assistant.load(dirs, options, on_status=on_status, on_stage=on_stage)
+        # on a thread that ends, so that the chat's model thread holds the process's only OpenMP pool
+        assistant = on_passing_thread(lambda: Assistant.load(dirs, options, on_status=on_status, on_stage=on_stage))
     for warning in assistant.warnings:
         log.warning(warning)
     return assistant
