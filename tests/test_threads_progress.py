@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import torch
@@ -104,8 +105,26 @@ def test_models_load_on_a_thread_that_ends(tiny_models: TinyModelSet, monkeypatc
 
     monkeypatch.setattr(Assistant, "load", load)
     dirs = tiny_models.dirs
-    assistant = common.load_assistant(("tokenizer", "lm", "decoder"), models=None,
-                                      overrides={"tokenizer": dirs["tokenizer"], "lm": dirs["lm"], "decoder": dirs["decoder"]},
-                                      device="cpu", dtype=None)
+    overrides: dict[str, Path | None] = {"tokenizer": dirs["tokenizer"], "lm": dirs["lm"], "decoder": dirs["decoder"]}
+    stages = ("tokenizer", "lm", "decoder")
+    assistant = common.load_assistant(stages, models=None, overrides=overrides, device="cpu", dtype=None,
+                                      for_other_thread=True)
     assert assistant.speech_tokenizer is not None and assistant.decoder is not None
-    assert loaded_on and loaded_on[0] is not threading.current_thread() and not loaded_on[0].is_alive()
+    assert loaded_on[0] is not threading.current_thread() and not loaded_on[0].is_alive()
+    common.load_assistant(stages, models=None, overrides=overrides, device="cpu", dtype=None)
+    assert loaded_on[1] is threading.current_thread()  # tts and transcribe run the models where they load them
+
+
+def test_the_chat_loads_its_models_for_the_model_thread(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from glmvoice_cli.commands import chat
+
+    asked: list[bool] = []
+
+    def load(*args: object, for_other_thread: bool = False, **kwargs: object) -> None:
+        asked.append(for_other_thread)
+        raise KeyboardInterrupt  # stop the command here: only the loading call is under test
+
+    monkeypatch.setattr(chat, "load_assistant", load)
+    with pytest.raises(KeyboardInterrupt):
+        chat.chat(text=True, output=tmp_path / "answers.wav")  # a file, not the speaker
+    assert asked == [True]

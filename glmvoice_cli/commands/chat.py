@@ -137,7 +137,8 @@ def chat(
                                        overrides={"tokenizer": tokenizer, "lm": lm, "decoder": decoder},
                                        device=device, dtype=dtype, quantize=quantize, seed=seed,
                                        compile=compile_lm,
-                                       server=lm_server(lm_url, lm_api_key, lm_model, lm_timeout))
+                                       server=lm_server(lm_url, lm_api_key, lm_model, lm_timeout),
+                                       for_other_thread=True)  # the engine's model thread runs them
             store = _open_store(session_dir, resumed, assistant.dirs, "text" if text else "voice")
             if folder is None:  # a new folder of its own: locked against a `--resume last` elsewhere
                 held.enter_context(_lock_session(store.path))

@@ -99,9 +99,14 @@ def lm_server(url: str | None, api_key: str | None, model: str | None, timeout_s
 
 def load_assistant(stages: tuple[str, ...], *, models: Path | None, overrides: dict[str, Path | None],
                    device: str | None, dtype: str | None, quantize: int | None = None, seed: int | None = None,
-                   compile: bool | None = None, server: LMServer | None = None) -> Assistant:
+                   compile: bool | None = None, server: LMServer | None = None,
+                   for_other_thread: bool = False) -> Assistant:
     """Check memory, find (or offer to fetch) the stages' folders and load them, showing each stage and slow
-    steps (the LM's compile) on stderr. `server` runs the LM remotely (only its config and tokenizer are needed)."""
+    steps (the LM's compile) on stderr. `server` runs the LM remotely (only its config and tokenizer are needed).
+
+    `for_other_thread`: the models will run on another thread (the chat's model thread), so they load on a
+    thread that ends (see `threads.on_passing_thread`); otherwise on the caller's, which runs them (its CUDA
+    graphs, recorded while loading, then serve the first turn)."""
     from glmvoice_cli.commands.models import ensure_models
     from glmvoice_cli.errors import UsageError
     from glmvoice_cli.options import LoadOptions
@@ -120,8 +125,10 @@ def load_assistant(stages: tuple[str, ...], *, models: Path | None, overrides: d
     options = LoadOptions(device=device, dtype=dtype, quantize_bits=quantize, seed=seed, compile=compile,
                           lm_server=server)
     with stage_progress("loading") as (on_stage, on_status):
-        # on a thread that ends, so that the chat's model thread holds the process's only OpenMP pool
-        assistant = on_passing_thread(lambda: Assistant.load(dirs, options, on_status=on_status, on_stage=on_stage))
+        def load() -> Assistant:
+            return Assistant.load(dirs, options, on_status=on_status, on_stage=on_stage)
+
+        assistant = on_passing_thread(load) if for_other_thread else load()
     for warning in assistant.warnings:
         log.warning(warning)
     return assistant
