@@ -136,7 +136,7 @@ class Assistant:
             if isinstance(event, TextPiece) and event.text:
                 yield TextDelta(event.text)
             elif isinstance(event, AudioTokens) and voice is not None:
-                yield from voice.push(event.indices, start)
+                yield from voice.push(event.indices, start, cancel)
             elif isinstance(event, TurnEnd):
                 cut = event.reason == StopReason.CANCELLED
                 if voice is not None and not cut:
@@ -159,8 +159,8 @@ class _Voice:
         self.seconds = 0.0  # of audio produced
         self.first_audio_s: float | None = None
 
-    def push(self, tokens: tuple[int, ...], start: float) -> Iterator[AudioChunk]:
-        for chunk in self.decoder.push(self.state, tokens):
+    def push(self, tokens: tuple[int, ...], start: float, cancel: threading.Event | None) -> Iterator[AudioChunk]:
+        for chunk in self.decoder.push(self.state, tokens, cancel):  # a cancel cuts a block between flow steps
             yield self._chunk(chunk, start)
 
     def flush(self, start: float) -> Iterator[AudioChunk]:

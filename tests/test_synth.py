@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pytest
 import torch
@@ -153,7 +155,7 @@ class _NoiseFlow:
     def __init__(self, flow) -> None:  # type: ignore[no-untyped-def]
         self.cfg, self.n_frames = flow.cfg, flow.n_frames
 
-    def inference(self, tokens, prompt_tokens, prompt_feat, *, noise, batch_guidance):  # type: ignore[no-untyped-def]
+    def inference(self, tokens, prompt_tokens, prompt_feat, *, noise, batch_guidance, on_step=None):  # type: ignore[no-untyped-def]
         assert noise.shape[-1] == self.n_frames(tokens.shape[1] + prompt_tokens.shape[1])
         return noise[:, :, prompt_feat.shape[1]:]
 
@@ -237,3 +239,54 @@ def test_vocoder_pieces(models, tokens, offline) -> None:  # type: ignore[no-unt
     joins = [(limit - 1) * SAMPLES_PER_FRAME * k for k in range(1, len(pieces) // (limit * SAMPLES_PER_FRAME))]
     steps = np.abs(np.diff(pieces))
     assert max(steps[j - 1] for j in joins) <= steps.max()
+
+
+def _counting_estimator(decoder: SpeechDecoder, after: int | None, cancel: threading.Event) -> list[int]:
+    """Count the flow estimator's calls on `decoder`; set `cancel` once `after` calls have run."""
+    estimator = decoder.flow.decoder.estimator
+    calls: list[int] = []
+    real = estimator.forward
+
+    def forward(*args: object, **kwargs: object) -> torch.Tensor:
+        calls.append(1)
+        if after is not None and len(calls) == after:
+            cancel.set()
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    estimator.forward = forward  # type: ignore[method-assign]
+    return calls
+
+
+def test_a_cancel_cuts_the_block_between_flow_steps(tokens) -> None:  # type: ignore[no-untyped-def]
+    """A barge-in mid-block stops the flow before its next step: the block is dropped, the answer's state is
+    spent (later pushes and the flush give nothing), and a new answer decodes exactly as on a fresh decoder."""
+    models = tiny_decoder(TinyDecoderSpec(seed=1))  # its own copy: the estimator is wrapped below
+    decoder, cancel = SpeechDecoder(models, DEFAULT_SCHEDULE), threading.Event()
+    calls = _counting_estimator(decoder, after=1, cancel=cancel)
+    state = decoder.new_state()
+    assert decoder.push(state, tokens[:30], cancel) == []
+    assert len(calls) == 1 and state.cancelled  # one step of the first block ran, then the cut
+    assert decoder.push(state, tokens[30:60], cancel) == [] and len(calls) == 1
+    assert len(decoder.flush(state)) == 0 and state == decoder.new_state()
+    cancel.clear()
+    again = decoder.push(decoder.new_state(), tokens[:30], cancel)
+    fresh = SpeechDecoder(tiny_decoder(TinyDecoderSpec(seed=1)), DEFAULT_SCHEDULE).push(
+        SpeechDecoder(models).new_state(), tokens[:30])
+    assert len(again) == len(fresh) > 0 and all(np.array_equal(a, b) for a, b in zip(again, fresh))
+
+
+def test_a_cancelled_answer_stops_decoding_within_a_flow_step(assistant) -> None:  # type: ignore[no-untyped-def]
+    """Assistant.respond hands its cancel to the decoder: a turn cut while a block decodes ends there."""
+    from glmvoice_cli.events import AudioChunk, TurnEnded
+    from glmvoice_cli.lm.prompts import TextInput
+    from glmvoice_cli.lm.voice_lm import GenerationOptions
+
+    cancel = threading.Event()
+    calls = _counting_estimator(assistant.decoder, after=1, cancel=cancel)
+    try:
+        events = list(assistant.respond(assistant.lm.new_conversation(), TextInput("hello"),
+                                        GenerationOptions(max_new_tokens=200, seed=1), cancel))
+    finally:
+        del assistant.decoder.flow.decoder.estimator.forward  # back to the class's method
+    assert len(calls) == 1 and not any(isinstance(e, AudioChunk) for e in events)
+    assert isinstance(events[-1], TurnEnded) and events[-1].interrupted

@@ -17,6 +17,7 @@ Two schedules:
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -93,10 +94,15 @@ class DecoderState:
     hift_start_frame: int = 0  # absolute index of the next vocoder input's first frame
     cycle_offset: torch.Tensor | None = None  # (1, H+1, 1) sine phase carried over, in cycles
     samples_out: int = 0
+    cancelled: bool = False  # a block was cut by `cancel`: this answer decodes nothing more
 
     def reset(self) -> None:
         for name, value in DecoderState().__dict__.items():
             setattr(self, name, value)
+
+
+class _Cut(Exception):
+    """Raised between two flow steps once the caller's cancel Event is set (caught by `push`)."""
 
 
 @dataclass
@@ -134,19 +140,30 @@ class SpeechDecoder:
         return DecoderState()
 
     # -- public streaming API ------------------------------------------------------------------
-    def push(self, state: DecoderState, tokens: Iterable[int]) -> list[np.ndarray]:
-        """Add tokens; return a float32 chunk for every block that became complete (often none)."""
+    def push(self, state: DecoderState, tokens: Iterable[int], cancel: threading.Event | None = None,
+             ) -> list[np.ndarray]:
+        """Add tokens; return a float32 chunk for every block that became complete (often none).
+
+        `cancel` (a barge-in, a dropped speculative answer, Ctrl-C) is checked before every flow step: a
+        block cut there is dropped, the state is spent (`cancelled` is set), and what was decoded before it
+        is returned. A block takes seconds on a CPU; the next turn no longer waits for it.
+        """
         state.pending.extend(self._check_tokens(tokens))
-        chunks = []
-        while len(state.pending) >= self.schedule.block_size(state.block_index):
+        chunks: list[np.ndarray] = []
+        while len(state.pending) >= self.schedule.block_size(state.block_index) and not state.cancelled:
             size = self.schedule.block_size(state.block_index)
             block, state.pending = state.pending[:size], state.pending[size:]
-            chunks.append(_to_numpy(self.decode_block(state, block, finalize=False).speech))
+            try:
+                chunks.append(_to_numpy(self.decode_block(state, block, finalize=False, cancel=cancel).speech))
+            except _Cut:
+                state.cancelled = True
         return chunks
 
     def flush(self, state: DecoderState) -> np.ndarray:
         """Decode what is left, including the held-back tail, and reset the state."""
-        if state.pending:
+        if state.cancelled:  # a cut block left a hole: nothing after it may be joined on
+            out = torch.zeros(1, 0)
+        elif state.pending:
             out = self.decode_block(state, state.pending, finalize=True).speech
         elif state.mel_overlap is not None:  # nothing new: vocode the held-back frames as they are
             out = self._vocode(state, state.mel_overlap, finalize=True)[0]
@@ -171,13 +188,22 @@ class SpeechDecoder:
         return _to_numpy(self.decode_block(state, ids, finalize=True).speech)
 
     # -- one block -----------------------------------------------------------------------------
-    def decode_block(self, state: DecoderState, tokens: list[int], finalize: bool) -> BlockOutput:
-        """Run the flow on `tokens` (with the state's prompt) and vocode; updates `state`."""
+    def decode_block(self, state: DecoderState, tokens: list[int], finalize: bool,
+                     cancel: threading.Event | None = None) -> BlockOutput:
+        """Run the flow on `tokens` (with the state's prompt) and vocode; updates `state`.
+
+        A set `cancel` raises `_Cut` before the next flow step, with `state` not yet changed.
+        """
         new = torch.tensor([tokens], dtype=torch.int64)
         prompt_tokens, prompt_feat, noise_start = self._prompt(state, len(tokens))
         total = self.flow.n_frames(prompt_tokens.shape[1] + len(tokens))
-        noise = self.noise.flow_noise(total, noise_start)
-        mel = self.flow.inference(new, prompt_tokens, prompt_feat, noise=noise,
+        noise = self.noise.flow_noise(total, noise_start)  # every source starts each flow call afresh: a cut undoes nothing
+
+        def check(_step: int, _t: torch.Tensor, _x: torch.Tensor) -> None:
+            if cancel is not None and cancel.is_set():
+                raise _Cut
+
+        mel = self.flow.inference(new, prompt_tokens, prompt_feat, noise=noise, on_step=check,
                                   batch_guidance=self.schedule.batch_guidance)
         flow_mel = mel
         if state.mel_overlap is not None:
