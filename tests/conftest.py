@@ -26,27 +26,32 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 COMPILE_GROUP = "torch-compile"
+WARM_GROUP = "warm-python"
 
 
 @pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Work units for the workers (`--dist loadgroup`), the longest first.
 
-    A test module is one unit, as with loadscope (its module fixtures are built once); the tests marked
-    `compiles` are one more, across modules: they run one after another on one worker, so the first
-    compiles the tiny LM cold and the rest find it in the session's compile cache (two workers compiling
-    the same graph at once would both pay the cold compile). Units are handed out in the order of `items`
-    (`--no-loadscope-reorder`): the compile unit first, then modules with tests marked `slow`, then the
-    rest, so that no long unit starts last while the other worker sits idle.
+    A test module is one unit, as with loadscope (its module fixtures are built once). Two more units span
+    modules. The tests marked `compiles` run one after another on one worker, so the first compiles the
+    tiny LM cold and the rest find it in the session's compile cache (two workers compiling the same graph
+    at once would both pay the cold compile). The tests that use the `warm_python` fixture run on one
+    worker too, so that one warm Python serves them all. Units are handed out in the order of `items`
+    (`--no-loadscope-reorder`): those two first, then modules with tests marked `slow`, then the rest,
+    so that no long unit starts last while the other worker sits idle.
     """
     def group(item: pytest.Item) -> str:
-        return COMPILE_GROUP if item.get_closest_marker("compiles") else item.nodeid.split("::")[0]
+        if item.get_closest_marker("compiles"):
+            return COMPILE_GROUP
+        return WARM_GROUP if "warm_python" in getattr(item, "fixturenames", ()) else item.nodeid.split("::")[0]
 
     for item in items:
         item.add_marker(pytest.mark.xdist_group(group(item)))
+    first = {COMPILE_GROUP: 0, WARM_GROUP: 1}
     slow = {group(item) for item in items if item.get_closest_marker("slow")}
     order = {name: index for index, name in enumerate(dict.fromkeys(group(item) for item in items))}
-    items.sort(key=lambda item: (group(item) != COMPILE_GROUP, group(item) not in slow, order[group(item)]))
+    items.sort(key=lambda item: (first.get(group(item), 2), group(item) not in slow, order[group(item)]))
 
 
 def golden_dir() -> Path | None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,8 +32,6 @@ from glmvoice_cli.lm.voice_lm import (
 )
 from glmvoice_cli.options import LoadOptions
 from glmvoice_cli.tiny.lm import TinyLMSpec, write_tiny_lm
-
-from .warm_python import WarmPython
 
 SPEC = TinyLMSpec(
     hidden_size=32, num_layers=2, num_heads=4, kv_groups=2, kv_channels=12, ffn_hidden_size=64, n_reserved=3
@@ -292,17 +292,19 @@ def test_consumer_stopping_early_keeps_what_was_generated(lm: VoiceLM) -> None:
 
 
 @pytest.mark.compiles
-def test_benchmark_quick_smoke(tmp_path: Path, warm_python: WarmPython) -> None:
-    """benchmarks/lm.py --quick runs end to end on a tiny model and writes its JSON (as a script, in a process
-    of its own: conftest's warm Python, torch imported already)."""
+def test_benchmark_quick_smoke(tmp_path: Path) -> None:
+    """benchmarks/lm.py --quick runs end to end on a tiny model and writes its JSON."""
     root = Path(__file__).resolve().parent.parent
     out = tmp_path / "lm.json"
-    bench = warm_python.popen(
-        [str(root / "benchmarks" / "lm.py"), "--quick", "--out", str(out),
+    subprocess.run(
+        [sys.executable, str(root / "benchmarks" / "lm.py"), "--quick", "--out", str(out),
          "--compile-cache", os.environ["TORCHINDUCTOR_CACHE_DIR"]],  # the session's (conftest)
-        {**os.environ, "PYTHONPATH": str(root)}, cwd=root)
-    _, err = bench.communicate(timeout=1200)
-    assert bench.returncode == 0, err[-3000:]
+        check=True,
+        cwd=root,
+        env={**os.environ, "PYTHONPATH": str(root)},
+        capture_output=True,
+        timeout=1200,
+    )
     result = json.loads(out.read_text())
     assert result["greedy_ids_match"] == {"eager_vs_generate": True, "compiled_vs_eager": True}
     assert result["eager"]["new_tokens"] == result["compiled"]["new_tokens"] == result["generate"]["new_tokens"]
