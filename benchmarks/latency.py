@@ -153,6 +153,19 @@ def converse(assistant: Assistant, user: np.ndarray, streaming: bool, max_new_to
     return rows
 
 
+def _commit() -> str | None:
+    """The checkout's commit (with + when it has changes), or None outside a git checkout."""
+    here = Path(__file__).resolve().parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True,
+                              check=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, check=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return head + ("+" if dirty else "")
+
+
 def stats(values: list[float]) -> dict[str, float | int | None]:
     if not values:
         return {"median": None, "p90": None, "n": 0}
@@ -215,6 +228,7 @@ def main() -> None:
         "load_average_1min": {"before": load_before, "after": os.getloadavg()[0]},  # other jobs skew timings
         "platform": platform.platform(),
         "torch": torch.__version__,
+        "commit": _commit(),
     }
     text = json.dumps(result, indent=2)
     if args.out:
