@@ -140,7 +140,7 @@ class Assistant:
             elif isinstance(event, TurnEnd):
                 cut = event.reason == StopReason.CANCELLED
                 if voice is not None and not cut:
-                    yield from voice.flush(start)
+                    yield from voice.flush(start, cancel)
                 elapsed = time.perf_counter() - start
                 timings = TurnTimings(
                     first_token_s=first_token, first_audio_s=voice.first_audio_s if voice else None,
@@ -163,8 +163,8 @@ class _Voice:
         for chunk in self.decoder.push(self.state, tokens, cancel):  # a cancel cuts a block between flow steps
             yield self._chunk(chunk, start)
 
-    def flush(self, start: float) -> Iterator[AudioChunk]:
-        tail = self.decoder.flush(self.state)
+    def flush(self, start: float, cancel: threading.Event | None) -> Iterator[AudioChunk]:
+        tail = self.decoder.flush(self.state, cancel)
         if len(tail):
             yield self._chunk(tail, start)
 

@@ -269,6 +269,13 @@ def test_a_cancel_cuts_the_block_between_flow_steps(tokens) -> None:  # type: ig
     assert decoder.push(state, tokens[30:60], cancel) == [] and len(calls) == 1
     assert len(decoder.flush(state)) == 0 and state == decoder.new_state()
     cancel.clear()
+    calls.clear()
+    state = decoder.new_state()
+    decoder.push(state, tokens[:5])  # under one block: all of it waits for the flush
+    cut_in_flush = _counting_estimator(decoder, after=1, cancel=cancel)
+    assert len(decoder.flush(state, cancel)) == 0 and len(cut_in_flush) == 1 and state == decoder.new_state()
+    del decoder.flow.decoder.estimator.forward
+    cancel.clear()
     again = decoder.push(decoder.new_state(), tokens[:30], cancel)
     fresh = SpeechDecoder(tiny_decoder(TinyDecoderSpec(seed=1)), DEFAULT_SCHEDULE).push(
         SpeechDecoder(models).new_state(), tokens[:30])

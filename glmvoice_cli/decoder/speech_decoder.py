@@ -159,16 +159,18 @@ class SpeechDecoder:
                 state.cancelled = True
         return chunks
 
-    def flush(self, state: DecoderState) -> np.ndarray:
-        """Decode what is left, including the held-back tail, and reset the state."""
+    def flush(self, state: DecoderState, cancel: threading.Event | None = None) -> np.ndarray:
+        """Decode what is left, including the held-back tail, and reset the state (`cancel`: as in `push`)."""
+        out = torch.zeros(1, 0)
         if state.cancelled:  # a cut block left a hole: nothing after it may be joined on
-            out = torch.zeros(1, 0)
+            pass
         elif state.pending:
-            out = self.decode_block(state, state.pending, finalize=True).speech
+            try:
+                out = self.decode_block(state, state.pending, finalize=True, cancel=cancel).speech
+            except _Cut:
+                pass
         elif state.mel_overlap is not None:  # nothing new: vocode the held-back frames as they are
             out = self._vocode(state, state.mel_overlap, finalize=True)[0]
-        else:
-            out = torch.zeros(1, 0)
         state.reset()
         return _to_numpy(out)
 
