@@ -49,7 +49,9 @@ SQUARE_LM = TinyLMSpec(hidden_size=128, num_heads=2, kv_groups=2, ffn_hidden_siz
 STARTUP_TIMEOUT_S = 900.0  # 1-2 minutes on 2 idle cores; a busy CI machine is slower
 CONTEXT_TOKENS = 2048
 GREEDY = GenerationOptions(temperature=0.0, max_new_tokens=60)
-LONG_ANSWER = 400  # tokens a full greedy answer runs to in the cancellation test
+# Tokens a full greedy answer runs to in the cancellation test: long enough that the tiny model cannot finish
+# it before the abort reaches vLLM's engine (at 400 a slow machine once saw the whole answer generated).
+LONG_ANSWER = 1600
 runner = CliRunner()
 
 
