@@ -153,26 +153,31 @@ class SpeechDecoder:
         while len(state.pending) >= self.schedule.block_size(state.block_index) and not state.cancelled:
             size = self.schedule.block_size(state.block_index)
             block, state.pending = state.pending[:size], state.pending[size:]
-            try:
-                chunks.append(_to_numpy(self.decode_block(state, block, finalize=False, cancel=cancel).speech))
-            except _Cut:
-                state.cancelled = True
+            speech = self._decode_unless_cut(state, block, False, cancel)
+            if speech is not None:
+                chunks.append(_to_numpy(speech))
         return chunks
 
     def flush(self, state: DecoderState, cancel: threading.Event | None = None) -> np.ndarray:
         """Decode what is left, including the held-back tail, and reset the state (`cancel`: as in `push`)."""
-        out = torch.zeros(1, 0)
+        out: torch.Tensor | None = None
         if state.cancelled:  # a cut block left a hole: nothing after it may be joined on
-            pass
+            out = None
         elif state.pending:
-            try:
-                out = self.decode_block(state, state.pending, finalize=True, cancel=cancel).speech
-            except _Cut:
-                pass
+            out = self._decode_unless_cut(state, state.pending, True, cancel)
         elif state.mel_overlap is not None:  # nothing new: vocode the held-back frames as they are
             out = self._vocode(state, state.mel_overlap, finalize=True)[0]
         state.reset()
-        return _to_numpy(out)
+        return _to_numpy(out if out is not None else torch.zeros(1, 0))
+
+    def _decode_unless_cut(self, state: DecoderState, tokens: list[int], finalize: bool,
+                           cancel: threading.Event | None) -> torch.Tensor | None:
+        """A block's speech, or None (and the state marked spent) if `cancel` cut it."""
+        try:
+            return self.decode_block(state, tokens, finalize=finalize, cancel=cancel).speech
+        except _Cut:
+            state.cancelled = True
+            return None
 
     def stream(self, tokens: Iterable[int]) -> Iterator[np.ndarray]:
         """Decode an iterable of tokens as it arrives; the last chunk is the flush."""
