@@ -11,8 +11,11 @@ one JSON, updated after each stage so that a run cut short keeps what it measure
 - Decoder: time to first audio and the streaming real-time factor of a 20 s answer (our schedule).
 - Tokenizer: real-time factor of a 30 s input.
 - Peak GPU memory with the three stages loaded together.
+- With `--latency`: end of voice -> first answer sample, today's serial path against the streaming path
+  (`benchmarks/latency.py`'s conversations at real-time pace, about 3 minutes) with these three stages.
 
     bash benchmarks/gpu_check.sh [--out results.json]      # on the GPU machine, < 5 min
+    bash benchmarks/gpu_check.sh --latency --speech-dir DIR --out results.json   # + the latency comparison
     python benchmarks/gpu_check.py --tiny --out x.json      # tiny sizes on CPU (the CI smoke test)
 """
 
@@ -36,6 +39,7 @@ from lm import SIZES, copy_bandwidth, decode_weight_bytes, run_ours, silence_sto
 from glmvoice_cli.lm.prompts import SpeechInput
 from glmvoice_cli.lm.voice_lm import GenerationOptions, VoiceLM
 from glmvoice_cli.tiny.lm import TinyLMSpec
+from glmvoice_cli.tokenizer.whisper_vq import TokenizerConfig
 
 PROMPT_AUDIO_TOKENS = 150  # a 12 s spoken question
 EAGER_TOKENS, COMPILED_TOKENS = 64, 256  # the eager loop is the slow one: fewer tokens
@@ -179,15 +183,20 @@ def check_decoder(device: torch.device, tiny: bool) -> dict:
             "_model": models}
 
 
-def check_tokenizer(device: torch.device, tiny: bool) -> dict:
-    from glmvoice_cli.tokenizer.features import FeatureConfig
-    from glmvoice_cli.tokenizer.speech_tokenizer import SpeechTokenizer
-    from glmvoice_cli.tokenizer.whisper_vq import TokenizerConfig, WhisperVQEncoder
-
+def tokenizer_config(tiny: bool) -> TokenizerConfig:
     cfg = TokenizerConfig()
     if tiny:
         cfg = replace(cfg, d_model=64, encoder_attention_heads=2, encoder_ffn_dim=128, quantize_position=2,
-                      quantize_vocab_size=64)
+                      pooling_position=2, quantize_vocab_size=64)  # pooled and block-causal, as the real one
+    return cfg
+
+
+def check_tokenizer(device: torch.device, tiny: bool) -> dict:
+    from glmvoice_cli.tokenizer.features import FeatureConfig
+    from glmvoice_cli.tokenizer.speech_tokenizer import SpeechTokenizer
+    from glmvoice_cli.tokenizer.whisper_vq import WhisperVQEncoder
+
+    cfg = tokenizer_config(tiny)
     torch.manual_seed(0)
     model = WhisperVQEncoder(cfg).eval().requires_grad_(False).to(device)
     tokenizer = SpeechTokenizer(model, FeatureConfig(), micro_batch=1)
@@ -205,6 +214,40 @@ def check_tokenizer(device: torch.device, tiny: bool) -> dict:
             "_model": model}
 
 
+# --------------------------------------------------------------------------- end of voice -> first sample
+
+
+def _conversations(speech_dir: Path | None) -> dict[str, np.ndarray]:
+    from latency import conversations  # benchmarks/latency.py
+
+    with tempfile.TemporaryDirectory() as scratch:
+        return conversations(Path(scratch), speech_dir)
+
+
+def _missing_for_latency() -> list[str]:
+    """What the chat engine's audio side needs that a GPU machine may lack (carry them as wheels: see
+    /work/.library/device/README.md): webrtcvad (the VAD), soundfile and soxr (the file-backed fakes)."""
+    import importlib.util
+
+    return [name for name in ("webrtcvad", "soundfile", "soxr") if importlib.util.find_spec(name) is None]
+
+
+def check_latency(lm: VoiceLM, decoder_models: object, device: torch.device, users: dict[str, np.ndarray],
+                  tiny: bool) -> dict:
+    """latency.py's serial/streaming comparison with the stages measured above (the LM compiled, its CUDA
+    graphs recorded again on the chat's model thread) and latency.py's tokenizer (its codebook near the states)."""
+    from latency import compare, real_tokenizer
+
+    from glmvoice_cli.decoder.speech_decoder import SpeechDecoder
+    from glmvoice_cli.pipeline import Assistant
+
+    tokenizer = real_tokenizer(device, tokenizer_config(tiny))
+    assistant = Assistant(lm, tokenizer, SpeechDecoder(decoder_models, seed=1))  # type: ignore[arg-type]
+    measured = compare(assistant, users, rounds=1, max_new_tokens=40, seed=1)
+    measured.pop("turns")  # the summary and its breakdown are enough here
+    return measured
+
+
 # --------------------------------------------------------------------------- the run
 
 
@@ -220,7 +263,14 @@ def main() -> None:
     ap.add_argument("--tiny", action="store_true", help="tiny sizes (runs on CPU in seconds to minutes)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", type=Path, default=None, help="write the JSON here (after every stage)")
+    ap.add_argument("--latency", action="store_true",
+                    help="also compare serial and streaming end of voice -> first sample (benchmarks/latency.py)")
+    ap.add_argument("--speech-dir", type=Path, default=None,
+                    help="the conversations' speech rendered by `latency.py --render-only` (no espeak-ng here)")
     args = ap.parse_args()
+    missing = _missing_for_latency() if args.latency else []
+    # the speech is read before any model is built: a missing piece fails now, not after minutes of GPU time
+    users = _conversations(args.speech_dir) if args.latency and not missing else None
     device = torch.device(args.device)
     os.environ.setdefault("GLMVOICE_HOME", tempfile.mkdtemp(prefix="glmvoice-gpu-check-"))
     spec = SIZES["quick"] if args.tiny else replace(SIZES["full"], seq_length=8192)
@@ -249,6 +299,12 @@ def main() -> None:
         _write(results, args.out)
     results["peak_gpu_gb_all_stages"] = _peak_gb(device)
     _write(results, args.out)
+    if args.latency:
+        _log("latency: serial and streaming, at real-time pace ...")
+        results["latency"] = {"skipped": f"not importable here: {', '.join(missing)} (carry their wheels)"} \
+            if users is None else check_latency(keep[0], keep[1], device, users, args.tiny)
+        results["elapsed_s"] = round(time.perf_counter() - start, 1)
+        _write(results, args.out)
     del keep  # the 4-bit LM is measured alone, after the three stages' peak
     results["lm_4bit"] = check_lm_4bit(spec, device, dtype, 8 if args.tiny else 1)
     results["elapsed_s"] = round(time.perf_counter() - start, 1)

@@ -18,11 +18,16 @@ read) and how much the end-of-turn prefill and tokenization still had to do. JSO
 
     python benchmarks/latency.py [--max-new-tokens 40] [--rounds 1] [--out benchmarks/results/latency-cpu.json]
     python benchmarks/latency.py --quick    # tiny random models: the engine's own overheads only
+    python benchmarks/latency.py --render-only --speech-dir DIR   # the conversations' speech, for a machine
+                                                                  # without espeak-ng (gpu_check.py --latency)
+
+On a GPU, `benchmarks/gpu_check.py --latency` runs the same comparison with the 9B LM, after its checks.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
@@ -68,15 +73,27 @@ CONVERSATIONS = {  # name -> user turns; "|" is a mid-sentence pause of PAUSE_S
 PAUSE_S = 0.45  # mid-sentence: longer than the speculative pause, shorter than the end-of-turn silence
 
 
-def espeak(text: str, folder: Path) -> np.ndarray:
+def espeak(text: str, folder: Path, speech_dir: Path | None = None) -> np.ndarray:
+    """`text` spoken by espeak-ng at 16 kHz, "|" as a PAUSE_S pause. Each piece is read from `speech_dir` when
+    it holds it (saved there by an earlier run as .npy: a lent GPU machine has neither espeak-ng nor an audio
+    file library), else rendered (and saved there when given)."""
     exe = shutil.which("espeak-ng")
-    if exe is None:
-        raise SystemExit("error: espeak-ng is needed for this benchmark")
     parts = []
-    for k, piece in enumerate(text.split("|")):
-        path = folder / f"{abs(hash(piece))}-{k}.wav"
-        subprocess.run([exe, "-w", str(path), piece.strip()], check=True, timeout=60)
-        parts.append(load_audio(path, RATE).samples)
+    for piece in (p.strip() for p in text.split("|")):
+        name = hashlib.sha256(piece.encode()).hexdigest()[:16]  # stable across runs and machines
+        saved = None if speech_dir is None else speech_dir / f"{name}.npy"
+        if saved is not None and saved.is_file():
+            parts.append(np.load(saved, allow_pickle=False).astype(np.float32))
+            continue
+        if exe is None:
+            raise SystemExit(f"error: espeak-ng is needed for this benchmark, or --speech-dir holding {name}.npy "
+                             f"(rendered where espeak-ng is: --render-only --speech-dir DIR)")
+        wav = folder / f"{name}.wav"
+        subprocess.run([exe, "-w", str(wav), piece], check=True, timeout=60)
+        parts.append(load_audio(wav, RATE).samples)
+        if saved is not None:
+            saved.parent.mkdir(parents=True, exist_ok=True)
+            np.save(saved, parts[-1], allow_pickle=False)
     pause = np.zeros(int(PAUSE_S * RATE), dtype=np.float32)
     out = [parts[0]]
     for part in parts[1:]:
@@ -84,14 +101,20 @@ def espeak(text: str, folder: Path) -> np.ndarray:
     return np.concatenate(out)
 
 
+def conversations(folder: Path, speech_dir: Path | None = None) -> dict[str, np.ndarray]:
+    """Every scripted conversation as one input signal (questions, each followed by room for the answer)."""
+    return {name: script([espeak(t, folder, speech_dir) for t in turns]) for name, turns in CONVERSATIONS.items()}
+
+
 def script(turns: list[np.ndarray]) -> np.ndarray:
     room = np.zeros(int(ANSWER_ROOM_S * RATE), dtype=np.float32)
     return np.concatenate([np.zeros(RATE // 2, dtype=np.float32)] + [x for t in turns for x in (t, room)])
 
 
-def real_tokenizer() -> SpeechTokenizer:
+def real_tokenizer(device: str | torch.device = "cpu", config: TokenizerConfig | None = None) -> SpeechTokenizer:
+    """The published tokenizer's shape (or `config`'s) with random weights."""
     torch.manual_seed(0)
-    model = WhisperVQEncoder(TokenizerConfig()).eval().requires_grad_(False)
+    model = WhisperVQEncoder(config or TokenizerConfig()).eval().requires_grad_(False)
     with torch.no_grad():  # the encoder's tables are torch.empty: give every parameter a defined value
         for name, p in model.named_parameters():
             if "layer_norm" in name and name.endswith("weight"):
@@ -106,7 +129,7 @@ def real_tokenizer() -> SpeechTokenizer:
         # which real weights rarely do. Codes at unit scale give margins of 3e-5 and up; the fallbacks that
         # remain are counted in the JSON.
         model.codebook.weight.normal_(0.0, 1.0)
-    return SpeechTokenizer(model, FeatureConfig(), micro_batch=1)
+    return SpeechTokenizer(model.to(device), FeatureConfig(), micro_batch=1)
 
 
 def build(scratch: Path, seed: int, quick: bool) -> Assistant:
@@ -183,6 +206,32 @@ def summarize(turns: list[dict]) -> dict:
     return out
 
 
+def compare(assistant: Assistant, users: dict[str, np.ndarray], rounds: int, max_new_tokens: int,
+            seed: int) -> dict:
+    """Serial against streaming on every conversation, alternating; the summary and every turn's breakdown."""
+    converse(assistant, next(iter(users.values()))[: RATE * 4], True, 8, seed)  # warm-up: first calls allocate
+    turns: dict[str, list[dict]] = {"serial": [], "streaming": []}
+    per_conversation: dict[str, dict[str, list[dict]]] = {}
+    for _ in range(rounds):
+        for name, user in users.items():
+            for path in ("serial", "streaming"):  # alternating, so that load drift hits both alike
+                rows = converse(assistant, user, path == "streaming", max_new_tokens, seed)
+                per_conversation.setdefault(name, {}).setdefault(path, []).extend(rows)
+                turns[path].extend(r for r in rows if "speculation" not in r)
+    serial, streaming = summarize(turns["serial"]), summarize(turns["streaming"])
+    s_med = serial["end_of_voice_to_first_sample_s"]["median"]
+    t_med = streaming["end_of_voice_to_first_sample_s"]["median"]
+    return {
+        "lm_params_m": round(sum(p.numel() for p in assistant.lm.model.parameters()) / 1e6, 1),
+        "input": "espeak-ng conversations fed at real-time pace (RealClock), webrtcvad, default VAD settings",
+        "max_new_tokens": max_new_tokens,
+        "serial": serial,
+        "streaming": streaming,
+        "streaming_over_serial_median": None if not s_med or t_med is None else round(t_med / s_med, 3),
+        "turns": per_conversation,
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--max-new-tokens", type=int, default=40)
@@ -190,38 +239,31 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--quick", action="store_true", help="tiny random models (the engine's own overheads)")
+    ap.add_argument("--speech-dir", type=Path, default=None,
+                    help="read the conversations' speech from here (rendering what is missing with espeak-ng)")
+    ap.add_argument("--render-only", action="store_true", help="render the speech into --speech-dir and stop")
     args = ap.parse_args()
+    if args.render_only:
+        if args.speech_dir is None:
+            raise SystemExit("error: --render-only needs --speech-dir")
+        with tempfile.TemporaryDirectory() as scratch:
+            users = conversations(Path(scratch), args.speech_dir)
+        print(f"{len(list(args.speech_dir.glob('*.npy')))} speech pieces in {args.speech_dir} "
+              f"({sum(len(u) for u in users.values()) / RATE:.0f} s of conversation)")
+        return
     load_before = os.getloadavg()[0]
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as scratch:
         # built on a thread that ends, as the CLI loads: the engine's model thread holds the only OpenMP pool
         assistant = on_passing_thread(lambda: build(Path(scratch), args.seed, args.quick))
-        chosen = CONVERSATIONS
-        users = {name: script([espeak(t, Path(scratch)) for t in turns]) for name, turns in chosen.items()}
+        users = conversations(Path(scratch), args.speech_dir)
         build_s = time.perf_counter() - start
-        converse(assistant, next(iter(users.values()))[: RATE * 4], True, 8, args.seed)  # warm-up: first calls allocate
-        turns: dict[str, list[dict]] = {"serial": [], "streaming": []}
-        per_conversation: dict[str, dict[str, list[dict]]] = {}
-        for _ in range(args.rounds):
-            for name, user in users.items():
-                for path in ("serial", "streaming"):  # alternating, so that load drift hits both alike
-                    rows = converse(assistant, user, path == "streaming", args.max_new_tokens, args.seed)
-                    per_conversation.setdefault(name, {}).setdefault(path, []).extend(rows)
-                    turns[path].extend(r for r in rows if "speculation" not in r)
-    serial, streaming = summarize(turns["serial"]), summarize(turns["streaming"])
-    s_med = serial["end_of_voice_to_first_sample_s"]["median"]
-    t_med = streaming["end_of_voice_to_first_sample_s"]["median"]
+        measured = compare(assistant, users, args.rounds, args.max_new_tokens, args.seed)
     result = {
         "benchmark": "latency",
         "models": "tiny random set (--quick)" if args.quick else
                   "random weights: real-size tokenizer and decoder, scaled LM of benchmarks/lm.py",
-        "lm_params_m": round(sum(p.numel() for p in assistant.lm.model.parameters()) / 1e6, 1),
-        "input": "espeak-ng conversations fed at real-time pace (RealClock), webrtcvad, default VAD settings",
-        "max_new_tokens": args.max_new_tokens,
-        "serial": serial,
-        "streaming": streaming,
-        "streaming_over_serial_median": None if not s_med or t_med is None else round(t_med / s_med, 3),
-        "turns": per_conversation,
+        **measured,
         "build_s": round(build_s, 1),
         "wall_s": round(time.perf_counter() - start, 1),
         "torch_threads": torch.get_num_threads(),
