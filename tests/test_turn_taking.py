@@ -144,3 +144,28 @@ def test_old_transcript_timings_still_load() -> None:
     timings = TurnTimings.from_dict({**old, "from_a_newer_version": 1})
     assert timings.first_audio_s == 0.9 and timings.turn_confirmed_s is None
     assert TurnTimings.from_dict(TurnTimings(turn_confirmed_s=0.7, first_sample_s=1.5).to_dict()).first_sample_s == 1.5
+
+
+def test_a_block_completed_while_its_answer_waits_is_left_to_the_answers_prefill(assistant: Assistant) -> None:
+    """The model thread fell behind the microphone: a block completed once an answer to its turn is queued
+    is tokenized but not prefilled on its own; the answer's prefill takes it with the tail in one call."""
+    from glmvoice_cli.chat.engine import _Heard, _Job
+    from glmvoice_cli.chat.listening import TurnListener
+
+    audio = burst(5.2)  # completes one 4 s block
+    waiting, eager = TurnListener(assistant.speech_tokenizer, assistant.lm), TurnListener(
+        assistant.speech_tokenizer, assistant.lm)
+    conv_waiting, conv_eager = assistant.lm.new_conversation(), assistant.lm.new_conversation()
+    waiting.hear(0, audio, conv_waiting, lambda: True)  # asked once the block is tokenized
+    eager.hear(0, audio, conv_eager)
+    per_block = assistant.speech_tokenizer.model.cfg.quantize_causal_block_size // 4
+    assert waiting.stream.ids == eager.stream.ids and len(eager.stream.ids) == per_block
+    assert eager.marks.warmed_tokens - waiting.marks.warmed_tokens == per_block  # only the header went in
+    # the answer still gets exactly the ids of the eager path
+    assert waiting.final_input(len(audio)) == eager.final_input(len(audio))
+
+    # the engine asks the queue: an answer to this very turn, not to another one
+    engine = ChatEngine(assistant, None, RecordingSink(sample_rate=OUT_RATE, clock=VirtualClock()))
+    engine._jobs.put(_Heard(480, audio[:320]))
+    engine._jobs.put(_Job(samples=audio, turn_start=480, speculative=True))
+    assert engine._answer_queued(480) and not engine._answer_queued(960)

@@ -34,6 +34,7 @@ counts as zero and a whole conversation is reproducible and runs as fast as the 
 
 from __future__ import annotations
 
+import functools
 import queue
 import threading
 import time
@@ -424,7 +425,8 @@ class ChatEngine:
                     continue
                 if isinstance(job, _Heard) and not self._stop.is_set():
                     if self.listener is not None:
-                        self.listener.hear(job.turn_start, job.samples, self.conversation)
+                        waiting = functools.partial(self._answer_queued, job.turn_start)
+                        self.listener.hear(job.turn_start, job.samples, self.conversation, waiting)
                     continue
                 if not isinstance(job, _Job) or self._stop.is_set():
                     break
@@ -442,6 +444,11 @@ class ChatEngine:
             self._stop.set()
             for consumer in self._consumers:
                 consumer.put(None)
+
+    def _answer_queued(self, turn_start: int) -> bool:
+        """An answer to the turn that began at `turn_start` waits in the queue (speculative or confirmed)."""
+        with self._jobs.mutex:  # the queue's own lock: the capture thread may be putting
+            return any(isinstance(job, _Job) and job.turn_start == turn_start for job in self._jobs.queue)
 
     def _run_turn(self, job: _Job) -> None:
         conv = self.conversation
