@@ -216,20 +216,23 @@ def summarize(runs: list[dict]) -> dict:
     return out
 
 
-def enable_compiled(lm: VoiceLM, cache_dir: Path | None = None) -> dict:
+def enable_compiled(lm: VoiceLM, cache_dir: Path | None = None, second_start: bool = True) -> dict:
     """Compile the decode step twice: into an empty compile cache (or `cache_dir`, which may hold it
-    already: then the first start is not a cold one), then again from that cache (a second start)."""
+    already: then the first start is not a cold one), then again from that cache (a second start; left
+    out with `second_start=False`, as `--quick` does: a smoke run has no start-up time to measure)."""
     import os
 
     from glmvoice_cli.lm.compiled import INDUCTOR_CACHE_ENV
 
     with tempfile.TemporaryDirectory() as empty:
         os.environ[INDUCTOR_CACHE_ENV] = str(cache_dir or empty)
-        first = lm.enable_static(compiled=True)
-        torch._dynamo.reset()  # forget the in-memory compile, as a new process would
-        second = lm.enable_static(compiled=True)
+        first = second = lm.enable_static(compiled=True)
+        if second_start:
+            torch._dynamo.reset()  # forget the in-memory compile, as a new process would
+            second = lm.enable_static(compiled=True)
     return {"mode": second.mode, "static_cache_tokens": second.max_len, "cold_first_start": cache_dir is None,
-            "first_start_s": round(first.warm_up_s, 2), "second_start_s": round(second.warm_up_s, 2)}
+            "first_start_s": round(first.warm_up_s, 2),
+            "second_start_s": round(second.warm_up_s, 2) if second_start else None}
 
 
 def use(lm: VoiceLM, static: object) -> VoiceLM:
@@ -289,7 +292,7 @@ def main() -> None:
         lm = VoiceLM.from_folder(folder, LoadOptions(device=args.device, dtype=args.dtype))
         load_s = time.perf_counter() - t
     silence_stops(lm)
-    compile_info = None if args.no_compile else enable_compiled(lm, args.compile_cache)
+    compile_info = None if args.no_compile else enable_compiled(lm, args.compile_cache, second_start=not args.quick)
     prompt = SpeechInput(tuple(i * 7 % lm.text_tokenizer.n_audio_tokens for i in range(n_audio)))
     options = GenerationOptions(max_new_tokens=new_tokens, seed=0)
     loops = measure(lm, prompt, options, repeats, compiled=compile_info is not None)
