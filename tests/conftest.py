@@ -30,8 +30,8 @@ COMPILE_GROUP = "torch-compile"
 
 def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
     """`-n auto`: one worker more than the cores. Part of the suite waits rather than computes (subprocesses
-    starting, real-time playback, servers answering), and the extra worker fills those gaps: on 2 cores the
-    suite took 140 s with 2 workers, 80 s with 3 and 90 s with 4 (the fourth adds start-up and contention)."""
+    starting, real-time playback, servers answering), and the extra worker fills some of those gaps: on 2
+    cores, runs alternating, the suite less the vLLM tests took 83-85 s with 2 workers, 79-80 s with 3."""
     return (os.cpu_count() or 1) + 1
 WARM_GROUP = "warm-python"
 
