@@ -119,3 +119,17 @@ def _wait_for(condition, timeout_s: float = 10.0) -> None:  # type: ignore[no-un
 def test_cbreak_on_a_non_terminal_is_a_no_op(tmp_path) -> None:  # type: ignore[no-untyped-def]
     with open(tmp_path / "f", "w") as f, cbreak(f.fileno()) as raw:
         assert raw is False
+
+
+def test_the_live_view_ends_its_last_line_when_redirected() -> None:
+    """Piped or redirected, the final status line ends with a newline: the latency summary and the
+    "session saved" line that follow start on lines of their own."""
+    import queue
+
+    from glmvoice_cli.chat.live_view import LiveView
+
+    out = io.StringIO()
+    events: queue.Queue = queue.Queue()
+    events.put(None)
+    LiveView(Console(file=out, width=60, color_system=None)).run(events)
+    assert out.getvalue().endswith("silent\n")

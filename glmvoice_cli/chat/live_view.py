@@ -337,6 +337,8 @@ class LiveView:
                 live.update(render(self.state, console=self.console))
                 if ended:
                     break
+        if not self.console.is_terminal:  # Rich ends a live display with a newline only on a terminal: a
+            self.console.line()  # redirected chat's last line would run into what is printed next
         return self.state
 
     def _drain(self, events: queue.Queue) -> bool:
