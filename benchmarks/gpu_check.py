@@ -36,6 +36,7 @@ import torch
 import transformers
 from lm import SIZES, copy_bandwidth, decode_weight_bytes, run_ours, silence_stops  # benchmarks/lm.py
 
+from glmvoice_cli.decoder.checkpoint import DecoderModels
 from glmvoice_cli.lm.prompts import SpeechInput
 from glmvoice_cli.lm.voice_lm import GenerationOptions, VoiceLM
 from glmvoice_cli.tiny.lm import TinyLMSpec
@@ -225,14 +226,14 @@ def _conversations(speech_dir: Path | None) -> dict[str, np.ndarray]:
 
 
 def _missing_for_latency() -> list[str]:
-    """What the chat engine's audio side needs that a GPU machine may lack (carry them as wheels: see
-    /work/.library/device/README.md): webrtcvad (the VAD), soundfile and soxr (the file-backed fakes)."""
+    """What the chat engine's audio side needs that a bare GPU machine may lack (install or carry them as
+    wheels): webrtcvad (the VAD), soundfile and soxr (the file-backed fakes)."""
     import importlib.util
 
     return [name for name in ("webrtcvad", "soundfile", "soxr") if importlib.util.find_spec(name) is None]
 
 
-def check_latency(lm: VoiceLM, decoder_models: object, device: torch.device, users: dict[str, np.ndarray],
+def check_latency(lm: VoiceLM, decoder_models: DecoderModels, device: torch.device, users: dict[str, np.ndarray],
                   tiny: bool) -> dict:
     """latency.py's serial/streaming comparison with the stages measured above (the LM compiled, its CUDA
     graphs recorded again on the chat's model thread) and latency.py's tokenizer (its codebook near the states)."""
@@ -242,7 +243,7 @@ def check_latency(lm: VoiceLM, decoder_models: object, device: torch.device, use
     from glmvoice_cli.pipeline import Assistant
 
     tokenizer = real_tokenizer(device, tokenizer_config(tiny))
-    assistant = Assistant(lm, tokenizer, SpeechDecoder(decoder_models, seed=1))  # type: ignore[arg-type]
+    assistant = Assistant(lm, tokenizer, SpeechDecoder(decoder_models, seed=1))
     measured = compare(assistant, users, rounds=1, max_new_tokens=40, seed=1)
     measured.pop("turns")  # the summary and its breakdown are enough here
     return measured

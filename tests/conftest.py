@@ -26,6 +26,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 COMPILE_GROUP = "torch-compile"
+WARM_GROUP = "warm-python"
 
 
 def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
@@ -33,7 +34,6 @@ def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
     starting, real-time playback, servers answering), and the extra worker fills some of those gaps: on 2
     cores, runs alternating, the suite less the vLLM tests took 83-85 s with 2 workers, 79-80 s with 3."""
     return (os.cpu_count() or 1) + 1
-WARM_GROUP = "warm-python"
 
 
 @pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
