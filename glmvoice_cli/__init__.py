@@ -23,6 +23,9 @@ _PUBLIC: dict[str, str] = {
     "TextInput": "glmvoice_cli.lm.prompts",
     "ChatEngine": "glmvoice_cli.chat.engine",
     "EngineConfig": "glmvoice_cli.chat.engine",
+    "ConversationCore": "glmvoice_cli.chat.core",
+    "TurnSettings": "glmvoice_cli.chat.core",
+    "ModelWorker": "glmvoice_cli.chat.worker",
     "ChatState": "glmvoice_cli.events",
     "TurnTimings": "glmvoice_cli.events",
     "UserTurnStarted": "glmvoice_cli.events",
@@ -44,17 +47,20 @@ __all__ = [
     "ChatEngine",
     "ChatState",
     "Conversation",
+    "ConversationCore",
     "EngineConfig",
     "Failed",
     "GenerationOptions",
     "Interrupted",
     "LoadOptions",
+    "ModelWorker",
     "SpeechInput",
     "StatusChanged",
     "StopReason",
     "TextDelta",
     "TextInput",
     "TurnEnded",
+    "TurnSettings",
     "TurnTimings",
     "UserAudio",
     "UserTurnStarted",
@@ -63,7 +69,9 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
+    from glmvoice_cli.chat.core import ConversationCore, TurnSettings
     from glmvoice_cli.chat.engine import ChatEngine, EngineConfig
+    from glmvoice_cli.chat.worker import ModelWorker
     from glmvoice_cli.events import (
         AssistantTurn,
         AudioChunk,

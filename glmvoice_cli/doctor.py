@@ -186,7 +186,7 @@ def check_hub() -> Check:
 
 def check_memory(device: str | None = None, dtype: str | None = None, quantize: int | None = None) -> list[Check]:
     """Whether the three models fit in the chosen device's memory at the chosen dtype, and what to do if not."""
-    from glmvoice_cli.commands.common import memory_need
+    from glmvoice_cli.models.memory_need import memory_need
 
     need = memory_need(tuple(hub.STAGES), models=None, overrides={}, device=device, dtype=dtype, quantize=quantize)
     have = "unknown" if need.available_bytes is None else f"{need.available_bytes / 1e9:.1f} GB available"

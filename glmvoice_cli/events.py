@@ -14,6 +14,11 @@ UserAudio, UserUtterance (with a `turn`) and AssistantTurn carry all a session s
 store is written by its own thread from these events (`chat.writer`), never by the model thread.
 
 A barge-in inserts UserTurnStarted and Interrupted before the assistant's TurnEnded(interrupted=True).
+
+Every event carries, as keyword-only fields, the id of the conversation it belongs to (`conversation`,
+stamped by the conversation core), and the events of a turn carry its number (`turn`); audio events say
+where their samples sit (`at_sample`: on the input timeline for the user's speech, from the start of the
+answer for its audio), so a transport (the terminal, a WebSocket) maps them to its protocol without guessing.
 """
 
 from __future__ import annotations
@@ -35,6 +40,13 @@ class ChatState(enum.Enum):
     THINKING = "thinking"  # the utterance is being tokenized, the LM has not produced audio yet
     SPEAKING = "speaking"  # decoded audio is being played
     INTERRUPTED = "interrupted"  # barge-in: generation stopped, playback flushed
+
+
+@dataclass(frozen=True, kw_only=True)
+class Tagged:
+    """The fields every event shares (keyword-only, so each event's own fields stay positional)."""
+
+    conversation: str | None = None  # the conversation core's id (None: emitted outside a conversation)
 
 
 _ALWAYS_STORED = ("first_token_s", "first_audio_s", "real_time_factor", "tokens")  # format 1's keys
@@ -74,22 +86,25 @@ class TurnTimings:
 
 
 @dataclass(frozen=True)
-class UserTurnStarted:
+class UserTurnStarted(Tagged):
     """Voice activity confirmed: the user has started speaking (also the barge-in trigger)."""
+
+    at_sample: int | None = None  # input sample of the first voiced frame (None: not from a microphone)
 
 
 @dataclass(frozen=True, eq=False)
-class UserAudio:
+class UserAudio(Tagged):
     """A spoken user turn is complete (end of speech): its audio, to be saved at once, off the model thread."""
 
     turn: int  # the engine's turn number, shared by the UserUtterance and AssistantTurn of the same turn
     samples: np.ndarray  # (n,) float32 speech
     sample_rate: int = SAMPLE_RATE_IN  # Hz
     audio_path: str | None = None  # the name reserved for it in the session folder
+    at_sample: int | None = None  # input sample where the turn's audio begins
 
 
 @dataclass(frozen=True)
-class UserUtterance:
+class UserUtterance(Tagged):
     """The user's turn is in the history: spoken (duration_s > 0) or typed (typed=True, text set).
 
     `turn` is None for speech the VAD discarded (the event only closes the view's open user turn).
@@ -104,18 +119,21 @@ class UserUtterance:
 
 
 @dataclass(frozen=True)
-class TextDelta:
+class TextDelta(Tagged):
     """A piece of the assistant's text, as the LM produces it."""
 
     text: str
+    turn: int | None = None  # the turn it answers
 
 
 @dataclass(frozen=True, eq=False)  # arrays make == ambiguous: compare events by identity
-class AudioChunk:
+class AudioChunk(Tagged):
     """A block of decoded assistant speech, ready to play."""
 
     samples: np.ndarray  # (n,) float32 in [-1, 1]
     sample_rate: int = SAMPLE_RATE_OUT  # Hz
+    turn: int | None = None  # the turn it answers
+    at_sample: int = 0  # position of its first sample in the answer's audio
 
     @property
     def seconds(self) -> float:
@@ -123,23 +141,25 @@ class AudioChunk:
 
 
 @dataclass(frozen=True)
-class Interrupted:
+class Interrupted(Tagged):
     """Barge-in: the assistant's answer was cut; played_s is how much of it the user heard."""
 
     played_s: float | None = None  # seconds of the answer actually played before the cut
+    turn: int | None = None  # the turn whose answer was cut (the first, if several were open)
 
 
 @dataclass(frozen=True)
-class TurnEnded:
+class TurnEnded(Tagged):
     """The assistant's turn is over, finished or cut."""
 
     interrupted: bool = False
     reason: str = "done"  # "done" | "max_tokens" | "context_full" | "barge_in" | "cancelled" | "error"
     timings: TurnTimings = field(default_factory=TurnTimings)
+    turn: int | None = None  # the turn it ends
 
 
 @dataclass(frozen=True, eq=False)
-class AssistantTurn:
+class AssistantTurn(Tagged):
     """What one answer left behind, for the session store; emitted just before the engine's TurnEnded."""
 
     turn: int  # see UserAudio
@@ -153,7 +173,7 @@ class AssistantTurn:
 
 
 @dataclass(frozen=True)
-class Failed:
+class Failed(Tagged):
     """A stage failed; the message is one line for the user. The session goes on or ends."""
 
     message: str
@@ -161,7 +181,7 @@ class Failed:
 
 
 @dataclass(frozen=True)
-class StatusChanged:
+class StatusChanged(Tagged):
     """The engine's state, and the microphone's input level, for the status line."""
 
     state: ChatState

@@ -9,7 +9,6 @@ file and the field.
 from __future__ import annotations
 
 import os
-import resource
 from pathlib import Path
 
 from glmvoice_cli.errors import CheckpointMismatchError
@@ -22,10 +21,20 @@ def available_bytes() -> int:
     """Memory this process may still allocate: the machine's available memory, capped by RLIMIT_AS."""
     machine = machine_available()
     limits = [machine if machine is not None else 1 << 62]  # unknown: do not refuse on a guess
-    soft, _ = resource.getrlimit(resource.RLIMIT_AS)
-    if soft != resource.RLIM_INFINITY:
+    soft = _address_space_limit()
+    if soft is not None:
         limits.append(max(soft - _address_space_used(), 0))
     return min(limits)
+
+
+def _address_space_limit() -> int | None:
+    """RLIMIT_AS where the platform has one (Unix); None on Windows, which has no `resource` module."""
+    try:
+        import resource
+    except ImportError:
+        return None
+    soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+    return None if soft == resource.RLIM_INFINITY else int(soft)
 
 
 def machine_available() -> int | None:

@@ -24,6 +24,7 @@ from glmvoice_cli.options import LoadOptions
 if TYPE_CHECKING:
     import torch
 
+    from glmvoice_cli.decoder.noise import NoiseSource
     from glmvoice_cli.decoder.speech_decoder import SpeechDecoder
     from glmvoice_cli.lm.backend import LMBackend
     from glmvoice_cli.lm.compiled import CompileReport
@@ -113,15 +114,25 @@ class Assistant:
         return SpeechInput(tuple(self.speech_tokenizer.encode([samples])[0]))
 
     def respond(self, conv: Conversation, user: UserInput, options: GenerationOptions | None = None,
-                cancel: threading.Event | None = None, speak: bool = True,
+                cancel: threading.Event | None = None, speak: bool = True, noise: NoiseSource | None = None,
                 ) -> Iterator[TextDelta | AudioChunk | TurnEnded]:
         """Stream the answer to one turn: text pieces and decoded audio blocks, then TurnEnded.
 
-        A cancelled turn (barge-in) is not flushed: the user has already moved on.
+        A cancelled turn (barge-in) is not flushed: the user has already moved on. `noise`: the decoder's
+        random numbers for this stream (one per conversation; default the decoder's own).
         """
+        for event in self.respond_in_steps(conv, user, options, cancel, speak, noise):
+            if event is not None:
+                yield event
+
+    def respond_in_steps(self, conv: Conversation, user: UserInput, options: GenerationOptions | None = None,
+                         cancel: threading.Event | None = None, speak: bool = True,
+                         noise: NoiseSource | None = None) -> Iterator[TextDelta | AudioChunk | TurnEnded | None]:
+        """`respond`, with a None after every LM token: a worker serving several conversations switches
+        between them there (a unit of work is one token, or one decoder block)."""
         from glmvoice_cli.lm.voice_lm import AudioTokens, StopReason, TextPiece, TurnEnd
 
-        voice = _Voice(self.decoder) if speak and self.decoder is not None else None
+        voice = _Voice(self.decoder, noise) if speak and self.decoder is not None else None
         start = time.perf_counter()
         first_token: float | None = None
         first_text: float | None = None
@@ -133,6 +144,7 @@ class Assistant:
                 first_text = time.perf_counter() - start
             if first_audio_token is None and isinstance(event, AudioTokens):
                 first_audio_token = time.perf_counter() - start
+            yield None
             if isinstance(event, TextPiece) and event.text:
                 yield TextDelta(event.text)
             elif isinstance(event, AudioTokens) and voice is not None:
@@ -153,9 +165,9 @@ class Assistant:
 class _Voice:
     """One turn's decoding: audio tokens in, AudioChunk events out, with the first-audio time."""
 
-    def __init__(self, decoder: SpeechDecoder) -> None:
+    def __init__(self, decoder: SpeechDecoder, noise: NoiseSource | None = None) -> None:
         self.decoder = decoder
-        self.state = decoder.new_state()
+        self.state = decoder.new_state(noise)
         self.seconds = 0.0  # of audio produced
         self.first_audio_s: float | None = None
 

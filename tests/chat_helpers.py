@@ -13,6 +13,7 @@ from glmvoice_cli.audio.playback import VirtualClock
 from glmvoice_cli.audio.vad import VadConfig
 from glmvoice_cli.chat.engine import ChatEngine, EngineConfig
 from glmvoice_cli.chat.store import SessionStore
+from glmvoice_cli.chat.worker import ModelWorker
 from glmvoice_cli.lm.voice_lm import GenerationOptions
 
 RATE, OUT_RATE = 16_000, 22_050
@@ -45,7 +46,8 @@ class Rig:
 
 def make_rig(assistant, user: np.ndarray, *, tmp_path: Path | None, max_new_tokens: int = 40,  # type: ignore[no-untyped-def]
              echo_mode: str = "off", echo_gain: float = 0.0, classifier=energy_vad,  # type: ignore[no-untyped-def]
-             vad: VadConfig = FAST_VAD, store: SessionStore | None = None, conversation=None) -> Rig:  # type: ignore[no-untyped-def]
+             vad: VadConfig = FAST_VAD, store: SessionStore | None = None, conversation=None,  # type: ignore[no-untyped-def]
+             seed: int = 1, worker: ModelWorker | None = None) -> Rig:
     clock = VirtualClock()
     ec = make_echo_canceller(echo_mode)  # type: ignore[arg-type]
     sink = RecordingSink(sample_rate=OUT_RATE, clock=clock, on_played=ec.reference)
@@ -53,10 +55,10 @@ def make_rig(assistant, user: np.ndarray, *, tmp_path: Path | None, max_new_toke
     mic = EchoLoop(source, sink, delay_s=0.03, gain=echo_gain) if echo_gain else source
     if store is None and tmp_path is not None:
         store = SessionStore.create(session_dir=tmp_path / "session")
-    config = EngineConfig(vad=vad, generation=GenerationOptions(max_new_tokens=max_new_tokens, seed=1),
+    config = EngineConfig(vad=vad, generation=GenerationOptions(max_new_tokens=max_new_tokens, seed=seed),
                           lockstep=True)
     engine = ChatEngine(assistant, mic, sink, store=store, echo=ec, config=config, classifier=classifier,
-                        clock=clock, conversation=conversation)
+                        clock=clock, conversation=conversation, worker=worker)
     return Rig(engine, sink, store)
 
 

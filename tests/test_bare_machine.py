@@ -11,7 +11,7 @@ import soundfile as sf
 from typer.testing import CliRunner
 
 from glmvoice_cli.cli import app
-from glmvoice_cli.memory_need import GB, MemoryNeed, estimate
+from glmvoice_cli.models.memory_need import GB, MemoryNeed, estimate
 from glmvoice_cli.tiny.modelset import write_tiny_model_set
 
 runner = CliRunner()
@@ -100,7 +100,7 @@ def test_too_little_memory_is_said_before_any_download_is_offered(monkeypatch: p
 
 def test_chat_warns_when_present_models_do_not_fit(models: Path, tmp_path: Path,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("glmvoice_cli.memory_need.available_ram", lambda: 1000)
+    monkeypatch.setattr("glmvoice_cli.models.memory_need.available_ram", lambda: 1000)
     sf.write(tmp_path / "q.wav", np.zeros(8000, np.float32), 16_000)
     result = runner.invoke(app, ["chat", "--models", str(models), "--input-file", str(tmp_path / "q.wav"),
                                  "--output", str(tmp_path / "o.wav"), "--session-dir", str(tmp_path / "S"),

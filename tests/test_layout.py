@@ -92,3 +92,30 @@ def test_public_api_from_the_package_root() -> None:
 
     for name in glmvoice_cli.__all__:
         assert getattr(glmvoice_cli, name) is not None, name
+
+
+MODEL_STAGES = ("audio", "tokenizer", "lm", "decoder")  # each testable alone: none imports another
+ABOVE_THE_STAGES = ("pipeline", "chat", "commands", "cli", "doctor", "selftest")
+
+
+def test_model_stages_import_no_other_stage_and_nothing_above_them() -> None:
+    modules = _modules()
+    for module, path in modules.items():
+        stage = _stage(module)
+        if stage not in MODEL_STAGES:
+            continue
+        for target in _imports(path, modules):
+            other = _stage(target)
+            assert other not in ABOVE_THE_STAGES, f"{module} imports {target}, above the stages"
+            assert other not in MODEL_STAGES or other == stage, f"{module} imports the stage {target}"
+
+
+def test_only_the_cli_imports_the_commands() -> None:
+    """The arrows point down: nothing but the CLI's entry points reaches into `commands/` or `cli`."""
+    modules = _modules()
+    entry = {"glmvoice_cli.cli", "glmvoice_cli.__main__"}
+    for module, path in modules.items():
+        if module in entry or _stage(module) == "commands":
+            continue
+        for target in _imports(path, modules):
+            assert _stage(target) not in ("commands", "cli"), f"{module} imports {target}"

@@ -266,3 +266,43 @@ def test_the_chat_prepares_its_model_thread_before_the_first_turn(assistant, tmp
     rig = make_rig(assistant, np.concatenate([silence(0.3), burst(0.8), silence(1.5)]), tmp_path=tmp_path)
     run_rig(rig)
     assert turns and calls == [("glmvoice-model", 0)]
+
+
+def test_a_pool_of_static_slots_serves_interleaved_conversations(tmp_path: Path) -> None:
+    """Two conversations decoded token by token in turn, each in its own slot, give the eager loop's ids;
+    with one slot, a turn that finds it answering another conversation is refused before anything changes."""
+    from glmvoice_cli.lm.voice_lm import LMSlotsBusy
+
+    folder = write_tiny_lm(tmp_path / "lm", SPEC)
+    eager = VoiceLM.from_folder(folder, LoadOptions(device="cpu", dtype="fp32"))
+    pooled = VoiceLM.from_folder(folder, LoadOptions(device="cpu", dtype="fp32"))
+    pooled.enable_static(compiled=False, slots=2)  # the static step run eagerly: no compile in this test
+    assert len(pooled.slots) == 2
+
+    def interleaved(lm: VoiceLM) -> list[list[int]]:
+        convs = [lm.new_conversation(), lm.new_conversation()]
+        for round_ in range(2):
+            streams = [iter(lm.stream(conv, TextInput(f"turn {round_} of {n}"), GREEDY)) for n, conv in enumerate(convs)]
+            while streams:
+                for stream in list(streams):
+                    if isinstance(next(stream, None) or TurnEnd(StopReason.USER, 0), TurnEnd):
+                        streams.remove(stream)
+        return [list(conv.ids) for conv in convs]
+
+    assert interleaved(pooled) == interleaved(eager)
+
+    single = VoiceLM.from_folder(folder, LoadOptions(device="cpu", dtype="fp32"))
+    single.enable_static(compiled=False, slots=1)
+    first, second = single.new_conversation(), single.new_conversation()
+    answering = iter(single.stream(first, TextInput("one"), GREEDY))
+    next(answering)
+    with pytest.raises(LMSlotsBusy, match="1 static-cache slots"):
+        single.stream(second, TextInput("two"), GREEDY)
+    assert second.ids == [] and second.system_mode is None  # refused before anything changed
+    for _ in answering:
+        pass
+    _turn(single, second, TextInput("two"), GREEDY)  # the slot is free between turns: it is taken over
+    assert second.slot is single.slots[0] and first.slot is None and first.cache is None
+    alone = eager.new_conversation()
+    _turn(eager, alone, TextInput("two"), GREEDY)
+    assert second.ids == alone.ids

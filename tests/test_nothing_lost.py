@@ -263,12 +263,12 @@ from pathlib import Path
 from glmvoice_cli.events import AudioChunk
 from glmvoice_cli.pipeline import Assistant
 
-real_respond = Assistant.respond
+real_respond = Assistant.respond_in_steps
 work = Path(os.environ["TEST_WORK"])
 
-def respond(self, conv, user, options=None, cancel=None, speak=True):
+def respond(self, conv, user, options=None, cancel=None, speak=True, noise=None):
     """The real answer, held after its first audio block until the turn is cut."""
-    for event in real_respond(self, conv, user, options, cancel, speak):
+    for event in real_respond(self, conv, user, options, cancel, speak, noise):
         yield event
         if isinstance(event, AudioChunk):
             (work / "speaking").touch()
@@ -276,7 +276,7 @@ def respond(self, conv, user, options=None, cancel=None, speak=True):
                 time.sleep(0.05)
             return
 
-Assistant.respond = respond
+Assistant.respond_in_steps = respond
 from glmvoice_cli.cli import main
 sys.argv = ["glmvoice"] + sys.argv[1:]
 main()

@@ -237,7 +237,7 @@ class _StuckSink(NullSink):
 
 def test_a_speaker_that_stops_playing_is_a_lost_device(assistant: Assistant, tmp_path: Path,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    import glmvoice_cli.chat.engine as session_mod
+    import glmvoice_cli.chat.answer as session_mod
 
     monkeypatch.setattr(session_mod, "PLAYBACK_STALL_S", 0.2)
     store = SessionStore.create(session_dir=tmp_path / "s")

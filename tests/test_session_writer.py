@@ -59,7 +59,7 @@ def test_no_disk_write_on_the_model_thread_between_end_of_turn_and_first_audio(
     store = _timed_store(tmp_path / "s")
     rig = make_rig(assistant, user, tmp_path=None, store=store)
     emitted: list[tuple[str, float, object]] = []  # (thread, time, event) as the engine emits them
-    emit = rig.engine._emit
+    emit = rig.engine.core._emit
 
     def spy_emit(event: object) -> None:
         emitted.append((threading.current_thread().name, time.perf_counter(), event))
@@ -72,7 +72,7 @@ def test_no_disk_write_on_the_model_thread_between_end_of_turn_and_first_audio(
         fsyncs.append((threading.current_thread().name, time.perf_counter()))
         real_fsync(fd)
 
-    monkeypatch.setattr(rig.engine, "_emit", spy_emit)
+    monkeypatch.setattr(rig.engine.core, "_emit", spy_emit)
     monkeypatch.setattr(os, "fsync", spy_fsync)
     run_rig(rig)
     assert rig.engine.error is None and len(rig.engine.reports) == 2
@@ -105,7 +105,7 @@ def test_a_model_failure_keeps_its_cause_and_what_the_user_said(
     def broken(*args: object, **kwargs: object) -> None:
         raise RuntimeError("CUDA error: an illegal memory access")
 
-    monkeypatch.setattr(assistant, "respond", broken)
+    monkeypatch.setattr(assistant, "respond_in_steps", broken)
     user = np.concatenate([silence(0.5), burst(1.0), silence(3.0)])
     rig = make_rig(assistant, user, tmp_path=tmp_path)
     run_rig(rig)

@@ -149,7 +149,7 @@ def test_old_transcript_timings_still_load() -> None:
 def test_a_block_completed_while_its_answer_waits_is_left_to_the_answers_prefill(assistant: Assistant) -> None:
     """The model thread fell behind the microphone: a block completed once an answer to its turn is queued
     is tokenized but not prefilled on its own; the answer's prefill takes it with the tail in one call."""
-    from glmvoice_cli.chat.engine import _Heard, _Job
+    from glmvoice_cli.chat.jobs import Heard, Job
     from glmvoice_cli.chat.listening import TurnListener
 
     audio = burst(5.2)  # completes one 4 s block
@@ -166,6 +166,6 @@ def test_a_block_completed_while_its_answer_waits_is_left_to_the_answers_prefill
 
     # the engine asks the queue: an answer to this very turn, not to another one
     engine = ChatEngine(assistant, None, RecordingSink(sample_rate=OUT_RATE, clock=VirtualClock()))
-    engine._jobs.put(_Heard(480, audio[:320]))
-    engine._jobs.put(_Job(samples=audio, turn_start=480, speculative=True))
-    assert engine._answer_queued(480) and not engine._answer_queued(960)
+    engine.core._jobs.put(Heard(480, audio[:320]))
+    engine.core._jobs.put(Job(samples=audio, turn_start=480, speculative=True))
+    assert engine.core.answer_queued(480) and not engine.core.answer_queued(960)

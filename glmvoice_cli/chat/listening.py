@@ -20,8 +20,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 if TYPE_CHECKING:
+    from glmvoice_cli.lm.backend import LMBackend
     from glmvoice_cli.lm.prompts import InputMode, SpeechInput
-    from glmvoice_cli.lm.voice_lm import Conversation, VoiceLM
+    from glmvoice_cli.lm.voice_lm import Conversation
     from glmvoice_cli.tokenizer.speech_tokenizer import SpeechTokenizer
     from glmvoice_cli.tokenizer.streaming import StreamingTokenizer
 
@@ -38,7 +39,7 @@ class ListenMarks:
 class TurnListener:
     """Streams one spoken turn at a time into the tokenizer and the LM cache (see module docstring)."""
 
-    def __init__(self, tokenizer: SpeechTokenizer, lm: VoiceLM | None, prefill: bool = True) -> None:
+    def __init__(self, tokenizer: SpeechTokenizer, lm: LMBackend | None, prefill: bool = True) -> None:
         from glmvoice_cli.tokenizer.streaming import StreamingTokenizer
 
         self.stream: StreamingTokenizer = StreamingTokenizer(tokenizer)
@@ -87,7 +88,7 @@ class TurnListener:
         self.marks.warmed_tokens += self.lm.warm(conv, prefix)
 
 
-def user_prefix_ids(lm: VoiceLM, audio_ids: list[int], system_mode: InputMode | None) -> list[int]:
+def user_prefix_ids(lm: LMBackend, audio_ids: list[int], system_mode: InputMode | None) -> list[int]:
     """The ids a spoken turn appends to the history, up to (not including) <|end_of_audio|>."""
     from glmvoice_cli.lm.prompts import SpeechInput, turn_ids
     from glmvoice_cli.lm.text_tokenizer import END_OF_AUDIO

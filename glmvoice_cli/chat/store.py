@@ -290,10 +290,6 @@ class SessionStore:
         write_audio(self.path / relative, np.asarray(samples, dtype=np.float32).reshape(-1), sample_rate)
         return AudioFile(relative, round(len(samples) / sample_rate, 3))
 
-    def audio_file(self, record: TurnRecord) -> Path | None:
-        """The absolute path of a turn's audio, or None."""
-        return None if record.audio is None else self.path / record.audio
-
 
 def _append_line(transcript: Path, line: str) -> None:
     """Append one line, fsynced; a failed write (a full disk) is cut off again, so the lines already saved

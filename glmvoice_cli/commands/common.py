@@ -14,7 +14,6 @@ from glmvoice_cli.commands.conventions import is_quiet
 
 if TYPE_CHECKING:
     from glmvoice_cli.lm.voice_lm import GenerationOptions
-    from glmvoice_cli.memory_need import MemoryNeed
     from glmvoice_cli.options import LMServer
     from glmvoice_cli.pipeline import Assistant
 
@@ -109,6 +108,7 @@ def load_assistant(stages: tuple[str, ...], *, models: Path | None, overrides: d
     graphs, recorded while loading, then serve the first turn)."""
     from glmvoice_cli.commands.models import ensure_models
     from glmvoice_cli.errors import UsageError
+    from glmvoice_cli.models.memory_need import memory_need
     from glmvoice_cli.options import LoadOptions
     from glmvoice_cli.pipeline import Assistant
     from glmvoice_cli.threads import on_passing_thread
@@ -132,26 +132,6 @@ def load_assistant(stages: tuple[str, ...], *, models: Path | None, overrides: d
     for warning in assistant.warnings:
         log.warning(warning)
     return assistant
-
-
-def memory_need(stages: tuple[str, ...], *, models: Path | None, overrides: dict[str, Path | None],
-                device: str | None, dtype: str | None, quantize: int | None = None) -> MemoryNeed:
-    """What the stages need in memory on the chosen device and dtype, against what it has free."""
-    import torch
-
-    from glmvoice_cli.device import pick_device, pick_dtype
-    from glmvoice_cli.memory_need import estimate
-    from glmvoice_cli.models import hub, settings
-
-    chosen = pick_device(device)
-    dtype_name = str(pick_dtype(dtype, chosen)).removeprefix("torch.").replace("float32", "fp32").replace(
-        "bfloat16", "bf16").replace("float16", "fp16")
-    dirs: dict[str, Path | None] = {}
-    for s in stages:
-        where = settings.locate(s, models=models, override=overrides.get(s))
-        dirs[s] = where.path if hub.inspect_stage(hub.STAGES[s], where.path).complete else None
-    free = torch.cuda.mem_get_info(chosen)[0] if chosen.type == "cuda" else None
-    return estimate(dirs, chosen.type, dtype_name, quantize, available=free)
 
 
 @contextmanager

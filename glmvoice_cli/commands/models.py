@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from rich.console import Console
     from rich.progress import Progress, TaskID
 
-    from glmvoice_cli.memory_need import MemoryNeed
+    from glmvoice_cli.models.memory_need import MemoryNeed
 
 models_app = typer.Typer(
     name="models",
@@ -185,7 +185,7 @@ def ensure_models(
     The offer (one prompt on stderr, with the total size) is made only for stages that would
     come from the cache, online, and when `offer` is True or (None) stdin and stderr are
     terminals; otherwise the first missing stage raises its one-line ModelNotFoundError.
-    `memory` (a glmvoice_cli.memory_need.MemoryNeed) that does not fit turns the offer into that advice.
+    `memory` (a glmvoice_cli.models.memory_need.MemoryNeed) that does not fit turns the offer into that advice.
     `lm_weights=False` (the LM on a server) needs and offers only the LM's config and tokenizer.
     """
     overrides = overrides or {}

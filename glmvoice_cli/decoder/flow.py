@@ -8,7 +8,6 @@ continuation; only the new frames are returned. Eval mode only (the reference le
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -205,6 +204,3 @@ def reference_noise(shape: torch.Size | tuple[int, ...], generator: torch.Genera
         generator = torch.Generator().manual_seed(REFERENCE_NOISE_SEED)
     return torch.randn(tuple(shape), generator=generator)
 
-
-def count_parameters(module: nn.Module) -> int:
-    return sum(math.prod(p.shape) for p in module.parameters())

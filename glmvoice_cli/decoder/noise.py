@@ -61,11 +61,6 @@ class SeededNoise:
         self.seed, self.harmonics = int(seed), harmonics
         self._chunks: OrderedDict[tuple[int, int], torch.Tensor] = OrderedDict()
 
-    @classmethod
-    def from_generator(cls, generator: torch.Generator, harmonics: int = 9) -> SeededNoise:
-        seed = int(torch.randint(0, 2**62, (1,), generator=generator).item())
-        return cls(seed, harmonics)
-
     def _generator(self, kind: int, index: int) -> torch.Generator:
         return torch.Generator().manual_seed((self.seed * 1_000_003 + kind * 7_919 + index * 104_729) % 2**63)
 

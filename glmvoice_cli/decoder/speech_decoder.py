@@ -95,10 +95,14 @@ class DecoderState:
     cycle_offset: torch.Tensor | None = None  # (1, H+1, 1) sine phase carried over, in cycles
     samples_out: int = 0
     cancelled: bool = False  # a block was cut by `cancel`: this answer decodes nothing more
+    noise: NoiseSource | None = None  # the stream's own random numbers (None: the decoder's)
 
     def reset(self) -> None:
+        """Start a new answer; the stream keeps its noise source."""
+        noise = self.noise
         for name, value in DecoderState().__dict__.items():
             setattr(self, name, value)
+        self.noise = noise
 
 
 class _Cut(Exception):
@@ -131,13 +135,26 @@ class SpeechDecoder:
         elif noise is None:
             noise = SeededNoise(DEFAULT_SEED if seed is None else seed, harmonics)
         self.noise, self.on_block = noise, on_block
+        self.seed = DEFAULT_SEED if seed is None else seed
+        self.harmonics = harmonics
         self.sample_rate = models.config.sample_rate
         self.frame_rate = models.config.flow.input_frame_rate
         self.samples_per_frame = models.hift.samples_per_frame
         self.overlap_frames = self.flow.n_frames(OVERLAP_TOKENS)
 
-    def new_state(self) -> DecoderState:
-        return DecoderState()
+    def new_state(self, noise: NoiseSource | None = None) -> DecoderState:
+        """A fresh stream; with `noise`, its random numbers are its own (two streams never share draws)."""
+        return DecoderState(noise=noise)
+
+    def new_noise(self, seed: int | None = None) -> NoiseSource:
+        """A noise source of this decoder's kind for one stream: `seed` (default the decoder's) gives
+        the same numbers as the decoder's own source, so a conversation with its own noise sounds the same."""
+        if self.schedule.reference_noise:
+            return ReferenceNoise(self.harmonics)
+        return SeededNoise(self.seed if seed is None else seed, self.harmonics)
+
+    def _noise(self, state: DecoderState) -> NoiseSource:
+        return state.noise if state.noise is not None else self.noise
 
     # -- public streaming API ------------------------------------------------------------------
     def push(self, state: DecoderState, tokens: Iterable[int], cancel: threading.Event | None = None,
@@ -204,7 +221,7 @@ class SpeechDecoder:
         new = torch.tensor([tokens], dtype=torch.int64)
         prompt_tokens, prompt_feat, noise_start = self._prompt(state, len(tokens))
         total = self.flow.n_frames(prompt_tokens.shape[1] + len(tokens))
-        noise = self.noise.flow_noise(total, noise_start)  # every source starts each flow call afresh: a cut undoes nothing
+        noise = self._noise(state).flow_noise(total, noise_start)  # every source starts each flow call afresh: a cut undoes nothing
 
         def check(_step: int, _t: torch.Tensor, _x: torch.Tensor) -> None:
             if cancel is not None and cancel.is_set():
@@ -289,7 +306,7 @@ class SpeechDecoder:
         """One vocoder call on mel (1, 80, F) whose first frame is the cached one, if any."""
         cache_in = state.cache_source if state.cache_source is not None else torch.zeros(1, 1, 0)
         n_samples = mel.shape[-1] * self.samples_per_frame
-        draws = self.noise.source_draws(n_samples, state.hift_start_frame * self.samples_per_frame)
+        draws = self._noise(state).source_draws(n_samples, state.hift_start_frame * self.samples_per_frame)
         if not self.schedule.reference_noise:
             draws.cycle_offset = state.cycle_offset
         trace: dict[str, torch.Tensor] = {}

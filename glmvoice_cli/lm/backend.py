@@ -34,6 +34,15 @@ class LMBackend(Protocol):
     def stream_ids(self, conv: Conversation, new_ids: list[int], options: GenerationOptions | None = None,
                    cancel: threading.Event | None = None) -> Iterator[LMEvent]: ...
 
+    def warm(self, conv: Conversation, ids: list[int]) -> int:
+        """Compute the cache for `conv.ids + ids` ahead of the turn (history unchanged); the ids computed
+        (0 where the backend has no cache of its own to fill, as a remote server)."""
+        ...
+
+    def prepare_thread(self) -> None:
+        """Get the calling thread ready to run turns (the in-process LM records its CUDA graphs)."""
+        ...
+
 
 def load_lm_backend(folder: Path, options: LoadOptions) -> LMBackend:
     """The remote backend when `options.lm_server` is set (only config and tokenizer are read from

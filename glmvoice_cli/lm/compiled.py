@@ -17,6 +17,7 @@ prefill of a user turn).
 
 from __future__ import annotations
 
+import itertools
 import os
 import threading
 import time
@@ -31,6 +32,9 @@ WARM_UP_PROMPT = 3  # ids prefilled before the warm-up steps (any small number)
 WARM_UP_STEPS = 3  # CUDA graph trees run eager once, record once, then replay: all three at load time
 INDUCTOR_CACHE_SUBDIR = "torch-compile"  # under the glmvoice cache root
 INDUCTOR_CACHE_ENV = "TORCHINDUCTOR_CACHE_DIR"
+
+
+_CLAIMS = itertools.count(1)
 
 
 class CompileUnavailable(RuntimeError):
@@ -86,6 +90,7 @@ class StaticDecoder:
         self.blocked = blocked  # bool [V] on the device: padded rows (and gaps) are never tokens
         self.cache = StaticCache(config=model.config, max_cache_len=self.max_len)
         self.owner: Any = None  # the Conversation whose ids the cache holds
+        self.claimed_at = 0  # when it was last handed to a conversation (the pool takes the oldest)
         self.mode = compile_mode(blocked.device) if compiled else "eager"
         self.report: CompileReport | None = None  # set by build_static_decoder
         self._input = torch.zeros((1, 1), dtype=torch.long, device=blocked.device)
@@ -128,8 +133,11 @@ class StaticDecoder:
         previous = self.owner
         if previous is not None and previous is not conv:
             previous.cache, previous.cached_ids = None, []
+            if getattr(previous, "slot", None) is self:
+                previous.slot = None
         self.rewind_to(0)
         self.owner = conv
+        self.claimed_at = next(_CLAIMS)
         return self.cache
 
     def length(self) -> int:

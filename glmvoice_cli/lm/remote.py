@@ -99,6 +99,13 @@ class RemoteVoiceLM:
 
     # ------------------------------------------------------------------ connect-time checks
 
+    def warm(self, conv: Conversation, ids: list[int]) -> int:
+        """Nothing to warm here: the server keeps its own prefix cache (see `LMBackend.warm`)."""
+        return 0
+
+    def prepare_thread(self) -> None:
+        """Nothing per thread: every request is its own."""
+
     def check_vocabulary(self, padded_vocab_size: int) -> None:
         """One-token probes: token ids come back, the mask is honoured, the vocabularies agree."""
         last = max(self._named)

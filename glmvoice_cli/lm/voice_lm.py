@@ -19,7 +19,7 @@ from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from glmvoice_cli.errors import CheckpointMismatchError, ContextLengthError
+from glmvoice_cli.errors import CheckpointMismatchError, ContextLengthError, GlmVoiceError
 from glmvoice_cli.lm.context import answer_room, min_tokens_for_bytes, plan_context
 from glmvoice_cli.lm.prompts import InputMode, TextInput, UserInput, turn_ids
 from glmvoice_cli.lm.sampling import (
@@ -59,6 +59,10 @@ class GenerationOptions:
     def sampling(self, base: SamplingSettings) -> SamplingSettings:
         """The sampling in effect: `base` with this turn's non-None fields (the flags) applied."""
         return base.override(self.temperature, self.top_p, self.top_k, self.do_sample)
+
+
+class LMSlotsBusy(GlmVoiceError):
+    """Every static-cache slot is in a turn of another conversation: try again once one ends."""
 
 
 class StopReason(str, Enum):
@@ -105,6 +109,8 @@ class Conversation:
     dropped_turns: int = 0  # past turns dropped so far to stay inside the context
     last_prefill_tokens: int = 0  # how many ids the last prefill actually ran through the model
     prefilled_at: float | None = None  # perf_counter when the last prefill's logits were ready
+    slot: Any = None  # the static-cache slot it holds (compiled LM), while it holds one
+    answering: bool = False  # a turn is under way: its slot is not taken by another conversation
 
     @property
     def last_output(self) -> list[int]:
@@ -176,32 +182,37 @@ class VoiceLM:
         self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
         keep = next((name for name in ("logits_to_keep", "num_logits_to_keep") if name in params), None)
         self._keep_last = {keep: 1} if keep else {}  # compute lm_head for the last position only
-        self.static: StaticDecoder | None = None  # the static cache + compiled step, once enabled
+        self.static: StaticDecoder | None = None  # the first static-cache slot, once enabled
+        self.slots: list[StaticDecoder] = []  # every slot: one conversation's cache each (see `_slot_for`)
 
-    def enable_static(self, compiled: bool = True, max_len: int | None = None) -> CompileReport:
-        """Decode over a static cache of `max_len` tokens (the context length), compiled or not.
+    def enable_static(self, compiled: bool = True, max_len: int | None = None, slots: int = 1) -> CompileReport:
+        """Decode over static caches of `max_len` tokens (the context length), compiled or not.
 
-        Compiles and warms up every shape now. Raises CompileUnavailable (and keeps the eager loop)
-        when that fails.
+        `slots` conversations keep their caches at once (each slot holds `max_len` tokens of KV memory); a
+        conversation beyond them takes the slot of one that is not answering, which re-prefills its
+        history on its next turn. Compiles and warms up every shape now. Raises CompileUnavailable (and
+        keeps the eager loop) when that fails.
         """
         from glmvoice_cli.lm.compiled import build_static_decoder
 
+        if slots < 1:
+            raise ValueError(f"at least one static-cache slot is needed, not {slots}")
         n_logits = self.model.lm_head.weight.shape[0]
         blocked = blocked_mask(self.text_tokenizer, n_logits, self.device)  # padded rows and unnamed gaps
         max_len = max_len or int(self.model.config.max_position_embeddings)
-        self.static = None
-        static = build_static_decoder(self.model, max_len, blocked, compiled)
-        self.static = static
-        assert static.report is not None
-        return static.report
+        self.static, self.slots = None, []
+        built = [build_static_decoder(self.model, max_len, blocked, compiled) for _ in range(slots)]
+        self.static, self.slots = built[0], built
+        assert built[0].report is not None
+        return built[0].report
 
     def prepare_thread(self) -> None:
         """Get the calling thread ready to decode without first-turn set-up (CUDA graphs are per thread).
 
         Call it from the thread that will run the turns, before the first one: it empties the cache.
         """
-        if self.static is not None:
-            self.static.warm_this_thread()
+        for slot in self.slots:
+            slot.warm_this_thread()
 
     @classmethod
     def from_folder(cls, folder: Path, options: LoadOptions | None = None) -> VoiceLM:
@@ -232,8 +243,7 @@ class VoiceLM:
             raise ValueError("nothing to prefill")
         keep = common_prefix_length(conv.cached_ids, conv.ids)
         keep = min(keep, len(conv.ids) - 1)  # always feed at least one id to get fresh logits
-        if self.static is not None and conv.cache is not self.static.cache:
-            conv.cache, conv.cached_ids = None, []  # its cache went to another conversation
+        self._check_slot(conv)
         _crop_cache(conv, keep)
         if conv.cache is None:
             conv.cache = self._new_cache(conv)
@@ -256,23 +266,47 @@ class VoiceLM:
         import torch
 
         target = conv.ids + ids
-        if self.static is not None and conv.cache is not self.static.cache:
-            conv.cache, conv.cached_ids = None, []  # its cache went to another conversation
+        self._check_slot(conv)
         _crop_cache(conv, common_prefix_length(conv.cached_ids, target))
         todo = target[len(conv.cached_ids) :]
         if not todo or (self.static is not None and len(target) > self.static.max_len):
             return 0  # nothing to do, or no room: the turn's own prefill reports a context overflow
         if conv.cache is None:
-            conv.cache = self._new_cache(conv)
+            try:
+                conv.cache = self._new_cache(conv)
+            except LMSlotsBusy:
+                return 0  # every slot is answering: the turn's own prefill computes it later
         self._forward(conv, todo, torch.tensor([todo], device=self.device))
         return len(todo)
+
+    def _check_slot(self, conv: Conversation) -> None:
+        if self.static is not None and (conv.slot is None or conv.slot.owner is not conv):
+            conv.cache, conv.cached_ids, conv.slot = None, [], None  # its slot went to another conversation
 
     def _new_cache(self, conv: Conversation) -> Any:
         from transformers import DynamicCache
 
         if self.static is not None:
-            return self.static.claim(conv)
+            slot = self._slot_for(conv)
+            conv.slot = slot
+            return slot.claim(conv)
         return DynamicCache(config=self.model.config)
+
+    def _slot_for(self, conv: Conversation) -> StaticDecoder:
+        """A free slot, else the one least recently claimed whose conversation is not answering."""
+        free = [slot for slot in self.slots if slot.owner is None or slot.owner is conv]
+        if free:
+            return free[0]
+        idle = [slot for slot in self.slots if not getattr(slot.owner, "answering", False)]
+        if not idle:
+            raise LMSlotsBusy(f"all {len(self.slots)} static-cache slots of the language model are answering "
+                              "other conversations")
+        return min(idle, key=lambda slot: slot.claimed_at)
+
+    def reserve(self, conv: Conversation) -> None:
+        """Make sure `conv` can get a slot before its history changes; raises LMSlotsBusy (try again later)."""
+        if self.static is not None and (conv.slot is None or conv.slot.owner is not conv):
+            self._slot_for(conv)
 
     def _forward(self, conv: Conversation, id_list: list[int], ids: torch.Tensor) -> torch.Tensor:
         """ids [1, T] (`id_list` on the host) -> logits [V] (fp32) of the last position; the cache grows by T."""
@@ -280,7 +314,8 @@ class VoiceLM:
 
         conv.cached_ids.extend(id_list)
         if self.static is not None:
-            return self.static.step(ids) if len(id_list) == 1 else self.static.prefill(ids)
+            slot = conv.slot
+            return slot.step(ids) if len(id_list) == 1 else slot.prefill(ids)
         with torch.no_grad():
             out = self.model(
                 input_ids=ids, use_cache=True, **self._keep_last, **{self._cache_kwarg: conv.cache}
@@ -307,6 +342,7 @@ class VoiceLM:
         options = options or GenerationOptions()
         if isinstance(user, TextInput):  # refuse a huge typed line before tokenizing it
             self._check_text_fits(user.text, options.max_new_tokens)
+        self.reserve(conv)  # before the system mode is set: a turn that must wait changes nothing
         new_ids = turn_ids(self.text_tokenizer, user, conv.system_mode)
         if conv.system_mode is None:
             conv.system_mode = user.mode
@@ -342,6 +378,15 @@ class VoiceLM:
         checked before every step, so a set `cancel` ends the turn within one token.
         """
         options = options or GenerationOptions()
+        self.reserve(conv)  # before the history changes: a conversation that must wait loses nothing
+        conv.answering = True
+        try:
+            yield from self._answer(conv, new_ids, options, cancel)
+        finally:
+            conv.answering = False
+
+    def _answer(self, conv: Conversation, new_ids: list[int], options: GenerationOptions,
+                cancel: threading.Event | None) -> Iterator[LMEvent]:
         plan = plan_context(
             conv.ids, new_ids, user_id=self.user_id, seq_length=self.context_length,
             max_new_tokens=options.max_new_tokens,

@@ -26,7 +26,6 @@ from typing import Any
 from glmvoice_cli.errors import UsageError
 from glmvoice_cli.models.cache import check_env_folder
 from glmvoice_cli.models.hub import STAGES, get_stage, require_complete
-from glmvoice_cli.options import DEFAULT_LM_TIMEOUT_S, LMServer
 
 APP_NAME = "glmvoice"
 ENV_HOME = "GLMVOICE_HOME"
@@ -241,32 +240,3 @@ def resolve_model_paths(
     """All three checked folders as a ModelPaths."""
     found = resolve_models(models=models, tokenizer=tokenizer, lm=lm, decoder=decoder)
     return ModelPaths(found["tokenizer"], found["lm"], found["decoder"])
-
-
-# --------------------------------------------------------------------------- remote LM
-
-LM_SERVER_SETTINGS = ("url", "api_key", "model")  # GLMVOICE_LM_URL / config.toml lm_url, ...
-
-
-def resolve_lm_server(*, url: str | None = None, api_key: str | None = None, model: str | None = None,
-                      timeout_s: float | None = None, config: dict[str, Any] | None = None) -> LMServer | None:
-    """The LM server to use, or None for the in-process LM.
-
-    Each of url, api_key and model comes from the flag, else GLMVOICE_LM_URL / _API_KEY / _MODEL,
-    else `lm_url` / `lm_api_key` / `lm_model` in config.toml. An empty value counts as unset.
-    """
-    flags = {"url": url, "api_key": api_key, "model": model}
-    path = config_path()
-    config = load_config(path) if config is None else config
-    found: dict[str, str | None] = {}
-    for name in LM_SERVER_SETTINGS:
-        value = flags[name] or os.environ.get(f"GLMVOICE_LM_{name.upper()}", "").strip() or None
-        if value is None and f"lm_{name}" in config:
-            raw = config[f"lm_{name}"]
-            if not isinstance(raw, str):
-                raise UsageError(f"config file {path}: key 'lm_{name}' must be a string")
-            value = raw.strip() or None
-        found[name] = value
-    if found["url"] is None:
-        return None
-    return LMServer(found["url"], found["api_key"], found["model"], timeout_s or DEFAULT_LM_TIMEOUT_S)

@@ -76,3 +76,22 @@ def estimate(dirs: dict[str, Path | None], device_type: str, dtype: str, quantiz
     if available is None and where == "RAM":
         available = available_ram()
     return MemoryNeed(int(total * OVERHEAD), available, where, dtype)
+
+
+def memory_need(stages: tuple[str, ...], *, models: Path | None, overrides: dict[str, Path | None],
+                device: str | None, dtype: str | None, quantize: int | None = None) -> MemoryNeed:
+    """What the stages need in memory on the chosen device and dtype, against what it has free."""
+    import torch
+
+    from glmvoice_cli.device import pick_device, pick_dtype
+    from glmvoice_cli.models import settings
+
+    chosen = pick_device(device)
+    dtype_name = str(pick_dtype(dtype, chosen)).removeprefix("torch.").replace("float32", "fp32").replace(
+        "bfloat16", "bf16").replace("float16", "fp16")
+    dirs: dict[str, Path | None] = {}
+    for s in stages:
+        where = settings.locate(s, models=models, override=overrides.get(s))
+        dirs[s] = where.path if hub.inspect_stage(hub.STAGES[s], where.path).complete else None
+    free = torch.cuda.mem_get_info(chosen)[0] if chosen.type == "cuda" else None
+    return estimate(dirs, chosen.type, dtype_name, quantize, available=free)

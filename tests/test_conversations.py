@@ -1,0 +1,188 @@
+"""Several conversations on one model worker, and the conversation core driven with no audio device.
+
+Each conversation run together with others must give exactly what it gives alone with the same seed:
+the same history ids and the same audio, sample for sample (all its model work runs on one thread, with
+its own cache, generator and decoder noise; nothing is shared but the weights).
+"""
+
+from __future__ import annotations
+
+import queue
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+import torch
+
+from glmvoice_cli.audio.fakes import NullSink
+from glmvoice_cli.chat.core import ConversationCore, EngineConfig
+from glmvoice_cli.chat.history import audio_tokens_heard
+from glmvoice_cli.chat.worker import ModelWorker
+from glmvoice_cli.events import AssistantTurn, AudioChunk, TextDelta, TurnEnded, UserAudio
+from glmvoice_cli.lm.voice_lm import GenerationOptions
+from glmvoice_cli.pipeline import Assistant
+
+from .chat_helpers import FAST_VAD, RATE, burst, energy_vad, make_rig, run_rig, silence
+
+RUN_TIMEOUT_S = 300.0
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> None:
+    torch.set_num_threads(1)
+
+
+def _barge_in() -> np.ndarray:
+    """A question, then the user cuts into the answer 0.6 s after it starts."""
+    return np.concatenate([silence(0.5), burst(1.0), silence(0.9), burst(0.8, f0=180.0), silence(4.0)])
+
+
+def _speculation_dropped() -> np.ndarray:
+    """A pause long enough to start a speculative answer, then the user goes on."""
+    return np.concatenate([silence(0.3), burst(1.0, f0=130.0), silence(0.25), burst(0.8, f0=130.0), silence(3.5)])
+
+
+def _two_turns() -> np.ndarray:
+    return np.concatenate([silence(0.3), burst(0.7, f0=220.0), silence(7.0), burst(0.6, f0=200.0), silence(7.0)])
+
+
+@dataclass
+class Outcome:
+    ids: list[int]
+    audio: np.ndarray
+    interrupted: list[bool]
+    dropped: int
+
+
+def _outcome(rig) -> Outcome:  # type: ignore[no-untyped-def]
+    engine = rig.engine
+    assert engine.error is None, engine.error
+    # what played, to its last sound (the silence after it lasts as long as the run took to notice the end)
+    audio = np.trim_zeros(rig.sink.recording(), "b")
+    return Outcome(list(engine.conversation.ids), audio, [r.interrupted for r in engine.reports],
+                   engine.speculation.dropped)
+
+
+def _alone(assistant: Assistant, user: np.ndarray, seed: int) -> Outcome:
+    rig = make_rig(assistant, user, tmp_path=None, max_new_tokens=60, seed=seed)
+    run_rig(rig, RUN_TIMEOUT_S)
+    return _outcome(rig)
+
+
+def _together(assistant: Assistant, users: list[np.ndarray], seeds: list[int]) -> list[Outcome]:
+    worker = ModelWorker(prepare=assistant.lm.prepare_thread)
+    rigs = [make_rig(assistant, user, tmp_path=None, max_new_tokens=60, seed=seed, worker=worker)
+            for user, seed in zip(users, seeds)]
+    worker.start()
+    try:
+        for rig in rigs:
+            rig.engine.start()
+        for rig in rigs:
+            assert rig.engine.wait(RUN_TIMEOUT_S), "a conversation did not finish"
+            rig.engine.join()
+            rig.sink.close()
+    finally:
+        worker.stop()
+        worker.join()
+    assert worker.units > 0
+    return [_outcome(rig) for rig in rigs]
+
+
+def _assert_same(together: Outcome, alone: Outcome) -> None:
+    assert together.ids == alone.ids
+    assert together.interrupted == alone.interrupted and together.dropped == alone.dropped
+    np.testing.assert_array_equal(together.audio, alone.audio)
+
+
+def test_two_conversations_on_one_worker_answer_as_they_do_alone(assistant: Assistant) -> None:
+    users, seeds = [_barge_in(), _two_turns()], [1, 2]
+    together = _together(assistant, users, seeds)
+    alone = [_alone(assistant, user, seed) for user, seed in zip(users, seeds)]
+    for got, want in zip(together, alone):
+        _assert_same(got, want)
+    assert together[0].interrupted[0] and not any(together[1].interrupted)  # barge-in in one, not the other
+    assert together[0].ids != together[1].ids
+
+
+def test_three_conversations_with_a_barge_in_and_a_dropped_speculation(assistant: Assistant) -> None:
+    users, seeds = [_barge_in(), _speculation_dropped(), _two_turns()], [3, 4, 3]
+    together = _together(assistant, users, seeds)
+    alone = [_alone(assistant, user, seed) for user, seed in zip(users, seeds)]
+    for got, want in zip(together, alone):
+        _assert_same(got, want)
+    assert together[0].interrupted[0]
+    assert together[1].dropped >= 1 and together[1].interrupted == [False]
+    assert len({tuple(o.ids) for o in together}) == 3
+
+
+# --- the core with no audio device: frames in, events out, what was heard from the caller ---------------
+
+
+class _NetworkOutput(NullSink):
+    """What a network transport gives the core: audio leaves at once, what was heard is told later."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.flushed = 0
+
+    def flush(self) -> int:
+        self.flushed += 1
+        return 0
+
+
+def _drain(events: queue.Queue[object | None], until: type, timeout: float = RUN_TIMEOUT_S) -> list[object]:
+    got: list[object] = []
+    while True:
+        event = events.get(timeout=timeout)
+        assert event is not None, f"the conversation ended before a {until.__name__}"
+        got.append(event)
+        if isinstance(event, until):
+            return got
+
+
+def _core(assistant: Assistant, worker: ModelWorker, seed: int = 5) -> ConversationCore:
+    config = EngineConfig(vad=FAST_VAD, generation=GenerationOptions(max_new_tokens=60, seed=seed))
+    return ConversationCore(assistant, _NetworkOutput(), worker, config=config, classifier=energy_vad,
+                            conversation_id="caller-1")
+
+
+def test_the_core_runs_from_frames_in_to_events_out_and_trims_to_what_the_caller_heard(
+        assistant: Assistant) -> None:
+    worker = ModelWorker(prepare=assistant.lm.prepare_thread)
+    core = _core(assistant, worker)
+    worker.start()
+    core.start()
+    try:
+        speech = np.concatenate([silence(0.3), burst(1.0)])
+        for start in range(0, len(speech), 480):  # 30 ms frames, as a WebSocket client sends them
+            core.push_audio(speech[start : start + 480])
+        assert core.input_samples == len(speech) - len(speech) % FAST_VAD.frame_samples  # whole VAD frames
+        core.commit()  # push-to-talk: the turn ends now, not after a silence
+        events = _drain(core.events, TurnEnded)
+        tagged = [e for e in events if hasattr(e, "conversation")]
+        assert tagged and all(e.conversation == "caller-1" for e in tagged)  # type: ignore[attr-defined]
+        user = next(e for e in events if isinstance(e, UserAudio))
+        assert user.turn == 1 and user.at_sample is not None and 0 <= user.at_sample < int(0.3 * RATE)
+        chunks = [e for e in events if isinstance(e, AudioChunk)]
+        assert chunks and all(c.turn == 1 for c in chunks)
+        assert [c.at_sample for c in chunks] == list(np.cumsum([0] + [len(c.samples) for c in chunks[:-1]]))
+        assert all(e.turn == 1 for e in events if isinstance(e, TextDelta | TurnEnded))
+        answer = next(e for e in events if isinstance(e, AssistantTurn))
+        tok = assistant.lm.text_tokenizer
+        said = sum(tok.is_audio(i) for i in core.conversation.last_output)
+        assert said >= 2 and not answer.interrupted
+
+        # the caller played only 120 ms of it: the history keeps the audio tokens heard, no more
+        answer_start = core.conversation.last_output_start
+        core.truncate(1, 120.0)
+        core.type_text("And then?")  # queued after the truncation: it builds on the trimmed history
+        second = [e for e in _drain(core.events, TurnEnded) if isinstance(e, AssistantTurn)]
+        assert [e.turn for e in second] == [2]
+        first_answer = core.conversation.ids[answer_start : core.conversation.last_input_start]
+        heard = audio_tokens_heard(round(0.12 * core.output.sample_rate), core.output.sample_rate)
+        assert sum(tok.is_audio(i) for i in first_answer) == heard < said
+    finally:
+        core.stop()
+        assert core.wait(RUN_TIMEOUT_S)
+        worker.stop()
+        worker.join()
