@@ -40,7 +40,7 @@ from glmvoice_cli.audio.vad import VadConfig
 from glmvoice_cli.chat.engine import ChatEngine, EngineConfig
 from glmvoice_cli.lm.voice_lm import GenerationOptions
 from glmvoice_cli.options import LoadOptions
-from glmvoice_cli.pipeline import Assistant
+from glmvoice_cli.pipeline.assistant import Assistant
 from glmvoice_cli.threads import on_passing_thread
 from glmvoice_cli.tiny.modelset import write_tiny_model_set
 

@@ -37,7 +37,7 @@ from glmvoice_cli.audio.vad import VadConfig
 from glmvoice_cli.chat.engine import ChatEngine, EngineConfig
 from glmvoice_cli.chat.worker import ModelWorker
 from glmvoice_cli.lm.voice_lm import GenerationOptions
-from glmvoice_cli.pipeline import Assistant
+from glmvoice_cli.pipeline.assistant import Assistant
 from glmvoice_cli.threads import on_passing_thread
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

@@ -16,6 +16,7 @@ one JSON, updated after each stage so that a run cut short keeps what it measure
 
     bash benchmarks/gpu_check.sh [--out results.json]      # on the GPU machine, < 5 min
     bash benchmarks/gpu_check.sh --latency --speech-dir DIR --out results.json   # + the latency comparison
+    bash benchmarks/gpu_check.sh --conversations --speech-dir DIR   # + 1, 2, 4 conversations on one worker
     python benchmarks/gpu_check.py --tiny --out x.json      # tiny sizes on CPU (the CI smoke test)
 """
 
@@ -240,13 +241,36 @@ def check_latency(lm: VoiceLM, decoder_models: DecoderModels, device: torch.devi
     from latency import compare, real_tokenizer
 
     from glmvoice_cli.decoder.speech_decoder import SpeechDecoder
-    from glmvoice_cli.pipeline import Assistant
+    from glmvoice_cli.pipeline.assistant import Assistant
 
     tokenizer = real_tokenizer(device, tokenizer_config(tiny))
     assistant = Assistant(lm, tokenizer, SpeechDecoder(decoder_models, seed=1))
     measured = compare(assistant, users, rounds=1, max_new_tokens=40, seed=1)
     measured.pop("turns")  # the summary and its breakdown are enough here
     return measured
+
+
+def check_conversations(lm: VoiceLM, decoder_models: DecoderModels, device: torch.device,
+                        users: dict[str, np.ndarray], tiny: bool, counts: tuple[int, ...] = (1, 2, 4)) -> dict:
+    """conversations.py's worker side: N conversations at once on one model worker with the stages measured
+    above (N separate processes would each load the 9B LM: that side runs where memory allows, on the CPU).
+    The compiled LM gets one static-cache slot per conversation."""
+    from conversations import run_worker, summarize
+    from latency import real_tokenizer
+
+    from glmvoice_cli.decoder.speech_decoder import SpeechDecoder
+    from glmvoice_cli.pipeline.assistant import Assistant
+
+    if lm.static is not None and len(lm.slots) < max(counts):
+        lm.enable_static(compiled=lm.static.mode != "eager", max_len=lm.static.max_len, slots=max(counts))
+    assistant = Assistant(lm, real_tokenizer(device, tokenizer_config(tiny)), SpeechDecoder(decoder_models, seed=1))
+    scripts = list(users.values())
+    out = {}
+    for n in counts:
+        run = summarize(run_worker(assistant, [scripts[k % len(scripts)] for k in range(n)], 40, 1))
+        run.pop("conversations")
+        out[str(n)] = run
+    return out
 
 
 # --------------------------------------------------------------------------- the run
@@ -266,12 +290,15 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None, help="write the JSON here (after every stage)")
     ap.add_argument("--latency", action="store_true",
                     help="also compare serial and streaming end of voice -> first sample (benchmarks/latency.py)")
+    ap.add_argument("--conversations", action="store_true",
+                    help="also run 1, 2 and 4 conversations at once on one model worker (benchmarks/conversations.py)")
     ap.add_argument("--speech-dir", type=Path, default=None,
                     help="the conversations' speech rendered by `latency.py --render-only` (no espeak-ng here)")
     args = ap.parse_args()
-    missing = _missing_for_latency() if args.latency else []
+    talks = args.latency or args.conversations
+    missing = _missing_for_latency() if talks else []
     # the speech is read before any model is built: a missing piece fails now, not after minutes of GPU time
-    users = _conversations(args.speech_dir) if args.latency and not missing else None
+    users = _conversations(args.speech_dir) if talks and not missing else None
     device = torch.device(args.device)
     os.environ.setdefault("GLMVOICE_HOME", tempfile.mkdtemp(prefix="glmvoice-gpu-check-"))
     spec = SIZES["quick"] if args.tiny else replace(SIZES["full"], seq_length=8192)
@@ -304,6 +331,12 @@ def main() -> None:
         _log("latency: serial and streaming, at real-time pace ...")
         results["latency"] = {"skipped": f"not importable here: {', '.join(missing)} (carry their wheels)"} \
             if users is None else check_latency(keep[0], keep[1], device, users, args.tiny)
+        results["elapsed_s"] = round(time.perf_counter() - start, 1)
+        _write(results, args.out)
+    if args.conversations:
+        _log("conversations: 1, 2 and 4 at once on one model worker, at real-time pace ...")
+        results["conversations"] = {"skipped": f"not importable here: {', '.join(missing)} (carry their wheels)"} \
+            if users is None else check_conversations(keep[0], keep[1], device, users, args.tiny)
         results["elapsed_s"] = round(time.perf_counter() - start, 1)
         _write(results, args.out)
     del keep  # the 4-bit LM is measured alone, after the three stages' peak

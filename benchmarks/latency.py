@@ -51,7 +51,7 @@ from glmvoice_cli.chat.turn_timing import STAGES
 from glmvoice_cli.decoder.speech_decoder import SpeechDecoder
 from glmvoice_cli.lm.voice_lm import GenerationOptions, VoiceLM
 from glmvoice_cli.options import LoadOptions
-from glmvoice_cli.pipeline import Assistant
+from glmvoice_cli.pipeline.assistant import Assistant
 from glmvoice_cli.threads import on_passing_thread
 from glmvoice_cli.tiny.decoder import REAL_DECODER_SPEC, tiny_decoder
 from glmvoice_cli.tiny.lm import write_tiny_lm

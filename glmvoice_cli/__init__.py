@@ -15,7 +15,7 @@ __version__ = "0.1.0"
 # name -> module that defines it; the data flow order: loading, the pipeline, its inputs, its events.
 _PUBLIC: dict[str, str] = {
     "LoadOptions": "glmvoice_cli.options",
-    "Assistant": "glmvoice_cli.pipeline",
+    "Assistant": "glmvoice_cli.pipeline.assistant",
     "GenerationOptions": "glmvoice_cli.lm.voice_lm",
     "Conversation": "glmvoice_cli.lm.voice_lm",
     "StopReason": "glmvoice_cli.lm.voice_lm",
@@ -89,7 +89,7 @@ if TYPE_CHECKING:
     from glmvoice_cli.lm.prompts import SpeechInput, TextInput
     from glmvoice_cli.lm.voice_lm import Conversation, GenerationOptions, StopReason
     from glmvoice_cli.options import LoadOptions
-    from glmvoice_cli.pipeline import Assistant
+    from glmvoice_cli.pipeline.assistant import Assistant
 
 
 def __getattr__(name: str) -> Any:

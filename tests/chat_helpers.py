@@ -12,9 +12,9 @@ from glmvoice_cli.audio.fakes import ArraySource, EchoLoop, RecordingSink
 from glmvoice_cli.audio.playback import VirtualClock
 from glmvoice_cli.audio.vad import VadConfig
 from glmvoice_cli.chat.engine import ChatEngine, EngineConfig
-from glmvoice_cli.chat.store import SessionStore
 from glmvoice_cli.chat.worker import ModelWorker
 from glmvoice_cli.lm.voice_lm import GenerationOptions
+from glmvoice_cli.sessions.store import SessionStore
 
 RATE, OUT_RATE = 16_000, 22_050
 ENERGY_THRESHOLD = 0.01  # frame RMS (-40 dBFS) the scripted VAD calls speech

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 import pytest
 
 if TYPE_CHECKING:
-    from glmvoice_cli.pipeline import Assistant
+    from glmvoice_cli.pipeline.assistant import Assistant
     from glmvoice_cli.tiny.modelset import TinyModelSet
 
     from .warm_python import WarmPython
@@ -137,7 +137,7 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> TinyModelSet:
 def assistant(tiny_models: TinyModelSet) -> Assistant:
     """The tiny models loaded once, on the CPU; tests make their own conversations."""
     from glmvoice_cli.options import LoadOptions
-    from glmvoice_cli.pipeline import Assistant
+    from glmvoice_cli.pipeline.assistant import Assistant
 
     return Assistant.load(tiny_models.dirs, LoadOptions(device="cpu", seed=0))
 

@@ -63,7 +63,7 @@ def test_doctor_and_selftest_name_the_portaudio_package(no_portaudio: None, tmp_
 
 
 def test_selftest_warns_without_portaudio(no_portaudio: None, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("glmvoice_cli.selftest.run_selftest", lambda root, show: [])
+    monkeypatch.setattr("glmvoice_cli.commands.selftest.run_selftest", lambda root, show: [])
     result = runner.invoke(app, ["selftest"])
     assert result.exit_code == 0, result.output
     assert "selftest passed" in result.stdout
@@ -111,7 +111,7 @@ def test_chat_warns_when_present_models_do_not_fit(models: Path, tmp_path: Path,
 
 def test_echo_canceller_is_the_numpy_one_without_livekit(monkeypatch: pytest.MonkeyPatch) -> None:
     from glmvoice_cli.audio import echo
-    from glmvoice_cli.doctor import check_echo
+    from glmvoice_cli.commands.doctor import check_echo
     from glmvoice_cli.errors import GlmVoiceError
 
     def no_livekit():  # type: ignore[no-untyped-def]

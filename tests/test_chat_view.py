@@ -11,9 +11,9 @@ import threading
 import pytest
 from rich.console import Console
 
-from glmvoice_cli.chat.keys import LineEditor, cbreak, read_keys
-from glmvoice_cli.chat.live_view import DraftChanged, TranscriptState, render
 from glmvoice_cli.events import ChatState, StatusChanged, TextDelta, UserUtterance
+from glmvoice_cli.ui.keys import LineEditor, cbreak, read_keys
+from glmvoice_cli.ui.live_view import DraftChanged, TranscriptState, render
 
 WORDS = [f"word{i:03d}" for i in range(400)]
 
@@ -126,7 +126,7 @@ def test_the_live_view_ends_its_last_line_when_redirected() -> None:
     "session saved" line that follow start on lines of their own."""
     import queue
 
-    from glmvoice_cli.chat.live_view import LiveView
+    from glmvoice_cli.ui.live_view import LiveView
 
     out = io.StringIO()
     events: queue.Queue = queue.Queue()

@@ -23,9 +23,9 @@ from collections.abc import Iterator
 import pytest
 from rich.console import Console
 
-from glmvoice_cli.chat.keys import cbreak, read_keys
-from glmvoice_cli.chat.live_view import DraftChanged, LiveView, render
 from glmvoice_cli.events import ChatState, StatusChanged, TextDelta, TurnEnded, UserUtterance
+from glmvoice_cli.ui.keys import cbreak, read_keys
+from glmvoice_cli.ui.live_view import DraftChanged, LiveView, render
 
 WIDTH, HEIGHT = 60, 30
 TURNS = ("hello there", "what time is it", "thanks")

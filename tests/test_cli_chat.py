@@ -121,8 +121,8 @@ def test_typed_turns_and_resume(models: Path, tmp_path: Path) -> None:
 
 
 def test_ctrl_c_mid_answer_saves_the_session(models: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from glmvoice_cli.chat.view import PlainView
     from glmvoice_cli.events import TextDelta
+    from glmvoice_cli.ui.view import PlainView
 
     show = PlainView.show
 

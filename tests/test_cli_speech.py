@@ -12,7 +12,7 @@ import soundfile as sf
 from typer.testing import CliRunner
 
 from glmvoice_cli.cli import app
-from glmvoice_cli.pipeline import Assistant
+from glmvoice_cli.pipeline.assistant import Assistant
 from glmvoice_cli.tiny.modelset import TinyModelSet
 
 runner = CliRunner()
@@ -102,7 +102,7 @@ def test_tts_plays_on_the_speaker(models: Path, monkeypatch: pytest.MonkeyPatch)
 
 
 def test_tts_ctrl_c_keeps_what_was_spoken(models: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import glmvoice_cli.speak as speak_mod
+    import glmvoice_cli.pipeline.speak as speak_mod
     from glmvoice_cli.events import AudioChunk
 
     def interrupted(*args, **kwargs):
@@ -133,7 +133,7 @@ def test_transcribe_json_and_plain(models: Path, speech: Path, tmp_path: Path) -
 
 
 def test_transcribe_cuts_long_audio_into_windows(assistant: Assistant) -> None:
-    from glmvoice_cli.transcribe import transcribe
+    from glmvoice_cli.pipeline.transcribe import transcribe
 
     seen: list[tuple[int, int]] = []
     samples = np.random.default_rng(0).standard_normal(16_000 * 25).astype(np.float32) * 0.1

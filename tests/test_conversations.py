@@ -8,7 +8,9 @@ its own cache, generator and decoder noise; nothing is shared but the weights).
 from __future__ import annotations
 
 import queue
+import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,11 +18,11 @@ import torch
 
 from glmvoice_cli.audio.fakes import NullSink
 from glmvoice_cli.chat.core import ConversationCore, EngineConfig
-from glmvoice_cli.chat.history import audio_tokens_heard
 from glmvoice_cli.chat.worker import ModelWorker
 from glmvoice_cli.events import AssistantTurn, AudioChunk, TextDelta, TurnEnded, UserAudio
 from glmvoice_cli.lm.voice_lm import GenerationOptions
-from glmvoice_cli.pipeline import Assistant
+from glmvoice_cli.pipeline.assistant import Assistant
+from glmvoice_cli.pipeline.history import audio_tokens_heard
 
 from .chat_helpers import FAST_VAD, RATE, burst, energy_vad, make_rig, run_rig, silence
 
@@ -186,3 +188,65 @@ def test_the_core_runs_from_frames_in_to_events_out_and_trims_to_what_the_caller
         assert core.wait(RUN_TIMEOUT_S)
         worker.stop()
         worker.join()
+
+
+def test_new_turn_taking_settings_wait_for_the_end_of_the_users_turn(assistant: Assistant) -> None:
+    from dataclasses import replace
+
+    from glmvoice_cli.chat.core import TurnSettings
+
+    core = _core(assistant, ModelWorker())  # the worker never starts: no model work here
+    core.start()
+    core.push_audio(np.concatenate([silence(0.3), burst(0.6)]))
+    assert core.segmenter is not None and core.segmenter.in_turn
+    position = core.input_samples
+    core.update(TurnSettings(barge_in=False, vad=replace(FAST_VAD, hangover_ms=600), speculative_pause_ms=0))
+    assert core.config.barge_in and core.config.vad.hangover_ms == FAST_VAD.hangover_ms  # one turn, one config
+    core.commit()
+    assert not core.config.barge_in and core.config.speculative_pause_ms is None
+    assert core.segmenter.config.hangover_ms == 600 and core.segmenter.pause_ms is None
+    assert core.input_samples == position  # the timeline goes on where it was
+    core.stop()
+
+
+def test_a_stalled_remote_lm_holds_up_only_its_own_conversation(assistant: Assistant, tmp_path: Path) -> None:
+    """With `--lm-url`, a conversation whose server stream stalls waits apart: the worker answers the others."""
+    from glmvoice_cli.lm.remote import RemoteVoiceLM
+    from glmvoice_cli.lm.voice_lm import VoiceLM
+    from glmvoice_cli.options import LMServer
+    from glmvoice_cli.tiny.lm import TinyLMSpec, write_tiny_lm
+
+    from .fake_lm_server import FakeLMServer, FakeState, Fault
+
+    folder = write_tiny_lm(tmp_path / "lm", TinyLMSpec(n_audio_tokens=64))  # a shape vLLM can serve
+    local = VoiceLM.from_folder(folder)
+    state = FakeState(vocab_size=local.model.config.vocab_size, faults={0: Fault(stall_after=2)})
+    with FakeLMServer(local, state) as fake:
+        remote = RemoteVoiceLM.connect(folder, LMServer(fake.url, timeout_s=60.0))
+        served = Assistant(remote, None, assistant.decoder)
+        worker = ModelWorker(prepare=remote.prepare_thread)
+        config = EngineConfig(generation=GenerationOptions(max_new_tokens=20, seed=1))
+        stalled, answered = (ConversationCore(served, NullSink(), worker, config=config, hears_audio=False)
+                             for _ in range(2))
+        worker.start()
+        try:
+            stalled.start()
+            answered.start()
+            stalled.type_text("Tell me everything.")
+            deadline = time.monotonic() + RUN_TIMEOUT_S
+            while not fake.completions and time.monotonic() < deadline:  # its request is the stalled one
+                time.sleep(0.01)
+            answered.type_text("Hello.")
+            ended = _drain(answered.events, TurnEnded)[-1]
+            assert isinstance(ended, TurnEnded) and not ended.interrupted, ended  # answered in full
+            assert not stalled.wait(0) and stalled.state.value == "thinking"  # still waiting on its server
+            assert fake.state.active >= 1  # its stream is still open: the worker answered around it
+            stalled.interrupt()  # the user gives up on it: cut at once, the worker was never blocked
+            cut = _drain(stalled.events, TurnEnded)[-1]
+            assert isinstance(cut, TurnEnded) and cut.interrupted
+        finally:
+            for core in (stalled, answered):
+                core.stop()
+            worker.stop()
+            worker.join()
+            fake.stop()

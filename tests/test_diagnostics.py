@@ -95,7 +95,7 @@ def test_selftest_without_keep_cleans_up(tmp_path: Path, monkeypatch: pytest.Mon
 
 
 def test_selftest_failure_names_the_step(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import glmvoice_cli.transcribe as transcribe_mod
+    import glmvoice_cli.pipeline.transcribe as transcribe_mod
 
     def broken(*args, **kwargs):
         raise RuntimeError("boom")

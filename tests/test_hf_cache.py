@@ -124,7 +124,7 @@ def test_hub_cache_order(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Non
 
 
 def test_offline_with_models_present_never_says_unset_offline(hf_home: Path) -> None:
-    from glmvoice_cli.doctor import check_hub
+    from glmvoice_cli.commands.doctor import check_hub
 
     check = check_hub()
     assert check.status == "ok" and "unset" not in check.detail + check.fix
@@ -147,7 +147,7 @@ def test_unreachable_host_fails_in_one_line_at_once(monkeypatch: pytest.MonkeyPa
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"error: cannot reach http://127.0.0.1:{port}")
     assert "refused" in lines[0].lower()
-    from glmvoice_cli.doctor import check_hub
+    from glmvoice_cli.commands.doctor import check_hub
 
     assert check_hub().detail.startswith("unreachable")
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 
 from glmvoice_cli.errors import UsageError
-from glmvoice_cli.instructions import EMOTIONS, SpeakingStyle, build_instruction, split_sentences
+from glmvoice_cli.pipeline.instructions import EMOTIONS, SpeakingStyle, build_instruction, split_sentences
 
 
 def test_english_template_carries_text_and_style() -> None:

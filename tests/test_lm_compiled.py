@@ -216,7 +216,7 @@ def test_cli_compile_failure_is_one_warning_line_and_decodes_eagerly(
 
 
 def test_assistant_compiles_at_load_with_a_status_line(models: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from glmvoice_cli.pipeline import Assistant
+    from glmvoice_cli.pipeline.assistant import Assistant
 
     monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: fn)  # the wiring, not inductor (tested above)
     statuses: list[str] = []

@@ -122,9 +122,9 @@ def test_a_line_just_too_long_is_refused_after_tokenizing_and_the_history_is_unc
 def test_the_chat_engine_says_so_and_goes_on(lm: VoiceLM, tmp_path: Path) -> None:
     from glmvoice_cli.audio.fakes import NullSink
     from glmvoice_cli.chat.engine import ChatEngine, EngineConfig
-    from glmvoice_cli.chat.store import SessionStore
     from glmvoice_cli.events import Failed, TurnEnded
-    from glmvoice_cli.pipeline import Assistant
+    from glmvoice_cli.pipeline.assistant import Assistant
+    from glmvoice_cli.sessions.store import SessionStore
 
     store = SessionStore.create(session_dir=tmp_path / "s")
     config = EngineConfig(generation=GenerationOptions(max_new_tokens=2000, seed=0))

@@ -212,7 +212,7 @@ def test_the_folder_sampling_is_what_the_lm_uses(gap_lm: VoiceLM) -> None:
 
 
 def test_doctor_shows_the_sampling_in_effect(tmp_path: Path) -> None:
-    from glmvoice_cli.doctor import _sampling_check
+    from glmvoice_cli.commands.doctor import _sampling_check
 
     assert _sampling_check(tmp_path).detail.startswith("temperature 0.2, top-k 50, top-p 0.8")
     _write_generation_config(tmp_path, do_sample="maybe")

@@ -84,7 +84,7 @@ def _existing(tmp_path: Path) -> tuple[Path, bytes]:
 
 def test_a_failing_tts_leaves_an_existing_output_untouched(models: Path, tmp_path: Path,
                                                            monkeypatch: pytest.MonkeyPatch) -> None:
-    import glmvoice_cli.speak as speak_mod
+    import glmvoice_cli.pipeline.speak as speak_mod
     from glmvoice_cli.errors import CheckpointError
     from glmvoice_cli.events import AudioChunk
 
@@ -116,7 +116,7 @@ def test_a_full_disk_while_writing_the_tts_output_keeps_the_old_file(models: Pat
 
 def test_an_interrupt_before_any_speech_leaves_an_existing_output_untouched(
         models: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import glmvoice_cli.speak as speak_mod
+    import glmvoice_cli.pipeline.speak as speak_mod
 
     def interrupted(*args: Any, **kwargs: Any) -> Any:
         raise KeyboardInterrupt
@@ -164,7 +164,7 @@ TTS_SCRIPT = r'''
 import os, sys, time
 from pathlib import Path
 import glmvoice_cli.audio.io as audio_io
-import glmvoice_cli.speak as speak_mod
+import glmvoice_cli.pipeline.speak as speak_mod
 from glmvoice_cli.events import AudioChunk
 
 real_speak, real_write = speak_mod.speak, audio_io.write_file
@@ -261,14 +261,14 @@ CHAT_SCRIPT = r'''
 import os, sys, time
 from pathlib import Path
 from glmvoice_cli.events import AudioChunk
-from glmvoice_cli.pipeline import Assistant
+from glmvoice_cli.pipeline.assistant import Assistant
 
 real_respond = Assistant.respond_in_steps
 work = Path(os.environ["TEST_WORK"])
 
-def respond(self, conv, user, options=None, cancel=None, speak=True, noise=None):
+def respond(self, conv, user, options=None, cancel=None, speak=True, noise=None, on_ready=None):
     """The real answer, held after its first audio block until the turn is cut."""
-    for event in real_respond(self, conv, user, options, cancel, speak, noise):
+    for event in real_respond(self, conv, user, options, cancel, speak, noise, on_ready):
         yield event
         if isinstance(event, AudioChunk):
             (work / "speaking").touch()

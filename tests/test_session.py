@@ -12,12 +12,12 @@ import pytest
 from glmvoice_cli.audio.fakes import ArraySource, NullSink
 from glmvoice_cli.audio.playback import VirtualClock
 from glmvoice_cli.chat.engine import ChatEngine, EngineConfig
-from glmvoice_cli.chat.history import audio_tokens_heard, restore_conversation
-from glmvoice_cli.chat.store import SessionStore, load_session
 from glmvoice_cli.errors import AudioDeviceError
 from glmvoice_cli.events import AudioChunk, Failed, Interrupted, TextDelta, TurnEnded, UserUtterance
 from glmvoice_cli.lm.voice_lm import GenerationOptions
-from glmvoice_cli.pipeline import Assistant
+from glmvoice_cli.pipeline.assistant import Assistant
+from glmvoice_cli.pipeline.history import audio_tokens_heard, restore_conversation
+from glmvoice_cli.sessions.store import SessionStore, load_session
 
 from .chat_helpers import OUT_RATE, RATE, burst, make_rig, run_rig, silence
 

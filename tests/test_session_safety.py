@@ -17,9 +17,9 @@ import pytest
 import soundfile as sf
 from typer.testing import CliRunner
 
-from glmvoice_cli.chat.session_lock import SessionBusyError, SessionLock
-from glmvoice_cli.chat.store import SessionStore, load_session
 from glmvoice_cli.cli import app
+from glmvoice_cli.sessions.lock import SessionBusyError, SessionLock
+from glmvoice_cli.sessions.store import SessionStore, load_session
 from glmvoice_cli.tiny.modelset import TinyModelSet
 
 runner = CliRunner()
@@ -134,7 +134,7 @@ def test_a_disk_that_fills_mid_chat_keeps_every_saved_turn_and_resumes(
 
 HOLDER = r'''
 import sys, time
-from glmvoice_cli.chat.session_lock import SessionLock
+from glmvoice_cli.sessions.lock import SessionLock
 lock = SessionLock.acquire(sys.argv[1])
 print("locked", flush=True)
 time.sleep(600)

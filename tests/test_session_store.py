@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from glmvoice_cli.chat.store import (
+from glmvoice_cli.config import SAMPLE_RATE_IN, SAMPLE_RATE_OUT
+from glmvoice_cli.events import TurnTimings
+from glmvoice_cli.sessions.store import (
     META_FILE,
     TRANSCRIPT_FILE,
     SessionError,
@@ -20,8 +22,6 @@ from glmvoice_cli.chat.store import (
     new_session_id,
     sessions_root,
 )
-from glmvoice_cli.config import SAMPLE_RATE_IN, SAMPLE_RATE_OUT
-from glmvoice_cli.events import TurnTimings
 
 
 def tone(seconds: float, rate: int) -> np.ndarray:
@@ -169,7 +169,7 @@ def test_session_ids_sort_by_time_and_a_taken_name_is_never_reused(tmp_path: Pat
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     from datetime import datetime, timezone
 
-    from glmvoice_cli.chat import store
+    from glmvoice_cli.sessions import store
 
     early = new_session_id(datetime(2026, 1, 2, 3, 4, 5, tzinfo=timezone.utc))
     late = new_session_id(datetime(2026, 1, 2, 3, 4, 6, tzinfo=timezone.utc))

@@ -14,12 +14,12 @@ import pytest
 
 from glmvoice_cli.audio.fakes import NullSink
 from glmvoice_cli.chat.engine import ChatEngine, EngineConfig
-from glmvoice_cli.chat.store import AudioFile, SessionError, SessionStore
-from glmvoice_cli.chat.writer import SessionWriter
 from glmvoice_cli.errors import GlmVoiceError
 from glmvoice_cli.events import AssistantTurn, AudioChunk, TurnTimings, UserAudio, UserUtterance
 from glmvoice_cli.lm.voice_lm import GenerationOptions
-from glmvoice_cli.pipeline import Assistant
+from glmvoice_cli.pipeline.assistant import Assistant
+from glmvoice_cli.sessions.store import AudioFile, SessionError, SessionStore
+from glmvoice_cli.sessions.writer import SessionWriter
 
 from .chat_helpers import RATE, burst, make_rig, run_rig, silence
 

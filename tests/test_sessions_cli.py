@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from glmvoice_cli.chat import sessions
-from glmvoice_cli.chat.store import SessionNotFoundError, SessionStore, sessions_root
 from glmvoice_cli.cli import app
+from glmvoice_cli.sessions import catalog as sessions
+from glmvoice_cli.sessions.store import SessionNotFoundError, SessionStore, sessions_root
 
 runner = CliRunner()
 

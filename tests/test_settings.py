@@ -178,7 +178,7 @@ def test_glmvoice_home_on_a_file_names_the_variable(monkeypatch: pytest.MonkeyPa
     for where in (settings.cache_root, settings.models_root, lambda: settings.locate("lm")):
         with pytest.raises(UsageError, match="^GLMVOICE_HOME=.*afile.* is not a folder"):
             where()
-    from glmvoice_cli.chat.store import sessions_root
+    from glmvoice_cli.sessions.store import sessions_root
 
     with pytest.raises(UsageError, match="^GLMVOICE_HOME="):
         sessions_root()

@@ -94,7 +94,7 @@ def test_on_passing_thread_returns_or_raises_what_its_thread_did() -> None:
 def test_models_load_on_a_thread_that_ends(tiny_models: TinyModelSet, monkeypatch: pytest.MonkeyPatch) -> None:
     """The chat's model thread must hold the only OpenMP pool: loading on the caller's (main) thread would
     leave a second one (see threads.on_passing_thread)."""
-    from glmvoice_cli.pipeline import Assistant
+    from glmvoice_cli.pipeline.assistant import Assistant
 
     loaded_on: list[threading.Thread] = []
     real_load = Assistant.load

@@ -16,12 +16,12 @@ from glmvoice_cli.audio.fakes import ArraySource, RecordingSink
 from glmvoice_cli.audio.playback import VirtualClock
 from glmvoice_cli.audio.vad import VadConfig
 from glmvoice_cli.chat.engine import ChatEngine, EngineConfig
-from glmvoice_cli.chat.store import SessionStore
 from glmvoice_cli.chat.turn_timing import compact_line, summary_text
 from glmvoice_cli.events import TextDelta, TurnEnded, UserUtterance
 from glmvoice_cli.lm.voice_lm import GenerationOptions
 from glmvoice_cli.options import LoadOptions
-from glmvoice_cli.pipeline import Assistant
+from glmvoice_cli.pipeline.assistant import Assistant
+from glmvoice_cli.sessions.store import SessionStore
 from glmvoice_cli.tiny.modelset import write_tiny_model_set
 
 from .chat_helpers import OUT_RATE, RATE, burst, energy_vad, silence
@@ -150,7 +150,7 @@ def test_a_block_completed_while_its_answer_waits_is_left_to_the_answers_prefill
     """The model thread fell behind the microphone: a block completed once an answer to its turn is queued
     is tokenized but not prefilled on its own; the answer's prefill takes it with the tail in one call."""
     from glmvoice_cli.chat.jobs import Heard, Job
-    from glmvoice_cli.chat.listening import TurnListener
+    from glmvoice_cli.pipeline.listening import TurnListener
 
     audio = burst(5.2)  # completes one 4 s block
     waiting, eager = TurnListener(assistant.speech_tokenizer, assistant.lm), TurnListener(

@@ -9,15 +9,6 @@ import threading
 import numpy as np
 from rich.console import Console
 
-from glmvoice_cli.chat.live_view import (
-    CURSOR,
-    METER_CELLS,
-    LiveView,
-    TranscriptState,
-    level_db,
-    render,
-    replay,
-)
 from glmvoice_cli.events import (
     AudioChunk,
     ChatState,
@@ -29,6 +20,15 @@ from glmvoice_cli.events import (
     TurnTimings,
     UserTurnStarted,
     UserUtterance,
+)
+from glmvoice_cli.ui.live_view import (
+    CURSOR,
+    METER_CELLS,
+    LiveView,
+    TranscriptState,
+    level_db,
+    render,
+    replay,
 )
 
 
@@ -181,7 +181,7 @@ def test_live_view_folds_a_burst_larger_than_one_redraw():
 
 
 def test_replay_shows_a_saved_conversation(tmp_path):
-    from glmvoice_cli.chat.store import SessionStore
+    from glmvoice_cli.sessions.store import SessionStore
 
     store = SessionStore.create(session_dir=tmp_path / "S")
     store.append_user(np.zeros(16000, dtype=np.float32), text="hello")

@@ -35,11 +35,11 @@ from glmvoice_cli.lm.remote import RemoteVoiceLM
 from glmvoice_cli.lm.serving import ENV_VLLM_PYTHON, wait_until_serving
 from glmvoice_cli.lm.voice_lm import GenerationOptions, StopReason, TurnEnd, VoiceLM
 from glmvoice_cli.options import LMServer, LoadOptions
-from glmvoice_cli.pipeline import Assistant
-from glmvoice_cli.speak import speak
+from glmvoice_cli.pipeline.assistant import Assistant
+from glmvoice_cli.pipeline.speak import speak
+from glmvoice_cli.pipeline.transcribe import transcribe
 from glmvoice_cli.tiny.lm import TinyLMSpec
 from glmvoice_cli.tiny.modelset import write_tiny_model_set
-from glmvoice_cli.transcribe import transcribe
 
 from .chat_helpers import burst, make_rig, run_rig, silence
 

@@ -16,8 +16,6 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
-from glmvoice_cli.chat.history import answer_text, audio_tokens_heard, trim_to_heard
-from glmvoice_cli.chat.listening import Speculation
 from glmvoice_cli.chat.turn_timing import breakdown
 from glmvoice_cli.chat.worker import READY, WAIT
 from glmvoice_cli.errors import AudioDeviceError, ContextLengthError, GlmVoiceError, LMServerError
@@ -31,22 +29,22 @@ from glmvoice_cli.events import (
     TurnTimings,
     UserUtterance,
 )
+from glmvoice_cli.pipeline.history import answer_text, last_turn, trim_finished_answer, trim_to_heard
+from glmvoice_cli.pipeline.listening import Speculation
 
 if TYPE_CHECKING:
     import threading
 
     from glmvoice_cli.audio.devices import AudioSink
     from glmvoice_cli.chat.jobs import Heard, Job, Truncation
-    from glmvoice_cli.chat.listening import SpeculationStats, TurnListener
-    from glmvoice_cli.decoder.noise import NoiseSource
-    from glmvoice_cli.lm.prompts import UserInput
-    from glmvoice_cli.lm.voice_lm import Conversation
-    from glmvoice_cli.pipeline import Assistant
+    from glmvoice_cli.pipeline import Conversation, NoiseSource, UserInput
+    from glmvoice_cli.pipeline.assistant import Assistant
+    from glmvoice_cli.pipeline.listening import SpeculationStats, TurnListener
 
 # The worker's order (smallest first): a confirmed answer, then listening work, then speculation, then idle.
 KIND_ANSWER, KIND_LISTEN, KIND_SPECULATIVE, KIND_IDLE = 0, 1, 2, 3
 PLAYBACK_STALL_S = 5.0
-_BUSY = object()  # the LM has no free cache slot yet  # queued audio that does not move for this long: the output device is gone
+_BUSY = object()  # nothing to compute yet: no free LM cache slot, or a remote LM's token on its way  # queued audio that does not move for this long: the output device is gone
 
 
 class ConversationCore(Protocol):
@@ -69,6 +67,8 @@ class ConversationCore(Protocol):
     def stopped(self) -> bool: ...
 
     def set_kind(self, kind: int) -> None: ...
+
+    def wake(self) -> None: ...
 
     def answer_queued(self, turn_start: int) -> bool: ...
 
@@ -139,13 +139,10 @@ class TurnRunner:
 
     def truncate_finished(self, item: Truncation) -> None:
         """Trim an answer that has already ended, if it is still the last one (later turns build on it)."""
-        conv, lm = self.core.conversation, self.core.assistant.lm
         start = self._answers.get(item.turn)
-        if start is None or conv.last_output_start != start:
-            return
-        if audio_tokens_heard(item.heard, self.core.output.sample_rate) >= _audio_count(conv.last_output, lm):
-            return  # all of it was heard
-        trim_to_heard(conv, lm.text_tokenizer, item.heard, self.core.output.sample_rate)
+        if start is not None:
+            trim_finished_answer(self.core.conversation, self.core.assistant.lm.text_tokenizer, start, item.heard,
+                                 self.core.output.sample_rate)
 
     # ------------------------------------------------------------------ one turn
 
@@ -169,8 +166,9 @@ class TurnRunner:
                     job.base_played = core.output.played
             for event in self._respond(user, job, answer):
                 if not answer.started and event is not _BUSY:
-                    answer.user_ids, answer.started = conv.ids[conv.last_input_start : conv.last_output_start], True
-                    answer.prefilled_at, answer.prefill_tokens = conv.prefilled_at, conv.last_prefill_tokens
+                    taken = last_turn(conv)
+                    answer.user_ids, answer.started = taken.user_ids, True
+                    answer.prefilled_at, answer.prefill_tokens = taken.prefilled_at, taken.prefill_tokens
                 if event is None or event is _BUSY:
                     yield READY if event is None else WAIT
                     continue
@@ -215,13 +213,14 @@ class TurnRunner:
     def _respond(self, user: UserInput, job: Job, answer: _Answer) -> Iterator[object | None]:
         """The answer's events, with a tick (None) per token; while every LM cache slot is answering other
         conversations, it waits its turn (ticks only) instead of failing."""
-        from glmvoice_cli.lm.voice_lm import LMSlotsBusy
+        from glmvoice_cli.pipeline import LMSlotsBusy, Pending
 
         core = self.core
         while True:
             try:
-                yield from core.assistant.respond_in_steps(core.conversation, user, core.config.generation,
-                                                           job.cancel, noise=self.noise)
+                for event in core.assistant.respond_in_steps(core.conversation, user, core.config.generation,
+                                                             job.cancel, noise=self.noise, on_ready=core.wake):
+                    yield _BUSY if isinstance(event, Pending) else event
                 return
             except LMSlotsBusy:
                 if answer.started or job.cancel.is_set() or core.stopped:
@@ -233,7 +232,7 @@ class TurnRunner:
 
     def _user_input(self, job: Job) -> UserInput:
         """The turn as LM input: typed text, or speech ids (from the listener when it heard this turn)."""
-        from glmvoice_cli.lm.prompts import TextInput
+        from glmvoice_cli.pipeline import TextInput
 
         if job.samples is None:
             return TextInput(job.text or "")
@@ -285,7 +284,7 @@ class TurnRunner:
         core._set_state(ChatState.LISTENING)
 
     def _transcribe(self, samples: np.ndarray) -> str | None:
-        from glmvoice_cli.transcribe import transcribe
+        from glmvoice_cli.pipeline.transcribe import transcribe
 
         text = transcribe(self.core.assistant, samples,
                           max_new_tokens=self.core.config.transcribe_max_new_tokens).text
@@ -350,12 +349,13 @@ class TurnRunner:
             self._user_taken(job, answer.user_ids)
         ended = answer.ended or TurnEnded(interrupted=True, reason="cancelled")
         interrupted = job.cancel.is_set() or ended.interrupted
-        generated = len(conv.last_output) if answer.started else 0
+        generated = len(last_turn(conv).answer_ids) if answer.started else 0
         if interrupted and answer.started:
             trim_to_heard(conv, tok, played, rate)
-        kept = tuple(conv.last_output) if answer.started else ()
-        if answer.started and conv.last_output_start is not None:
-            self._answers = {job.turn: conv.last_output_start}
+        after = last_turn(conv)
+        kept = tuple(after.answer_ids) if answer.started else ()
+        if answer.started and after.answer_start is not None:
+            self._answers = {job.turn: after.answer_start}
         reason = ("error" if job.error else "cancelled" if job.stopped else "barge_in" if job.cancel.is_set()
                   else ended.reason)
         listener = core.listener
@@ -375,11 +375,6 @@ class TurnRunner:
             tail_frames=job.tail_frames, turn=job.turn, underruns=answer.underruns))
         core._emit(TurnEnded(interrupted=interrupted, reason=reason, timings=timings, turn=job.turn))
         core._set_state(ChatState.LISTENING)
-
-
-def _audio_count(ids: list[int], lm: object) -> int:
-    tok = lm.text_tokenizer  # type: ignore[attr-defined]
-    return sum(1 for i in ids if tok.is_audio(i))
 
 
 def one_line(error: GlmVoiceError) -> str:

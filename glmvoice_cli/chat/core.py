@@ -55,9 +55,7 @@ from glmvoice_cli.audio.vad import (
 )
 from glmvoice_cli.chat.answer import KIND_IDLE, KIND_LISTEN, TurnRunner, engine_error, one_line
 from glmvoice_cli.chat.jobs import END, Heard, Job, Truncation
-from glmvoice_cli.chat.listening import SpeculationStats, TurnListener
 from glmvoice_cli.chat.worker import READY, WAIT
-from glmvoice_cli.chat.writer import SessionWriter
 from glmvoice_cli.config import SPECULATIVE_PAUSE_MS
 from glmvoice_cli.errors import GlmVoiceError, LMServerError, UsageError
 from glmvoice_cli.events import (
@@ -70,17 +68,18 @@ from glmvoice_cli.events import (
     UserTurnStarted,
     UserUtterance,
 )
+from glmvoice_cli.pipeline.listening import SpeculationStats
+from glmvoice_cli.sessions.writer import SessionWriter
 
 if TYPE_CHECKING:
     from collections.abc import Generator
 
     from glmvoice_cli.audio.devices import AudioSink
     from glmvoice_cli.audio.vad import FrameClassifier
-    from glmvoice_cli.chat.store import SessionStore
     from glmvoice_cli.chat.worker import ModelWorker
-    from glmvoice_cli.decoder.noise import NoiseSource
-    from glmvoice_cli.lm.voice_lm import Conversation, GenerationOptions
-    from glmvoice_cli.pipeline import Assistant
+    from glmvoice_cli.pipeline import Conversation, GenerationOptions, NoiseSource
+    from glmvoice_cli.pipeline.assistant import Assistant
+    from glmvoice_cli.sessions.store import SessionStore
 
 TURN_TRANSCRIPT_MAX_TOKENS = 100  # --transcribe-user: text tokens for one spoken turn, which is short
 POLL_S = 0.01  # lockstep waits
@@ -122,10 +121,8 @@ class ConversationCore:
         self.id = conversation_id or f"conv-{next(_IDS)}"
         self.assistant, self.output, self.worker, self.store = assistant, output, worker, store
         self.config = config or EngineConfig()
-        self.conversation = conversation if conversation is not None else assistant.lm.new_conversation()
-        tokenizer = assistant.speech_tokenizer
-        self.listener = (TurnListener(tokenizer, assistant.lm)
-                         if self.config.streaming and hears_audio and tokenizer is not None else None)
+        self.conversation = conversation if conversation is not None else assistant.new_conversation()
+        self.listener = assistant.listener() if self.config.streaming and hears_audio else None
         self._classifier = classifier
         self.segmenter = self._segmenter(self.config) if hears_audio else None
         self._pending_settings: TurnSettings | None = None
@@ -454,6 +451,10 @@ class ConversationCore:
 
     def set_kind(self, kind: int) -> None:
         self._kind = kind
+
+    def wake(self) -> None:
+        """Something this conversation waits on has arrived (a remote LM's token): ask the worker again."""
+        self.worker.wake()
 
     def answer_queued(self, turn_start: int) -> bool:
         """An answer to the turn that began at `turn_start` waits in the queue (speculative or confirmed)."""

@@ -31,11 +31,11 @@ if TYPE_CHECKING:
     from glmvoice_cli.audio.echo import EchoCanceller
     from glmvoice_cli.audio.playback import Clock
     from glmvoice_cli.audio.vad import FrameClassifier
-    from glmvoice_cli.chat.listening import SpeculationStats, TurnListener
-    from glmvoice_cli.chat.store import SessionStore
     from glmvoice_cli.events import ChatState
-    from glmvoice_cli.lm.voice_lm import Conversation
-    from glmvoice_cli.pipeline import Assistant
+    from glmvoice_cli.pipeline import Conversation
+    from glmvoice_cli.pipeline.assistant import Assistant
+    from glmvoice_cli.pipeline.listening import SpeculationStats, TurnListener
+    from glmvoice_cli.sessions.store import SessionStore
 
 __all__ = ["TURN_TRANSCRIPT_MAX_TOKENS", "ChatEngine", "EngineConfig", "TurnReport"]
 
@@ -57,7 +57,7 @@ class ChatEngine:
         self.echo = echo or NullEchoCanceller()
         self.clock = clock
         self._owns_worker = worker is None
-        self.worker = worker if worker is not None else ModelWorker(prepare=assistant.lm.prepare_thread)
+        self.worker = worker if worker is not None else ModelWorker(prepare=assistant.prepare_thread)
         self.core = ConversationCore(assistant, sink, self.worker, store=store, conversation=conversation,
                                      config=config, classifier=classifier, hears_audio=source is not None)
         self._threads: list[threading.Thread] = []

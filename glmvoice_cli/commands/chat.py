@@ -61,9 +61,9 @@ if TYPE_CHECKING:
     from glmvoice_cli.audio.echo import EchoCanceller
     from glmvoice_cli.audio.playback import Clock
     from glmvoice_cli.chat.engine import ChatEngine
-    from glmvoice_cli.chat.store import SessionStore
     from glmvoice_cli.lm.voice_lm import GenerationOptions
-    from glmvoice_cli.pipeline import Assistant
+    from glmvoice_cli.pipeline.assistant import Assistant
+    from glmvoice_cli.sessions.store import SessionStore
 
 ECHO_DELAY_S = 0.03  # --simulate-echo: speaker-to-microphone delay of the simulated room
 
@@ -212,14 +212,14 @@ def _open_audio(input_file: Path | None, output_file: Path | None, text: bool, r
 
 
 def _find_resumed(resume: str | None) -> Path | None:
-    from glmvoice_cli.chat.sessions import find_session
+    from glmvoice_cli.sessions.catalog import find_session
 
     return find_session(resume) if resume is not None else None
 
 
 def _lock_session(folder: Path) -> contextlib.AbstractContextManager[object]:
-    from glmvoice_cli.chat.session_lock import locked
-    from glmvoice_cli.chat.store import SessionError
+    from glmvoice_cli.sessions.lock import locked
+    from glmvoice_cli.sessions.store import SessionError
 
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -229,7 +229,7 @@ def _lock_session(folder: Path) -> contextlib.AbstractContextManager[object]:
 
 
 def _open_store(session_dir: Path | None, resume: Path | None, dirs: dict[str, Path], mode: str) -> SessionStore:
-    from glmvoice_cli.chat.store import SessionStore
+    from glmvoice_cli.sessions.store import SessionStore
 
     if resume is not None:
         store = SessionStore.resume(resume)
@@ -269,7 +269,7 @@ def _generation(max_new_tokens: int | None, seed: int | None) -> GenerationOptio
 def _make_engine(assistant: Assistant, io: _AudioIO, store: SessionStore, turns: TurnTaking,
                  generation: GenerationOptions, transcribe_user: bool) -> ChatEngine:
     from glmvoice_cli.chat.engine import TURN_TRANSCRIPT_MAX_TOKENS, ChatEngine, EngineConfig
-    from glmvoice_cli.chat.history import restore_conversation
+    from glmvoice_cli.pipeline.history import restore_conversation
 
     config = EngineConfig(vad=turns.vad(), lockstep=io.lockstep, barge_in=turns.barge_in,
                           streaming=turns.stream_input, speculative_pause_ms=turns.speculative_pause_ms or None,
@@ -282,7 +282,7 @@ def _make_engine(assistant: Assistant, io: _AudioIO, store: SessionStore, turns:
 
 def _converse(engine: ChatEngine, store: SessionStore, text: bool, live: bool) -> None:
     """Run the engine, show its events; Ctrl-C and failures end cleanly with the session saved."""
-    from glmvoice_cli.chat.keys import cbreak
+    from glmvoice_cli.ui.keys import cbreak
 
     # Under the live view, keys are read one by one (no terminal echo) and the view draws the draft
     keyboard = live and sys.stdin is not None and sys.stdin.isatty() and sys.stdout.isatty()
@@ -291,7 +291,7 @@ def _converse(engine: ChatEngine, store: SessionStore, text: bool, live: bool) -
 
 
 def _run_engine(engine: ChatEngine, store: SessionStore, text: bool, live: bool, keys: bool) -> None:
-    from glmvoice_cli.chat.view import PlainView, show_live
+    from glmvoice_cli.ui.view import PlainView, show_live
 
     engine.start()
     if keys:
@@ -331,8 +331,8 @@ def _print_latency(engine: ChatEngine) -> None:
 
 def _read_keys(engine: ChatEngine, end_at_eof: bool) -> None:
     """Typed turns from the terminal in cbreak mode; the draft goes to the view as it is typed."""
-    from glmvoice_cli.chat.keys import read_keys
-    from glmvoice_cli.chat.live_view import DraftChanged
+    from glmvoice_cli.ui.keys import read_keys
+    from glmvoice_cli.ui.live_view import DraftChanged
 
     ended = read_keys(sys.stdin.fileno(), on_draft=lambda draft: engine.events.put(DraftChanged(draft)),
                       on_line=engine.type_text, stopped=lambda: engine.stopped)

@@ -15,7 +15,7 @@ from glmvoice_cli.commands.conventions import is_quiet
 if TYPE_CHECKING:
     from glmvoice_cli.lm.voice_lm import GenerationOptions
     from glmvoice_cli.options import LMServer
-    from glmvoice_cli.pipeline import Assistant
+    from glmvoice_cli.pipeline.assistant import Assistant
 
 log = logging.getLogger("glmvoice_cli")
 
@@ -110,7 +110,7 @@ def load_assistant(stages: tuple[str, ...], *, models: Path | None, overrides: d
     from glmvoice_cli.errors import UsageError
     from glmvoice_cli.models.memory_need import memory_need
     from glmvoice_cli.options import LoadOptions
-    from glmvoice_cli.pipeline import Assistant
+    from glmvoice_cli.pipeline.assistant import Assistant
     from glmvoice_cli.threads import on_passing_thread
 
     if server is not None and quantize is not None:

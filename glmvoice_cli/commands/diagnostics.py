@@ -24,7 +24,7 @@ def doctor(
     from rich.console import Console
     from rich.markup import escape
 
-    from glmvoice_cli.doctor import FAIL, run_checks
+    from glmvoice_cli.commands.doctor import FAIL, run_checks
 
     checks = run_checks(threads=threads, device=device, dtype=dtype, quantize=quantize)
     if as_json:
@@ -52,7 +52,7 @@ def selftest(
     from rich.console import Console
     from rich.table import Table
 
-    from glmvoice_cli.selftest import Step, prepare_kept_folder, run_selftest
+    from glmvoice_cli.commands.selftest import Step, prepare_kept_folder, run_selftest
 
     console = Console()
 

@@ -19,7 +19,7 @@ RefArg = Annotated[str, typer.Argument(help="A session ID, a unique start of one
 def list_cmd(as_json: Annotated[bool, typer.Option("--json", help="One JSON object per session.")] = False,
              ) -> None:
     """The saved sessions, oldest first, with their turn counts."""
-    from glmvoice_cli.chat.store import list_sessions, sessions_root
+    from glmvoice_cli.sessions.store import list_sessions, sessions_root
 
     found = list_sessions()
     if as_json:
@@ -45,7 +45,7 @@ def list_cmd(as_json: Annotated[bool, typer.Option("--json", help="One JSON obje
 def show(ref: RefArg, as_json: Annotated[bool, typer.Option("--json", help="One JSON object per turn.")] = False,
          ) -> None:
     """Print a session's conversation."""
-    from glmvoice_cli.chat.sessions import export_text, load
+    from glmvoice_cli.sessions.catalog import export_text, load
 
     session = load(ref)
     for warning in session.warnings:
@@ -60,9 +60,9 @@ def export(
     fmt: Annotated[str, typer.Option("--format", help="md (Markdown), txt or jsonl.")] = "md",
 ) -> None:
     """Export a session's conversation as Markdown, plain text or JSON lines."""
-    from glmvoice_cli.chat.sessions import export_text, load
     from glmvoice_cli.errors import UsageError
     from glmvoice_cli.files import write_file
+    from glmvoice_cli.sessions.catalog import export_text, load
 
     text = export_text(load(ref), fmt)
     if output is None:
@@ -81,7 +81,7 @@ def rm(
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
 ) -> None:
     """Delete saved sessions (their transcript and audio)."""
-    from glmvoice_cli.chat.sessions import find_session, remove
+    from glmvoice_cli.sessions.catalog import find_session, remove
 
     paths = list(dict.fromkeys(find_session(r) for r in refs))  # every name checked before deleting any
     for path in paths:

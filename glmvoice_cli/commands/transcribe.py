@@ -54,8 +54,8 @@ def transcribe(
 
     from glmvoice_cli.audio.io import load_audio
     from glmvoice_cli.errors import AudioError, UsageError
-    from glmvoice_cli.transcribe import WINDOW_TRANSCRIPT_MAX_TOKENS
-    from glmvoice_cli.transcribe import transcribe as run
+    from glmvoice_cli.pipeline.transcribe import WINDOW_TRANSCRIPT_MAX_TOKENS
+    from glmvoice_cli.pipeline.transcribe import transcribe as run
 
     if not window < float("inf"):
         raise UsageError("--window must be a finite number of seconds")

@@ -35,15 +35,15 @@ from glmvoice_cli.commands.common import (
 from glmvoice_cli.commands.signals import interrupts_as_keyboard
 from glmvoice_cli.config import SAMPLE_RATE_OUT
 from glmvoice_cli.errors import AudioDeviceError, UsageError
-from glmvoice_cli.instructions import DIALECTS, EMOTIONS, SPEEDS
+from glmvoice_cli.pipeline.instructions import DIALECTS, EMOTIONS, SPEEDS
 
 if TYPE_CHECKING:
     import numpy as np
 
     from glmvoice_cli.audio.devices import Speaker
-    from glmvoice_cli.instructions import SpeakingStyle
     from glmvoice_cli.lm.voice_lm import GenerationOptions
-    from glmvoice_cli.pipeline import Assistant
+    from glmvoice_cli.pipeline.assistant import Assistant
+    from glmvoice_cli.pipeline.instructions import SpeakingStyle
 
 DRAIN_POLL_S = 0.05  # how often to check that the speaker has played everything
 DRAIN_STALL_S = 5.0  # queued audio that does not move for this long: the output device is gone
@@ -70,9 +70,9 @@ def tts(
     lm_timeout: LmTimeoutOpt = None,
 ) -> None:
     """Speak TEXT with GLM-4-Voice, in the chosen emotion, speed and dialect (long texts go sentence by sentence)."""
-    from glmvoice_cli.instructions import SpeakingStyle
     from glmvoice_cli.lm.voice_lm import GenerationOptions
-    from glmvoice_cli.speak import TTS_MAX_NEW_TOKENS
+    from glmvoice_cli.pipeline.instructions import SpeakingStyle
+    from glmvoice_cli.pipeline.speak import TTS_MAX_NEW_TOKENS
 
     style = SpeakingStyle(emotion=emotion, speed=speed, dialect=dialect)
     words = _read_text(text, file)
@@ -99,7 +99,7 @@ def _run(assistant: Assistant, words: str, style: SpeakingStyle, instruction: st
     a failure leaves an existing file untouched; an interrupt writes what was spoken so far)."""
 
     from glmvoice_cli.events import AudioChunk, TextDelta
-    from glmvoice_cli.speak import speak
+    from glmvoice_cli.pipeline.speak import speak
 
     echo = sys.stderr if str(output) == "-" else sys.stdout
     chunks: list[np.ndarray] = []

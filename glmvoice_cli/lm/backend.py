@@ -25,6 +25,7 @@ class LMBackend(Protocol):
     """A GLM-4-Voice language model that answers turns as streams of events."""
 
     text_tokenizer: TextTokenizer
+    waits_on_network: bool  # True: the next event may take a network round trip (the caller runs it apart)
 
     def new_conversation(self) -> Conversation: ...
 

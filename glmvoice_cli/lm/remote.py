@@ -71,6 +71,7 @@ class RemoteVoiceLM:
             True: json.dumps([i for i in named if not tokenizer.is_audio(i)], separators=(",", ":")),
         }
         self.masks_ids = True  # the server honours allowed_token_ids (checked by `connect`)
+        self.waits_on_network = True  # a shared model worker reads this stream on a thread of its own
         self.sampling = SamplingSettings()  # the folder's generation_config.json; options may override it
         self.seq_length: int | None = None  # the checkpoint's trained context (config seq_length)
 

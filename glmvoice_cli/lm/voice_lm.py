@@ -182,6 +182,7 @@ class VoiceLM:
         self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
         keep = next((name for name in ("logits_to_keep", "num_logits_to_keep") if name in params), None)
         self._keep_last = {keep: 1} if keep else {}  # compute lm_head for the last position only
+        self.waits_on_network = False  # every event is computed here (see LMBackend)
         self.static: StaticDecoder | None = None  # the first static-cache slot, once enabled
         self.slots: list[StaticDecoder] = []  # every slot: one conversation's cache each (see `_slot_for`)
 

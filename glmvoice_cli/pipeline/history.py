@@ -10,15 +10,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from glmvoice_cli.config import TOKENS_PER_SECOND
 
 if TYPE_CHECKING:
-    from glmvoice_cli.chat.store import TurnRecord
     from glmvoice_cli.lm.backend import LMBackend
     from glmvoice_cli.lm.text_tokenizer import TextTokenizer
     from glmvoice_cli.lm.voice_lm import Conversation
+    from glmvoice_cli.sessions.store import TurnRecord
 
 HEARD_EPSILON_TOKENS = 1e-6  # float slack so an exactly played token is not rounded up to the next
 
@@ -42,6 +43,36 @@ def trim_to_heard(conv: Conversation, tokenizer: TextTokenizer, played_samples: 
     keep = tokens_through_audio(output, tokenizer, n_audio)
     conv.keep_heard(keep)
     return keep
+
+
+@dataclass(frozen=True)
+class LastTurn:
+    """Where the conversation's last turn sits in its history (for the conversation core's reports)."""
+
+    user_ids: list[int]  # the user's part of the history, as the LM took it
+    answer_ids: list[int]  # the answer so far (what the history keeps of it)
+    answer_start: int | None  # where the answer begins in the history
+    prefilled_at: float | None  # perf_counter when the turn's prefill was done
+    prefill_tokens: int  # ids the prefill ran through the model
+
+
+def last_turn(conv: Conversation) -> LastTurn:
+    start, end = conv.last_input_start, conv.last_output_start
+    user = conv.ids[start:end] if start is not None else []
+    return LastTurn(user, conv.last_output, end, conv.prefilled_at, conv.last_prefill_tokens)
+
+
+def trim_finished_answer(conv: Conversation, tokenizer: TextTokenizer, answer_start: int, played_samples: int,
+                         sample_rate: int) -> bool:
+    """`truncate` after the fact: trim the answer that began at `answer_start` to what was heard, if it is
+    still the last answer (later turns were built on it otherwise) and more of it was said than heard."""
+    if conv.last_output_start != answer_start:
+        return False
+    said = sum(1 for i in conv.last_output if tokenizer.is_audio(i))
+    if audio_tokens_heard(played_samples, sample_rate) >= said:
+        return False
+    trim_to_heard(conv, tokenizer, played_samples, sample_rate)
+    return True
 
 
 def answer_text(tokenizer: TextTokenizer, ids: Sequence[int]) -> str:

@@ -34,7 +34,7 @@ from glmvoice_cli.events import (
 )
 
 if TYPE_CHECKING:
-    from glmvoice_cli.chat.store import TurnRecord
+    from glmvoice_cli.sessions.store import TurnRecord
 
 MAX_TURNS_SHOWN = 12  # older turns collapse into one line so the live region fits a terminal
 METER_CELLS = 20  # width of the input level meter, in characters

@@ -17,7 +17,7 @@ from glmvoice_cli.errors import GlmVoiceError
 from glmvoice_cli.events import AssistantTurn, UserAudio, UserUtterance
 
 if TYPE_CHECKING:
-    from glmvoice_cli.chat.store import AudioFile, SessionStore
+    from glmvoice_cli.sessions.store import AudioFile, SessionStore
 
 WAIT_S = 0.05  # longest wait for an event, so a writer never blocks without a timeout
 

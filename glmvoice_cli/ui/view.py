@@ -11,11 +11,11 @@ import queue
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, TextIO
 
-from glmvoice_cli.chat.live_view import CONTEXT_FULL, CONTEXT_FULL_NOTE, timings_text
 from glmvoice_cli.events import Failed, TextDelta, TurnEnded, UserUtterance
+from glmvoice_cli.ui.live_view import CONTEXT_FULL, CONTEXT_FULL_NOTE, timings_text
 
 if TYPE_CHECKING:
-    from glmvoice_cli.chat.store import TurnRecord
+    from glmvoice_cli.sessions.store import TurnRecord
 
 POLL_S = 0.1  # wait on the event queue before checking again (Ctrl-C lands in between)
 
@@ -26,7 +26,7 @@ def show_live(events: queue.Queue[Any], saved: Sequence[TurnRecord] = (), text_m
     status; `typing`: the line being typed is drawn (keys come as DraftChanged events)."""
     from rich.console import Console
 
-    from glmvoice_cli.chat.live_view import LiveView, replay
+    from glmvoice_cli.ui.live_view import LiveView, replay
 
     view = LiveView(Console(stderr=False))
     view.state = replay(saved)

@@ -11,10 +11,10 @@ from collections.abc import Iterator
 from dataclasses import replace
 
 from glmvoice_cli.events import AudioChunk, TextDelta, TurnEnded
-from glmvoice_cli.instructions import SpeakingStyle, build_instruction, split_sentences
 from glmvoice_cli.lm.prompts import TextInput
 from glmvoice_cli.lm.voice_lm import GenerationOptions
-from glmvoice_cli.pipeline import Assistant
+from glmvoice_cli.pipeline.assistant import Assistant
+from glmvoice_cli.pipeline.instructions import SpeakingStyle, build_instruction, split_sentences
 
 MAX_PIECE_CHARS = 200  # characters per spoken piece: long enough for prosody, short enough to start soon
 TTS_MAX_NEW_TOKENS = 1200  # per piece: ~200 characters of interleaved text and speech, with room to spare

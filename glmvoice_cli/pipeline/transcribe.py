@@ -15,7 +15,7 @@ import numpy as np
 from glmvoice_cli.config import SAMPLE_RATE_IN, WINDOW_SECONDS
 from glmvoice_cli.lm.prompts import SpeechInput
 from glmvoice_cli.lm.voice_lm import GenerationOptions, TextPiece
-from glmvoice_cli.pipeline import Assistant
+from glmvoice_cli.pipeline.assistant import Assistant
 
 TRANSCRIBE_INSTRUCTION = (
     "Transcribe the speech below exactly, word for word, in the language it is spoken in. "

@@ -10,8 +10,8 @@ import json
 import shutil
 from pathlib import Path
 
-from glmvoice_cli.chat.session_lock import locked
-from glmvoice_cli.chat.store import (
+from glmvoice_cli.sessions.lock import locked
+from glmvoice_cli.sessions.store import (
     TRANSCRIPT_FILE,
     SavedSession,
     SessionError,

@@ -20,7 +20,7 @@ import numpy as np
 from glmvoice_cli.errors import GlmVoiceError
 
 if TYPE_CHECKING:
-    from glmvoice_cli.pipeline import Assistant
+    from glmvoice_cli.pipeline.assistant import Assistant
 
 SELFTEST_CODEBOOK = 64  # audio vocabulary shared by the three tiny stages
 SELFTEST_MAX_NEW_TOKENS = 40  # generation cap: the random model never ends a turn by itself
@@ -94,10 +94,10 @@ def run_selftest(root: Path, report: Callable[[Step], None] | None = None) -> li
     from glmvoice_cli.config import SAMPLE_RATE_IN
     from glmvoice_cli.events import AudioChunk, TextDelta
     from glmvoice_cli.lm.voice_lm import GenerationOptions
-    from glmvoice_cli.pipeline import Assistant
-    from glmvoice_cli.speak import speak
+    from glmvoice_cli.pipeline.assistant import Assistant
+    from glmvoice_cli.pipeline.speak import speak
+    from glmvoice_cli.pipeline.transcribe import transcribe
     from glmvoice_cli.tiny.modelset import write_tiny_model_set
-    from glmvoice_cli.transcribe import transcribe
 
     rec = _Recorder(report)
     with rec.step("write tiny models") as d:
@@ -151,9 +151,9 @@ def _chat_turn(assistant: Assistant, root: Path) -> str:
     from glmvoice_cli.audio.fakes import ArraySource, RecordingSink
     from glmvoice_cli.audio.playback import VirtualClock
     from glmvoice_cli.chat.engine import ChatEngine, EngineConfig
-    from glmvoice_cli.chat.store import SessionStore
     from glmvoice_cli.config import SAMPLE_RATE_IN
     from glmvoice_cli.lm.voice_lm import GenerationOptions
+    from glmvoice_cli.sessions.store import SessionStore
 
     rate = SAMPLE_RATE_IN
     t = np.arange(int(1.5 * rate)) / rate

@@ -9,6 +9,7 @@ runs it in a worker thread; `tts` and `transcribe` iterate it directly.
 
 from __future__ import annotations
 
+import queue
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -29,7 +30,8 @@ if TYPE_CHECKING:
     from glmvoice_cli.lm.backend import LMBackend
     from glmvoice_cli.lm.compiled import CompileReport
     from glmvoice_cli.lm.prompts import SpeechInput, UserInput
-    from glmvoice_cli.lm.voice_lm import Conversation, GenerationOptions
+    from glmvoice_cli.lm.voice_lm import Conversation, GenerationOptions, LMEvent
+    from glmvoice_cli.pipeline.listening import TurnListener
     from glmvoice_cli.tokenizer.speech_tokenizer import SpeechTokenizer
 
 STAGE_ORDER = ("tokenizer", "lm", "decoder")
@@ -105,6 +107,20 @@ class Assistant:
             self.warnings.append(f"compiling the language model failed ({e}); decoding eagerly (slower)")
         self.load_seconds["lm_compile"] = time.perf_counter() - start
 
+    def new_conversation(self) -> Conversation:
+        """An empty conversation with this assistant's LM (history and cache, owned by the caller)."""
+        return self.lm.new_conversation()
+
+    def prepare_thread(self) -> None:
+        """Get the calling thread ready to run turns (call it on the thread that will: CUDA graphs)."""
+        self.lm.prepare_thread()
+
+    def listener(self) -> TurnListener | None:
+        """A listener that tokenizes and prefills a turn while it is spoken (None without a speech tokenizer)."""
+        from glmvoice_cli.pipeline.listening import TurnListener
+
+        return TurnListener(self.speech_tokenizer, self.lm) if self.speech_tokenizer is not None else None
+
     def hear(self, samples: np.ndarray) -> SpeechInput:
         """A spoken turn from 16 kHz mono samples."""
         from glmvoice_cli.lm.prompts import SpeechInput
@@ -122,14 +138,20 @@ class Assistant:
         random numbers for this stream (one per conversation; default the decoder's own).
         """
         for event in self.respond_in_steps(conv, user, options, cancel, speak, noise):
-            if event is not None:
+            if event is not None and not isinstance(event, Pending):
                 yield event
 
     def respond_in_steps(self, conv: Conversation, user: UserInput, options: GenerationOptions | None = None,
                          cancel: threading.Event | None = None, speak: bool = True,
-                         noise: NoiseSource | None = None) -> Iterator[TextDelta | AudioChunk | TurnEnded | None]:
+                         noise: NoiseSource | None = None, on_ready: Callable[[], None] | None = None,
+                         ) -> Iterator[TextDelta | AudioChunk | TurnEnded | Pending | None]:
         """`respond`, with a None after every LM token: a worker serving several conversations switches
-        between them there (a unit of work is one token, or one decoder block)."""
+        between them there (a unit of work is one token, or one decoder block).
+
+        With `on_ready`, an LM that waits on the network (`--lm-url`) is read on a thread of its own, and
+        while its next token has not arrived this yields PENDING (the worker runs other conversations
+        meanwhile); `on_ready()` is called as each one arrives.
+        """
         from glmvoice_cli.lm.voice_lm import AudioTokens, StopReason, TextPiece, TurnEnd
 
         voice = _Voice(self.decoder, noise) if speak and self.decoder is not None else None
@@ -137,7 +159,15 @@ class Assistant:
         first_token: float | None = None
         first_text: float | None = None
         first_audio_token: float | None = None
-        for event in self.lm.stream(conv, user, options, cancel):
+        if on_ready is not None and self.lm.waits_on_network:
+            events: Iterator[LMEvent | Pending] = _read_apart(
+                lambda cut: self.lm.stream(conv, user, options, cut), cancel, on_ready)
+        else:
+            events = self.lm.stream(conv, user, options, cancel)
+        for event in events:
+            if isinstance(event, Pending):
+                yield event
+                continue
             if first_token is None and not isinstance(event, TurnEnd):
                 first_token = time.perf_counter() - start
             if first_text is None and isinstance(event, TextPiece):
@@ -160,6 +190,51 @@ class Assistant:
                     tokens=event.n_generated, first_text_s=first_text, first_audio_token_s=first_audio_token)
                 yield TurnEnded(interrupted=cut, reason=_REASONS.get(event.reason.value, event.reason.value),
                                 timings=timings)
+
+
+class Pending:
+    """`respond_in_steps`: the LM's next token is on its way over the network (nothing to compute yet)."""
+
+
+PENDING = Pending()
+
+
+def _read_apart(open_stream: Callable[[threading.Event], Iterator[LMEvent]], cancel: threading.Event | None,
+                on_ready: Callable[[], None]) -> Iterator[LMEvent | Pending]:
+    """The events of a stream that blocks on the network, read on a thread of its own: PENDING while none
+    has arrived. A set `cancel`, or the caller dropping this generator, cuts the stream (its own cancel)."""
+    cut = threading.Event()
+    arrived: queue.Queue[tuple[str, object]] = queue.Queue()
+
+    def pump() -> None:
+        try:
+            for event in open_stream(cut):
+                arrived.put(("event", event))
+                on_ready()
+        except BaseException as e:  # noqa: BLE001 - handed to the caller's thread, raised there
+            arrived.put(("error", e))
+        finally:
+            arrived.put(("end", None))
+            on_ready()
+
+    threading.Thread(target=pump, name="glmvoice-lm-stream", daemon=True).start()
+    try:
+        while True:
+            if cancel is not None and cancel.is_set():
+                cut.set()
+            try:
+                kind, value = arrived.get_nowait()
+            except queue.Empty:
+                yield PENDING
+                continue
+            if kind == "error":
+                assert isinstance(value, BaseException)
+                raise value
+            if kind == "end":
+                return
+            yield value  # type: ignore[misc]
+    finally:
+        cut.set()
 
 
 class _Voice:
