@@ -186,10 +186,11 @@ def test_chat_turn_taking_flags_come_from_env_and_config(tmp_path: Path, monkeyp
         def close(self) -> None:
             pass
 
-    monkeypatch.setattr(chat_command, "_open_audio", lambda *a: _Closed())
+    monkeypatch.setattr(chat_command, "open_local_audio", lambda *a: _Closed())
     monkeypatch.setattr(chat_command, "load_assistant", lambda *a, **k: type("A", (), {"dirs": {}})())
     (tmp_path / "session").mkdir()
-    monkeypatch.setattr(chat_command, "_open_store", lambda *a: type("S", (), {"path": tmp_path / "session"})())
+    monkeypatch.setattr(chat_command, "open_store",
+                        lambda *a: type("S", (), {"path": tmp_path / "session", "warnings": ()})())
     monkeypatch.setattr(chat_command, "TurnTaking", capture)
     _config(tmp_path, monkeypatch, "speculative_pause_ms = 120\npre-roll-ms = 90\n"
                                    "[chat]\nbarge_in = false\nmax_turn_s = 12.5\nmin_interruption_ms = 40\n")

@@ -68,6 +68,8 @@ class ConversationCore(Protocol):
 
     def set_kind(self, kind: int) -> None: ...
 
+    def loaded(self) -> bool: ...
+
     def wake(self) -> None: ...
 
     def answer_queued(self, turn_start: int) -> bool: ...
@@ -170,6 +172,8 @@ class TurnRunner:
                     answer.user_ids, answer.started = taken.user_ids, True
                     answer.prefilled_at, answer.prefill_tokens = taken.prefilled_at, taken.prefill_tokens
                 if event is None or event is _BUSY:
+                    if job.speculative:
+                        self._shed_under_load(job)
                     yield READY if event is None else WAIT
                     continue
                 if job.speculative and not self._release(job, answer):
@@ -200,7 +204,7 @@ class TurnRunner:
         if job.speculative and snapshot is not None and not job.confirmed.is_set():
             # never confirmed: the user went on, or it failed (then the turn runs again, unspeculated,
             # at its end, and fails or not there, with what the user said saved)
-            self._drop(snapshot)
+            self._drop(snapshot, counted=not job.shed)  # a shed answer is counted as shed, not dropped
             return
         if error is not None:
             core._fail(error)
@@ -209,6 +213,19 @@ class TurnRunner:
         core.last_turn_error = job.error
         if job.error is not None:
             core._emit(Failed(one_line(job.error), recoverable=True))
+
+    def _shed_under_load(self, job: Job) -> None:
+        """A speculative answer gives way to other conversations' confirmed ones: it is dropped (the turn runs
+        afresh at its end, as without speculation); the only cost is the head start."""
+        core = self.core
+        if job.cancel.is_set() or not core.loaded():
+            return
+        with core._play_lock:
+            if not job.claimed:
+                job.shed = True
+                job.cancel.set()
+        if job.shed:
+            core.speculation.shed += 1
 
     def _respond(self, user: UserInput, job: Job, answer: _Answer) -> Iterator[object | None]:
         """The answer's events, with a tick (None) per token; while every LM cache slot is answering other
@@ -259,11 +276,13 @@ class TurnRunner:
             self._deliver(job, event, answer)
         return True
 
-    def _drop(self, snapshot: Speculation) -> None:
-        """The user went on: forget the speculative answer; the cache keeps the user's blocks."""
+    def _drop(self, snapshot: Speculation, counted: bool = True) -> None:
+        """The user went on (or the answer was shed): forget the speculative answer; the cache keeps the
+        user's blocks."""
         core = self.core
         snapshot.restore(core.conversation)
-        core.speculation.dropped += 1
+        if counted:
+            core.speculation.dropped += 1
         if core.listener is not None:
             core.listener.rewarm(core.conversation)
 

@@ -361,7 +361,10 @@ class ConversationCore:
             return None
         same = (not utterance.truncated and spec.turn_start == utterance.start_sample
                 and spec.end_sample == utterance.end_sample)
-        if not same or spec.failed:
+        with self._play_lock:  # against the worker shedding it at this moment
+            usable = same and not spec.failed and not spec.shed
+            spec.claimed = usable
+        if not usable:
             spec.cancel.set()
             return None
         spec.heard_at = time.perf_counter()
@@ -451,6 +454,10 @@ class ConversationCore:
 
     def set_kind(self, kind: int) -> None:
         self._kind = kind
+
+    def loaded(self) -> bool:
+        """Other conversations' confirmed answers are waiting for the worker (speculation gives way)."""
+        return self.worker.others_urgent(self)
 
     def wake(self) -> None:
         """Something this conversation waits on has arrived (a remote LM's token): ask the worker again."""

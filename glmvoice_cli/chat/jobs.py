@@ -35,6 +35,8 @@ class Job:
     idle: threading.Event = field(default_factory=threading.Event)  # generated, waiting for the verdict
     tail_frames: int | None = None  # mel frames the listener still had to tokenize at the end of the turn
     failed: bool = False  # a speculative answer that failed: the end of turn runs the turn afresh
+    shed: bool = False  # a speculative answer dropped under load: the end of turn runs the turn afresh
+    claimed: bool = False  # the end of turn took this speculative answer (it can no longer be shed)
 
 
 @dataclass(frozen=True)

@@ -102,6 +102,13 @@ class ModelWorker:
         if self._thread is not None:
             self._thread.join(timeout)
 
+    def others_urgent(self, task: WorkerTask) -> bool:
+        """Another task is ready with the most urgent kind of work (priority starting with 0: a confirmed
+        answer): a speculative unit of `task` should give way (see `chat.answer`)."""
+        with self._cond:
+            others = [entry.task for entry in self._entries if entry.task is not task and not entry.waiting]
+        return any(_key(other)[:1] == (0,) for other in others)
+
     def on_this_thread(self) -> bool:
         return self._thread is threading.current_thread()
 

@@ -22,13 +22,21 @@ from __future__ import annotations
 import contextlib
 import sys
 import threading
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from glmvoice_cli.audio.vad import VadConfig
+from glmvoice_cli.chat.local import (
+    ONSET_MS,
+    LocalAudioOptions,
+    TurnTaking,
+    lock_session,
+    make_engine,
+    open_local_audio,
+    open_store,
+)
 from glmvoice_cli.commands import signals
 from glmvoice_cli.commands.common import (
     CompileOpt,
@@ -57,18 +65,13 @@ from glmvoice_cli.config import SPECULATIVE_PAUSE_MS
 from glmvoice_cli.errors import UsageError
 
 if TYPE_CHECKING:
-    from glmvoice_cli.audio.devices import AudioSink, AudioSource
-    from glmvoice_cli.audio.echo import EchoCanceller
-    from glmvoice_cli.audio.playback import Clock
     from glmvoice_cli.chat.engine import ChatEngine
     from glmvoice_cli.lm.voice_lm import GenerationOptions
-    from glmvoice_cli.pipeline.assistant import Assistant
     from glmvoice_cli.sessions.store import SessionStore
 
-ECHO_DELAY_S = 0.03  # --simulate-echo: speaker-to-microphone delay of the simulated room
+__all__ = ["TurnTaking", "chat"]  # TurnTaking lives in chat.local: the flags' defaults come from it
 
 _VAD = VadConfig()  # the turn-taking flags default to the segmenter's own values
-_ONSET_MS = _VAD.start_frames * _VAD.frame_ms  # voiced time that confirms a turn or an interruption
 
 
 def chat(
@@ -103,7 +106,7 @@ def chat(
         "Speaking while it answers interrupts it; --no-barge-in makes your speech wait its turn."))] = True,
     min_interruption_ms: Annotated[int, typer.Option(min=10, help=(
         "Speech needed to start a turn or interrupt. Higher ignores short noises but reacts later."))] = (
-        _ONSET_MS),
+        ONSET_MS),
     stream_input: Annotated[bool, typer.Option(help=(
         "Tokenize and prefill your speech while you speak; --no-stream-input does it all after your turn."))] = True,
     session_dir: Annotated[Path | None, typer.Option(help="Save the session in this folder.")] = None,
@@ -127,9 +130,9 @@ def chat(
     with signals.interrupts_as_keyboard(), contextlib.ExitStack() as held:
         folder = session_dir or resumed
         if folder is not None:
-            held.enter_context(_lock_session(folder))
-        io = _open_audio(input_file, output, text, realtime, simulate_echo, headphones, input_device,
-                         output_device)
+            held.enter_context(lock_session(folder))
+        io = open_local_audio(LocalAudioOptions(input_file, output, text, realtime, simulate_echo, headphones,
+                                                input_device, output_device))
         try:
             use_threads(threads)
             stages = ("lm", "decoder") if text else ("tokenizer", "lm", "decoder")
@@ -139,13 +142,15 @@ def chat(
                                        compile=compile_lm,
                                        server=lm_server(lm_url, lm_api_key, lm_model, lm_timeout),
                                        for_other_thread=True)  # the engine's model thread runs them
-            store = _open_store(session_dir, resumed, assistant.dirs, "text" if text else "voice")
+            store = open_store(session_dir, resumed, assistant.dirs, "text" if text else "voice")
+            for warning in store.warnings:
+                typer.secho(f"warning: {warning}", fg=typer.colors.YELLOW, err=True)
             if folder is None:  # a new folder of its own: locked against a `--resume last` elsewhere
-                held.enter_context(_lock_session(store.path))
+                held.enter_context(lock_session(store.path))
             turns = TurnTaking(vad_aggressiveness, end_silence_ms, speculative_pause_ms, pre_roll_ms,
                                min_speech_ms, max_turn_s, barge_in, min_interruption_ms, stream_input)
             generation = with_sampling(_generation(max_new_tokens, seed), temperature, top_p)
-            engine = _make_engine(assistant, io, store, turns, generation, transcribe_user)
+            engine = make_engine(assistant, io, store, turns, generation, transcribe_user)
             _converse(engine, store, text, live)
         finally:
             io.close()
@@ -167,117 +172,16 @@ def _check_options(input_file: Path | None, output_file: Path | None, text: bool
         raise UsageError(f"cannot write {output_file}: give a .wav path in an existing folder")
 
 
-class _AudioIO:
-    """The source, sink, echo canceller and clock of one run; close() writes --output-file."""
-
-    def __init__(self, source: AudioSource | None, sink: AudioSink, echo: EchoCanceller, clock: Clock,
-                 lockstep: bool) -> None:
-        self.source, self.sink, self.echo, self.clock, self.lockstep = source, sink, echo, clock, lockstep
-
-    def close(self) -> None:
-        for device in (self.source, self.sink):
-            if device is not None:
-                device.close()
-
-
-def _open_audio(input_file: Path | None, output_file: Path | None, text: bool, realtime: bool,
-                simulate_echo: float, headphones: bool, input_device: str | None,
-                output_device: str | None) -> _AudioIO:
-    """Devices before models: a missing microphone fails in a second, not after a minute of loading."""
-    from glmvoice_cli.audio.devices import Microphone, Speaker
-    from glmvoice_cli.audio.echo import make_echo_canceller
-    from glmvoice_cli.audio.fakes import EchoLoop, FileSource, RecordingSink
-    from glmvoice_cli.audio.playback import RealClock, VirtualClock
-
-    hears_speaker = (input_file is None and not text) or simulate_echo > 0  # a room between them
-    echo = make_echo_canceller("auto" if hears_speaker and not headphones else "off")
-    lockstep = input_file is not None and not realtime
-    clock = VirtualClock() if lockstep else RealClock()
-    recording = None
-    if output_file is not None or input_file is not None:
-        recording = RecordingSink(output_file, clock=clock, on_played=echo.reference)
-    sink: AudioSink = recording if recording is not None else Speaker(output_device, on_played=echo.reference)
-    try:
-        source: AudioSource | None = None
-        if input_file is not None:
-            source = FileSource(input_file, clock=clock)
-            if simulate_echo and recording is not None:
-                source = EchoLoop(source, recording, delay_s=ECHO_DELAY_S, gain=simulate_echo)
-        elif not text:
-            source = Microphone(input_device)
-    except BaseException:
-        sink.close()
-        raise
-    return _AudioIO(source, sink, echo, clock, lockstep)
-
-
 def _find_resumed(resume: str | None) -> Path | None:
     from glmvoice_cli.sessions.catalog import find_session
 
     return find_session(resume) if resume is not None else None
 
 
-def _lock_session(folder: Path) -> contextlib.AbstractContextManager[object]:
-    from glmvoice_cli.sessions.lock import locked
-    from glmvoice_cli.sessions.store import SessionError
-
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise SessionError(f"cannot create session folder {folder}: {e.strerror or e}") from e
-    return locked(folder)
-
-
-def _open_store(session_dir: Path | None, resume: Path | None, dirs: dict[str, Path], mode: str) -> SessionStore:
-    from glmvoice_cli.sessions.store import SessionStore
-
-    if resume is not None:
-        store = SessionStore.resume(resume)
-        for warning in store.warnings:
-            typer.secho(f"warning: {warning}", fg=typer.colors.YELLOW, err=True)
-        return store
-    return SessionStore.create(session_dir=session_dir, models=dirs, mode=mode)
-
-
-@dataclass(frozen=True)
-class TurnTaking:
-    """The chat's turn-taking flags (see `glmvoice chat --help`)."""
-
-    aggressiveness: int = _VAD.aggressiveness
-    end_silence_ms: int = _VAD.hangover_ms
-    speculative_pause_ms: int = SPECULATIVE_PAUSE_MS
-    pre_roll_ms: int = _VAD.pre_roll_ms
-    min_speech_ms: int = _VAD.min_turn_ms
-    max_turn_s: float = _VAD.max_turn_s
-    barge_in: bool = True
-    min_interruption_ms: int = _ONSET_MS
-    stream_input: bool = True
-
-    def vad(self) -> VadConfig:
-        frame_ms = _VAD.frame_ms
-        return VadConfig(aggressiveness=self.aggressiveness, hangover_ms=max(self.end_silence_ms, frame_ms),
-                         pre_roll_ms=self.pre_roll_ms, min_turn_ms=self.min_speech_ms, max_turn_s=self.max_turn_s,
-                         start_frames=max(1, -(-self.min_interruption_ms // frame_ms)))
-
-
 def _generation(max_new_tokens: int | None, seed: int | None) -> GenerationOptions:
     from glmvoice_cli.lm.voice_lm import DEFAULT_MAX_NEW_TOKENS, GenerationOptions
 
     return GenerationOptions(max_new_tokens=max_new_tokens or DEFAULT_MAX_NEW_TOKENS, seed=seed)
-
-
-def _make_engine(assistant: Assistant, io: _AudioIO, store: SessionStore, turns: TurnTaking,
-                 generation: GenerationOptions, transcribe_user: bool) -> ChatEngine:
-    from glmvoice_cli.chat.engine import TURN_TRANSCRIPT_MAX_TOKENS, ChatEngine, EngineConfig
-    from glmvoice_cli.pipeline.history import restore_conversation
-
-    config = EngineConfig(vad=turns.vad(), lockstep=io.lockstep, barge_in=turns.barge_in,
-                          streaming=turns.stream_input, speculative_pause_ms=turns.speculative_pause_ms or None,
-                          generation=generation, transcribe_user=transcribe_user,
-                          transcribe_max_new_tokens=min(generation.max_new_tokens, TURN_TRANSCRIPT_MAX_TOKENS))
-    conversation = restore_conversation(assistant.lm, store.turns)
-    return ChatEngine(assistant, io.source, io.sink, store=store, conversation=conversation, echo=io.echo,
-                      config=config, clock=io.clock)
 
 
 def _converse(engine: ChatEngine, store: SessionStore, text: bool, live: bool) -> None:

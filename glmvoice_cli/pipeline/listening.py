@@ -102,7 +102,8 @@ def user_prefix_ids(lm: LMBackend, audio_ids: list[int], system_mode: InputMode 
 class SpeculationStats:
     started: int = 0  # answers started at a pause
     confirmed: int = 0  # ... whose pause was the end of the turn (played)
-    dropped: int = 0  # ... dropped because the user went on
+    dropped: int = 0  # ... dropped because the user went on (or shed: see below)
+    shed: int = 0  # ... dropped because other conversations' confirmed answers needed the worker
 
 
 @dataclass
