@@ -23,6 +23,7 @@ from glmvoice_cli.commands import conventions, signals
 from glmvoice_cli.commands import decode as _decode
 from glmvoice_cli.commands import devices as _devices
 from glmvoice_cli.commands import diagnostics as _diagnostics
+from glmvoice_cli.commands import serve as _serve
 from glmvoice_cli.commands import serve_lm as _serve_lm
 from glmvoice_cli.commands import tokenize as _tokenize
 from glmvoice_cli.commands import transcribe as _transcribe
@@ -142,6 +143,7 @@ app.add_typer(models_app, name="models")
 app.add_typer(sessions_app, name="sessions")
 app.command("doctor")(_diagnostics.doctor)
 app.command("selftest")(_diagnostics.selftest)
+app.command("serve")(_serve.serve)
 app.command("serve-lm", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(
     _serve_lm.serve_lm)
 

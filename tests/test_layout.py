@@ -13,7 +13,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "glmvoice_cli"
 
 # The order audio travels; a module may import its own stage or an earlier one, never a later one.
 # Shared leaves (config, errors, options, device, events, models/) sit below every stage.
-STAGES = ["audio", "tokenizer", "lm", "decoder", "sessions", "pipeline", "chat", "ui", "commands"]
+STAGES = ["audio", "tokenizer", "lm", "decoder", "sessions", "pipeline", "chat", "serve", "ui", "commands"]
 LEAVES = {"config", "errors", "options", "device", "events", "models", "memory", "__init__"}
 
 
@@ -122,11 +122,11 @@ def test_only_the_cli_imports_the_commands() -> None:
 
 
 def test_the_conversation_reaches_the_models_only_through_the_pipeline() -> None:
-    """`chat/` (the core, the worker, the local transport), `ui/` and `sessions/` never import a model stage:
+    """`chat/` (the core, the worker, the local transport), `serve/`, `ui/` and `sessions/` never import a model stage:
     the pipeline is the one user of the LM, its Conversation and the speech stages."""
     modules = _modules()
     for module, path in modules.items():
-        if _stage(module) not in ("chat", "ui", "sessions"):
+        if _stage(module) not in ("chat", "serve", "ui", "sessions"):
             continue
         for target in _imports(path, modules):
             assert _stage(target) not in ("tokenizer", "lm", "decoder"), f"{module} imports {target}"

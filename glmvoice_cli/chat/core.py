@@ -9,6 +9,7 @@ Driving it (any thread):
 
     push_audio(frames)        16 kHz float32 microphone frames, in order (the core counts sample positions)
     type_text(text)           a typed turn
+    submit_audio(samples)     a whole spoken turn at once (push-to-talk: the transport buffered it)
     commit()                  end the user's turn now (push-to-talk), without waiting for the silence
     interrupt()               cut the answer under way and silence the output
     truncate(turn, heard_ms)  the transport says how much of an answer the user heard: the history keeps that
@@ -108,6 +109,7 @@ class TurnSettings:
     vad: VadConfig | None = None
     barge_in: bool | None = None
     speculative_pause_ms: int | None = None  # 0 turns speculation off
+    generation: GenerationOptions | None = None  # sampling and length of the next answers
 
 
 class ConversationCore:
@@ -249,10 +251,24 @@ class ConversationCore:
         self.commit()
         self.end_input()
 
-    def type_text(self, text: str) -> None:
-        """Queue a typed turn (answered in speech, like a spoken one)."""
-        if text.strip():
-            self._submit(Job(text=text.strip(), heard_at=time.perf_counter()))
+    def type_text(self, text: str) -> int | None:
+        """Queue a typed turn (answered in speech, like a spoken one); its turn number (None: blank text)."""
+        if not text.strip():
+            return None
+        job = Job(text=text.strip(), heard_at=time.perf_counter())
+        self._submit(job)
+        return job.turn
+
+    def submit_audio(self, samples: np.ndarray) -> int:
+        """Queue a whole spoken turn, (n,) float32 at 16 kHz, that the transport collected itself (push-to-talk:
+        no VAD decides where it ends); its turn number."""
+        samples = np.ascontiguousarray(samples, dtype=np.float32).reshape(-1)
+        if len(samples) == 0:
+            raise UsageError("an empty spoken turn cannot be answered")
+        now = time.perf_counter()
+        job = Job(samples=samples, heard_at=now, voice_end_at=now)
+        self._submit(job)
+        return job.turn
 
     def interrupt(self) -> None:
         """Cut the answer under way (saved as interrupted, trimmed to what was heard) and silence the output."""
@@ -275,10 +291,34 @@ class ConversationCore:
         self._put(Truncation(turn, heard))
 
     def update(self, settings: TurnSettings) -> None:
-        """New turn-taking settings; the VAD's take effect once no user turn is in progress."""
+        """New turn-taking settings: generation's at once (the next answer), the others once no user turn is
+        in progress (a turn is cut by one VAD config); settings still waiting are merged, the newest winning."""
+        from dataclasses import fields, replace
+
         with self._input_lock:
-            self._pending_settings = settings
+            if settings.generation is not None:
+                self.config = replace(self.config, generation=settings.generation)
+            waiting = self._pending_settings or TurnSettings()
+            merged = {f.name: getattr(settings, f.name) if getattr(settings, f.name) is not None
+                      else getattr(waiting, f.name) for f in fields(TurnSettings) if f.name != "generation"}
+            self._pending_settings = TurnSettings(**merged)
             self._apply_settings()
+
+    def clear_input(self) -> None:
+        """Forget the user's turn in progress: its audio so far is dropped and nothing is answered."""
+        if self.segmenter is None:
+            return
+        with self._input_lock:
+            self._drop_speculation()
+            self.segmenter.reset(self.segmenter.state.position)
+            self._apply_settings()
+
+    def backlog_s(self) -> float:
+        """Seconds of heard audio queued for the model work and not yet taken (input sent faster than the
+        worker can listen)."""
+        with self._jobs.mutex:
+            samples = sum(len(item.samples) for item in self._jobs.queue if isinstance(item, Heard))
+        return samples / self.config.vad.sample_rate
 
     # ------------------------------------------------------------------ the input side
 
@@ -450,6 +490,7 @@ class ConversationCore:
         except Exception as e:  # noqa: BLE001 - a bug or a torch error: end cleanly and say what it was
             self._fail(engine_error(e))
         finally:
+            self.assistant.lm.release(self.conversation)  # its cache (or static slot) is free at once
             self._close()
 
     def set_kind(self, kind: int) -> None:

@@ -44,6 +44,10 @@ class LMBackend(Protocol):
         """Get the calling thread ready to run turns (the in-process LM records its CUDA graphs)."""
         ...
 
+    def release(self, conv: Conversation) -> None:
+        """`conv` has ended: free what the backend holds for it (its cache); its history ids stay."""
+        ...
+
 
 def load_lm_backend(folder: Path, options: LoadOptions) -> LMBackend:
     """The remote backend when `options.lm_server` is set (only config and tokenizer are read from

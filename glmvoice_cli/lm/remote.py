@@ -107,6 +107,9 @@ class RemoteVoiceLM:
     def prepare_thread(self) -> None:
         """Nothing per thread: every request is its own."""
 
+    def release(self, conv: Conversation) -> None:
+        """Nothing held here: the server's prefix cache evicts what no request uses."""
+
     def check_vocabulary(self, padded_vocab_size: int) -> None:
         """One-token probes: token ids come back, the mask is honoured, the vocabularies agree."""
         last = max(self._named)

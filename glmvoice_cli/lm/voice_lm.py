@@ -304,6 +304,13 @@ class VoiceLM:
                               "other conversations")
         return min(idle, key=lambda slot: slot.claimed_at)
 
+    def release(self, conv: Conversation) -> None:
+        """`conv` has ended: drop its cache and hand back its static slot (its history ids stay)."""
+        slot = conv.slot
+        if slot is not None and slot.owner is conv:
+            slot.owner = None
+        conv.cache, conv.cached_ids, conv.slot, conv.answering = None, [], None, False
+
     def reserve(self, conv: Conversation) -> None:
         """Make sure `conv` can get a slot before its history changes; raises LMSlotsBusy (try again later)."""
         if self.static is not None and (conv.slot is None or conv.slot.owner is not conv):

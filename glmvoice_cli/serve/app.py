@@ -1,0 +1,218 @@
+"""The ASGI app of `glmvoice serve`: `/v1/realtime` (WebSocket), one `RealtimeSession` per connection.
+
+All connections share one `ModelWorker` (one thread runs every conversation's model work, round-robin
+with answers first) and the loaded models. Starlette does the HTTP and WebSocket protocol; this file does
+authentication, the session limit, the message-size bound and the bridge between the asyncio side and the
+session's threads (a queue per connection, filled with `call_soon_threadsafe`).
+
+Imported only by `glmvoice serve` (Starlette is the optional extra `glmvoice[server]`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import secrets
+import threading
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route, WebSocketRoute
+from starlette.websockets import WebSocket, WebSocketDisconnect
+
+from glmvoice_cli.chat.worker import ModelWorker
+from glmvoice_cli.serve.protocol import ProtocolError, error_event
+from glmvoice_cli.serve.session import CLOSE, RealtimeSession
+
+if TYPE_CHECKING:
+    from glmvoice_cli.pipeline import GenerationOptions
+    from glmvoice_cli.pipeline.assistant import Assistant
+    from glmvoice_cli.sessions.store import SessionStore
+
+log = logging.getLogger("glmvoice_cli")
+
+MAX_MESSAGE_BYTES = 4 * 1024 * 1024  # a bigger message gets an error event (about 60 s of 24 kHz audio)
+HARD_MESSAGE_BYTES = 16 * 1024 * 1024  # the WebSocket layer closes the connection beyond this
+JOIN_TIMEOUT_S = 10.0
+CLOSE_TRY_AGAIN = 1013  # WebSocket close code: try again later (the session limit)
+CLOSE_POLICY = 1008  # refused: no or wrong API key
+CLOSE_SERVER_ERROR = 1011
+KEY_SUBPROTOCOL = "openai-insecure-api-key."
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    api_key: str | None = None  # None: no authentication (loopback only, see `commands.serve`)
+    max_sessions: int = 4
+    save: bool = True
+    session_root: Path | None = None  # None: each session in a new folder under the data folder
+    model: str = "glm-4-voice-9b"
+
+
+class RealtimeServer:
+    """The models, the worker and the live sessions; `app()` is what uvicorn serves."""
+
+    def __init__(self, assistant: Assistant, generation: GenerationOptions, options: ServeOptions) -> None:
+        self.assistant, self.generation, self.options = assistant, generation, options
+        self.worker = ModelWorker(prepare=assistant.prepare_thread)
+        self._lock = threading.Lock()
+        self._sessions: set[RealtimeSession] = set()
+        self._slots = 0  # connections holding a session slot (reserved before the session exists)
+        self.served = 0  # sessions ever started
+
+    def app(self) -> Starlette:
+        return Starlette(routes=[WebSocketRoute("/v1/realtime", self._realtime), Route("/health", self._health)],
+                         lifespan=self._lifespan)
+
+    @contextlib.asynccontextmanager
+    async def _lifespan(self, app: Starlette) -> AsyncIterator[None]:
+        self.worker.start()
+        try:
+            yield
+        finally:
+            with self._lock:
+                sessions = list(self._sessions)
+            for session in sessions:
+                session.close()
+            await asyncio.to_thread(self._stop_worker, sessions)
+
+    def _stop_worker(self, sessions: list[RealtimeSession]) -> None:
+        for session in sessions:
+            session.join(JOIN_TIMEOUT_S)
+        self.worker.stop()
+        self.worker.join(JOIN_TIMEOUT_S)
+
+    async def _health(self, request: Request) -> JSONResponse:
+        with self._lock:
+            active = self._slots
+        return JSONResponse({"status": "ok", "sessions": active, "max_sessions": self.options.max_sessions})
+
+    # ------------------------------------------------------------------ one connection
+
+    async def _realtime(self, ws: WebSocket) -> None:
+        offered = [str(p) for p in ws.scope.get("subprotocols", [])]
+        if not self._authorized(ws.headers.get("authorization"), offered):
+            await ws.close(code=CLOSE_POLICY)  # before accept: the handshake is refused (HTTP 403)
+            return
+        await ws.accept(subprotocol="realtime" if "realtime" in offered else None)
+        if not self._take_slot():
+            refusal = ProtocolError(f"the server already has {self.options.max_sessions} sessions: try again later",
+                                    code="session_limit_reached", kind="server_error")
+            await ws.send_text(json.dumps(error_event(refusal)))
+            await ws.close(code=CLOSE_TRY_AGAIN)
+            return
+        try:
+            await self._converse(ws)
+        finally:
+            with self._lock:
+                self._slots -= 1
+
+    async def _converse(self, ws: WebSocket) -> None:
+        loop = asyncio.get_running_loop()
+        outbox: asyncio.Queue[object] = asyncio.Queue()
+
+        def send(event: object) -> None:  # from any thread, in order
+            with contextlib.suppress(RuntimeError):  # the loop is gone: the server is stopping
+                loop.call_soon_threadsafe(outbox.put_nowait, event)
+
+        with contextlib.ExitStack() as held:
+            try:
+                store = await asyncio.to_thread(self._open_store, held) if self.options.save else None
+            except Exception as e:  # noqa: BLE001 - a full disk, a read-only folder: say it and close
+                failure = ProtocolError(f"cannot save the session: {e}", code="session_store_failed",
+                                        kind="server_error")
+                await ws.send_text(json.dumps(error_event(failure)))
+                await ws.close(code=CLOSE_SERVER_ERROR)
+                return
+            session = RealtimeSession(self.assistant, self.worker, send, generation=self.generation, store=store)
+            session.settings.model = ws.query_params.get("model") or self.options.model
+            with self._lock:
+                self._sessions.add(session)
+                self.served += 1
+            sender = asyncio.create_task(self._send_loop(ws, outbox))
+            try:
+                session.start()
+                await self._receive_loop(ws, session, sender)
+            finally:
+                session.close()  # a client that vanished frees its turn and its cache at once
+                sender.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await sender
+                await asyncio.to_thread(session.join, JOIN_TIMEOUT_S)
+                with self._lock:
+                    self._sessions.discard(session)
+                with contextlib.suppress(Exception):
+                    await ws.close()
+
+    async def _receive_loop(self, ws: WebSocket, session: RealtimeSession, sender: asyncio.Task[None]) -> None:
+        while not sender.done():
+            try:
+                message = await ws.receive()
+            except (WebSocketDisconnect, RuntimeError):
+                return
+            if message["type"] == "websocket.disconnect":
+                return
+            data: str | bytes | None = message.get("text")
+            if data is None:
+                data = message.get("bytes")
+            if data is None:
+                continue
+            if len(data) > MAX_MESSAGE_BYTES:
+                session.handle_error(ProtocolError(
+                    f"a message may hold at most {MAX_MESSAGE_BYTES // (1024 * 1024)} MiB: send audio in smaller "
+                    "chunks", code="message_too_large"))
+                continue
+            session.handle(data)
+
+    @staticmethod
+    async def _send_loop(ws: WebSocket, outbox: asyncio.Queue[object]) -> None:
+        while True:
+            event = await outbox.get()
+            if event is CLOSE:
+                await ws.close(code=CLOSE_SERVER_ERROR)
+                return
+            try:
+                await ws.send_text(json.dumps(event))
+            except (WebSocketDisconnect, RuntimeError, OSError):
+                return
+
+    # ------------------------------------------------------------------ admission
+
+    def _authorized(self, header: str | None, offered: list[str]) -> bool:
+        wanted = self.options.api_key
+        if wanted is None:
+            return True
+        keys = [p[len(KEY_SUBPROTOCOL):] for p in offered if p.startswith(KEY_SUBPROTOCOL)]
+        if header is not None and header.lower().startswith("bearer "):
+            keys.append(header[len("bearer "):].strip())
+        return any(secrets.compare_digest(key.encode(), wanted.encode()) for key in keys)
+
+    def _take_slot(self) -> bool:
+        with self._lock:
+            if self._slots >= self.options.max_sessions:
+                return False
+            self._slots += 1
+            return True
+
+    def _open_store(self, held: contextlib.ExitStack) -> SessionStore:
+        from glmvoice_cli.chat.local import lock_session
+        from glmvoice_cli.sessions.store import SessionStore
+
+        folder = None
+        if self.options.session_root is not None:
+            folder = self.options.session_root / f"realtime-{secrets.token_hex(6)}"
+        store = SessionStore.create(session_dir=folder, models=self.assistant.dirs, mode="voice")
+        held.enter_context(lock_session(store.path))
+        return store
+
+    @property
+    def active(self) -> int:
+        with self._lock:
+            return len(self._sessions)
