@@ -173,6 +173,17 @@ class AssistantTurn(Tagged):
 
 
 @dataclass(frozen=True)
+class AnswerTruncated(Tagged):
+    """A finished answer was trimmed after the fact (the transport said the user heard only part of it):
+    the session store rewrites that turn, as if the answer had been cut there."""
+
+    turn: int
+    token_ids: tuple[int, ...]  # what the history keeps of the answer now
+    text: str  # the text of what was heard
+    heard_samples: int  # samples of the answer's audio heard (at the output's rate)
+
+
+@dataclass(frozen=True)
 class Failed(Tagged):
     """A stage failed; the message is one line for the user. The session goes on or ends."""
 
@@ -197,6 +208,7 @@ ChatEvent = (
     | Interrupted
     | TurnEnded
     | AssistantTurn
+    | AnswerTruncated
     | Failed
     | StatusChanged
 )

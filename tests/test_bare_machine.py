@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -129,3 +130,19 @@ def test_livekit_is_an_optional_extra() -> None:
     project = tomllib.loads(pyproject.read_text())["project"]
     assert not any(d.startswith("livekit") for d in project["dependencies"])
     assert any(d.startswith("livekit") for d in project["optional-dependencies"]["aec"])
+
+
+def test_serve_without_its_extra_says_how_to_get_it(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from glmvoice_cli.cli import app
+    from glmvoice_cli.commands import doctor
+
+    real = doctor._version
+    monkeypatch.setattr(doctor, "_version", lambda dist: None if dist == "uvicorn" else real(dist))
+    check = doctor.check_server()
+    assert check.status == "warn" and "uvicorn" in check.detail and "glmvoice[server]" in check.fix
+    monkeypatch.setitem(sys.modules, "uvicorn", None)  # `import uvicorn` now fails, as without the extra
+    result = CliRunner().invoke(app, ["serve", "--models", str(tmp_path)])
+    assert result.exit_code != 0
+    assert "pip install 'glmvoice[server]'" in result.output and "Traceback" not in result.output

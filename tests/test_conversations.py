@@ -279,3 +279,26 @@ def test_speculation_gives_way_under_load_and_the_turn_still_gets_its_answer(ass
     got, alone = _outcome(rig), _alone(assistant, user, 6)  # alone, the speculative answer is the one played
     assert got.ids == alone.ids and got.interrupted == alone.interrupted == [False]
     np.testing.assert_array_equal(got.audio, alone.audio)
+
+
+def test_an_ended_conversation_frees_its_cache_at_once(assistant: Assistant) -> None:
+    """A client that vanishes (the core is stopped) leaves no KV cache or static slot behind; its history stays."""
+    worker = ModelWorker(prepare=assistant.lm.prepare_thread)
+    core = _core(assistant, worker)
+    worker.start()
+    core.start()
+    try:
+        assert core.type_text("Hello there") == 1
+        turn = core.submit_audio(np.concatenate([silence(0.2), burst(0.6)]))
+        assert turn == 2
+        _drain(core.events, TurnEnded)
+        first = core.conversation.cache
+        assert first is not None  # a live conversation keeps its cache between turns
+        core.stop()
+        assert core.wait(RUN_TIMEOUT_S)
+    finally:
+        worker.stop()
+        worker.join()
+    conv = core.conversation
+    assert conv.cache is None and conv.cached_ids == [] and conv.slot is None
+    assert conv.ids  # what was said is still there (a saved session restores from its ids, not the cache)

@@ -20,6 +20,7 @@ from glmvoice_cli.chat.turn_timing import breakdown
 from glmvoice_cli.chat.worker import READY, WAIT
 from glmvoice_cli.errors import AudioDeviceError, ContextLengthError, GlmVoiceError, LMServerError
 from glmvoice_cli.events import (
+    AnswerTruncated,
     AssistantTurn,
     AudioChunk,
     ChatState,
@@ -142,9 +143,12 @@ class TurnRunner:
     def truncate_finished(self, item: Truncation) -> None:
         """Trim an answer that has already ended, if it is still the last one (later turns build on it)."""
         start = self._answers.get(item.turn)
-        if start is not None:
-            trim_finished_answer(self.core.conversation, self.core.assistant.lm.text_tokenizer, start, item.heard,
-                                 self.core.output.sample_rate)
+        if start is None:
+            return
+        conv, tok = self.core.conversation, self.core.assistant.lm.text_tokenizer
+        if trim_finished_answer(conv, tok, start, item.heard, self.core.output.sample_rate):
+            kept = tuple(conv.last_output)
+            self.core._emit(AnswerTruncated(item.turn, kept, answer_text(tok, kept), item.heard))
 
     # ------------------------------------------------------------------ one turn
 

@@ -51,6 +51,7 @@ def check_packages() -> list[Check]:
         checks.append(Check(dist, OK, version) if version else
                       Check(dist, FAIL, "not installed", f"pip install '{dist}' (or reinstall glmvoice)"))
     checks.append(check_echo())
+    checks.append(check_server())
     try:
         import soundfile
 
@@ -58,6 +59,16 @@ def check_packages() -> list[Check]:
     except (ImportError, OSError) as e:
         checks.append(Check("libsndfile", FAIL, f"cannot load: {e}", "apt install libsndfile1 / brew install libsndfile"))
     return checks
+
+
+def check_server() -> Check:
+    """Whether `glmvoice serve` can run: its optional extra (Starlette, uvicorn, websockets)."""
+    missing = [dist for dist in ("starlette", "uvicorn", "websockets") if _version(dist) is None]
+    if missing:
+        return Check("glmvoice serve", WARN, f"not available ({', '.join(missing)} not installed)",
+                     "pip install 'glmvoice[server]' (only needed to serve the Realtime API)")
+    return Check("glmvoice serve", OK, f"Realtime API server ready (starlette {_version('starlette')}, "
+                 f"uvicorn {_version('uvicorn')})")
 
 
 def check_echo() -> Check:

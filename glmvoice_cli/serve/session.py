@@ -203,9 +203,8 @@ class RealtimeSession:
         if self._buffered == 0:
             raise ProtocolError("the input audio buffer is empty: nothing to commit",
                                 code="input_audio_buffer_commit_empty")
-        samples = np.concatenate(self._buffer)
+        samples = np.concatenate([*self._buffer, self._input.finish()])
         self._buffer, self._buffered = [], 0
-        self._input.reset()
         item = _Pending(new_id("item"), samples=samples)
         self._pending.append(item)
         self._send({"type": "input_audio_buffer.committed", "item_id": item.item_id,

@@ -31,6 +31,12 @@ class WireInput:
     def __call__(self, samples: np.ndarray) -> np.ndarray:
         return np.asarray(self._stream.resample_chunk(samples.astype(np.float32)), dtype=np.float32).reshape(-1)
 
+    def finish(self) -> np.ndarray:
+        """The samples the filter still holds (the end of a push-to-talk turn), and a fresh start."""
+        tail = np.asarray(self._stream.resample_chunk(np.zeros(0, np.float32), last=True), dtype=np.float32)
+        self._stream.clear()
+        return tail.reshape(-1)
+
     def reset(self) -> None:
         self._stream.clear()
 

@@ -271,6 +271,37 @@ class SessionStore:
             self.turns.append(record)
             return record
 
+    def amend_last_answer(self, token_ids: Sequence[int], text: str, heard_samples: int) -> TurnRecord | None:
+        """The last answer was heard only in part (a client's truncate after it ended): its line and its audio
+        are rewritten to what was heard, each whole or not at all. None when the last line is not an answer."""
+        from dataclasses import replace
+
+        with self._lock:
+            if not self.turns or self.turns[-1].role != "assistant":
+                return None
+            record = self.turns[-1]
+            duration = record.duration_s
+            if record.audio is not None and (self.path / record.audio).is_file():
+                duration = self._trim_audio(record.audio, heard_samples)
+            record = replace(record, token_ids=tuple(int(i) for i in token_ids), text=text or None,
+                             interrupted=True, duration_s=duration)
+            lines = "".join(json.dumps(r.to_json(), ensure_ascii=False) + "\n" for r in [*self.turns[:-1], record])
+            try:
+                write_file(self.transcript_path, lines.encode("utf-8"))
+            except OSError as e:
+                raise SessionError(f"cannot rewrite {self.transcript_path}: {_reason(e)}") from e
+            self.turns[-1] = record
+            return record
+
+    def _trim_audio(self, relative: str, samples: int) -> float:
+        from glmvoice_cli.audio.io import read_audio
+
+        path = self.path / relative
+        audio = read_audio(path)  # at its own rate
+        kept = audio.samples[: max(0, samples)]
+        write_audio(path, kept, audio.sample_rate)
+        return round(len(kept) / audio.sample_rate, 3)
+
     def audio_name(self, role: str) -> str:
         """Reserve the next audio file name for a turn of `role` (memory only: no disk access)."""
         with self._names_lock:

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from glmvoice_cli.errors import GlmVoiceError
-from glmvoice_cli.events import AssistantTurn, UserAudio, UserUtterance
+from glmvoice_cli.events import AnswerTruncated, AssistantTurn, UserAudio, UserUtterance
 
 if TYPE_CHECKING:
     from glmvoice_cli.sessions.store import AudioFile, SessionStore
@@ -63,6 +63,8 @@ class SessionWriter:
         elif isinstance(event, UserUtterance) and event.turn is not None:
             self.store.append_user(None, text=event.text, token_ids=event.token_ids,
                                    audio=self._audio.pop(event.turn, None))
+        elif isinstance(event, AnswerTruncated):
+            self.store.amend_last_answer(event.token_ids, event.text, event.heard_samples)
         elif isinstance(event, AssistantTurn):
             audio, failed = self._save_answer_audio(event)
             self.store.append_assistant(None, text=event.text, token_ids=event.token_ids,
