@@ -17,6 +17,7 @@ one JSON, updated after each stage so that a run cut short keeps what it measure
     bash benchmarks/gpu_check.sh [--out results.json]      # on the GPU machine, < 5 min
     bash benchmarks/gpu_check.sh --latency --speech-dir DIR --out results.json   # + the latency comparison
     bash benchmarks/gpu_check.sh --conversations --speech-dir DIR   # + 1, 2, 4 conversations on one worker
+    bash benchmarks/gpu_check.sh --realtime --speech-dir DIR   # + 1, 2, 4 SDK clients of `glmvoice serve`
     python benchmarks/gpu_check.py --tiny --out x.json      # tiny sizes on CPU (the CI smoke test)
 """
 
@@ -234,6 +235,42 @@ def _missing_for_latency() -> list[str]:
     return [name for name in ("webrtcvad", "soundfile", "soxr") if importlib.util.find_spec(name) is None]
 
 
+def _missing_for_realtime() -> list[str]:
+    """The chat's audio side and the server extra with the official client (`glmvoice[server]`, `openai`)."""
+    import importlib.util
+
+    extra = ("starlette", "uvicorn", "websockets", "openai")
+    return _missing_for_latency() + [name for name in extra if importlib.util.find_spec(name) is None]
+
+
+def _spoken_turns(speech_dir: Path | None) -> list[list[np.ndarray]]:
+    from latency import CONVERSATIONS, espeak
+
+    with tempfile.TemporaryDirectory() as scratch:
+        return [[espeak(t, Path(scratch), speech_dir) for t in turns] for turns in CONVERSATIONS.values()]
+
+
+def check_realtime(lm: VoiceLM, decoder_models: DecoderModels, device: torch.device, turns: list[list[np.ndarray]],
+                   tiny: bool, counts: tuple[int, ...] = (1, 2, 4)) -> dict:
+    """realtime.py's server side: N official-SDK clients at once against `glmvoice serve`'s app in this process,
+    with the stages measured above (one static-cache slot per client for the compiled LM)."""
+    from latency import real_tokenizer
+    from realtime import run_clients
+
+    from glmvoice_cli.decoder.speech_decoder import SpeechDecoder
+    from glmvoice_cli.pipeline.assistant import Assistant
+
+    if lm.static is not None and len(lm.slots) < max(counts):
+        lm.enable_static(compiled=lm.static.mode != "eager", max_len=lm.static.max_len, slots=max(counts))
+    assistant = Assistant(lm, real_tokenizer(device, tokenizer_config(tiny)), SpeechDecoder(decoder_models, seed=1))
+    out = {}
+    for n in counts:
+        run = run_clients(assistant, [turns[k % len(turns)] for k in range(n)], 40, 1)
+        run.pop("per_client_s")
+        out[str(n)] = run
+    return out
+
+
 def check_latency(lm: VoiceLM, decoder_models: DecoderModels, device: torch.device, users: dict[str, np.ndarray],
                   tiny: bool) -> dict:
     """latency.py's serial/streaming comparison with the stages measured above (the LM compiled, its CUDA
@@ -294,11 +331,15 @@ def main() -> None:
                     help="also run 1, 2 and 4 conversations at once on one model worker (benchmarks/conversations.py)")
     ap.add_argument("--speech-dir", type=Path, default=None,
                     help="the conversations' speech rendered by `latency.py --render-only` (no espeak-ng here)")
+    ap.add_argument("--realtime", action="store_true",
+                    help="also run 1, 2 and 4 SDK clients at once against the Realtime server (benchmarks/realtime.py)")
     args = ap.parse_args()
     talks = args.latency or args.conversations
     missing = _missing_for_latency() if talks else []
+    missing_rt = _missing_for_realtime() if args.realtime else []
     # the speech is read before any model is built: a missing piece fails now, not after minutes of GPU time
     users = _conversations(args.speech_dir) if talks and not missing else None
+    spoken = _spoken_turns(args.speech_dir) if args.realtime and not missing_rt else None
     device = torch.device(args.device)
     os.environ.setdefault("GLMVOICE_HOME", tempfile.mkdtemp(prefix="glmvoice-gpu-check-"))
     spec = SIZES["quick"] if args.tiny else replace(SIZES["full"], seq_length=8192)
@@ -337,6 +378,12 @@ def main() -> None:
         _log("conversations: 1, 2 and 4 at once on one model worker, at real-time pace ...")
         results["conversations"] = {"skipped": f"not importable here: {', '.join(missing)} (carry their wheels)"} \
             if users is None else check_conversations(keep[0], keep[1], device, users, args.tiny)
+        results["elapsed_s"] = round(time.perf_counter() - start, 1)
+        _write(results, args.out)
+    if args.realtime:
+        _log("realtime: 1, 2 and 4 SDK clients of the Realtime server, at real-time pace ...")
+        results["realtime"] = {"skipped": f"not importable here: {', '.join(missing_rt)} (carry their wheels)"} \
+            if spoken is None else check_realtime(keep[0], keep[1], device, spoken, args.tiny)
         results["elapsed_s"] = round(time.perf_counter() - start, 1)
         _write(results, args.out)
     del keep  # the 4-bit LM is measured alone, after the three stages' peak

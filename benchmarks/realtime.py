@@ -47,7 +47,7 @@ from latency import ANSWER_ROOM_S, CONVERSATIONS, RATE, _commit, build, espeak, 
 WIRE_RATE = 24_000
 CHUNK_S = 0.1  # client chunks, as the SDK examples send them
 VOICED = 1e-3  # |sample| above this counts as voice when finding where a question ends
-TAIL_S = 20.0  # after the script: time for the last answer
+TAIL_S = 300.0  # after the script: the longest wait for the last answers (as conversations.py's RUN_SLACK_S)
 
 
 @dataclass
@@ -128,7 +128,9 @@ async def one_client(url: str, wire: np.ndarray, ends_s: list[float]) -> Client:
             if delay > 0:
                 await asyncio.sleep(delay)
         deadline = time.perf_counter() + TAIL_S
-        while len(seen.statuses) < len(ends_s) and time.perf_counter() < deadline:
+        # every question answered (or its answer cut by the next one) and every answer done, or give up
+        while (len(seen.created) < len(ends_s) or len(seen.statuses) < len(seen.created)) \
+                and time.perf_counter() < deadline:
             await asyncio.sleep(0.1)
         reader.cancel()
     return seen

@@ -21,7 +21,7 @@ def test_gpu_check_tiny_runs_without_the_extras(tmp_path: Path) -> None:
     out = tmp_path / "gpu.json"
     blocked = "".join(f"sys.modules[{name!r}] = None\n" for name in ABSENT_ON_GPU_MACHINES)  # import fails
     code = (f"import runpy, sys\n{blocked}sys.path.insert(0, {str(ROOT / 'benchmarks')!r})\n"
-            f"sys.argv = ['gpu_check.py', '--tiny', '--device', 'cpu', '--latency', '--conversations', '--out', {str(out)!r}]\n"
+            f"sys.argv = ['gpu_check.py', '--tiny', '--device', 'cpu', '--latency', '--conversations', '--realtime', '--out', {str(out)!r}]\n"
             f"runpy.run_path({str(ROOT / 'benchmarks' / 'gpu_check.py')!r}, run_name='__main__')\n")
     env = {**os.environ, "PYTHONPATH": str(ROOT)}  # the session's compile cache (conftest): one compile
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=1200,
@@ -39,6 +39,7 @@ def test_gpu_check_tiny_runs_without_the_extras(tmp_path: Path) -> None:
     # the latency comparison needs the chat's audio side: said in the JSON, checked before any model is built
     assert result["latency"] == {"skipped": "not importable here: webrtcvad, soundfile, soxr (carry their wheels)"}
     assert result["conversations"] == result["latency"]
+    assert result["realtime"]["skipped"].startswith("not importable here: webrtcvad, soundfile, soxr")
 
 
 def test_gpu_check_shell_wrapper_runs_the_module() -> None:

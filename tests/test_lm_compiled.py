@@ -306,3 +306,10 @@ def test_a_pool_of_static_slots_serves_interleaved_conversations(tmp_path: Path)
     alone = eager.new_conversation()
     _turn(eager, alone, TextInput("two"), GREEDY)
     assert second.ids == alone.ids
+    # a server grows the pool to one slot per session; an ended conversation hands its slot back at once
+    single.ensure_slots(3)
+    assert len(single.slots) == 3 and single.slots[1].mode == "eager"
+    single.release(second)
+    assert single.slots[0].owner is None and second.slot is None and second.cache is None
+    eager.ensure_slots(2)  # no static cache: nothing to grow
+    assert eager.slots == []

@@ -90,8 +90,11 @@ def last_session(server: Server, lines: int) -> list[dict[str, Any]]:
 
 
 def transcript(folder: Path) -> list[dict[str, Any]]:
+    """The saved lines so far (a line being written by the server at this moment is not one yet)."""
     path = folder / "transcript.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines(keepends=True) if line.endswith("\n")]
 
 
 def _check_answer(got: Answer) -> None:
@@ -262,6 +265,27 @@ def test_clients_at_once_each_get_the_answer_they_get_alone(server: Server, clie
         assert got.transcript == want.transcript
         np.testing.assert_array_equal(wire_audio(got.audio), wire_audio(want.audio))
     assert len({a.transcript for a in at_once} | {len(a.audio) for a in at_once}) > 1  # not one answer for all
+    # and the histories the sessions saved: the same ids at once as alone
+    deadline = time.monotonic() + SAVE_TIMEOUT_S
+    while True:
+        saved = _saved_by_first_text(server, texts)
+        if all(len(saved.get(text, [])) >= 2 for text in texts) or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    for text in texts:
+        histories = saved[text]
+        assert len(histories) >= 2 and all(h == histories[0] for h in histories), text
+
+
+def _saved_by_first_text(server: Server, texts: list[str]) -> dict[str, list[list[list[int]]]]:
+    """Every saved session that began with one of `texts`, as its turns' token ids, grouped by that text."""
+    root = Path(server.process.args[server.process.args.index("--session-dir") + 1])  # type: ignore[union-attr]
+    grouped: dict[str, list[list[list[int]]]] = {}
+    for folder in root.iterdir():
+        lines = transcript(folder)
+        if len(lines) >= 2 and lines[0]["text"] in texts:
+            grouped.setdefault(lines[0]["text"], []).append([line["token_ids"] for line in lines])
+    return grouped
 
 
 # ---------------------------------------------------------------------- bad input

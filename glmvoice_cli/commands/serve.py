@@ -87,6 +87,7 @@ def serve(
                                        device=device, dtype=dtype, quantize=quantize, seed=seed, compile=compile_lm,
                                        server=lm_server(lm_url, lm_api_key, lm_model, lm_timeout),
                                        for_other_thread=True)  # the model worker runs them
+            assistant.lm.ensure_slots(max_sessions)  # a compiled LM keeps every session's cache at once
             generation = with_sampling(GenerationOptions(max_new_tokens=max_new_tokens or DEFAULT_MAX_NEW_TOKENS,
                                                          seed=seed), temperature, top_p)
             if session_dir is not None:

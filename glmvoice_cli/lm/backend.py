@@ -44,6 +44,10 @@ class LMBackend(Protocol):
         """Get the calling thread ready to run turns (the in-process LM records its CUDA graphs)."""
         ...
 
+    def ensure_slots(self, n: int) -> None:
+        """Keep the caches of at least `n` conversations at once (the compiled LM's static slots)."""
+        ...
+
     def release(self, conv: Conversation) -> None:
         """`conv` has ended: free what the backend holds for it (its cache); its history ids stay."""
         ...

@@ -107,6 +107,9 @@ class RemoteVoiceLM:
     def prepare_thread(self) -> None:
         """Nothing per thread: every request is its own."""
 
+    def ensure_slots(self, n: int) -> None:
+        """Nothing to grow: the server batches every request in its own KV cache."""
+
     def release(self, conv: Conversation) -> None:
         """Nothing held here: the server's prefix cache evicts what no request uses."""
 

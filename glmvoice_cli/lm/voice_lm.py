@@ -207,6 +207,18 @@ class VoiceLM:
         assert built[0].report is not None
         return built[0].report
 
+    def ensure_slots(self, n: int) -> None:
+        """At least `n` static-cache slots, built as the first (a server keeps one per session); nothing
+        without a static cache (the eager loop gives every conversation a cache of its own)."""
+        from glmvoice_cli.lm.compiled import build_static_decoder
+
+        first = self.static
+        if first is None or len(self.slots) >= n:
+            return
+        blocked = blocked_mask(self.text_tokenizer, self.model.lm_head.weight.shape[0], self.device)
+        self.slots += [build_static_decoder(self.model, first.max_len, blocked, first.mode != "eager")
+                       for _ in range(n - len(self.slots))]
+
     def prepare_thread(self) -> None:
         """Get the calling thread ready to decode without first-turn set-up (CUDA graphs are per thread).
 
