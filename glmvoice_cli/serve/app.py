@@ -1,4 +1,5 @@
-"""The ASGI app of `glmvoice serve`: `/v1/realtime` (WebSocket), one `RealtimeSession` per connection.
+"""The ASGI app of `glmvoice serve`: `/v1/realtime` (WebSocket), one `RealtimeSession` per connection, and the
+browser page (`/`, its files under `/static`, from `serve/web/`; `/health` says whether a key is needed).
 
 All connections share one `ModelWorker` (one thread runs every conversation's model work, round-robin
 with answers first) and the loaded models. Starlette does the HTTP and WebSocket protocol; this file does
@@ -23,8 +24,9 @@ from typing import TYPE_CHECKING
 
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse
-from starlette.routing import Route, WebSocketRoute
+from starlette.responses import FileResponse, JSONResponse
+from starlette.routing import Mount, Route, WebSocketRoute
+from starlette.staticfiles import StaticFiles
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from glmvoice_cli.chat.worker import ModelWorker
@@ -45,6 +47,7 @@ CLOSE_TRY_AGAIN = 1013  # WebSocket close code: try again later (the session lim
 CLOSE_POLICY = 1008  # refused: no or wrong API key
 CLOSE_SERVER_ERROR = 1011
 KEY_SUBPROTOCOL = "openai-insecure-api-key."
+NO_STORE = {"cache-control": "no-store"}
 
 
 @dataclass(frozen=True)
@@ -68,8 +71,12 @@ class RealtimeServer:
         self.served = 0  # sessions ever started
 
     def app(self) -> Starlette:
-        return Starlette(routes=[WebSocketRoute("/v1/realtime", self._realtime), Route("/health", self._health)],
-                         lifespan=self._lifespan)
+        web = Path(__file__).with_name("web")
+        return Starlette(routes=[
+            WebSocketRoute("/v1/realtime", self._realtime), Route("/health", self._health),
+            Route("/", lambda request: FileResponse(web / "index.html", headers=NO_STORE)),
+            Mount("/static", StaticFiles(directory=web), name="static"),
+        ], lifespan=self._lifespan)
 
     @contextlib.asynccontextmanager
     async def _lifespan(self, app: Starlette) -> AsyncIterator[None]:
@@ -92,7 +99,8 @@ class RealtimeServer:
     async def _health(self, request: Request) -> JSONResponse:
         with self._lock:
             active = self._slots
-        return JSONResponse({"status": "ok", "sessions": active, "max_sessions": self.options.max_sessions})
+        return JSONResponse({"status": "ok", "sessions": active, "max_sessions": self.options.max_sessions,
+                             "auth": self.options.api_key is not None}, headers=NO_STORE)
 
     # ------------------------------------------------------------------ one connection
 
