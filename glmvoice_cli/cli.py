@@ -76,6 +76,8 @@ class _Group(TyperGroup):
             return run()
         try:
             code = run()
+        except click.exceptions.NoArgsIsHelpError:  # `glmvoice`, `glmvoice models`: the help was the answer
+            sys.exit(0)
         except click.ClickException as e:  # usage errors: one line, like every other error
             _print_error(conventions.one_line(e))
             sys.exit(e.exit_code)

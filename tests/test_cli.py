@@ -166,3 +166,13 @@ def test_tokenize_truncated_file_warns_and_keeps_the_readable_part(tiny_tok: Pat
     assert result.exit_code == 0, result.output
     assert len(result.stdout.split()) == 25
     assert result.stderr.startswith("warning: ") and "cut.wav" in result.stderr
+
+
+@pytest.mark.parametrize("words", [[], ["models"], ["sessions"]])
+def test_a_bare_group_prints_its_help_and_succeeds(words: list[str]) -> None:
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "glmvoice_cli", *words], capture_output=True, text=True,
+                          timeout=120, check=False)
+    assert done.returncode == 0 and "Usage:" in done.stdout and done.stderr == ""

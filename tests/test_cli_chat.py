@@ -188,3 +188,55 @@ def test_bad_options_are_one_line(models: Path, args: list[str], message: str) -
     result = _chat(models, *args)
     assert result.exit_code == 2
     assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_a_realtime_file_starts_playing_when_the_models_are_ready(models: Path, phrases, tmp_path: Path,  # type: ignore[no-untyped-def]
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--realtime` used to start its clock before loading: the file played during the load, so the first
+    question was lost under the second and the recording grew by the load time."""
+    import time as _time
+
+    from glmvoice_cli.commands import chat as chat_command
+
+    slow = 3.0
+    real_load = chat_command.load_assistant
+
+    def slow_load(*args, **kwargs):  # type: ignore[no-untyped-def]
+        _time.sleep(slow)  # a 9B checkpoint takes this and more
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(chat_command, "load_assistant", slow_load)
+    q1, _ = phrases
+    wav = _wav(tmp_path / "in.wav", _pause(0.5), q1, _pause(5.0))
+    out = tmp_path / "out.wav"
+    result = _chat(models, "--input-file", str(wav), "--realtime", "--output", str(out),
+                   "--session-dir", str(tmp_path / "S"))
+    assert result.exit_code == 0, result.output
+    input_s = sf.info(str(wav)).duration
+    recorded_s = sf.info(str(out)).duration
+    assert recorded_s < input_s + slow / 2, (recorded_s, input_s)  # the load is not in the recording
+    lines = _lines(tmp_path / "S")
+    assert [line["role"] for line in lines] == ["user", "assistant"]
+    assert lines[1]["token_ids"] and not lines[1]["interrupted"]  # the question was heard and answered whole
+
+
+def test_the_resume_hint_works_from_any_directory_and_sessions_list_reads_a_session_dir(
+        models: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import re
+
+    here, elsewhere = tmp_path / "here", tmp_path / "elsewhere"
+    here.mkdir()
+    elsewhere.mkdir()
+    monkeypatch.chdir(here)
+    first = _chat(models, "--text", "--session-dir", "mine", "--output-file", str(tmp_path / "o1.wav"),
+                  input="Hello there\n")
+    assert first.exit_code == 0, first.output
+    hint = re.search(r"continue with --resume (\S+)\)", first.stderr)
+    assert hint is not None, first.stderr
+    monkeypatch.chdir(elsewhere)  # the hint must work from here too
+    again = _chat(models, "--text", "--resume", hint.group(1), "--output-file", str(tmp_path / "o2.wav"),
+                  input="And again\n")
+    assert again.exit_code == 0, again.output
+    assert [line["role"] for line in _lines(here / "mine")] == ["user", "assistant", "user", "assistant"]
+    listed = runner.invoke(app, ["sessions", "list", "--json", "--dir", str(here)])
+    assert listed.exit_code == 0 and json.loads(listed.stdout.splitlines()[0])["turns"] == 4

@@ -213,3 +213,13 @@ def test_acceptance_selftest_models_tts_then_transcribe(models: Path, tmp_path: 
     result = runner.invoke(app, ["transcribe", str(out), "--models", str(models), "--json", "--max-new-tokens", "8"])
     assert result.exit_code == 0, result.output
     assert len(result.stdout.strip().splitlines()) == 1 and json.loads(result.stdout)["file"] == str(out)
+
+
+def test_transcribe_takes_a_seed_that_makes_a_sampled_transcript_repeatable(models: Path, speech: Path) -> None:
+    args = ["transcribe", str(speech), "--models", str(models), "--max-new-tokens", "12", "--temperature", "1.5",
+            "--top-p", "1"]
+    runs = {seed: [runner.invoke(app, [*args, "--seed", str(seed)]) for _ in range(2)] for seed in (1, 2)}
+    for results in runs.values():
+        assert all(r.exit_code == 0 for r in results), results[0].output
+        assert results[0].stdout == results[1].stdout  # the same seed, the same transcript
+    assert runs[1][0].stdout != runs[2][0].stdout  # and the seed is what decides it

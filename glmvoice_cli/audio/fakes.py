@@ -139,6 +139,11 @@ class RecordingSink(BufferedSink):
             self._timeline[self._length : self._length + n] = self.buffer.pull(n)
             self._length += n
 
+    def restart(self) -> None:
+        """The clock was restarted: forget the silence recorded so far (nothing had been written)."""
+        with self._lock:
+            self._length = 0
+
     def _tick(self) -> None:
         while not self._stop.wait(SINK_TICK_S):
             self.advance_to(self.clock.now())

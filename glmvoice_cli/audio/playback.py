@@ -118,6 +118,10 @@ class RealClock:
     def __init__(self) -> None:
         self._t0 = time.monotonic()
 
+    def restart(self) -> None:
+        """Time 0 is now (a file microphone starts playing when the models are ready, not while they load)."""
+        self._t0 = time.monotonic()
+
     def now(self) -> float:
         return time.monotonic() - self._t0
 

@@ -75,6 +75,17 @@ class LocalAudio:
                  lockstep: bool) -> None:
         self.source, self.sink, self.echo, self.clock, self.lockstep = source, sink, echo, clock, lockstep
 
+    def start_clock(self) -> None:
+        """The conversation begins now: a `--realtime` file starts playing from here (the devices are opened
+        before the models load, so that a missing microphone fails fast, but the file must not play meanwhile)."""
+        from glmvoice_cli.audio.fakes import RecordingSink
+        from glmvoice_cli.audio.playback import RealClock
+
+        if isinstance(self.clock, RealClock) and self.source is not None and not self.lockstep:
+            self.clock.restart()
+            if isinstance(self.sink, RecordingSink):
+                self.sink.restart()
+
     def close(self) -> None:
         for device in (self.source, self.sink):
             if device is not None:

@@ -151,6 +151,7 @@ def chat(
                                min_speech_ms, max_turn_s, barge_in, min_interruption_ms, stream_input)
             generation = with_sampling(_generation(max_new_tokens, seed), temperature, top_p)
             engine = make_engine(assistant, io, store, turns, generation, transcribe_user)
+            io.start_clock()
             _converse(engine, store, text, live)
         finally:
             io.close()
@@ -211,8 +212,8 @@ def _run_engine(engine: ChatEngine, store: SessionStore, text: bool, live: bool,
         engine.stop()
         engine.join()
         _print_latency(engine)
-        typer.secho(f"{signals.describe(e)}; session saved in {store.path} (continue with --resume {store.id})",
-                    fg=typer.colors.YELLOW, err=True)
+        typer.secho(f"{signals.describe(e)}; session saved in {store.path} (continue with --resume "
+                    f"{resume_ref(store.path)})", fg=typer.colors.YELLOW, err=True)
         raise typer.Exit(signals.exit_code(e)) from None
     engine.join()
     _print_latency(engine)
@@ -221,7 +222,24 @@ def _run_engine(engine: ChatEngine, store: SessionStore, text: bool, live: bool,
         failure = engine.error or engine.last_turn_error
         assert failure is not None
         raise failure
-    typer.echo(f"session {store.id} saved in {store.path}", err=True)
+    typer.echo(f"session {store.id} saved in {store.path} (continue with --resume {resume_ref(store.path)})",
+               err=True)
+
+
+def resume_ref(folder: Path) -> str:
+    """What `--resume` takes for `folder` from any directory: its ID under the sessions folder, else its
+    absolute path (a `--session-dir` folder elsewhere), quoted for a shell when it needs it."""
+    import shlex
+
+    from glmvoice_cli.sessions.store import sessions_root
+
+    folder = folder.resolve()
+    try:
+        if folder.parent == sessions_root().resolve():
+            return folder.name
+    except OSError:
+        pass
+    return shlex.quote(str(folder))
 
 
 def _print_latency(engine: ChatEngine) -> None:

@@ -17,11 +17,21 @@ RefArg = Annotated[str, typer.Argument(help="A session ID, a unique start of one
 
 @sessions_app.command("list")
 def list_cmd(as_json: Annotated[bool, typer.Option("--json", help="One JSON object per session.")] = False,
+             folder: Annotated[Path | None, typer.Option(
+                 "--dir", help="List the sessions in this folder (e.g. the --session-dir of `serve`).")] = None,
              ) -> None:
     """The saved sessions, oldest first, with their turn counts."""
-    from glmvoice_cli.sessions.store import list_sessions, sessions_root
+    from glmvoice_cli.errors import UsageError
+    from glmvoice_cli.sessions.store import list_sessions
+    from glmvoice_cli.sessions.store import sessions_root as default_root
 
-    found = list_sessions()
+    if folder is not None and not folder.is_dir():
+        raise UsageError(f"--dir {folder} is not a folder")
+
+    def sessions_root() -> Path:
+        return folder if folder is not None else default_root()
+
+    found = list_sessions(sessions_root())
     if as_json:
         for s in found:
             typer.echo(json.dumps({"id": s.id, "created": s.created, "mode": s.mode, "turns": s.turns,

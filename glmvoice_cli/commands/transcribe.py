@@ -21,6 +21,7 @@ from glmvoice_cli.commands.common import (
     MaxTokensOpt,
     ModelsOpt,
     QuantizeOpt,
+    SeedOpt,
     TemperatureOpt,
     ThreadsOpt,
     TokenizerOpt,
@@ -44,7 +45,7 @@ def transcribe(
     models: ModelsOpt = None, tokenizer: TokenizerOpt = None, lm: LmOpt = None,
     device: DeviceOpt = None, dtype: DtypeOpt = None, quantize: QuantizeOpt = None, compile_lm: CompileOpt = None,
     max_new_tokens: MaxTokensOpt = None, temperature: TemperatureOpt = None, top_p: TopPOpt = None,
-    threads: ThreadsOpt = None,
+    seed: SeedOpt = None, threads: ThreadsOpt = None,
     lm_url: LmUrlOpt = None, lm_api_key: LmApiKeyOpt = None, lm_model: LmModelOpt = None,
     lm_timeout: LmTimeoutOpt = None,
 ) -> None:
@@ -80,7 +81,7 @@ def transcribe(
 
             result = run(assistant, audio.samples, prompt=prompt, window_s=window,
                          max_new_tokens=max_new_tokens or WINDOW_TRANSCRIPT_MAX_TOKENS, on_window=progress,
-                         **sampling(temperature, top_p))
+                         seed=seed, **sampling(temperature, top_p))
         if as_json:
             typer.echo(json.dumps({"file": str(path), "text": result.text, "seconds": round(result.seconds, 3),
                                    "tokens": result.speech_tokens, "generated_tokens": result.generated_tokens,

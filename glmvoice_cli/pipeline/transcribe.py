@@ -36,9 +36,9 @@ class Transcript:
 def transcribe(assistant: Assistant, samples: np.ndarray, *, prompt: str | None = None,
                window_s: float = WINDOW_SECONDS, max_new_tokens: int = WINDOW_TRANSCRIPT_MAX_TOKENS,
                on_window: Callable[[int, int], None] | None = None, temperature: float = 0.0,
-               top_p: float = 1.0) -> Transcript:
-    """Transcribe 16 kHz mono `samples` (greedy unless a temperature is given); `on_window(done, total)`
-    reports progress."""
+               top_p: float = 1.0, seed: int | None = None) -> Transcript:
+    """Transcribe 16 kHz mono `samples` (greedy unless a temperature is given; `seed` makes a sampled one
+    repeatable); `on_window(done, total)` reports progress."""
     if assistant.speech_tokenizer is None:
         raise RuntimeError("transcription needs the speech tokenizer")
     step = max(1, int(window_s * SAMPLE_RATE_IN))
@@ -46,7 +46,8 @@ def transcribe(assistant: Assistant, samples: np.ndarray, *, prompt: str | None 
     start = time.perf_counter()
     token_windows = assistant.speech_tokenizer.encode(windows)
     tokenize_s = time.perf_counter() - start
-    options = GenerationOptions(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, text_only=True)
+    options = GenerationOptions(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, text_only=True,
+                                seed=seed)
     texts, generated = [], 0
     start = time.perf_counter()
     for done, tokens in enumerate(token_windows, 1):
