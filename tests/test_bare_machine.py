@@ -146,3 +146,24 @@ def test_serve_without_its_extra_says_how_to_get_it(monkeypatch: pytest.MonkeyPa
     result = CliRunner().invoke(app, ["serve", "--models", str(tmp_path)])
     assert result.exit_code != 0
     assert "pip install 'glmvoice[server]'" in result.output and "Traceback" not in result.output
+
+
+def test_the_readme_quotes_the_memory_the_check_asks_for() -> None:
+    """One number from one place: the README's figures are the memory check's own."""
+    from glmvoice_cli.models.memory_need import published_needs
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    need = published_needs()
+    quoted = (f"{need['cuda bf16']} GB of GPU memory in bf16, {need['cuda 8-bit']} GB with `--quantize 8`, "
+              f"{need['cuda 4-bit']} GB with `--quantize 4`; on a CPU about {need['cpu fp32']} GB of RAM\nin fp32, "
+              f"{need['cpu bf16']} GB with `--dtype bf16`")
+    assert quoted in readme
+
+
+def test_short_memory_advice_names_the_choice_that_fits() -> None:
+    from glmvoice_cli.models.memory_need import GB, estimate
+
+    every = {"tokenizer": None, "lm": None, "decoder": None}
+    assert "--dtype bf16 fits" in estimate(every, "cpu", "fp32", available=30 * GB).advice()
+    assert "--quantize 4 fits" in estimate(every, "cuda", "bf16", available=10 * GB).advice()
+    assert "even --dtype bf16 needs" in estimate(every, "cpu", "fp32", available=5 * GB).advice()

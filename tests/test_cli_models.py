@@ -8,6 +8,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import typer
@@ -266,3 +267,27 @@ def test_download_from_a_scrambling_mirror_fails_without_saying_complete(fake_hu
     lines = result.stderr.strip().splitlines()
     assert lines[-1].startswith("error: ") and "hift.pt" in lines[-1] and "checksum" in lines[-1]
     assert "complete" not in result.stdout and not (tmp_path / "decoder" / "hift.pt").exists()
+
+
+def test_download_with_everything_present_and_no_network_says_so(monkeypatch: pytest.MonkeyPatch,
+                                                                  tiny_models: Any) -> None:
+    import logging
+    import socket
+
+    said: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: said.append(record.getMessage())  # type: ignore[method-assign]
+    logging.getLogger(hub.__name__).addHandler(handler)
+    monkeypatch.setattr(logging.getLogger(hub.__name__), "disabled", False)
+
+    with socket.socket() as closed:  # a port nothing listens on: the Hub cannot be reached
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
+    kept = runner.invoke(models_app, ["download", "all", "--models", str(tiny_models.root)])
+    assert kept.exit_code == 0, kept.output
+    logging.getLogger(hub.__name__).removeHandler(handler)
+    assert kept.stdout.count(": complete,") == 3 and sum("kept as it is" in m for m in said) == 3, said
+    forced = runner.invoke(models_app, ["download", "tokenizer", "--models", str(tiny_models.root), "--force"])
+    assert forced.exit_code != 0 and "cannot reach" in str(forced.exception)  # --force needs the Hub

@@ -133,7 +133,7 @@ def _download_stages(
         for stage, dest in jobs:
             yield hub.download_stage(stage, dest, revision=revision, force=force)
         return
-    if not hub.is_offline():
+    if not hub.is_offline() and not (not force and all(hub.complete_copy(s, d) for s, d in jobs)):
         hub.check_reachable()  # before drawing a bar: an unreachable host is one line, nothing else
     with _progress(console) as progress:
         reporter = _RichReporter(progress, jobs[0][0].name if jobs else "")

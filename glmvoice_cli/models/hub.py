@@ -370,7 +370,15 @@ def download_stage(
     if is_offline():
         return _offline_status(stage, folder)
     endpoint = endpoint or hub_endpoint()
-    check_reachable(endpoint)
+    try:
+        check_reachable(endpoint)
+    except HubUnreachableError as e:
+        present = None if force else complete_copy(stage, folder)
+        if present is None:
+            raise
+        log.warning("%s; the %s model is complete in %s and kept as it is (not checked for updates)",
+                    str(e).split(";")[0], stage.name, present.path)
+        return present
     commit, listed = _resolve(stage, revision, endpoint, folder)
     index = [stage.weights_index] if stage.weights_index is not None else []
     absent = [f for f in (*stage.files, *index) if f not in listed]
@@ -485,7 +493,8 @@ def check_reachable(endpoint: str | None = None, timeout_s: float = REACH_TIMEOU
         ) from e
 
 
-def _offline_status(stage: Stage, folder: Path | None) -> StageStatus:
+def complete_copy(stage: Stage, folder: Path | None) -> StageStatus | None:
+    """The status of a complete copy of `stage` on disk (`folder`, or a snapshot in the cache), or None."""
     from glmvoice_cli.models import cache
 
     candidates = [folder] if folder is not None else cache.snapshots(stage.repo_id)
@@ -493,6 +502,16 @@ def _offline_status(stage: Stage, folder: Path | None) -> StageStatus:
         status = inspect_stage(stage, candidate)
         if status.complete:
             return status
+    return None
+
+
+def _offline_status(stage: Stage, folder: Path | None) -> StageStatus:
+    from glmvoice_cli.models import cache
+
+    present = complete_copy(stage, folder)
+    if present is not None:
+        return present
+    candidates = [folder] if folder is not None else cache.snapshots(stage.repo_id)
     where = candidates[0] if candidates else cache.repo_dir(stage.repo_id)
     status = inspect_stage(stage, where)
     missing = short_list(status.missing) if status.exists else "all files"

@@ -27,6 +27,7 @@ class MemoryNeed:
     available_bytes: int | None  # None: the platform does not say
     where: str  # "RAM" or "cuda:0 memory"
     dtype: str
+    choices: tuple[tuple[str, int], ...] = ()  # (flag, bytes needed with it) on this device, best quality first
 
     @property
     def fits(self) -> bool:
@@ -37,6 +38,17 @@ class MemoryNeed:
         have = "unknown" if self.available_bytes is None else f"{self.available_bytes / GB:.1f} GB"
         line = (f"the models need about {self.needed_bytes / GB:.0f} GB of {self.where} in {self.dtype} and "
                 f"{have} is available")
+        if self.available_bytes is not None and self.choices:
+            fitting = [(flag, need) for flag, need in self.choices
+                       if need <= self.available_bytes and need < self.needed_bytes]
+            if fitting:
+                flag, need = fitting[0]
+                extra = " (pip install 'glmvoice[quant]')" if flag.startswith("--quantize") else ""
+                return line + f": {flag} fits (about {need / GB:.0f} GB){extra}"
+            smallest = min(self.choices, key=lambda c: c[1])
+            if smallest[1] < self.needed_bytes:
+                return (line + f": even {smallest[0]} needs about {smallest[1] / GB:.0f} GB; free memory, or use a "
+                        "machine with more")
         if self.where == "RAM" and self.dtype in ("fp32", "float32"):
             return line + ": use --dtype bf16 (about half), or a CUDA GPU (--device cuda)"
         if self.where == "RAM":
@@ -64,18 +76,40 @@ def estimate(dirs: dict[str, Path | None], device_type: str, dtype: str, quantiz
 
     `available` is the device's free memory (RAM for "cpu" and "mps", which shares it) when known.
     """
-    total = 0.0
-    for name, folder in dirs.items():
-        stage = hub.STAGES[name]
-        size: float = stored_bytes(stage, folder)
-        if name == "lm":
-            per_param = QUANT_BYTES_PER_PARAM.get(quantize or 0) or BYTES_PER_PARAM.get(dtype, 4)
-            size = size * per_param / STORED_BYTES_PER_PARAM
-        total += size
     where = "RAM" if device_type in ("cpu", "mps") else f"{device_type} memory"
     if available is None and where == "RAM":
         available = available_ram()
-    return MemoryNeed(int(total * OVERHEAD), available, where, dtype)
+    return MemoryNeed(_total(dirs, dtype, quantize), available, where, dtype, _choices(dirs, device_type))
+
+
+def _choices(dirs: dict[str, Path | None], device_type: str) -> tuple[tuple[str, int], ...]:
+    """The precision flags that work on `device_type` and what the same stages need with each."""
+    options: list[tuple[str, str, int | None]] = (
+        [("--dtype fp32", "fp32", None), ("--dtype bf16", "bf16", None)] if device_type in ("cpu", "mps") else
+        [("--dtype bf16", "bf16", None), ("--quantize 8", "bf16", 8), ("--quantize 4", "bf16", 4)])
+    if "lm" not in dirs:
+        return ()
+    return tuple((flag, _total(dirs, dtype, bits)) for flag, dtype, bits in options)
+
+
+def _total(dirs: dict[str, Path | None], dtype: str, quantize: int | None) -> int:
+    total = 0.0
+    for name, folder in dirs.items():
+        size: float = stored_bytes(hub.STAGES[name], folder)
+        if name == "lm":
+            size = size * (QUANT_BYTES_PER_PARAM.get(quantize or 0) or BYTES_PER_PARAM.get(dtype, 4)) \
+                / STORED_BYTES_PER_PARAM
+        total += size
+    return int(total * OVERHEAD)
+
+
+def published_needs() -> dict[str, int]:
+    """GB each documented set-up needs for all three stages at their published sizes (the README quotes these:
+    a test keeps them equal)."""
+    every: dict[str, Path | None] = {name: None for name in hub.STAGES}
+    return {"cpu fp32": round(_total(every, "fp32", None) / GB), "cpu bf16": round(_total(every, "bf16", None) / GB),
+            "cuda bf16": round(_total(every, "bf16", None) / GB), "cuda 8-bit": round(_total(every, "bf16", 8) / GB),
+            "cuda 4-bit": round(_total(every, "bf16", 4) / GB)}
 
 
 def memory_need(stages: tuple[str, ...], *, models: Path | None, overrides: dict[str, Path | None],
