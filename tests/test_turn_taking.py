@@ -169,3 +169,17 @@ def test_a_block_completed_while_its_answer_waits_is_left_to_the_answers_prefill
     engine.core._jobs.put(Heard(480, audio[:320]))
     engine.core._jobs.put(Job(samples=audio, turn_start=480, speculative=True))
     assert engine.core.answer_queued(480) and not engine.core.answer_queued(960)
+
+
+def test_a_virtual_clock_run_reports_its_marks_on_that_clock(assistant: Assistant, tmp_path: Path) -> None:
+    """`--input-file` without `--realtime`: the model's work takes no virtual time, so each mark after the
+    turn's confirmation is that moment, and the confirmation comes one end-of-turn silence after the voice."""
+    user = np.concatenate([silence(0.5), burst(1.0), silence(2.0)])
+    engine, _, _, _ = converse(assistant, user, tmp_path / "s")
+    timings = engine.reports[0].timings
+    assert timings is not None and timings.turn_confirmed_s is not None
+    frame_s = VAD.frame_ms / 1000
+    assert abs(timings.turn_confirmed_s - VAD.hangover_ms / 1000) <= 2 * frame_s
+    for mark in (timings.tokenized_s, timings.prefill_s, timings.first_token_s, timings.first_audio_s,
+                 timings.first_sample_s):
+        assert mark == timings.turn_confirmed_s

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
-from glmvoice_cli.chat.turn_timing import breakdown
+from glmvoice_cli.chat.turn_timing import breakdown, on_input_clock
 from glmvoice_cli.chat.worker import READY, WAIT
 from glmvoice_cli.errors import AudioDeviceError, ContextLengthError, GlmVoiceError, LMServerError
 from glmvoice_cli.events import (
@@ -383,10 +383,14 @@ class TurnRunner:
                   else ended.reason)
         listener = core.listener
         marks = listener.marks if listener is not None and job.turn_start == listener.turn_start else None
-        timings = breakdown(ended.timings, origin=job.voice_end_at or job.heard_at, confirmed=job.heard_at,
-                            respond_start=start, last_block=marks.last_block_s if marks else None,
-                            tokenized=answer.tokenized_at if job.samples is not None else None,
-                            prefilled=answer.prefilled_at, written=answer.written_at)
+        if core.config.lockstep:  # a virtual clock: wall-clock marks would mix two clocks
+            timings = on_input_clock(ended.timings, job, core.config.vad.sample_rate,
+                                     written=answer.written_at is not None)
+        else:
+            timings = breakdown(ended.timings, origin=job.voice_end_at or job.heard_at, confirmed=job.heard_at,
+                                respond_start=start, last_block=marks.last_block_s if marks else None,
+                                tokenized=answer.tokenized_at if job.samples is not None else None,
+                                prefilled=answer.prefilled_at, written=answer.written_at)
         audio = np.concatenate(answer.chunks)[:played] if answer.chunks else None
         text = answer_text(tok, kept) if interrupted else "".join(answer.text).strip()
         core._emit(AssistantTurn(job.turn, audio, rate, text=text, token_ids=kept, interrupted=interrupted,

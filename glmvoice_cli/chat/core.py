@@ -362,10 +362,12 @@ class ConversationCore:
         elif isinstance(event, Utterance):
             if self.config.barge_in:
                 self._barge_in(None)  # a turn that goes on after a max-length cut
-            job = self._confirm(event)
+            voice_end = self.segmenter.state.last_voiced_end if self.segmenter else None
+            job = self._confirm(event, voice_end, self.input_samples)
             if job is None:
                 job = Job(samples=event.samples, end_sample=event.end_sample, heard_at=time.perf_counter(),
-                          turn_start=event.start_sample, voice_end_at=self._voice_end_at)
+                          turn_start=event.start_sample, voice_end_at=self._voice_end_at,
+                          voice_end_sample=voice_end, confirmed_sample=self.input_samples)
                 self._submit(job)
             if self.config.lockstep:
                 self._wait_lockstep(job.generated)
@@ -394,11 +396,12 @@ class ConversationCore:
             spec.cancel.set()
             self.worker.wake()
 
-    def _confirm(self, utterance: Utterance) -> Job | None:
+    def _confirm(self, utterance: Utterance, voice_end: int | None, confirmed: int) -> Job | None:
         """The end of turn: the speculative answer of this very utterance, if one is under way, plays now."""
         spec, self._spec = self._spec, None
         if spec is None:
             return None
+        spec.voice_end_sample, spec.confirmed_sample = voice_end, confirmed
         same = (not utterance.truncated and spec.turn_start == utterance.start_sample
                 and spec.end_sample == utterance.end_sample)
         with self._play_lock:  # against the worker shedding it at this moment

@@ -30,6 +30,8 @@ class Job:
     heard: int | None = None  # answer samples the transport says were heard (None: the output's count)
     turn_start: int | None = None  # input sample where the spoken turn began (the listener's turn id)
     voice_end_at: float | None = None  # perf_counter when the last voiced frame was read (end of voice)
+    voice_end_sample: int | None = None  # on the input timeline: the end of the last voiced frame
+    confirmed_sample: int | None = None  # on the input timeline: where the end of the turn was confirmed
     speculative: bool = False  # started at a pause: held back (never played, saved or shown) until confirmed
     confirmed: threading.Event = field(default_factory=threading.Event)  # the pause was the end of the turn
     idle: threading.Event = field(default_factory=threading.Event)  # generated, waiting for the verdict

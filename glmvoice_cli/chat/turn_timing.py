@@ -13,10 +13,14 @@ answer started at a pause) are negative or smaller than the confirmation: that i
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from glmvoice_cli.events import TurnTimings
+
+if TYPE_CHECKING:
+    from glmvoice_cli.chat.jobs import Job
 
 # (field, short label) in the order of the chain above, for the compact line and the summary
 STAGES: tuple[tuple[str, str], ...] = (
@@ -50,6 +54,23 @@ def breakdown(respond: TurnTimings, *, origin: float, confirmed: float, respond_
         turn_confirmed_s=since(confirmed), last_block_s=since(last_block), tokenized_s=since(tokenized),
         prefill_s=since(prefilled), first_sample_s=since(written),
     )
+
+
+def on_input_clock(respond: TurnTimings, job: Job, sample_rate: int, written: bool) -> TurnTimings:
+    """A lockstep turn's timings on the virtual clock (`--input-file` without `--realtime`): the model's work
+    takes no time there, so every mark after the confirmation of the turn is that moment; only the turn-taking
+    delay (end of voice -> confirmed) is measured. The real-time factor stays the wall clock's."""
+    if job.voice_end_sample is None or job.confirmed_sample is None:  # a typed turn: nothing to measure from
+        return replace(respond, first_token_s=None, first_audio_s=None, first_text_s=None, first_audio_token_s=None)
+    at = (job.confirmed_sample - job.voice_end_sample) / sample_rate
+
+    def reached(value: float | None) -> float | None:
+        return None if value is None else at
+
+    return replace(
+        respond, turn_confirmed_s=at, tokenized_s=at, prefill_s=at, first_token_s=reached(respond.first_token_s),
+        first_text_s=reached(respond.first_text_s), first_audio_token_s=reached(respond.first_audio_token_s),
+        first_audio_s=reached(respond.first_audio_s), first_sample_s=at if written else None)
 
 
 def compact_line(timings: TurnTimings) -> str:
