@@ -183,6 +183,7 @@ def test_a_microphone_lost_mid_session_ends_with_one_line(models: Path, phrases,
     (["--realtime"], "--input-file runs only"),
     (["--session-dir", "a", "--resume", "b"], "not both"),
     (["--input-file", "/no/such.wav"], "does not exist"),
+    (["--simulate-echo", "5"], "--simulate-echo"),  # an echo five times louder than the voice is no room
 ])
 def test_bad_options_are_one_line(models: Path, args: list[str], message: str) -> None:
     result = _chat(models, *args)

@@ -183,7 +183,16 @@ def test_rm_never_touches_folders_chosen_by_env(monkeypatch: pytest.MonkeyPatch,
     monkeypatch.setenv("GLMVOICE_DECODER", str(mine))
     result = runner.invoke(models_app, ["rm", "decoder", "--yes"])
     assert result.exit_code == 0 and "nothing to remove" in result.stdout
+    assert f"the one in use is {mine} (set by GLMVOICE_DECODER)" in result.stdout  # says where, and why it stays
     assert (mine / "flow.pt").read_bytes() == b"keep me"
+
+
+def test_rm_takes_several_models() -> None:
+    folders = [_fake_stage("tokenizer"), _fake_stage("decoder")]
+    lm = _fake_stage("lm")
+    result = runner.invoke(models_app, ["rm", "tokenizer", "decoder", "--yes"])
+    assert result.exit_code == 0, result.output
+    assert not any(f.exists() for f in folders) and lm.is_dir()
 
 
 def test_unknown_model_is_a_usage_error() -> None:

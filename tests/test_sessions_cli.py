@@ -86,3 +86,26 @@ def test_chat_with_an_unknown_session_fails_before_loading_models(three: list[Se
     assert result.exit_code != 0
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "unknown session 'zzz'" in lines[0] and "20261103-080000-bbbb" in lines[0]
+
+
+def test_last_skips_a_chat_left_before_its_first_turn(three: list[SessionStore]) -> None:
+    empty = _session("20261104-080000-cccc")  # opened and closed without a word
+    assert sessions.find_session("last") == three[-1].path
+    assert sessions.find_session(empty.id) == empty.path  # still there by its ID
+
+
+def test_export_format_from_the_extension_and_spoken_turns_shown_with_their_audio(
+        three: list[SessionStore], tmp_path: Path) -> None:
+    import numpy as np
+
+    out = tmp_path / "x.jsonl"
+    done = runner.invoke(app, ["sessions", "export", "20261102", "-o", str(out)])
+    assert done.exit_code == 0, done.output
+    assert [json.loads(line)["text"] for line in out.read_text().splitlines()][:2] == ["hello", "answer 0"]
+    quiet = runner.invoke(app, ["-q", "sessions", "export", "20261102", "-o", str(tmp_path / "x.md")])
+    assert quiet.exit_code == 0 and "wrote" not in quiet.stderr  # -q: errors only
+    assert (tmp_path / "x.md").read_text().startswith("# Session")
+    voice = SessionStore.create(session_dir=sessions_root() / "20261105-080000-dddd", mode="voice")
+    voice.append_user(np.zeros(16_000 * 2, np.float32), token_ids=[1])
+    shown = runner.invoke(app, ["sessions", "show", "20261105"])
+    assert shown.stdout.splitlines()[0] == "You: (speech, 2.0 s: audio/0001-user.wav)"

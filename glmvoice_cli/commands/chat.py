@@ -85,7 +85,7 @@ def chat(
         help="Record what the speaker would play to this .wav instead of playing it.")] = None,
     realtime: Annotated[bool, typer.Option("--realtime", help="Play --input-file at wall-clock pace.")] = False,
     simulate_echo: Annotated[float, typer.Option(
-        min=0.0, help="With --input-file: feed the output back into the input at this gain.")] = 0.0,
+        min=0.0, max=2.0, help="With --input-file: feed the output back into the input at this gain (0-2).")] = 0.0,
     text: Annotated[bool, typer.Option("--text", help="Typed turns from stdin, one per line.")] = False,
     headphones: Annotated[bool, typer.Option("--headphones", help="No echo cancellation (the speaker cannot reach the mic).")
                           ] = False,

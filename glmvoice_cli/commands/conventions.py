@@ -179,6 +179,14 @@ def is_quiet() -> bool:
     return log.getEffectiveLevel() > logging.WARNING
 
 
+def note(text: str) -> None:
+    """A line on stderr that says what was done (`wrote out.wav`): shown unless -q (errors only)."""
+    if not is_quiet():
+        import typer
+
+        typer.echo(text, err=True)
+
+
 @dataclass
 class _Verbosity:
     """The root's and the command's -v/-q add up."""

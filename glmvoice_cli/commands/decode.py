@@ -22,6 +22,7 @@ from glmvoice_cli.commands.common import (
     status_line,
     use_threads,
 )
+from glmvoice_cli.commands.conventions import note
 from glmvoice_cli.config import TOKENS_PER_SECOND
 from glmvoice_cli.errors import UsageError
 
@@ -157,4 +158,4 @@ def decode(
         chunks, rate = synthesize_blocks(folder, ids, stream=stream, reference=schedule == "reference", seed=seed,
                                          device=device, dtype=dtype)
         samples = write_audio_chunks(output, chunks, rate)  # block by block: memory stays flat
-    typer.echo(f"wrote {output} ({samples / rate:.2f} s, {rate} Hz, {len(ids)} tokens)", err=True)
+    note(f"wrote {output} ({samples / rate:.2f} s, {rate} Hz, {len(ids)} tokens)")

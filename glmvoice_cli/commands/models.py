@@ -285,7 +285,8 @@ def path(
 
 @models_app.command("rm")
 def remove(
-    which: Annotated[Which, typer.Argument(help="Which model to delete from the cache.", show_default=False)],
+    which: Annotated[list[Which], typer.Argument(help="The models to delete from the cache (or all).",
+                                                 show_default=False)],
     models: Annotated[
         Path | None,
         typer.Option("--models", "--dir", help="Delete DIR/<model> instead.")] = None,
@@ -294,11 +295,17 @@ def remove(
     """Delete the named models' files (only from the cache, or --models DIR; never folders set by env or
     config). The Hugging Face cache is shared with transformers, vLLM and `hf download`."""
     root = models  # --models DIR (or the older --dir): DIR/<model>
-    for stage in _stages(which):
+    stages = list({stage.name: stage for chosen in which for stage in _stages(chosen)}.values())
+    for stage in stages:
         folders = [root / stage.name] if root is not None else _cache_targets(stage)
         folders = [f for f in folders if f.exists()]
         if not folders:
-            typer.echo(f"{stage.name}: nothing to remove")
+            elsewhere = settings.locate(stage.name) if root is None else None
+            if elsewhere is not None and elsewhere.source is not None:
+                typer.echo(f"{stage.name}: nothing to remove from the cache; the one in use is {elsewhere.path} "
+                           f"(set by {elsewhere.source}), which glmvoice never deletes")
+            else:
+                typer.echo(f"{stage.name}: nothing to remove")
             continue
         size = human_size(sum(hub.folder_size(f) for f in folders))
         shared = "" if root is not None else (

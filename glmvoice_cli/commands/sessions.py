@@ -67,13 +67,17 @@ def show(ref: RefArg, as_json: Annotated[bool, typer.Option("--json", help="One 
 def export(
     ref: RefArg,
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Write here instead of stdout.")] = None,
-    fmt: Annotated[str, typer.Option("--format", help="md (Markdown), txt or jsonl.")] = "md",
+    fmt: Annotated[str | None, typer.Option(
+        "--format", help="md (Markdown), txt or jsonl (default: from the -o file's extension, else md).")] = None,
 ) -> None:
     """Export a session's conversation as Markdown, plain text or JSON lines."""
     from glmvoice_cli.errors import UsageError
     from glmvoice_cli.files import write_file
     from glmvoice_cli.sessions.catalog import export_text, load
 
+    if fmt is None:
+        by_suffix = {".md": "md", ".markdown": "md", ".txt": "txt", ".jsonl": "jsonl", ".json": "jsonl"}
+        fmt = by_suffix.get(output.suffix.lower(), "md") if output is not None else "md"
     text = export_text(load(ref), fmt)
     if output is None:
         typer.echo(text, nl=False)
@@ -82,7 +86,9 @@ def export(
         write_file(output, text.encode("utf-8"))  # whole or not at all: a failure keeps an existing file
     except OSError as e:
         raise UsageError(f"cannot write {output}: {e.strerror or e}") from e
-    typer.echo(f"wrote {output}", err=True)
+    from glmvoice_cli.commands.conventions import note
+
+    note(f"wrote {output}")
 
 
 @sessions_app.command("rm")

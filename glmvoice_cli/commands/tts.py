@@ -32,6 +32,7 @@ from glmvoice_cli.commands.common import (
     use_threads,
     with_sampling,
 )
+from glmvoice_cli.commands.conventions import note
 from glmvoice_cli.commands.signals import interrupts_as_keyboard
 from glmvoice_cli.config import SAMPLE_RATE_OUT
 from glmvoice_cli.errors import AudioDeviceError, UsageError
@@ -122,7 +123,7 @@ def _run(assistant: Assistant, words: str, style: SpeakingStyle, instruction: st
         raise
     if output is not None:
         seconds = _write(output, chunks, rate)
-        typer.echo(f"wrote {_where(output)} ({seconds:.2f} s, {rate} Hz)", err=True)
+        note(f"wrote {_where(output)} ({seconds:.2f} s, {rate} Hz)")
     if speaker is not None:
         _drain(speaker)
 
@@ -145,7 +146,7 @@ def _write_partial(output: Path, chunks: list[np.ndarray], rate: int) -> None:
         typer.echo(f"nothing was spoken yet: {_where(output)} not written{kept}", err=True)
         return
     seconds = _write(output, chunks, rate)
-    typer.echo(f"wrote {_where(output)} with the {seconds:.2f} s spoken so far", err=True)
+    note(f"wrote {_where(output)} with the {seconds:.2f} s spoken so far")
 
 
 def _where(output: Path) -> str:

@@ -16,6 +16,7 @@ from glmvoice_cli.sessions.store import (
     SavedSession,
     SessionError,
     SessionNotFoundError,
+    TurnRecord,
     list_sessions,
     load_session,
     resolve_session,
@@ -35,7 +36,8 @@ def find_session(ref: str, root: Path | None = None) -> Path:
     if text == LAST:
         if not saved:
             raise SessionNotFoundError(f"no saved sessions in {root}")
-        return saved[-1].path
+        spoken = [s for s in saved if s.turns]  # a chat left before its first turn is not the one to go on with
+        return (spoken or saved)[-1].path
     if "/" in text or (Path(text).expanduser() / TRANSCRIPT_FILE).is_file():
         return resolve_session(text, root)  # a folder
     exact = [s for s in saved if s.id == text]
@@ -71,7 +73,7 @@ def export_text(session: SavedSession, fmt: str = "md") -> str:
                    f"{len(session.turns)} turns.")
         lines += [f"# Session {session.id}", "", summary, ""]
     for turn in session.turns:
-        said = turn.text or ("(speech)" if turn.audio else "(nothing)")
+        said = turn.text or (_speech(turn) if turn.audio else "(nothing)")
         mark = " (interrupted)" if turn.interrupted else ""
         lines.append(f"**{names[turn.role]}:** {said}{mark}" if fmt == "md" else f"{names[turn.role]}: {said}{mark}")
         if fmt == "md":
@@ -88,3 +90,9 @@ def remove(path: Path) -> None:
             shutil.rmtree(path)
     except OSError as e:
         raise SessionError(f"cannot remove {path}: {e.strerror or e}") from e
+
+
+def _speech(turn: TurnRecord) -> str:
+    """A spoken turn with no transcript: its length and where its audio is (`(speech, 2.4 s: audio/0001-user.wav)`)."""
+    length = f", {turn.duration_s:.1f} s" if turn.duration_s else ""
+    return f"(speech{length}: {turn.audio})"
