@@ -176,3 +176,10 @@ def test_a_bare_group_prints_its_help_and_succeeds(words: list[str]) -> None:
     done = subprocess.run([sys.executable, "-m", "glmvoice_cli", *words], capture_output=True, text=True,
                           timeout=120, check=False)
     assert done.returncode == 0 and "Usage:" in done.stdout and done.stderr == ""
+
+
+def test_chat_help_is_grouped_into_panels() -> None:
+    result = runner.invoke(app, ["chat", "--help"], env={"COLUMNS": "100"})
+    assert result.exit_code == 0
+    panels = [line.split("─")[1].strip() for line in result.stdout.splitlines() if line.startswith("╭─")]
+    assert {"Audio", "Turn-taking", "Sessions", "Models", "Sampling", "LM server"} <= set(panels), panels

@@ -223,3 +223,15 @@ def test_transcribe_takes_a_seed_that_makes_a_sampled_transcript_repeatable(mode
         assert all(r.exit_code == 0 for r in results), results[0].output
         assert results[0].stdout == results[1].stdout  # the same seed, the same transcript
     assert runs[1][0].stdout != runs[2][0].stdout  # and the seed is what decides it
+
+
+def test_tts_debug_lines_say_what_was_sent_and_how_long_each_piece_took(models: Path, tmp_path: Path) -> None:
+    result = runner.invoke(app, ["-vv", "tts", "Hello there.", "--models", str(models), "-o", str(tmp_path / "x.wav"),
+                                 "--max-new-tokens", "12"])
+    assert result.exit_code == 0, result.output
+    debug = [line for line in result.stderr.splitlines() if line.startswith("debug: piece 1")]
+    assert any("instruction sent to the model" in line and "Hello there." in line for line in debug), debug
+    assert any("prompt" in line and "first audio" in line for line in debug), debug
+    quiet = runner.invoke(app, ["-q", "tts", "Hello there.", "--models", str(models), "-o", str(tmp_path / "y.wav"),
+                                "--max-new-tokens", "12"])
+    assert quiet.exit_code == 0 and quiet.stderr.strip() == ""  # -q: no `wrote ...` either

@@ -75,46 +75,46 @@ _VAD = VadConfig()  # the turn-taking flags default to the segmenter's own value
 
 
 def chat(
-    input_device: Annotated[str | None, typer.Option(help="Microphone name or index (see glmvoice devices).")
+    input_device: Annotated[str | None, typer.Option(help="Microphone name or index (see glmvoice devices).", rich_help_panel="Audio")
                             ] = None,
-    output_device: Annotated[str | None, typer.Option(help="Speaker name or index.")] = None,
+    output_device: Annotated[str | None, typer.Option(help="Speaker name or index.", rich_help_panel="Audio")] = None,
     input_file: Annotated[Path | None, typer.Option(
-        "--input-file", help="Use this audio file as the microphone (virtual clock unless --realtime).")] = None,
+        "--input-file", help="Use this audio file as the microphone (virtual clock unless --realtime).", rich_help_panel="Audio")] = None,
     output: Annotated[Path | None, typer.Option(
         "--output", "-o", "--output-file",
-        help="Record what the speaker would play to this .wav instead of playing it.")] = None,
-    realtime: Annotated[bool, typer.Option("--realtime", help="Play --input-file at wall-clock pace.")] = False,
+        help="Record what the speaker would play to this .wav instead of playing it.", rich_help_panel="Audio")] = None,
+    realtime: Annotated[bool, typer.Option("--realtime", help="Play --input-file at wall-clock pace.", rich_help_panel="Audio")] = False,
     simulate_echo: Annotated[float, typer.Option(
-        min=0.0, max=2.0, help="With --input-file: feed the output back into the input at this gain (0-2).")] = 0.0,
-    text: Annotated[bool, typer.Option("--text", help="Typed turns from stdin, one per line.")] = False,
-    headphones: Annotated[bool, typer.Option("--headphones", help="No echo cancellation (the speaker cannot reach the mic).")
+        min=0.0, max=2.0, help="With --input-file: feed the output back into the input at this gain (0-2).", rich_help_panel="Audio")] = 0.0,
+    text: Annotated[bool, typer.Option("--text", help="Typed turns from stdin, one per line.", rich_help_panel="Audio")] = False,
+    headphones: Annotated[bool, typer.Option("--headphones", help="No echo cancellation (the speaker cannot reach the mic).", rich_help_panel="Audio")
                           ] = False,
     vad_aggressiveness: Annotated[int, typer.Option(min=0, max=3,
-                                                    help="0 keeps most audio as speech, 3 the least.")] = _VAD.aggressiveness,
+                                                    help="0 keeps most audio as speech, 3 the least.", rich_help_panel="Turn-taking")] = _VAD.aggressiveness,
     end_silence_ms: Annotated[int, typer.Option(min=30, help=(
-        "Silence that ends your turn. Lower answers sooner but cuts you off at pauses."))] = _VAD.hangover_ms,
+        "Silence that ends your turn. Lower answers sooner but cuts you off at pauses."), rich_help_panel="Turn-taking")] = _VAD.hangover_ms,
     speculative_pause_ms: Annotated[int, typer.Option(min=0, help=(
-        "A pause this long starts the answer unheard (dropped if you go on); 0 turns it off (saves CPU)."))] = (
+        "A pause this long starts the answer unheard (dropped if you go on); 0 turns it off (saves CPU)."), rich_help_panel="Turn-taking")] = (
         SPECULATIVE_PAUSE_MS),
     pre_roll_ms: Annotated[int, typer.Option(min=0, help=(
-        "Audio kept from before your speech was detected, so the first syllable is not clipped."))] = _VAD.pre_roll_ms,
+        "Audio kept from before your speech was detected, so the first syllable is not clipped."), rich_help_panel="Turn-taking")] = _VAD.pre_roll_ms,
     min_speech_ms: Annotated[int, typer.Option(min=0, help=(
-        "Shorter bursts (a cough, a door) are not a turn."))] = _VAD.min_turn_ms,
+        "Shorter bursts (a cough, a door) are not a turn."), rich_help_panel="Turn-taking")] = _VAD.min_turn_ms,
     max_turn_s: Annotated[float, typer.Option(min=1.0, help=(
-        "A turn this long is cut and answered, and what follows is a new turn."))] = _VAD.max_turn_s,
+        "A turn this long is cut and answered, and what follows is a new turn."), rich_help_panel="Turn-taking")] = _VAD.max_turn_s,
     barge_in: Annotated[bool, typer.Option(help=(
-        "Speaking while it answers interrupts it; --no-barge-in makes your speech wait its turn."))] = True,
+        "Speaking while it answers interrupts it; --no-barge-in makes your speech wait its turn."), rich_help_panel="Turn-taking")] = True,
     min_interruption_ms: Annotated[int, typer.Option(min=10, help=(
-        "Speech needed to start a turn or interrupt. Higher ignores short noises but reacts later."))] = (
+        "Speech needed to start a turn or interrupt. Higher ignores short noises but reacts later."), rich_help_panel="Turn-taking")] = (
         ONSET_MS),
     stream_input: Annotated[bool, typer.Option(help=(
-        "Tokenize and prefill your speech while you speak; --no-stream-input does it all after your turn."))] = True,
-    session_dir: Annotated[Path | None, typer.Option(help="Save the session in this folder.")] = None,
+        "Tokenize and prefill your speech while you speak; --no-stream-input does it all after your turn."), rich_help_panel="Turn-taking")] = True,
+    session_dir: Annotated[Path | None, typer.Option(help="Save the session in this folder.", rich_help_panel="Sessions")] = None,
     resume: Annotated[str | None, typer.Option(
-        help="Continue a saved session: 'last', an ID or a unique start of one, or a folder.")] = None,
+        help="Continue a saved session: 'last', an ID or a unique start of one, or a folder.", rich_help_panel="Sessions")] = None,
     transcribe_user: Annotated[bool, typer.Option(
-        "--transcribe-user", help="Also transcribe each spoken turn (a text-only pass: adds latency).")] = False,
-    live: Annotated[bool, typer.Option(help="Rich live view; --no-live prints plain lines.")] = True,
+        "--transcribe-user", help="Also transcribe each spoken turn (a text-only pass: adds latency).", rich_help_panel="Turn-taking")] = False,
+    live: Annotated[bool, typer.Option(help="Rich live view; --no-live prints plain lines.", rich_help_panel="Sessions")] = True,
     models: ModelsOpt = None, tokenizer: TokenizerOpt = None, lm: LmOpt = None, decoder: DecoderOpt = None,
     device: DeviceOpt = None, dtype: DtypeOpt = None, quantize: QuantizeOpt = None, compile_lm: CompileOpt = None,
     max_new_tokens: MaxTokensOpt = None, seed: SeedOpt = None,

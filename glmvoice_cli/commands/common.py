@@ -20,27 +20,27 @@ if TYPE_CHECKING:
 log = logging.getLogger("glmvoice_cli")
 
 ModelsOpt = Annotated[Path | None, typer.Option(
-    "--models", help="A folder holding tokenizer/, lm/ and decoder/ (default: the download cache).")]
-TokenizerOpt = Annotated[Path | None, typer.Option("--tokenizer", help="Speech tokenizer folder.")]
-LmOpt = Annotated[Path | None, typer.Option("--lm", help="Language model folder (glm-4-voice-9b).")]
-DecoderOpt = Annotated[Path | None, typer.Option("--decoder", help="Speech decoder folder.")]
-DeviceOpt = Annotated[str | None, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.")]
+    "--models", help="A folder holding tokenizer/, lm/ and decoder/ (default: the download cache).", rich_help_panel="Models")]
+TokenizerOpt = Annotated[Path | None, typer.Option("--tokenizer", help="Speech tokenizer folder.", rich_help_panel="Models")]
+LmOpt = Annotated[Path | None, typer.Option("--lm", help="Language model folder (glm-4-voice-9b).", rich_help_panel="Models")]
+DecoderOpt = Annotated[Path | None, typer.Option("--decoder", help="Speech decoder folder.", rich_help_panel="Models")]
+DeviceOpt = Annotated[str | None, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.", rich_help_panel="Models")]
 DtypeOpt = Annotated[str | None, typer.Option(
-    "--dtype", help="Language model precision: auto (bf16 on CUDA, else fp32), fp32, bf16 or fp16.")]
+    "--dtype", help="Language model precision: auto (bf16 on CUDA, else fp32), fp32, bf16 or fp16.", rich_help_panel="Models")]
 QuantizeOpt = Annotated[int | None, typer.Option(
-    "--quantize", help="Load the language model in 4 or 8 bits (CUDA; pip install 'glmvoice\\[quant]').")]
+    "--quantize", help="Load the language model in 4 or 8 bits (CUDA; pip install 'glmvoice\\[quant]').", rich_help_panel="Models")]
 MaxTokensOpt = Annotated[int | None, typer.Option(
-    "--max-new-tokens", min=1, help="Cap on generated tokens per answer (or per piece / window).")]
+    "--max-new-tokens", min=1, help="Cap on generated tokens per answer (or per piece / window).", rich_help_panel="Sampling")]
 SeedOpt = Annotated[int | None, typer.Option(
-    "--seed", min=0, max=2**64 - 1, help="Seed for sampling and the decoder's noise (0 to 2**64-1).")]
+    "--seed", min=0, max=2**64 - 1, help="Seed for sampling and the decoder's noise (0 to 2**64-1).", rich_help_panel="Sampling")]
 CompileOpt = Annotated[bool | None, typer.Option(
-    "--compile/--no-compile", help="Static cache + compiled LM decode step (default: on with CUDA, off on CPU).")]
+    "--compile/--no-compile", help="Static cache + compiled LM decode step (default: on with CUDA, off on CPU).", rich_help_panel="Models")]
 ThreadsOpt = Annotated[int | None, typer.Option(
-    "--threads", min=1, help="CPU threads for torch (default: the CPUs not already busy; see glmvoice doctor).")]
+    "--threads", min=1, help="CPU threads for torch (default: the CPUs not already busy; see glmvoice doctor).", rich_help_panel="Models")]
 TemperatureOpt = Annotated[float | None, typer.Option(
-    "--temperature", min=0.0, help="Sampling temperature; 0 = greedy (default: 0.2, transcribe: 0).")]
+    "--temperature", min=0.0, help="Sampling temperature; 0 = greedy (default: 0.2, transcribe: 0).", rich_help_panel="Sampling")]
 TopPOpt = Annotated[float | None, typer.Option(
-    "--top-p", min=0.0, max=1.0, help="Nucleus sampling mass kept; 1 disables (default: 0.8).")]
+    "--top-p", min=0.0, max=1.0, help="Nucleus sampling mass kept; 1 disables (default: 0.8).", rich_help_panel="Sampling")]
 
 
 def with_sampling(options: GenerationOptions, temperature: float | None, top_p: float | None
@@ -73,13 +73,13 @@ def use_threads(threads: int | None) -> int:
 
 
 LmUrlOpt = Annotated[str | None, typer.Option(
-    "--lm-url", help="Run the LM on this OpenAI-compatible server (vLLM, see `glmvoice serve-lm`).")]
+    "--lm-url", help="Run the LM on this OpenAI-compatible server (vLLM, see `glmvoice serve-lm`).", rich_help_panel="LM server")]
 LmApiKeyOpt = Annotated[str | None, typer.Option(
-    "--lm-api-key", help="API key of the --lm-url server.")]
+    "--lm-api-key", help="API key of the --lm-url server.", rich_help_panel="LM server")]
 LmModelOpt = Annotated[str | None, typer.Option(
-    "--lm-model", help="Model name on the --lm-url server (default: its only model).")]
+    "--lm-model", help="Model name on the --lm-url server (default: its only model).", rich_help_panel="LM server")]
 LmTimeoutOpt = Annotated[float | None, typer.Option(
-    "--lm-timeout", min=0.1, help="Seconds the --lm-url server may stay silent mid-answer (default 60).")]
+    "--lm-timeout", min=0.1, help="Seconds the --lm-url server may stay silent mid-answer (default 60).", rich_help_panel="LM server")]
 
 
 def lm_server(url: str | None, api_key: str | None, model: str | None, timeout_s: float | None) -> LMServer | None:

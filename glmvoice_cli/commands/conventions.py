@@ -230,8 +230,9 @@ def _verbosity_templates() -> tuple[Any, ...]:
 
     @probe.command()
     def _probe(
-        verbose: Annotated[int, typer.Option("--verbose", "-v", count=True, expose_value=False,
-                                             callback=_set_verbose, help="More messages on stderr (-vv: debug).")
+        verbose: Annotated[int, typer.Option("--verbose", "-v", count=True, expose_value=False, metavar="",
+                                             callback=_set_verbose,
+                                             help="More messages on stderr; repeat for more (-vv: debug).")
                            ] = 0,
         quiet: Annotated[bool, typer.Option("--quiet", "-q", expose_value=False, callback=_set_quiet,
                                             help="Only errors on stderr: no progress or warnings.")] = False,

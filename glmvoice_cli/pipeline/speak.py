@@ -6,7 +6,9 @@ instruction (see `instructions.py`), and the pieces' events are yielded in order
 
 from __future__ import annotations
 
+import logging
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import replace
 
@@ -18,6 +20,8 @@ from glmvoice_cli.pipeline.instructions import SpeakingStyle, build_instruction,
 
 MAX_PIECE_CHARS = 200  # characters per spoken piece: long enough for prosody, short enough to start soon
 TTS_MAX_NEW_TOKENS = 1200  # per piece: ~200 characters of interleaved text and speech, with room to spare
+
+log = logging.getLogger(__name__)
 
 
 def speak(assistant: Assistant, text: str, style: SpeakingStyle | None = None, template: str | None = None,
@@ -34,4 +38,17 @@ def speak(assistant: Assistant, text: str, style: SpeakingStyle | None = None, t
         seed = None if options.seed is None else options.seed + index
         conv = assistant.lm.new_conversation()
         user = TextInput(build_instruction(piece, style, template))
-        yield from assistant.respond(conv, user, replace(options, seed=seed), cancel)
+        log.debug("piece %d: instruction sent to the model: %r", index + 1, user.text)
+        start = time.perf_counter()
+        for event in assistant.respond(conv, user, replace(options, seed=seed), cancel):
+            if isinstance(event, TurnEnded):
+                t = event.timings
+                log.debug("piece %d: prompt %d tokens, %d generated; first token %s s, first audio %s s, "
+                          "RTF %s, %.2f s in all", index + 1, conv.last_output_start or 0, t.tokens,
+                          _s(t.first_token_s), _s(t.first_audio_s), _s(t.real_time_factor),
+                          time.perf_counter() - start)
+            yield event
+
+
+def _s(value: float | None) -> str:
+    return "–" if value is None else f"{value:.2f}"
