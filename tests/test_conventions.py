@@ -101,9 +101,9 @@ def test_bad_values_name_their_source_in_one_line(tmp_path: Path, monkeypatch: p
     assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: ")
     assert "GLMVOICE_TOP_P" in result.stderr
     monkeypatch.delenv("GLMVOICE_TOP_P")
-    _config(tmp_path, monkeypatch, 'top_p = "lots"\n')
+    path = _config(tmp_path, monkeypatch, 'top_p = "lots"\n')
     result = runner.invoke(_probe_app(), ["speak"])
-    assert result.exit_code == 2 and "config file key 'top_p'" in result.stderr
+    assert result.exit_code == 2 and f"the key 'top_p' of the config file {path}" in result.stderr
 
 
 @pytest.mark.parametrize("args", [["tts", "--bogus"], ["nosuch"], ["chat", "--vad-aggressiveness", "9"],
@@ -206,3 +206,15 @@ def test_chat_turn_taking_flags_come_from_env_and_config(tmp_path: Path, monkeyp
     hints = typing.get_type_hints(chat_command.chat, include_extras=True)
     own = [name for name, hint in hints.items() if getattr(getattr(hint, "__metadata__", [None])[0], "envvar", None)]
     assert own == []  # no option names its own variable: install_envvars gives every one the same way
+
+
+def test_a_misspelt_key_gets_the_nearest_known_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from glmvoice_cli.cli import app
+
+    path = _config(tmp_path, monkeypatch, "temprature = 0.3\n[chatt]\nx = 1\n[chat]\nend_silence_mss = 500\n")
+    result = runner.invoke(app, ["sessions", "list"])
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
+    assert warnings == [f"warning: {path}: unknown key 'temprature' (ignored); did you mean 'temperature'?",
+                        f"warning: {path}: unknown key '[chatt]' (ignored); did you mean '[chat]'?",
+                        (f"warning: {path}: unknown key 'chat.end_silence_mss' (ignored); did you mean "
+                        "'chat.end_silence_ms'?")]

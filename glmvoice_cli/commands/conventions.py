@@ -102,16 +102,17 @@ def build_default_map(root: TyperGroup, config: dict[str, Any], path: Path) -> d
     tables = {_normalise(k): v for k, v in config.items() if isinstance(v, dict)}
     for name in top:
         if name not in KNOWN_KEYS and (name not in top_names or name in NOT_SETTINGS):
-            warn_unknown(path, name)
+            warn_unknown(path, name, (set(KNOWN_KEYS) | top_names) - set(NOT_SETTINGS))
     for name, table in tables.items():
         if name in KNOWN_TABLES:
             continue
         if name not in commands:
-            warn_unknown(path, f"[{name}]")
+            warn_unknown(path, f"[{name}]", set(commands) | set(KNOWN_TABLES), brackets=True)
             continue
+        names = {setting_name(o) for o in _settings(commands[name])}
         for key in table:
-            if _normalise(key) not in {setting_name(o) for o in _settings(commands[name])}:
-                warn_unknown(path, f"{name}.{key}")
+            if _normalise(key) not in names:
+                warn_unknown(path, f"{name}.{key}", names, prefix=f"{name}.")
     for command_path, command in [("", root), *commands.items()]:
         values: dict[str, Any] = {}
         table = tables.get(command_path, {}) if command_path else {}
@@ -129,8 +130,15 @@ def build_default_map(root: TyperGroup, config: dict[str, Any], path: Path) -> d
     return default_map
 
 
-def warn_unknown(path: Path, key: str) -> None:
-    typer.secho(f"warning: {path}: unknown key {key!r} (ignored)", fg=typer.colors.YELLOW, err=True)
+def warn_unknown(path: Path, key: str, known: set[str] | None = None, brackets: bool = False,
+                 prefix: str = "") -> None:
+    """One line per unknown key, with the nearest known one (`prefix` + name) when there is a close match."""
+    import difflib
+
+    bare = key.strip("[]").removeprefix(prefix)
+    close = difflib.get_close_matches(bare, sorted(known or ()), n=1, cutoff=0.75)
+    hint = f"; did you mean {f'[{close[0]}]' if brackets else prefix + close[0]!r}?" if close else ""
+    typer.secho(f"warning: {path}: unknown key {key!r} (ignored){hint}", fg=typer.colors.YELLOW, err=True)
 
 
 def default_map_for(root: TyperGroup) -> dict[str, Any]:
@@ -260,7 +268,9 @@ def one_line(error: click.ClickException) -> str:
         if source is click.core.ParameterSource.ENVIRONMENT:
             return f"{line} (from the environment variable {param.envvar})"
         if source is click.core.ParameterSource.DEFAULT_MAP:
-            return f"{line} (from the config file key {param.name!r})"
+            from glmvoice_cli.models.settings import config_path
+
+            return f"{line} (from the key {setting_name(param)!r} of the config file {config_path()})"
     if isinstance(error, click.exceptions.UsageError) and ctx is not None:
         line += f" (see {ctx.command_path} --help)"
     return line
