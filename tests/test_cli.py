@@ -183,3 +183,23 @@ def test_chat_help_is_grouped_into_panels() -> None:
     assert result.exit_code == 0
     panels = [line.split("─")[1].strip() for line in result.stdout.splitlines() if line.startswith("╭─")]
     assert {"Audio", "Turn-taking", "Sessions", "Models", "Sampling", "LM server"} <= set(panels), panels
+
+
+@pytest.mark.parametrize(("words", "expected"), [
+    ("glmvoice tts --emotion ha", ["happy"]),
+    ("glmvoice sessions export x --format js", ["jsonl"]),
+    ("glmvoice sessions show la", ["last"]),
+    ("glmvoice chat --resume la", ["last"]),
+])
+def test_shell_completion_offers_values(words: str, expected: list[str]) -> None:
+    import os
+    import shutil
+    import subprocess
+
+    exe = shutil.which("glmvoice")
+    if exe is None:
+        pytest.skip("the glmvoice script is not installed (pip install -e .)")
+    env = {**os.environ, "_GLMVOICE_COMPLETE": "complete_bash", "COMP_WORDS": words,
+           "COMP_CWORD": str(len(words.split()) - 1)}
+    done = subprocess.run([exe], env=env, capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0 and done.stdout.split() == expected, (done.stdout, done.stderr)

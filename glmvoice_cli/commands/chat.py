@@ -111,7 +111,7 @@ def chat(
         "Tokenize and prefill your speech while you speak; --no-stream-input does it all after your turn."), rich_help_panel="Turn-taking")] = True,
     session_dir: Annotated[Path | None, typer.Option(help="Save the session in this folder.", rich_help_panel="Sessions")] = None,
     resume: Annotated[str | None, typer.Option(
-        help="Continue a saved session: 'last', an ID or a unique start of one, or a folder.", rich_help_panel="Sessions")] = None,
+        autocompletion=_complete_session, help="Continue a saved session: 'last', an ID or a unique start of one, or a folder.", rich_help_panel="Sessions")] = None,
     transcribe_user: Annotated[bool, typer.Option(
         "--transcribe-user", help="Also transcribe each spoken turn (a text-only pass: adds latency).", rich_help_panel="Turn-taking")] = False,
     live: Annotated[bool, typer.Option(help="Rich live view; --no-live prints plain lines.", rich_help_panel="Sessions")] = True,
@@ -155,6 +155,12 @@ def chat(
             _converse(engine, store, text, live)
         finally:
             io.close()
+
+
+def _complete_session(incomplete: str) -> list[str]:
+    from glmvoice_cli.commands.sessions import complete_session
+
+    return complete_session(incomplete)
 
 
 def _check_options(input_file: Path | None, output_file: Path | None, text: bool, realtime: bool,

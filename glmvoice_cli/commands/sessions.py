@@ -11,8 +11,19 @@ import typer
 sessions_app = typer.Typer(name="sessions", help="List, show, export and remove saved chat sessions.",
                            no_args_is_help=True, add_completion=False)
 
+def complete_session(incomplete: str) -> list[str]:
+    """Shell completion: 'last' and the saved sessions' IDs that start with what was typed."""
+    from glmvoice_cli.sessions.store import list_sessions
+
+    try:
+        ids = ["last", *(s.id for s in list_sessions())]
+    except Exception:  # noqa: BLE001 - completion must never print a traceback into the shell
+        return []
+    return [i for i in ids if i.startswith(incomplete)]
+
+
 RefArg = Annotated[str, typer.Argument(help="A session ID, a unique start of one, 'last', or a folder.",
-                                       show_default=False)]
+                                       show_default=False, autocompletion=complete_session)]
 
 
 @sessions_app.command("list")
@@ -68,7 +79,8 @@ def export(
     ref: RefArg,
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Write here instead of stdout.")] = None,
     fmt: Annotated[str | None, typer.Option(
-        "--format", help="md (Markdown), txt or jsonl (default: from the -o file's extension, else md).")] = None,
+        "--format", help="md (Markdown), txt or jsonl (default: from the -o file's extension, else md).",
+        autocompletion=lambda incomplete: [f for f in ("md", "txt", "jsonl") if f.startswith(incomplete)])] = None,
 ) -> None:
     """Export a session's conversation as Markdown, plain text or JSON lines."""
     from glmvoice_cli.errors import UsageError

@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 import threading
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -56,9 +57,14 @@ def tts(
     output: Annotated[Path | None, typer.Option(
         "--output", "-o", help="Write the speech here (.wav, .flac, .ogg; '-' = WAV on stdout).")] = None,
     play: Annotated[bool, typer.Option("--play", help="Also play it (the default when no -o is given).")] = False,
-    emotion: Annotated[str, typer.Option(help=f"One of: {', '.join(EMOTIONS)}.")] = "neutral",
-    speed: Annotated[str, typer.Option(help=f"One of: {', '.join(SPEEDS)}.")] = "normal",
-    dialect: Annotated[str, typer.Option(help=f"One of: {', '.join(DIALECTS)}.")] = "mandarin",
+    emotion: Annotated[str, typer.Option(help=f"One of: {', '.join(EMOTIONS)}.",
+                                         autocompletion=lambda incomplete: _starting(EMOTIONS, incomplete))
+                       ] = "neutral",
+    speed: Annotated[str, typer.Option(help=f"One of: {', '.join(SPEEDS)}.",
+                                       autocompletion=lambda incomplete: _starting(SPEEDS, incomplete))] = "normal",
+    dialect: Annotated[str, typer.Option(help=f"One of: {', '.join(DIALECTS)}.",
+                                         autocompletion=lambda incomplete: _starting(DIALECTS, incomplete))
+                       ] = "mandarin",
     instruction: Annotated[str | None, typer.Option(
         help="Your own instruction instead of the template; '{text}' marks where the text goes.")] = None,
     output_device: Annotated[str | None, typer.Option(help="Speaker name or index (see glmvoice devices).")
@@ -201,3 +207,8 @@ def _open_speaker(device: str | None) -> Speaker:
     from glmvoice_cli.audio.devices import Speaker
 
     return Speaker(device)  # an index or a part of a name
+
+
+def _starting(names: Iterable[str], incomplete: str) -> list[str]:
+    """Shell completion: the values that start with what was typed."""
+    return [name for name in names if name.startswith(incomplete)]
