@@ -300,3 +300,12 @@ def test_download_with_everything_present_and_no_network_says_so(monkeypatch: py
     assert kept.stdout.count(": complete,") == 3 and sum("kept as it is" in m for m in said) == 3, said
     forced = runner.invoke(models_app, ["download", "tokenizer", "--models", str(tiny_models.root), "--force"])
     assert forced.exit_code != 0 and "cannot reach" in str(forced.exception)  # --force needs the Hub
+
+
+def test_list_prints_each_path_whole_on_its_own_line(tmp_path: Path) -> None:
+    deep = tmp_path / ("a-rather-long-folder-name-" * 4) / "models"
+    deep.mkdir(parents=True)
+    result = runner.invoke(models_app, ["list", "--models", str(deep)], env={"COLUMNS": "60"})
+    assert result.exit_code == 0, result.output
+    for name in ("tokenizer", "lm", "decoder"):
+        assert f"{name}: {deep / name}" in result.stdout.splitlines()

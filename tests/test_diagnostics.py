@@ -40,8 +40,9 @@ def test_selftest_keep_gives_a_model_set_every_command_uses(kept: Path, tmp_path
 def test_selftest_keep_twice_on_the_same_folder(kept: Path) -> None:
     """The second run replaces what the first made there (its session folder included)."""
     (kept / "selftest_session" / "stale.txt").write_text("from the first run")
-    result = runner.invoke(app, ["selftest", "--keep", str(kept)])
+    result = runner.invoke(app, ["selftest", "--keep", str(kept)], env={"COLUMNS": "40"})
     assert result.exit_code == 0, result.output
+    assert f"models kept in {kept} (use --models {kept})" in result.stdout  # a narrow terminal: never folded
     assert not (kept / "selftest_session" / "stale.txt").exists()
     assert (kept / "lm" / "config.json").is_file() and (kept / "selftest_session").is_dir()
 

@@ -54,7 +54,7 @@ def selftest(
 
     from glmvoice_cli.commands.selftest import Step, prepare_kept_folder, run_selftest
 
-    console = Console()
+    console = Console(soft_wrap=True)  # paths stay whole (a terminal wraps them; rich would fold mid-word)
 
     def show(step: Step) -> None:
         console.print(f"[green]ok[/] {step.name:<18} {step.seconds:6.2f} s  {step.detail}", highlight=False)

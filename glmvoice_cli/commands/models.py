@@ -249,7 +249,7 @@ def list_models(
     from glmvoice_cli.models import cache
 
     table = Table(title=f"models (Hugging Face cache: {cache.hub_cache_dir()})", title_justify="left")
-    for column in ("model", "state", "size", "path", "from"):
+    for column in ("model", "state", "size", "from"):
         table.add_column(column, overflow="fold")
     for r in rows:
         state = str(r["state"])
@@ -259,8 +259,10 @@ def list_models(
         style = "green" if r["complete"] else "yellow"
         size_bytes = r["size_bytes"]
         size = human_size(size_bytes if isinstance(size_bytes, int) else 0)
-        table.add_row(str(r["model"]), f"[{style}]{state}[/]", size, str(r["path"]), str(r["source"]))
+        table.add_row(str(r["model"]), f"[{style}]{state}[/]", size, str(r["source"]))
     Console(soft_wrap=True).print(table)
+    for r in rows:  # whole, each on its own line: a path folded mid-word in a table cell cannot be copied
+        typer.echo(f"{r['model']}: {r['path']}")
     for line in hub.describe_missing(status for _, status in found):
         typer.echo(f"hint: {line}")
     lm_where, lm_status = next(item for item in found if item[1].stage.name == hub.LM.name)
