@@ -155,7 +155,7 @@ def test_speaking_over_the_answer_stops_it_and_the_history_keeps_what_was_played
 
     first = _espeak("Tell me a long story about the sea.", tmp_path)
     second = _espeak("Wait, stop, tell me about mountains instead.", tmp_path)
-    browser = _browser(playwright, _wav(tmp_path, "mic.wav", 0.5, first, 2.5, second, 10.0))
+    browser = _browser(playwright, _wav(tmp_path, "mic.wav", 0.5, first, 4.0, second, 10.0))
     try:
         page = browser.new_page(viewport=DESKTOP)
         page.goto(_page_url(server))
