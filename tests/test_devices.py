@@ -380,3 +380,16 @@ def test_the_devices_command_module_imports_neither_torch_nor_sounddevice() -> N
     done = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True,
                           timeout=120)
     assert done.returncode == 0, done.stderr
+
+
+def test_devices_json_with_no_device_is_an_empty_list_and_a_note(monkeypatch: pytest.MonkeyPatch) -> None:
+    from typer.testing import CliRunner
+
+    from glmvoice_cli.cli import app
+    from glmvoice_cli.commands import devices as devices_command
+
+    monkeypatch.setattr(devices_command, "list_devices", list)
+    result = CliRunner().invoke(app, ["devices", "--json"])
+    assert result.exit_code == 0
+    assert [json.loads(line) for line in result.stdout.splitlines()] == []  # what a script reads: nothing
+    assert result.stderr.strip() == "no audio devices found"

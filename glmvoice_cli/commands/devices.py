@@ -22,9 +22,11 @@ def devices(
 ) -> None:
     """List audio input and output devices; pass an index or a name to `chat --input-device/--output-device`."""
     infos = list_devices()
-    if as_json:
+    if as_json:  # JSON Lines: no device is no line (a script reads an empty list); people get a note on stderr
         for info in infos:
             typer.echo(json.dumps(info.__dict__))
+        if not infos:
+            typer.echo("no audio devices found", err=True)
         return
     from rich.console import Console
 
