@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -29,7 +28,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from glmvoice_cli.audio.fakes import ArraySource, RecordingSink
 from glmvoice_cli.audio.playback import RealClock
@@ -41,7 +39,7 @@ from glmvoice_cli.pipeline.assistant import Assistant
 from glmvoice_cli.threads import on_passing_thread
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from latency import OUT_RATE, RATE, _commit, build, conversations, stats
+from latency import OUT_RATE, RATE, build, conversations, emit, envelope, stats
 
 RUN_SLACK_S = 300.0  # a run may take this long past the end of its input
 
@@ -165,18 +163,9 @@ def main() -> None:
         "input": "latency.py's espeak-ng conversations at real-time pace, one per conversation, started together",
         "max_new_tokens": args.max_new_tokens,
         "results": results,
-        "torch_threads": torch.get_num_threads(),
-        "cpu_count": os.cpu_count(),
-        "load_average_1min": {"before": load_before, "after": os.getloadavg()[0]},
-        "platform": platform.platform(),
-        "torch": torch.__version__,
-        "commit": _commit(),
+        **envelope(load_before),
     }
-    text = json.dumps(result, indent=2)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
-    print(text)
+    emit(result, args.out)
 
 
 if __name__ == "__main__":

@@ -368,22 +368,19 @@ def main() -> None:
         _write(results, args.out)
     results["peak_gpu_gb_all_stages"] = _peak_gb(device)
     _write(results, args.out)
-    if args.latency:
-        _log("latency: serial and streaming, at real-time pace ...")
-        results["latency"] = {"skipped": f"not importable here: {', '.join(missing)} (carry their wheels)"} \
-            if users is None else check_latency(keep[0], keep[1], device, users, args.tiny)
-        results["elapsed_s"] = round(time.perf_counter() - start, 1)
-        _write(results, args.out)
-    if args.conversations:
-        _log("conversations: 1, 2 and 4 at once on one model worker, at real-time pace ...")
-        results["conversations"] = {"skipped": f"not importable here: {', '.join(missing)} (carry their wheels)"} \
-            if users is None else check_conversations(keep[0], keep[1], device, users, args.tiny)
-        results["elapsed_s"] = round(time.perf_counter() - start, 1)
-        _write(results, args.out)
-    if args.realtime:
-        _log("realtime: 1, 2 and 4 SDK clients of the Realtime server, at real-time pace ...")
-        results["realtime"] = {"skipped": f"not importable here: {', '.join(missing_rt)} (carry their wheels)"} \
-            if spoken is None else check_realtime(keep[0], keep[1], device, spoken, args.tiny)
+    optional = (  # (flag, name, what the log says, the input or None when packages are missing, missing, check)
+        (args.latency, "latency", "serial and streaming, at real-time pace", users, missing, check_latency),
+        (args.conversations, "conversations", "1, 2 and 4 at once on one model worker, at real-time pace", users,
+         missing, check_conversations),
+        (args.realtime, "realtime", "1, 2 and 4 SDK clients of the Realtime server, at real-time pace", spoken,
+         missing_rt, check_realtime),
+    )
+    for wanted, name, what, given, lacking, stage in optional:
+        if not wanted:
+            continue
+        _log(f"{name}: {what} ...")
+        results[name] = {"skipped": f"not importable here: {', '.join(lacking)} (carry their wheels)"} \
+            if given is None else stage(keep[0], keep[1], device, given, args.tiny)
         results["elapsed_s"] = round(time.perf_counter() - start, 1)
         _write(results, args.out)
     del keep  # the 4-bit LM is measured alone, after the three stages' peak

@@ -189,6 +189,22 @@ def _commit() -> str | None:
     return head + ("+" if dirty else "")
 
 
+def envelope(load_before: float) -> dict:
+    """What every benchmark JSON ends with: the machine, its load and the code measured."""
+    return {"torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+            "load_average_1min": {"before": load_before, "after": os.getloadavg()[0]},  # other jobs skew timings
+            "platform": platform.platform(), "torch": torch.__version__, "commit": _commit()}
+
+
+def emit(result: dict, out: Path | None) -> None:
+    """Print the JSON, and write it to `out` when given."""
+    text = json.dumps(result, indent=2)
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text + "\n")
+    print(text)
+
+
 def stats(values: list[float]) -> dict[str, float | int | None]:
     if not values:
         return {"median": None, "p90": None, "n": 0}
@@ -266,17 +282,9 @@ def main() -> None:
         **measured,
         "build_s": round(build_s, 1),
         "wall_s": round(time.perf_counter() - start, 1),
-        "torch_threads": torch.get_num_threads(),
-        "load_average_1min": {"before": load_before, "after": os.getloadavg()[0]},  # other jobs skew timings
-        "platform": platform.platform(),
-        "torch": torch.__version__,
-        "commit": _commit(),
+        **envelope(load_before),
     }
-    text = json.dumps(result, indent=2)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
-    print(text)
+    emit(result, args.out)
 
 
 if __name__ == "__main__":

@@ -20,9 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
-import json
 import os
-import platform
 import socket
 import sys
 import tempfile
@@ -32,17 +30,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from glmvoice_cli.audio.vad import VadConfig
 from glmvoice_cli.lm.voice_lm import GenerationOptions
 from glmvoice_cli.pipeline.assistant import Assistant
+from glmvoice_cli.serve.protocol import encode_pcm16
 from glmvoice_cli.threads import on_passing_thread
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from conversations import run_worker
 from conversations import summarize as summarize_local
-from latency import ANSWER_ROOM_S, CONVERSATIONS, RATE, _commit, build, espeak, script, stats
+from latency import ANSWER_ROOM_S, CONVERSATIONS, RATE, build, emit, envelope, espeak, script, stats
 
 WIRE_RATE = 24_000
 CHUNK_S = 0.1  # client chunks, as the SDK examples send them
@@ -77,10 +75,6 @@ def to_wire(samples_16k: np.ndarray) -> np.ndarray:
     import soxr
 
     return np.asarray(soxr.resample(samples_16k, RATE, WIRE_RATE), dtype=np.float32)
-
-
-def pcm16(samples: np.ndarray) -> str:
-    return base64.b64encode(np.clip(np.round(samples * 32768), -32768, 32767).astype("<i2").tobytes()).decode()
 
 
 async def one_client(url: str, wire: np.ndarray, ends_s: list[float]) -> Client:
@@ -119,7 +113,7 @@ async def one_client(url: str, wire: np.ndarray, ends_s: list[float]) -> Client:
         start = time.perf_counter()
         pending_ends = list(ends_s)
         for k, at in enumerate(range(0, len(wire), step)):
-            await conn.input_audio_buffer.append(audio=pcm16(wire[at : at + step]))
+            await conn.input_audio_buffer.append(audio=encode_pcm16(wire[at : at + step]))
             sent_to = (at + step) / WIRE_RATE
             while pending_ends and pending_ends[0] <= sent_to:
                 seen.voice_ends.append(time.perf_counter())
@@ -229,18 +223,9 @@ def main() -> None:
         "client": "openai AsyncOpenAI().realtime.connect(), one per conversation, started together",
         "max_new_tokens": args.max_new_tokens,
         "results": results,
-        "torch_threads": torch.get_num_threads(),
-        "cpu_count": os.cpu_count(),
-        "load_average_1min": {"before": load_before, "after": os.getloadavg()[0]},
-        "platform": platform.platform(),
-        "torch": torch.__version__,
-        "commit": _commit(),
+        **envelope(load_before),
     }
-    text = json.dumps(result, indent=2)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
-    print(text)
+    emit(result, args.out)
 
 
 if __name__ == "__main__":

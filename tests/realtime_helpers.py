@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import os
 import re
 import signal
@@ -17,6 +18,7 @@ from typing import Any
 import numpy as np
 
 START_TIMEOUT_S = 180.0
+SAVE_ATTEMPTS = 300  # 0.1 s apart: a session writer saves behind the answer
 EVENT_TIMEOUT_S = 120.0
 WIRE_RATE = 24_000
 KEY = "test-key"
@@ -78,6 +80,34 @@ def start_server(models: Path, folder: Path, *args: str) -> Server:
         time.sleep(0.1)
     process.kill()
     raise AssertionError(f"glmvoice serve did not start: {log.read_text()}")
+
+
+def session_root(server: Server) -> Path:
+    """The --session-dir the server was started with."""
+    args = list(server.process.args)  # type: ignore[arg-type]
+    return Path(args[args.index("--session-dir") + 1])
+
+
+def transcript(folder: Path) -> list[dict[str, Any]]:
+    """The saved lines so far (a line being written by the server at this moment is not one yet)."""
+    path = folder / "transcript.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines(keepends=True) if line.endswith("\n")]
+
+
+def saved_session(server: Server, lines: int) -> list[dict[str, Any]]:
+    """The newest session's transcript once it holds `lines` lines (or what it holds when they never come)."""
+    saved: list[dict[str, Any]] = []
+    for _ in range(SAVE_ATTEMPTS):
+        folders = [f for f in session_root(server).iterdir() if (f / "meta.json").is_file()]
+        if folders:
+            newest = max(folders, key=lambda f: json.loads((f / "meta.json").read_text())["created"])
+            saved = transcript(newest)
+            if len(saved) >= lines:
+                break
+        time.sleep(0.1)
+    return saved
 
 
 def client(server: Server, key: str = KEY) -> Any:

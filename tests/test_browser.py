@@ -6,11 +6,9 @@ GLMVOICE_SCREENSHOTS_DIR=docs/screenshots makes the run save the README's screen
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,7 +20,7 @@ import soundfile as sf
 from glmvoice_cli.audio.io import load_audio
 from glmvoice_cli.tiny.modelset import TinyModelSet
 
-from .realtime_helpers import KEY, Server, start_server
+from .realtime_helpers import KEY, Server, saved_session, start_server
 
 pytest.importorskip("starlette")
 sync_api = pytest.importorskip("playwright.sync_api", reason="Playwright for Python is not installed")
@@ -104,21 +102,6 @@ def _stats(page: Any) -> dict[str, Any]:
     return page.evaluate("() => JSON.parse(JSON.stringify(window.glmvoice.stats))")
 
 
-def _last_session(server: Server, lines: int) -> list[dict[str, Any]]:
-    root = Path(server.process.args[server.process.args.index("--session-dir") + 1])  # type: ignore[union-attr]
-    deadline = time.monotonic() + 30
-    while True:
-        folders = [f for f in root.iterdir() if (f / "transcript.jsonl").is_file()]
-        saved: list[dict[str, Any]] = []
-        if folders:
-            newest = max(folders, key=lambda f: json.loads((f / "meta.json").read_text())["created"])
-            text = (newest / "transcript.jsonl").read_text()
-            saved = [json.loads(line) for line in text.splitlines(keepends=True) if line.endswith("\n")]
-        if len(saved) >= lines or time.monotonic() > deadline:
-            return saved
-        time.sleep(0.1)
-
-
 def _connected(page: Any) -> None:
     page.wait_for_function("document.getElementById('connection').dataset.state === 'connected'", timeout=WAIT_MS)
 
@@ -145,7 +128,7 @@ def test_a_spoken_turn_is_answered_and_played_in_the_page(server: Server, playwr
     assert stats["latencies"] and 0 < stats["latencies"][0] < 60
     assert latency.startswith("end of voice → first sound:")
     assert user.startswith("Spoken turn (") and user.endswith(" s)")
-    saved = _last_session(server, 2)
+    saved = saved_session(server, 2)
     assert answer.strip() and answer.strip() == (saved[1]["text"] or "").strip()
 
 
@@ -175,7 +158,7 @@ def test_speaking_over_the_answer_stops_it_and_the_history_keeps_what_was_played
     truncated = stats["truncations"][0]
     played_ms = stats["played"][truncated["item"]] * 1000 // 24_000
     assert truncated["audio_end_ms"] == played_ms > 0
-    saved = _last_session(server, 4)
+    saved = saved_session(server, 4)
     answer = saved[1]
     assert answer["role"] == "assistant" and answer["interrupted"]
     # the history keeps the audio tokens the page played (the server's own estimate, counted from sending, is
@@ -199,7 +182,7 @@ def test_a_typed_turn_is_answered(server: Server, playwright: Any) -> None:
     finally:
         browser.close()
     assert user == "Hello from the keyboard"
-    assert _last_session(server, 2)[0]["text"] == "Hello from the keyboard"
+    assert saved_session(server, 2)[0]["text"] == "Hello from the keyboard"
 
 
 def test_a_denied_microphone_says_so_and_typing_still_works(server: Server, playwright: Any) -> None:

@@ -27,15 +27,19 @@ from glmvoice_cli.tiny.modelset import TinyModelSet
 from .realtime_helpers import (
     KEY,
     PUSH_TO_TALK,
+    SAVE_ATTEMPTS,
     WIRE_RATE,
     Answer,
     Server,
     answer,
     client,
     next_event,
+    saved_session,
     server_env,
+    session_root,
     start_server,
     stream,
+    transcript,
     typed,
     until,
     wire_audio,
@@ -45,7 +49,9 @@ pytest.importorskip("openai")
 pytest.importorskip("starlette")
 
 SILENCE_S = 1.5  # after the speech: longer than the server VAD's silence_duration_ms
-TRUNCATE_MS = 500  # a whole number of samples at 22.05 kHz (the barge-in side counts in samples)
+TRUNCATE_MS = 500
+HANG_S = 120.0  # a wait that only guards against a hang
+SLOT_ATTEMPTS = 150  # connections tried, 0.2 s apart, before a vanished client's slot counts as never freed  # a whole number of samples at 22.05 kHz (the barge-in side counts in samples)
 
 
 @pytest.fixture(scope="module")
@@ -71,30 +77,6 @@ def speech() -> np.ndarray:
 
 def run(coro: Any) -> Any:
     return asyncio.run(coro)
-
-
-SAVE_TIMEOUT_S = 30.0
-
-
-def last_session(server: Server, lines: int) -> list[dict[str, Any]]:
-    """The newest session's transcript once it holds `lines` lines (its writer saves behind the answer)."""
-    root = Path(server.process.args[server.process.args.index("--session-dir") + 1])  # type: ignore[union-attr]
-    deadline = time.monotonic() + SAVE_TIMEOUT_S
-    while True:
-        folders = [f for f in root.iterdir() if (f / "meta.json").is_file()]
-        newest = max(folders, key=lambda f: json.loads((f / "meta.json").read_text())["created"])
-        saved = transcript(newest)
-        if len(saved) >= lines or time.monotonic() > deadline:
-            return saved
-        time.sleep(0.05)
-
-
-def transcript(folder: Path) -> list[dict[str, Any]]:
-    """The saved lines so far (a line being written by the server at this moment is not one yet)."""
-    path = folder / "transcript.jsonl"
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines(keepends=True) if line.endswith("\n")]
 
 
 def _check_answer(got: Answer) -> None:
@@ -150,7 +132,7 @@ def test_push_to_talk_commit_then_response_create(server: Server, speech: np.nda
                                            "conversation.item.done"]
     assert not any(e.type == "input_audio_buffer.speech_started" for e in got.events)  # no server VAD
     _check_answer(got)
-    saved = last_session(server, 2)
+    saved = saved_session(server, 2)
     assert saved[0]["role"] == "user" and saved[0]["audio"] and saved[1]["role"] == "assistant"
 
 
@@ -169,7 +151,7 @@ def test_response_cancel_mid_answer_ends_it_cancelled(server: Server) -> None:
     assert cancelled.status == "cancelled"
     assert cancelled.done.response.status_details.reason == "client_cancelled"
     _check_answer(after)
-    saved = last_session(server, 4)
+    saved = saved_session(server, 4)
     assert saved[1]["interrupted"] is True
 
 
@@ -191,7 +173,7 @@ def test_truncate_trims_the_history_exactly_as_a_barge_in_there(server: Server, 
             await answer(conn)
 
     run(talk())
-    lines = last_session(server, 4)
+    lines = saved_session(server, 4)
     assert [line["token_ids"] for line in lines] == _barge_in_in_process(assistant, texts, TRUNCATE_MS)
     assert lines[1]["interrupted"] and lines[1]["duration_s"] == TRUNCATE_MS / 1000  # its audio trimmed too
 
@@ -216,17 +198,11 @@ def _barge_in_in_process(assistant: Any, texts: list[str], heard_ms: int) -> lis
     worker.start()
     ids: list[list[int]] = []
     try:
-        core.type_text(texts[0])
-        deadline = time.monotonic() + 120
-        while not (core._open and core._open[0].generated.is_set()):
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
+        _generated(core, texts[0])
         now[0] = heard_ms / 1000
         core.interrupt()
         _collect(events, ids, UserUtterance, AssistantTurn, TurnEnded)
-        core.type_text(texts[1])
-        while not (core._open and core._open[0].generated.is_set()):
-            time.sleep(0.01)
+        _generated(core, texts[1])
         now[0] = 1e6  # played out
         _collect(events, ids, UserUtterance, AssistantTurn, TurnEnded)
     finally:
@@ -234,6 +210,14 @@ def _barge_in_in_process(assistant: Any, texts: list[str], heard_ms: int) -> lis
         worker.stop()
         worker.join()
     return ids
+
+
+def _generated(core: Any, text: str) -> None:
+    """Type a turn and wait until its answer is fully generated (it then waits to be played, on the frozen
+    clock); the wait guards against a hang, it measures nothing."""
+    core.type_text(text)
+    job = core._open[-1]  # registered by type_text, before it returns
+    assert job.generated.wait(HANG_S), "the answer was never generated"
 
 
 def _collect(events: Any, ids: list[list[int]], user: type, turn: type, ended: type) -> None:
@@ -266,10 +250,9 @@ def test_clients_at_once_each_get_the_answer_they_get_alone(server: Server, clie
         np.testing.assert_array_equal(wire_audio(got.audio), wire_audio(want.audio))
     assert len({a.transcript for a in at_once} | {len(a.audio) for a in at_once}) > 1  # not one answer for all
     # and the histories the sessions saved: the same ids at once as alone
-    deadline = time.monotonic() + SAVE_TIMEOUT_S
-    while True:
+    for _ in range(SAVE_ATTEMPTS):  # the writers save behind the answers
         saved = _saved_by_first_text(server, texts)
-        if all(len(saved.get(text, [])) >= 2 for text in texts) or time.monotonic() > deadline:
+        if all(len(saved.get(text, [])) >= 2 for text in texts):
             break
         time.sleep(0.1)
     for text in texts:
@@ -279,7 +262,7 @@ def test_clients_at_once_each_get_the_answer_they_get_alone(server: Server, clie
 
 def _saved_by_first_text(server: Server, texts: list[str]) -> dict[str, list[list[list[int]]]]:
     """Every saved session that began with one of `texts`, as its turns' token ids, grouped by that text."""
-    root = Path(server.process.args[server.process.args.index("--session-dir") + 1])  # type: ignore[union-attr]
+    root = session_root(server)
     grouped: dict[str, list[list[list[int]]]] = {}
     for folder in root.iterdir():
         lines = transcript(folder)
@@ -377,7 +360,7 @@ def test_deleting_an_unanswered_item_leaves_it_out_of_the_answer(server: Server)
 
     _, got = run(talk())
     _check_answer(got)
-    saved = last_session(server, 2)
+    saved = saved_session(server, 2)
     assert saved[0]["text"] == "Remember this."
 
 
@@ -408,14 +391,12 @@ def test_api_key_session_limit_and_a_vanished_client_freeing_its_slot(tiny_model
             while json.loads(await first.recv())["type"] != "response.output_audio.delta":
                 pass
             first.transport.abort()  # vanishes mid-answer, no close handshake
-        deadline = time.monotonic() + 30
-        while True:  # its slot is free again
+        for _ in range(SLOT_ATTEMPTS):  # its slot is free again (freed as the server notices the lost socket)
             async with client(guarded).realtime.connect(model="m") as third:
-                event = await next_event(third)
-                if event.type == "session.created":
+                if (await next_event(third)).type == "session.created":
                     return
-            assert time.monotonic() < deadline, "the vanished client's slot was never freed"
             await asyncio.sleep(0.2)
+        pytest.fail("the vanished client's slot was never freed")
 
     try:
         run(admission())

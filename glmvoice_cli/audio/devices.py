@@ -24,9 +24,9 @@ from types import ModuleType
 from typing import Any, Literal, Protocol
 
 import numpy as np
-import soxr
 
 from glmvoice_cli.audio.playback import BufferedSink, PlaybackBuffer, PlayedTap
+from glmvoice_cli.audio.stream_resample import soxr_stream
 from glmvoice_cli.config import SAMPLE_RATE_IN, SAMPLE_RATE_OUT
 from glmvoice_cli.errors import AudioDeviceError
 
@@ -38,7 +38,6 @@ PLAYBACK_BLOCK_MS = 20  # speaker callback block: small, so a flush is heard wit
 STALL_S = 2.0  # a running stream whose callback has not run for this long is a lost device
 CLOSE_TIMEOUT_S = 2.0  # longest wait for PortAudio to stop and close a stream; a lost device may never return
 CAPTURE_QUEUE_BLOCKS = 200  # 6 s of capture buffered before the oldest blocks are dropped
-RESAMPLE_QUALITY = "HQ"
 PORTAUDIO_HINT = ("install PortAudio: `apt install libportaudio2` (Debian, Ubuntu), `dnf install portaudio` "
                   "(Fedora), `brew install portaudio` (macOS); tts -o, transcribe and chat --input-file work "
                   "without it")
@@ -182,7 +181,7 @@ class Microphone:
         self.device_rate = _pick_rate(sd, self.info, sample_rate, "input")
         self.overflows = 0  # blocks dropped because nobody read them, or reported by PortAudio
         self._queue: queue.Queue[np.ndarray] = queue.Queue(maxsize=CAPTURE_QUEUE_BLOCKS)
-        self._resampler = _stream_resampler(self.device_rate, sample_rate)
+        self._resampler = soxr_stream(self.device_rate, sample_rate)
         self._closed = False
         self._last_callback = time.monotonic()
         blocksize = self.device_rate * block_ms // 1000
@@ -253,7 +252,7 @@ class Speaker(BufferedSink):
         self.device_rate = _pick_rate(sd, self.info, sample_rate, "output")
         self.buffer = PlaybackBuffer(sample_rate, on_played=on_played)
         self.underflows = 0  # callbacks PortAudio reported as late
-        self._resampler = _stream_resampler(sample_rate, self.device_rate)
+        self._resampler = soxr_stream(sample_rate, self.device_rate)
         self._resampled = np.zeros(0, dtype=np.float32)  # device-rate samples not yet output
         self._pull_block = sample_rate * block_ms // 1000
         self._closed = False
@@ -320,12 +319,6 @@ def _pick_rate(sd: ModuleType, info: DeviceInfo, wanted: int, kind: Kind) -> int
         return wanted
     except (sd.PortAudioError, ValueError):
         return int(info.default_sample_rate)
-
-
-def _stream_resampler(rate_in: int, rate_out: int) -> soxr.ResampleStream | None:
-    if rate_in == rate_out:
-        return None
-    return soxr.ResampleStream(rate_in, rate_out, 1, dtype="float32", quality=RESAMPLE_QUALITY)
 
 
 def _close_stream(stream: Any) -> bool:

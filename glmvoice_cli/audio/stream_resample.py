@@ -11,9 +11,14 @@ delay of ``HALF_TAPS`` input samples (1.5 ms at 22.05 kHz), which the canceller 
 from __future__ import annotations
 
 from math import gcd
+from typing import TYPE_CHECKING
 
 import numpy as np
 
+if TYPE_CHECKING:
+    import soxr
+
+SOXR_QUALITY = "HQ"  # soxr's streams (devices, the Realtime wire): quality over the last ms of latency
 HALF_TAPS = 32  # input samples on each side of the filter centre: ~1.5 ms latency at 22.05 kHz
 KAISER_BETA = 8.6  # about 85 dB stopband
 CUTOFF_FRACTION = 0.45  # passband edge, as a fraction of the lower of the two rates
@@ -59,3 +64,13 @@ def lowpass(n: int, cutoff: float, rate: float) -> np.ndarray:
     t = np.arange(n) - (n - 1) / 2
     h = np.sinc(2 * cutoff / rate * t) * np.kaiser(n, KAISER_BETA)
     return h / h.sum()
+
+
+def soxr_stream(rate_in: int, rate_out: int) -> soxr.ResampleStream | None:
+    """soxr's streaming resampler between two rates (it holds back 10-30 ms; see the module docstring), or None
+    when they are equal."""
+    import soxr  # here: the polyphase filter above is used where soxr may be missing (a bare GPU machine)
+
+    if rate_in == rate_out:
+        return None
+    return soxr.ResampleStream(rate_in, rate_out, 1, dtype="float32", quality=SOXR_QUALITY)

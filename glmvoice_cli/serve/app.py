@@ -68,7 +68,6 @@ class RealtimeServer:
         self._lock = threading.Lock()
         self._sessions: set[RealtimeSession] = set()
         self._slots = 0  # connections holding a session slot (reserved before the session exists)
-        self.served = 0  # sessions ever started
 
     def app(self) -> Starlette:
         web = Path(__file__).with_name("web")
@@ -143,7 +142,6 @@ class RealtimeServer:
             session.settings.model = ws.query_params.get("model") or self.options.model
             with self._lock:
                 self._sessions.add(session)
-                self.served += 1
             sender = asyncio.create_task(self._send_loop(ws, outbox))
             try:
                 session.start()
@@ -210,17 +208,11 @@ class RealtimeServer:
             return True
 
     def _open_store(self, held: contextlib.ExitStack) -> SessionStore:
-        from glmvoice_cli.chat.local import lock_session
-        from glmvoice_cli.sessions.store import SessionStore
+        """A new session, as `chat` opens one (under --session-dir when given), locked while the connection lives."""
+        from glmvoice_cli.chat.local import lock_session, open_store
 
-        folder = None
-        if self.options.session_root is not None:
-            folder = self.options.session_root / f"realtime-{secrets.token_hex(6)}"
-        store = SessionStore.create(session_dir=folder, models=self.assistant.dirs, mode="voice")
+        root = self.options.session_root
+        folder = None if root is None else root / f"realtime-{secrets.token_hex(6)}"
+        store = open_store(folder, None, self.assistant.dirs, "voice")
         held.enter_context(lock_session(store.path))
         return store
-
-    @property
-    def active(self) -> int:
-        with self._lock:
-            return len(self._sessions)

@@ -118,7 +118,7 @@ class RealtimeSession:
         self._buffered = 0
         self._pending: list[_Pending] = []
         self._responses: dict[int, _Response] = {}  # turn -> its open response
-        self._answered: dict[str, tuple[int, int]] = {}  # assistant item id -> (turn, wire samples sent)
+        self._answered: dict[str, _Response] = {}  # assistant item id -> its response (kept for truncate)
         self._turn_items: dict[int, list[str]] = {}  # turns submitted here -> their user item ids
         self._speech_item: str | None = None  # server VAD: the item of the speech under way
         self._last_item: str | None = None
@@ -242,8 +242,7 @@ class RealtimeSession:
                                 code="item_not_found", param="item_id")
         if event.get("content_index", 0) != 0:
             raise ProtocolError("the answer has one content part: content_index must be 0", param="content_index")
-        turn = self._answered[item_id][0]
-        sent = self._sent(item_id)
+        turn, sent = self._answered[item_id].turn, self._answered[item_id].sent
         if isinstance(heard_ms, bool) or not isinstance(heard_ms, int) or heard_ms < 0:
             raise ProtocolError("'audio_end_ms' must be a non-negative integer", param="audio_end_ms")
         if heard_ms > ms_of(sent, WIRE_RATE):
@@ -366,7 +365,7 @@ class RealtimeSession:
         if response.started:
             return response
         response.started = True
-        self._answered[response.item_id] = (response.turn, 0)
+        self._answered[response.item_id] = response
         item = self._assistant_item(response, "in_progress")
         self._send({"type": "response.output_item.added", "response_id": response.id, "output_index": 0,
                     "item": item})
@@ -378,7 +377,6 @@ class RealtimeSession:
         if len(samples) == 0:
             return
         response.sent += len(samples)
-        self._answered[response.item_id] = (response.turn, response.sent)
         self._send({"type": "response.output_audio.delta", **self._where(response), "delta": encode_pcm16(samples)})
 
     def _finish(self, response: _Response, status: str, reason: str | None, message: str | None = None) -> None:
@@ -445,9 +443,6 @@ class RealtimeSession:
                 "output": output, "conversation_id": self.id, "output_modalities": modalities,
                 "max_output_tokens": self.settings.max_output_tokens or "inf", "metadata": None, "usage": None,
                 "audio": {"output": {"format": AUDIO_FORMAT, "voice": "glm-4-voice"}}}
-
-    def _sent(self, item_id: str) -> int:
-        return self._answered[item_id][1]
 
     # ------------------------------------------------------------------ settings
 

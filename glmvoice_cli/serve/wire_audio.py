@@ -16,26 +16,25 @@ from collections.abc import Callable
 import numpy as np
 import soxr
 
+from glmvoice_cli.audio.stream_resample import soxr_stream
 from glmvoice_cli.config import SAMPLE_RATE_IN, SAMPLE_RATE_OUT
 from glmvoice_cli.serve.protocol import WIRE_RATE
-
-RESAMPLE_QUALITY = "HQ"
 
 
 class WireInput:
     """24 kHz wire audio -> 16 kHz model audio, streaming (state kept between blocks)."""
 
     def __init__(self) -> None:
-        self._stream = soxr.ResampleStream(WIRE_RATE, SAMPLE_RATE_IN, 1, dtype="float32", quality=RESAMPLE_QUALITY)
+        self._stream = _stream(WIRE_RATE, SAMPLE_RATE_IN)
 
     def __call__(self, samples: np.ndarray) -> np.ndarray:
-        return np.asarray(self._stream.resample_chunk(samples.astype(np.float32)), dtype=np.float32).reshape(-1)
+        return _resample(self._stream, samples)
 
     def finish(self) -> np.ndarray:
         """The samples the filter still holds (the end of a push-to-talk turn), and a fresh start."""
-        tail = np.asarray(self._stream.resample_chunk(np.zeros(0, np.float32), last=True), dtype=np.float32)
+        tail = _resample(self._stream, np.zeros(0, np.float32), last=True)
         self._stream.clear()
-        return tail.reshape(-1)
+        return tail
 
     def reset(self) -> None:
         self._stream.clear()
@@ -45,14 +44,23 @@ class WireOutput:
     """One answer's 22.05 kHz audio -> 24 kHz wire audio, streaming; `finish()` gives the filter's tail."""
 
     def __init__(self) -> None:
-        self._stream = soxr.ResampleStream(SAMPLE_RATE_OUT, WIRE_RATE, 1, dtype="float32", quality=RESAMPLE_QUALITY)
+        self._stream = _stream(SAMPLE_RATE_OUT, WIRE_RATE)
 
     def __call__(self, samples: np.ndarray) -> np.ndarray:
-        return np.asarray(self._stream.resample_chunk(samples.astype(np.float32)), dtype=np.float32).reshape(-1)
+        return _resample(self._stream, samples)
 
     def finish(self) -> np.ndarray:
-        return np.asarray(self._stream.resample_chunk(np.zeros(0, np.float32), last=True),
-                          dtype=np.float32).reshape(-1)
+        return _resample(self._stream, np.zeros(0, np.float32), last=True)
+
+
+def _stream(rate_in: int, rate_out: int) -> soxr.ResampleStream:
+    stream = soxr_stream(rate_in, rate_out)
+    assert stream is not None  # the wire's rate is neither model rate
+    return stream
+
+
+def _resample(stream: soxr.ResampleStream, samples: np.ndarray, last: bool = False) -> np.ndarray:
+    return np.asarray(stream.resample_chunk(samples.astype(np.float32), last=last), dtype=np.float32).reshape(-1)
 
 
 class ClientPlayback:
