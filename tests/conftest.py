@@ -92,7 +92,7 @@ def _isolated_env(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.
             monkeypatch.delenv(name)
     home = tmp_path_factory.mktemp("glmvoice_home")
     monkeypatch.setenv("GLMVOICE_HOME", str(home))
-    monkeypatch.setenv("GLMVOICE_CONFIG", str(home / "absent-config.toml"))
+    monkeypatch.setenv("GLMVOICE_CONFIG", os.devnull)
     monkeypatch.setenv("HF_HOME", str(home / "hf"))
     monkeypatch.delenv("HF_HUB_CACHE", raising=False)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

@@ -55,7 +55,7 @@ class Server:
 
 def server_env(home: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("GLMVOICE_") or k == "GLMVOICE_GOLDEN_DIR"}
-    env.update(GLMVOICE_HOME=str(home), GLMVOICE_CONFIG=str(home / "absent-config.toml"), HF_HOME=str(home / "hf"),
+    env.update(GLMVOICE_HOME=str(home), GLMVOICE_CONFIG=os.devnull, HF_HOME=str(home / "hf"),
                HF_HUB_OFFLINE="1", GLMVOICE_THREADS="1")
     env.pop("HF_HUB_CACHE", None)
     return env

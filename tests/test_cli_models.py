@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import json
 import re
 import subprocess
@@ -32,7 +34,7 @@ def fake_hub(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[FakeHu
 def _no_user_settings(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     for name in ("GLMVOICE_MODELS", "GLMVOICE_TOKENIZER", "GLMVOICE_LM", "GLMVOICE_DECODER"):
         monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("GLMVOICE_CONFIG", str(tmp_path / "no-config.toml"))
+    monkeypatch.setenv("GLMVOICE_CONFIG", os.devnull)
 
 
 def _listing(*args: str) -> dict[str, dict]:

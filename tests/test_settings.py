@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from pathlib import Path
 
 import pytest
@@ -16,7 +18,8 @@ ENV_NAMES = ("GLMVOICE_MODELS", "GLMVOICE_TOKENIZER", "GLMVOICE_LM", "GLMVOICE_D
 def _clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     for name in ENV_NAMES:
         monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("GLMVOICE_CONFIG", str(tmp_path / "cfg" / "config.toml"))  # absent unless written
+    _write_config(tmp_path, "")  # an empty config file until a test writes one
+    monkeypatch.setenv("GLMVOICE_CONFIG", str(tmp_path / "cfg" / "config.toml"))
 
 
 def _write_config(tmp_path: Path, text: str) -> Path:
@@ -157,17 +160,33 @@ def test_only_the_requested_stages_are_checked(tmp_path: Path) -> None:
 ])
 def test_a_config_file_that_is_no_config_is_one_line(tmp_path: Path, content: bytes | str, said: str) -> None:
     path = tmp_path / "cfg" / "config.toml"
-    path.parent.mkdir()
     path.write_bytes(content.encode() if isinstance(content, str) else content)
     with pytest.raises(UsageError) as caught:
         settings.load_config()
     assert str(caught.value).startswith(f"config file {path} (from GLMVOICE_CONFIG) ") and said in str(caught.value)
 
 
-def test_config_pointing_at_a_folder(tmp_path: Path) -> None:
-    (tmp_path / "cfg" / "config.toml").mkdir(parents=True)
+def test_config_pointing_at_a_folder(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    (tmp_path / "folder.toml").mkdir()
+    monkeypatch.setenv("GLMVOICE_CONFIG", str(tmp_path / "folder.toml"))
     with pytest.raises(UsageError, match="GLMVOICE_CONFIG.* is a folder"):
         settings.load_config()
+
+
+def test_glmvoice_config_naming_a_missing_file_is_an_error(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("GLMVOICE_CONFIG", str(tmp_path / "cofnig.toml"))
+    with pytest.raises(UsageError) as caught:
+        settings.load_config()
+    message = str(caught.value)
+    assert "cofnig.toml (from GLMVOICE_CONFIG) does not exist" in message and os.devnull in message
+
+
+def test_no_config_file_at_all_through_devnull_or_the_absent_platform_file(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("GLMVOICE_CONFIG", os.devnull)
+    assert settings.load_config() == {}
+    # The platform file is optional: its absence is no error.
+    assert settings.load_config(tmp_path / "never-written.toml") == {}
 
 
 @pytest.mark.parametrize("below", ["", "home"])

@@ -89,10 +89,19 @@ def load_config(path: Path | None = None) -> dict[str, Any]:
     """
     path = config_path() if path is None else path
     named = f" (from {ENV_CONFIG})" if path == _env_path(ENV_CONFIG) else ""
+    if path == Path(os.devnull):
+        return {}  # the documented way to run with no config file at all
     if path.is_dir():
         raise UsageError(f"config file {path}{named} is a folder, not a TOML file")
-    if not path.is_file():
+    if not path.exists():
+        if named:
+            # A name the user typed that matches nothing is a typo far more often than a wish for no config.
+            raise UsageError(
+                f"config file {path}{named} does not exist (set {ENV_CONFIG}={os.devnull} for no config file)"
+            )
         return {}
+    if not path.is_file():
+        raise UsageError(f"config file {path}{named} is not a regular file")
     if sys.version_info >= (3, 11):
         import tomllib
     else:  # pragma: no cover - Python 3.10
