@@ -127,3 +127,31 @@ def test_doctor_names_the_download_command(tmp_path: Path, monkeypatch: pytest.M
     result = runner.invoke(app, ["doctor"])
     assert result.exit_code == 1
     assert "glmvoice models download lm" in result.stdout
+
+
+def test_doctor_with_models_set_elsewhere_does_not_place_them_in_the_cache(
+        kept: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from glmvoice_cli.models.cache import hub_cache_dir
+
+    monkeypatch.setenv("GLMVOICE_MODELS", str(kept))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    out = runner.invoke(app, ["doctor"]).stdout
+    hub_line = next(line for line in out.splitlines() if line.split()[1:2] == ["hub"])
+    cache_line = next(line for line in out.splitlines() if line.split()[1:2] == ["cache"])
+    assert "every model is present" in hub_line and "GLMVOICE_MODELS" in hub_line
+    assert str(hub_cache_dir()) not in hub_line
+    assert "unused: every model comes from GLMVOICE_MODELS" in cache_line
+
+
+def test_doctor_states_one_thread_count(monkeypatch: pytest.MonkeyPatch) -> None:
+    import re
+
+    from glmvoice_cli.commands.doctor import check_device, check_threads
+
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    monkeypatch.setattr("torch.backends.mps.is_available", lambda: False)
+    details = " ".join(c.detail for c in check_device() + check_threads())
+    counts = re.findall(r"(\d+) threads|^(\d+) \(automatic", details)
+    assert "thread" not in " ".join(c.detail for c in check_device())
+    assert len(counts) <= 1
+    assert check_threads()[0].detail.split()[0].isdigit()

@@ -100,8 +100,9 @@ def check_device() -> list[Check]:
         return checks
     if torch.backends.mps.is_available():
         return [Check("device", OK, "Apple MPS")]
-    return [Check("device", WARN, f"CPU only ({torch.get_num_threads()} threads): answers will be far slower than "
-                  "real time with the 9B model", "use a CUDA GPU with 24 GB, or 12 GB with --quantize 4")]
+    # The thread count is the threads line's business (one figure, from the same rule chat uses).
+    return [Check("device", WARN, "CPU only: answers will be far slower than real time with the 9B model",
+                  "use a CUDA GPU with 24 GB, or 12 GB with --quantize 4")]
 
 
 def check_audio() -> list[Check]:
@@ -167,6 +168,13 @@ def check_settings() -> list[Check]:
 
     root = hub_cache_dir()
     free = shutil.disk_usage(_existing_parent(root)).free / GIB
+    elsewhere = _set_elsewhere()
+    if len(elsewhere) == len(hub.STAGES):
+        # Every model comes from a setting: the download cache is not where they are, so do not suggest it is.
+        checks.append(Check("cache", OK, f"{root}, {free:.0f} GiB free (unused: every model comes from "
+                            f"{_sources(elsewhere)})"))
+        checks.append(check_hub())
+        return checks
     disk = Check("cache", OK, f"{root}, {free:.0f} GiB free on its disk")
     if free < ALL_STAGES_BF16_GIB:
         disk = Check("cache", WARN, disk.detail + f" (the models need about {ALL_STAGES_BF16_GIB} GiB)",
@@ -174,6 +182,35 @@ def check_settings() -> list[Check]:
     checks.append(disk)
     checks.append(check_hub())
     return checks
+
+
+def _set_elsewhere() -> dict[str, str]:
+    """Stage -> the setting that places it outside the download cache (a flag, a variable, config.toml)."""
+    found: dict[str, str] = {}
+    for name in hub.STAGES:
+        try:
+            source = settings.locate(name).source
+        except GlmVoiceError:
+            continue  # the model lines report a broken setting
+        if source is not None:
+            found[name] = source
+    return found
+
+
+def _sources(elsewhere: dict[str, str]) -> str:
+    return ", ".join(dict.fromkeys(elsewhere.values()))
+
+
+def _where_models_are() -> str:
+    """Where the models are read from, in words: the cache, the settings, or both."""
+    from glmvoice_cli.models.cache import hub_cache_dir
+
+    elsewhere = _set_elsewhere()
+    if not elsewhere:
+        return f"in {hub_cache_dir()}"
+    if len(elsewhere) == len(hub.STAGES):
+        return f"where {_sources(elsewhere)} says"
+    return f"where {_sources(elsewhere)} says ({', '.join(elsewhere)}) or in {hub_cache_dir()}"
 
 
 def check_hub() -> Check:
@@ -184,7 +221,7 @@ def check_hub() -> Check:
     if hub.is_offline():
         missing = [n for n in hub.STAGES if not hub.inspect_stage(hub.STAGES[n], settings.locate(n).path).complete]
         if not missing:
-            return Check("hub", OK, f"offline mode (HF_HUB_OFFLINE); every model is in {hub_cache_dir()}")
+            return Check("hub", OK, f"offline mode (HF_HUB_OFFLINE); every model is present, {_where_models_are()}")
         return Check("hub", WARN, f"offline mode (HF_HUB_OFFLINE) and {', '.join(missing)} missing",
                      "unset HF_HUB_OFFLINE to download the missing models")
     try:
@@ -192,7 +229,7 @@ def check_hub() -> Check:
     except GlmVoiceError as e:
         return Check("hub", WARN, f"unreachable: {e}", "models already downloaded still work; "
                      "check the network or set HF_ENDPOINT to a mirror to download")
-    return Check("hub", OK, f"{endpoint} reachable; models cached in {hub_cache_dir()}")
+    return Check("hub", OK, f"{endpoint} reachable; downloads go to {hub_cache_dir()}")
 
 
 def check_memory(device: str | None = None, dtype: str | None = None, quantize: int | None = None) -> list[Check]:
