@@ -250,3 +250,59 @@ def test_a_dtype_the_device_cannot_run_is_one_line(tiny_dec: Path, tmp_path: Pat
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and "cpu cannot run float16" in lines[0] and "--dtype fp32" in lines[0]
     assert not (tmp_path / "o.wav").exists()
+
+
+class _Speaker:
+    """A speaker that keeps what it was given and plays it at once."""
+
+    sample_rate = SAMPLE_RATE
+    pending = 0
+
+    def __init__(self) -> None:
+        self.blocks: list[np.ndarray] = []
+        self.closed = False
+
+    def write(self, block: np.ndarray) -> None:
+        self.blocks.append(np.asarray(block, np.float32))
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_decode_plays_without_output_and_with_play_plays_what_it_writes(
+        tiny_dec: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from glmvoice_cli.commands import decode as decode_cmd
+
+    speakers: list[_Speaker] = []
+    monkeypatch.setattr(decode_cmd, "open_speaker", lambda device: speakers.append(_Speaker()) or speakers[-1])
+    tokens = tmp_path / "t.txt"
+    tokens.write_text(" ".join(str(i % 64) for i in range(30)))
+    result = runner.invoke(app, ["decode", str(tokens), "--decoder", str(tiny_dec), "--stream"])
+    assert result.exit_code == 0, result.output
+    assert len(speakers) == 1 and len(speakers[0].blocks) > 1 and speakers[0].closed  # block by block
+    assert list(tmp_path.iterdir()) == [tokens]  # playing writes no file
+
+    out = tmp_path / "out.wav"
+    result = runner.invoke(app, ["decode", str(tokens), "--decoder", str(tiny_dec), "-o", str(out), "--play"])
+    assert result.exit_code == 0, result.output
+    audio, rate = sf.read(out, dtype="float32")
+    played = np.concatenate(speakers[1].blocks)
+    assert len(speakers) == 2 and len(played) == len(audio) and rate == SAMPLE_RATE
+    np.testing.assert_allclose(np.clip(played, -1, 1), audio, atol=1e-4)  # the file holds 16-bit samples
+
+    runner.invoke(app, ["decode", str(tokens), "--decoder", str(tiny_dec), "-o", str(tmp_path / "x.wav")])
+    assert len(speakers) == 2  # a file alone opens no speaker
+
+
+def test_decode_with_no_speaker_is_one_line_before_any_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from glmvoice_cli.audio import devices
+
+    def no_portaudio() -> None:
+        raise devices.AudioDeviceError("PortAudio library not found (install it: apt install libportaudio2)")
+
+    monkeypatch.setattr(devices, "import_sounddevice", no_portaudio)
+    tokens = tmp_path / "t.txt"
+    tokens.write_text("1 2 3")
+    result = runner.invoke(app, ["decode", str(tokens), "--decoder", str(tmp_path / "absent")])
+    assert result.exit_code == 4 and "PortAudio" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1

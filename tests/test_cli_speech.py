@@ -95,7 +95,7 @@ def test_tts_plays_on_the_speaker(models: Path, monkeypatch: pytest.MonkeyPatch)
     from glmvoice_cli.commands import tts as tts_cmd
 
     sink = RecordingSink()
-    monkeypatch.setattr(tts_cmd, "_open_speaker", lambda device: sink)
+    monkeypatch.setattr(tts_cmd, "open_speaker", lambda device: sink)
     result = runner.invoke(app, ["tts", "Play me.", "--models", str(models), *FAST])
     assert result.exit_code == 0, result.output
     assert sink.pending == 0 and sink.played > 0

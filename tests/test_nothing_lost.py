@@ -239,6 +239,52 @@ def test_tts_killed_by_a_signal_writes_what_was_spoken(models: Path, tmp_path: P
     assert _temp_files(tmp_path) == []
 
 
+DECODE_SCRIPT = r'''
+import os, sys, time
+from pathlib import Path
+import glmvoice_cli.decoder.speech_decoder as decoder_mod
+
+real = decoder_mod.synthesize_blocks
+work = Path(os.environ["TEST_WORK"])
+
+def synthesize_blocks(*args, **kwargs):
+    """The real decoding, held after its first block: the signal lands while the file is half written."""
+    chunks, rate = real(*args, **kwargs)
+
+    def held():
+        for chunk in chunks:
+            yield chunk
+            (work / "decoded").touch()
+            while True:
+                time.sleep(0.05)
+
+    return held(), rate
+
+decoder_mod.synthesize_blocks = synthesize_blocks
+from glmvoice_cli.cli import main
+sys.argv = ["glmvoice"] + sys.argv[1:]
+main()
+'''
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
+def test_decode_killed_by_a_signal_keeps_the_old_file_and_leaves_no_temporary(
+        models: Path, tmp_path: Path, signum: int, warm_python: WarmPython) -> None:
+    out, before = _existing(tmp_path)
+    tokens = tmp_path / "tokens.txt"
+    tokens.write_text(" ".join(str(i % 50) for i in range(120)))
+    proc = _start(warm_python, DECODE_SCRIPT, ["decode", str(tokens), "--models", str(models), "--stream",
+                                               "-o", str(out)], tmp_path)
+    _wait_for(tmp_path / "decoded", proc)
+    proc.send_signal(signum)
+    err = _finish(proc)
+    assert proc.returncode == 128 + signum, err
+    name = signal.Signals(signum).name
+    assert "Traceback" not in err and err.strip().splitlines()[-1] == f"error: interrupted ({name})", err
+    assert out.read_bytes() == before and _temp_files(tmp_path) == []
+
+
 @pytest.mark.slow
 def test_a_second_ctrl_c_during_tts_exits_as_cleanly_as_the_first(models: Path, tmp_path: Path,
                                                                   warm_python: WarmPython) -> None:

@@ -9,8 +9,9 @@ from __future__ import annotations
 import json
 import re
 import sys
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -23,8 +24,15 @@ from glmvoice_cli.commands.common import (
     use_threads,
 )
 from glmvoice_cli.commands.conventions import note
+from glmvoice_cli.commands.signals import interrupts_as_keyboard
+from glmvoice_cli.commands.speaker import drain, open_speaker
 from glmvoice_cli.config import TOKENS_PER_SECOND
 from glmvoice_cli.errors import UsageError
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from glmvoice_cli.audio.devices import AudioSink
 
 _TOKEN_WORD = re.compile(r"[^\s,]+")  # ids are separated by whitespace and/or commas
 SCHEDULES = ("default", "reference")
@@ -123,7 +131,12 @@ def read_tokens(tokens: str) -> list[int]:
 
 def decode(
     tokens: Annotated[str, typer.Argument(help="File of speech token ids (whitespace or JSON), or - for stdin.")],
-    output: Annotated[Path, typer.Option("--output", "-o", help="Audio file to write: .wav, .flac or .ogg.")],
+    output: Annotated[Path | None, typer.Option(
+        "--output", "-o", help="Audio file to write: .wav, .flac or .ogg (without it, the speech is played).")
+    ] = None,
+    play: Annotated[bool, typer.Option("--play", help="Also play it (the default when no -o is given).")] = False,
+    output_device: Annotated[str | None, typer.Option(help="Speaker name or index (see glmvoice devices).")
+                             ] = None,
     decoder: DecoderOpt = None,
     models: ModelsOpt = None,
     stream: Annotated[bool, typer.Option("--stream", help="Decode block by block, as the assistant speaks.")] = False,
@@ -138,24 +151,52 @@ def decode(
     ] = None,
     threads: ThreadsOpt = None,
 ) -> None:
-    """Turn speech token ids (12.5 per second) into 22.05 kHz speech."""
+    """Turn speech token ids (12.5 per second) into 22.05 kHz speech: played, written to a file, or both."""
     ids = read_tokens(tokens)
     if schedule not in SCHEDULES:
         raise UsageError(f"unknown schedule {schedule!r} (use {', '.join(SCHEDULES)})")
-    if output.suffix.lower() not in (".wav", ".flac", ".ogg"):
+    if output is not None and output.suffix.lower() not in (".wav", ".flac", ".ogg"):
         raise UsageError(f"cannot write {output}: use a .wav, .flac or .ogg file name")
     from glmvoice_cli.device import DTYPES
 
     if dtype not in (None, "auto", *DTYPES):  # before any model is looked for
         raise UsageError(f"unknown dtype {dtype!r} (use auto, fp32, bf16 or fp16)")
-    from glmvoice_cli.audio.chunk_writer import write_audio_chunks
     from glmvoice_cli.commands.models import ensure_models
+
+    # SIGTERM and SIGHUP as Ctrl-C: one line, the temporary file removed, an existing file kept.
+    with interrupts_as_keyboard():
+        speaker = open_speaker(output_device) if play or output is None else None
+        try:
+            folder = decoder or ensure_models(("decoder",), models=models)["decoder"]
+            use_threads(threads)
+            _decode(folder, ids, output, speaker, stream=stream, reference=schedule == "reference", seed=seed,
+                    device=device, dtype=dtype)
+        finally:
+            if speaker is not None:
+                speaker.close()
+
+
+def _decode(folder: Path, ids: list[int], output: Path | None, speaker: AudioSink | None, *, stream: bool,
+            reference: bool, seed: int | None, device: str | None, dtype: str | None) -> None:
+    from glmvoice_cli.audio.chunk_writer import write_audio_chunks
     from glmvoice_cli.decoder.speech_decoder import synthesize_blocks
 
-    folder = decoder or ensure_models(("decoder",), models=models)["decoder"]
-    use_threads(threads)
     with status_line(f"decoding {len(ids)} speech tokens ({len(ids) / TOKENS_PER_SECOND:.0f} s of speech)"):
-        chunks, rate = synthesize_blocks(folder, ids, stream=stream, reference=schedule == "reference", seed=seed,
+        chunks, rate = synthesize_blocks(folder, ids, stream=stream, reference=reference, seed=seed,
                                          device=device, dtype=dtype)
-        samples = write_audio_chunks(output, chunks, rate)  # block by block: memory stays flat
-    note(f"wrote {output} ({samples / rate:.2f} s, {rate} Hz, {len(ids)} tokens)")
+        if speaker is not None:
+            chunks = _played(chunks, speaker)  # each block is heard as soon as it is decoded
+        if output is not None:
+            samples = write_audio_chunks(output, chunks, rate)  # block by block: memory stays flat
+        else:
+            samples = sum(len(chunk) for chunk in chunks)
+    if output is not None:
+        note(f"wrote {output} ({samples / rate:.2f} s, {rate} Hz, {len(ids)} tokens)")
+    if speaker is not None:
+        drain(speaker)
+
+
+def _played(chunks: Iterable[np.ndarray], speaker: AudioSink) -> Iterator[np.ndarray]:
+    for chunk in chunks:
+        speaker.write(chunk)
+        yield chunk

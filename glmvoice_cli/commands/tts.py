@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import sys
 import threading
-import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
@@ -35,21 +34,18 @@ from glmvoice_cli.commands.common import (
 )
 from glmvoice_cli.commands.conventions import note
 from glmvoice_cli.commands.signals import interrupts_as_keyboard
+from glmvoice_cli.commands.speaker import drain, open_speaker
 from glmvoice_cli.config import SAMPLE_RATE_OUT
-from glmvoice_cli.errors import AudioDeviceError, UsageError
+from glmvoice_cli.errors import UsageError
 from glmvoice_cli.pipeline.instructions import DIALECTS, EMOTIONS, SPEEDS
 
 if TYPE_CHECKING:
     import numpy as np
 
-    from glmvoice_cli.audio.devices import Speaker
+    from glmvoice_cli.audio.devices import AudioSink
     from glmvoice_cli.lm.voice_lm import GenerationOptions
     from glmvoice_cli.pipeline.assistant import Assistant
     from glmvoice_cli.pipeline.instructions import SpeakingStyle
-
-DRAIN_POLL_S = 0.05  # how often to check that the speaker has played everything
-DRAIN_STALL_S = 5.0  # queued audio that does not move for this long: the output device is gone
-
 
 def tts(
     text: Annotated[str | None, typer.Argument(help="Text to speak; '-' or nothing reads stdin.")] = None,
@@ -85,7 +81,7 @@ def tts(
     words = _read_text(text, file)
     _check_output(output)
     with interrupts_as_keyboard():  # SIGTERM and SIGHUP keep what was spoken, as Ctrl-C does
-        speaker = _open_speaker(output_device) if play or output is None else None
+        speaker = open_speaker(output_device) if play or output is None else None
         try:
             use_threads(threads)
             assistant = load_assistant(("lm", "decoder"), models=models, overrides={"lm": lm, "decoder": decoder},
@@ -101,7 +97,7 @@ def tts(
 
 
 def _run(assistant: Assistant, words: str, style: SpeakingStyle, instruction: str | None, output: Path | None,
-         speaker: Speaker | None, options: GenerationOptions) -> None:
+         speaker: AudioSink | None, options: GenerationOptions) -> None:
     """Stream the events: text to the console, audio to the speaker and the file (replaced only at the end:
     a failure leaves an existing file untouched; an interrupt writes what was spoken so far)."""
 
@@ -131,7 +127,7 @@ def _run(assistant: Assistant, words: str, style: SpeakingStyle, instruction: st
         seconds = _write(output, chunks, rate)
         note(f"wrote {_where(output)} ({seconds:.2f} s, {rate} Hz)")
     if speaker is not None:
-        _drain(speaker)
+        drain(speaker)
 
 
 def _write(output: Path, chunks: list[np.ndarray], rate: int) -> float:
@@ -157,19 +153,6 @@ def _write_partial(output: Path, chunks: list[np.ndarray], rate: int) -> None:
 
 def _where(output: Path) -> str:
     return "stdout" if str(output) == "-" else str(output)
-
-
-def _drain(speaker: Speaker) -> None:
-    """Wait until the speaker has played everything; queued audio that stops moving is a lost device."""
-    from glmvoice_cli.audio.devices import DEVICES_HINT
-
-    last, since = speaker.pending, time.monotonic()
-    while (pending := speaker.pending) > 0:
-        if pending != last:
-            last, since = pending, time.monotonic()
-        elif time.monotonic() - since > DRAIN_STALL_S:
-            raise AudioDeviceError(f"the speaker stopped playing (unplugged?); {DEVICES_HINT}")
-        time.sleep(DRAIN_POLL_S)
 
 
 def _read_text(text: str | None, file: Path | None) -> str:
@@ -201,12 +184,6 @@ def _check_output(output: Path | None) -> None:
         raise UsageError(f"cannot write {output}: use one of {', '.join(WRITE_FORMATS)} (or - for stdout)")
     if not output.parent.exists():
         raise UsageError(f"cannot write {output}: folder {output.parent} does not exist")
-
-
-def _open_speaker(device: str | None) -> Speaker:
-    from glmvoice_cli.audio.devices import Speaker
-
-    return Speaker(device)  # an index or a part of a name
 
 
 def _starting(names: Iterable[str], incomplete: str) -> list[str]:
