@@ -192,6 +192,16 @@ class Failed(Tagged):
 
 
 @dataclass(frozen=True)
+class AnswerAhead(Tagged):
+    """On a virtual clock (`lockstep`), the input waits while the answer to a pause is generated ahead, held back
+    until the pause proves to be the end of the turn: how far it has got, so a view shows the model at work
+    rather than a turn frozen mid-speech. All zeros: the held answer was released or dropped."""
+
+    text_chars: int = 0
+    audio_s: float = 0.0
+
+
+@dataclass(frozen=True)
 class StatusChanged(Tagged):
     """The engine's state, and the microphone's input level, for the status line."""
 
@@ -211,4 +221,5 @@ ChatEvent = (
     | AnswerTruncated
     | Failed
     | StatusChanged
+    | AnswerAhead
 )

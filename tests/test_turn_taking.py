@@ -7,6 +7,7 @@ speculation: a dropped speculative answer leaves no trace.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -183,3 +184,42 @@ def test_a_virtual_clock_run_reports_its_marks_on_that_clock(assistant: Assistan
     for mark in (timings.tokenized_s, timings.prefill_s, timings.first_token_s, timings.first_audio_s,
                  timings.first_sample_s):
         assert mark == timings.turn_confirmed_s
+
+
+def test_a_virtual_clock_run_shows_the_answer_prepared_ahead_while_its_input_waits(
+        assistant: Assistant, tmp_path: Path) -> None:
+    from glmvoice_cli.events import AnswerAhead, AudioChunk, UserTurnStarted
+    from glmvoice_cli.ui.live_view import TranscriptState, render
+
+    user = np.concatenate([silence(0.5), burst(1.0), silence(0.21), burst(0.8, f0=180.0), silence(3.0)])
+    engine, _, _, events = converse(assistant, user, tmp_path / "ahead")
+    kinds = [type(e) for e in events]
+    ahead = [(i, e) for i, e in enumerate(events) if isinstance(e, AnswerAhead)]
+    progress = [e for _, e in ahead if e.audio_s or e.text_chars]
+    assert progress, "no progress was shown while the held answers were generated"
+    group: list[AnswerAhead] = []
+    for _, e in ahead:  # within one held answer, the figures only grow
+        if not (e.audio_s or e.text_chars):
+            group = []
+            continue
+        assert not group or (e.audio_s >= group[-1].audio_s and e.text_chars >= group[-1].text_chars)
+        group.append(e)
+    # one clearing per held answer: the dropped one (the user went on) and the confirmed one (released)
+    clears = [i for i, e in ahead if not (e.audio_s or e.text_chars)]
+    assert len(clears) == engine.speculation.started == 2
+    first_progress = next(i for i, e in ahead if e.audio_s or e.text_chars)
+    assert kinds.index(UserTurnStarted) < first_progress < kinds.index(UserUtterance)
+    assert clears[-1] < next(i for i, e in enumerate(events) if isinstance(e, AudioChunk))
+
+    # the view: the open turn shows the work under way, and no trace of it once the answer is released
+    state, shown = TranscriptState(), []
+    for event in events:
+        state.apply(event)
+        if isinstance(event, AnswerAhead) and (event.audio_s or event.text_chars):
+            shown.append(render(state))
+    from rich.console import Console
+
+    console = Console(width=120, record=True, file=open(os.devnull, "w"))  # noqa: SIM115
+    console.print(shown[-1])
+    assert "answering the pause ahead" in console.export_text()
+    assert state.ahead is None

@@ -20,6 +20,7 @@ from glmvoice_cli.chat.turn_timing import breakdown, on_input_clock
 from glmvoice_cli.chat.worker import READY, WAIT
 from glmvoice_cli.errors import AudioDeviceError, ContextLengthError, GlmVoiceError, LMServerError
 from glmvoice_cli.events import (
+    AnswerAhead,
     AnswerTruncated,
     AssistantTurn,
     AudioChunk,
@@ -182,6 +183,7 @@ class TurnRunner:
                     continue
                 if job.speculative and not self._release(job, answer):
                     answer.held.append(event)
+                    self._show_ahead(answer, event)
                     continue
                 self._deliver(job, event, answer)
             if job.speculative:
@@ -276,6 +278,8 @@ class TurnRunner:
             job.base_played = core.output.played
         job.speculative = False
         held, answer.held = answer.held, []
+        if held and core.config.lockstep:
+            core._emit(AnswerAhead())  # what was prepared ahead is the answer now
         for event in held:
             self._deliver(job, event, answer)
         return True
@@ -285,10 +289,21 @@ class TurnRunner:
         user's blocks."""
         core = self.core
         snapshot.restore(core.conversation)
+        if core.config.lockstep:
+            core._emit(AnswerAhead())
         if counted:
             core.speculation.dropped += 1
         if core.listener is not None:
             core.listener.rewarm(core.conversation)
+
+    def _show_ahead(self, answer: _Answer, event: object) -> None:
+        """On a virtual clock the input waits for a held answer: say how far it has got (the first event,
+        then each audio block: often enough to see it move, few enough for a long answer)."""
+        if not self.core.config.lockstep or not (len(answer.held) == 1 or isinstance(event, AudioChunk)):
+            return
+        text = sum(len(e.text) for e in answer.held if isinstance(e, TextDelta))
+        audio = sum(e.seconds for e in answer.held if isinstance(e, AudioChunk))
+        self.core._emit(AnswerAhead(text_chars=text, audio_s=round(audio, 3)))
 
     def _deliver(self, job: Job, event: object, answer: _Answer) -> None:
         if not answer.user_saved:

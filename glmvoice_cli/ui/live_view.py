@@ -20,6 +20,7 @@ from rich.live import Live
 from rich.text import Text
 
 from glmvoice_cli.events import (
+    AnswerAhead,
     AudioChunk,
     ChatEvent,
     ChatState,
@@ -90,11 +91,14 @@ class TranscriptState:
     error: str | None = None  # the last Failed message
     text_mode: bool = False  # chat --text: no microphone, so no "listening" and no meter
     draft: str | None = None  # the line being typed; None: no keyboard input is shown
+    ahead: AnswerAhead | None = None  # a virtual-clock run generating the answer to a pause, input waiting
 
     def apply(self, event: ChatEvent | DraftChanged) -> None:
         """Fold one engine event into the state (unknown events are ignored)."""
         if isinstance(event, DraftChanged):
             self.draft = event.text
+        elif isinstance(event, AnswerAhead):
+            self.ahead = event if event.text_chars or event.audio_s else None
         elif isinstance(event, StatusChanged):
             self.status, self.level = event.state, event.level
         elif isinstance(event, UserTurnStarted):
@@ -125,6 +129,7 @@ class TranscriptState:
             self.turns.append(turn)
         turn.duration_s, turn.typed, turn.open = event.duration_s, event.typed, False
         turn.text = event.text or ""
+        self.ahead = None
         self.error = None  # a new turn: the last failure no longer describes the state
 
     def _apply_turn_end(self, event: TurnEnded) -> None:
@@ -186,6 +191,8 @@ def render(state: TranscriptState, max_turns: int = MAX_TURNS_SHOWN, console: Co
         parts.append(Text(f"… {hidden} earlier turn{'s' if hidden > 1 else ''}", style="dim"))
     for turn in state.turns[hidden:]:
         parts.extend(_render_turn(turn))
+    if state.ahead is not None:
+        parts.append(_ahead_line(state.ahead))
     footer: list[RenderableType] = [Text("")]
     if state.draft is not None:
         footer.append(_draft_line(state.draft))
@@ -215,6 +222,14 @@ def _draft_line(draft: str) -> Text:
     line = Text("type ", style="bold cyan")
     line.append(draft)
     line.append(CURSOR, style="cyan")
+    return line
+
+
+def _ahead_line(ahead: AnswerAhead) -> Text:
+    """The model at work on a virtual clock: the input waits while the answer to a pause is prepared."""
+    line = Text("glm  ", style="bold magenta")
+    line.append("answering the pause ahead (input waits): ", style="italic dim")
+    line.append(f"{ahead.audio_s:.1f} s of speech, {ahead.text_chars} characters ready", style="dim")
     return line
 
 
