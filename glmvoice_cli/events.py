@@ -119,6 +119,14 @@ class UserUtterance(Tagged):
 
 
 @dataclass(frozen=True)
+class TypedQueued(Tagged):
+    """A typed turn that waits for the answer under way (its UserUtterance comes when the model takes it)."""
+
+    text: str
+    turn: int | None = None
+
+
+@dataclass(frozen=True)
 class TextDelta(Tagged):
     """A piece of the assistant's text, as the LM produces it."""
 
@@ -213,6 +221,7 @@ ChatEvent = (
     UserTurnStarted
     | UserAudio
     | UserUtterance
+    | TypedQueued
     | TextDelta
     | AudioChunk
     | Interrupted

@@ -3,6 +3,7 @@ resume, Ctrl-C and lost devices. Tiny random models, capped answers, synthetic s
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
@@ -271,3 +272,58 @@ def test_barge_in_while_generating_stops_the_model_within_a_token(assistant: Ass
     lines = _lines(rig.store)
     assert [line["role"] for line in lines][:2] == ["user", "assistant"] and lines[1]["interrupted"]
     assert _history(lines) == rig.engine.conversation.ids
+
+
+def _type_during_the_answer(assistant: Assistant, store: SessionStore, interrupt: bool,
+                            max_new_tokens: int) -> list[object]:
+    """A first typed question; once its answer streams, a second line (as Enter at the keyboard sends it)."""
+    engine = _typed_engine(assistant, store, max_new_tokens=max_new_tokens)
+    engine.type_text("Tell me a long story.")
+    engine.start()
+    events: list[object] = []
+    streamed = 0
+    while (event := engine.events.get(timeout=60)) is not None:
+        events.append(event)
+        if isinstance(event, (TextDelta, AudioChunk)):
+            streamed += 1
+            if streamed == 3:
+                engine.type_text("Stop, another question.", interrupt=interrupt)
+                engine.end_input()
+    engine.join()
+    return events
+
+
+def test_enter_on_a_typed_line_cuts_the_answer_as_speech_does(assistant: Assistant, tmp_path: Path) -> None:
+    from glmvoice_cli.events import TypedQueued
+
+    store = SessionStore.create(session_dir=tmp_path / "s")
+    events = _type_during_the_answer(assistant, store, interrupt=True, max_new_tokens=400)
+    assert any(isinstance(e, Interrupted) and e.turn == 1 for e in events)
+    queued = next(i for i, e in enumerate(events) if isinstance(e, TypedQueued))
+    taken = next(i for i, e in enumerate(events) if isinstance(e, UserUtterance) and e.turn == 2)
+    assert queued < taken and events[queued].text == "Stop, another question."  # type: ignore[attr-defined]
+    lines = _lines(store)
+    assert [(line["role"], line["interrupted"]) for line in lines] == [
+        ("user", False), ("assistant", True), ("user", False), ("assistant", False)]
+    assert len(lines[1]["token_ids"]) < 400 and lines[2]["text"] == "Stop, another question."
+
+
+def test_a_typed_line_without_interrupting_waits_and_is_shown_waiting(assistant: Assistant, tmp_path: Path) -> None:
+    from glmvoice_cli.events import TypedQueued
+    from glmvoice_cli.ui.live_view import TranscriptState, render
+
+    store = SessionStore.create(session_dir=tmp_path / "s")
+    events = _type_during_the_answer(assistant, store, interrupt=False, max_new_tokens=60)
+    assert not any(isinstance(e, Interrupted) for e in events)
+    assert [line["interrupted"] for line in _lines(store)] == [False, False, False, False]
+
+    from rich.console import Console
+
+    state, console = TranscriptState(), Console(width=100, record=True, file=io.StringIO())
+    for event in events:
+        state.apply(event)  # type: ignore[arg-type]
+        if isinstance(event, TypedQueued):
+            console.print(render(state))
+            assert "(typed, waits for the answer) Stop, another question." in console.export_text()
+    assert state.queued == []  # taken by the model: shown as a turn, no longer as waiting
+    assert sum(isinstance(e, TypedQueued) for e in events) == 1

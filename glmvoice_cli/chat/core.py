@@ -65,6 +65,7 @@ from glmvoice_cli.events import (
     Interrupted,
     StatusChanged,
     Tagged,
+    TypedQueued,
     UserAudio,
     UserTurnStarted,
     UserUtterance,
@@ -251,12 +252,23 @@ class ConversationCore:
         self.commit()
         self.end_input()
 
-    def type_text(self, text: str) -> int | None:
-        """Queue a typed turn (answered in speech, like a spoken one); its turn number (None: blank text)."""
+    def type_text(self, text: str, interrupt: bool = False) -> int | None:
+        """Queue a typed turn (answered in speech, like a spoken one); its turn number (None: blank text).
+
+        `interrupt`: the line was sent with Enter by someone at the keyboard, which cuts the answer under way as
+        speech does (unless barge-in is off); a typed turn that has to wait is announced (`TypedQueued`).
+        """
         if not text.strip():
             return None
+        if interrupt and self.config.barge_in:
+            self._barge_in(None)
         job = Job(text=text.strip(), heard_at=time.perf_counter())
-        self._submit(job)
+        with self._play_lock:
+            waits = bool(self._open)
+        self._register(job)
+        if waits:  # said before the model can take it, so the view never shows a turn as waiting after it began
+            self._emit(TypedQueued(job.text or "", turn=job.turn))
+        self._put(job)
         return job.turn
 
     def submit_audio(self, samples: np.ndarray) -> int:

@@ -111,8 +111,8 @@ class ChatEngine:
     def subscribe(self) -> queue.Queue[object | None]:
         return self.core.subscribe()
 
-    def type_text(self, text: str) -> None:
-        self.core.type_text(text)
+    def type_text(self, text: str, interrupt: bool = False) -> None:
+        self.core.type_text(text, interrupt)
 
     def end_input(self) -> None:
         self.core.end_input()

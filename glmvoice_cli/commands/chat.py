@@ -263,16 +263,17 @@ def _read_keys(engine: ChatEngine, end_at_eof: bool) -> None:
     from glmvoice_cli.ui.live_view import DraftChanged
 
     ended = read_keys(sys.stdin.fileno(), on_draft=lambda draft: engine.events.put(DraftChanged(draft)),
-                      on_line=engine.type_text, stopped=lambda: engine.stopped)
+                      on_line=lambda line: engine.type_text(line, interrupt=True), stopped=lambda: engine.stopped)
     if ended and end_at_eof:
         engine.end_input()
 
 
 def _read_turns(engine: ChatEngine, end_at_eof: bool) -> None:
     """Typed turns: one per stdin line; in --text mode the end of stdin ends the conversation."""
+    interactive = sys.stdin.isatty()  # a person pressed Enter: cut the answer as speech would; piped lines queue
     for line in sys.stdin:
         if engine.stopped:
             return
-        engine.type_text(line)
+        engine.type_text(line, interrupt=interactive)
     if end_at_eof:
         engine.end_input()

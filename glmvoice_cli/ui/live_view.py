@@ -30,6 +30,7 @@ from glmvoice_cli.events import (
     TextDelta,
     TurnEnded,
     TurnTimings,
+    TypedQueued,
     UserTurnStarted,
     UserUtterance,
 )
@@ -92,6 +93,7 @@ class TranscriptState:
     text_mode: bool = False  # chat --text: no microphone, so no "listening" and no meter
     draft: str | None = None  # the line being typed; None: no keyboard input is shown
     ahead: AnswerAhead | None = None  # a virtual-clock run generating the answer to a pause, input waiting
+    queued: list[TypedQueued] = field(default_factory=list)  # typed turns waiting for the answer under way
 
     def apply(self, event: ChatEvent | DraftChanged) -> None:
         """Fold one engine event into the state (unknown events are ignored)."""
@@ -99,6 +101,8 @@ class TranscriptState:
             self.draft = event.text
         elif isinstance(event, AnswerAhead):
             self.ahead = event if event.text_chars or event.audio_s else None
+        elif isinstance(event, TypedQueued):
+            self.queued.append(event)
         elif isinstance(event, StatusChanged):
             self.status, self.level = event.state, event.level
         elif isinstance(event, UserTurnStarted):
@@ -130,6 +134,8 @@ class TranscriptState:
         turn.duration_s, turn.typed, turn.open = event.duration_s, event.typed, False
         turn.text = event.text or ""
         self.ahead = None
+        if event.turn is not None:
+            self.queued = [q for q in self.queued if q.turn != event.turn]
         self.error = None  # a new turn: the last failure no longer describes the state
 
     def _apply_turn_end(self, event: TurnEnded) -> None:
@@ -193,6 +199,11 @@ def render(state: TranscriptState, max_turns: int = MAX_TURNS_SHOWN, console: Co
         parts.extend(_render_turn(turn))
     if state.ahead is not None:
         parts.append(_ahead_line(state.ahead))
+    for waiting in state.queued:
+        line = Text("you  ", style="bold cyan")
+        line.append("(typed, waits for the answer) ", style="dim")
+        line.append(waiting.text, style="dim")
+        parts.append(line)
     footer: list[RenderableType] = [Text("")]
     if state.draft is not None:
         footer.append(_draft_line(state.draft))
