@@ -285,6 +285,45 @@ def test_decode_killed_by_a_signal_keeps_the_old_file_and_leaves_no_temporary(
     assert out.read_bytes() == before and _temp_files(tmp_path) == []
 
 
+LOADING_SCRIPT = r'''
+import os, sys, time
+from pathlib import Path
+import glmvoice_cli.commands.common as common
+
+work = Path(os.environ["TEST_WORK"])
+
+def load_assistant(*args, **kwargs):
+    """The models never finish loading: the signal lands during the load."""
+    (work / "loading").touch()
+    while True:
+        time.sleep(0.05)
+
+common.load_assistant = load_assistant
+from glmvoice_cli.cli import main
+sys.argv = ["glmvoice"] + sys.argv[1:]
+main()
+'''
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_chat_stopped_while_loading_keeps_an_existing_output_file(
+        models: Path, tmp_path: Path, signum: int, warm_python: WarmPython) -> None:
+    out, before = _existing(tmp_path)
+    question = tmp_path / "question.wav"
+    sf.write(question, np.zeros(16_000, np.float32), 16_000)
+    proc = _start(warm_python, LOADING_SCRIPT, ["chat", "--input-file", str(question), "-o", str(out),
+                                                "--models", str(models), "--no-live",
+                                                "--session-dir", str(tmp_path / "S")], tmp_path)
+    _wait_for(tmp_path / "loading", proc)
+    proc.send_signal(signum)
+    err = _finish(proc)
+    assert proc.returncode == 128 + signum, err
+    assert "Traceback" not in err and f"nothing was played: {out} not written (the existing file is unchanged)" \
+        in err, err
+    assert out.read_bytes() == before and _temp_files(tmp_path) == []
+
+
 @pytest.mark.slow
 def test_a_second_ctrl_c_during_tts_exits_as_cleanly_as_the_first(models: Path, tmp_path: Path,
                                                                   warm_python: WarmPython) -> None:

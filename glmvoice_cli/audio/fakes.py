@@ -120,11 +120,16 @@ class RecordingSink(BufferedSink):
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self.written = 0  # samples ever written (flushed ones included): no audio, no file
         if isinstance(self.clock, VirtualClock):
             self.clock.subscribe(self.advance_to)
         else:
             self._thread = threading.Thread(target=self._tick, name="recording-sink", daemon=True)
             self._thread.start()
+
+    def write(self, block: np.ndarray) -> None:
+        self.written += int(np.asarray(block).size)
+        super().write(block)
 
     def advance_to(self, t: float) -> None:
         """Play everything due up to ``t`` seconds on the timeline."""
@@ -165,7 +170,8 @@ class RecordingSink(BufferedSink):
         return out
 
     def close(self) -> None:
-        """Stop the clock ticks (the final timeline stays readable) and write the file."""
+        """Stop the clock ticks (the final timeline stays readable) and write the file, only if any audio was
+        ever written to this speaker: a run stopped before the first answer leaves an existing file as it was."""
         if self._stop.is_set():
             return
         self._stop.set()
@@ -174,7 +180,7 @@ class RecordingSink(BufferedSink):
             self.advance_to(self.clock.now())
         if isinstance(self.clock, VirtualClock):
             self.clock.unsubscribe(self.advance_to)
-        if self.path is not None:
+        if self.path is not None and self.written > 0:
             write_audio(self.path, self.recording(), self.sample_rate)
 
 

@@ -91,6 +91,14 @@ class LocalAudio:
             if device is not None:
                 device.close()
 
+    @property
+    def output_unwritten(self) -> bool:
+        """An output file was asked for but nothing was ever played: it was not written (nor replaced)."""
+        from glmvoice_cli.audio.fakes import RecordingSink
+
+        sink = self.sink
+        return isinstance(sink, RecordingSink) and sink.path is not None and sink.written == 0
+
 
 def open_local_audio(options: LocalAudioOptions) -> LocalAudio:
     """Devices before models: a missing microphone fails in a second, not after a minute of loading."""

@@ -155,6 +155,9 @@ def chat(
             _converse(engine, store, text, live)
         finally:
             io.close()
+            if io.output_unwritten:
+                kept = " (the existing file is unchanged)" if output is not None and output.exists() else ""
+                typer.echo(f"nothing was played: {output} not written{kept}", err=True)
 
 
 def _complete_session(incomplete: str) -> list[str]:

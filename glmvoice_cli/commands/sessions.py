@@ -43,6 +43,9 @@ def list_cmd(as_json: Annotated[bool, typer.Option("--json", help="One JSON obje
         return folder if folder is not None else default_root()
 
     found = list_sessions(sessions_root())
+    for s in found:
+        if s.problem:  # shown without its date or mode; the others are unaffected
+            typer.secho(f"warning: {s.problem}", fg=typer.colors.YELLOW, err=True)
     if as_json:
         for s in found:
             typer.echo(json.dumps({"id": s.id, "created": s.created, "mode": s.mode, "turns": s.turns,

@@ -12,11 +12,13 @@ from pathlib import Path
 
 from glmvoice_cli.sessions.lock import locked
 from glmvoice_cli.sessions.store import (
+    META_FILE,
     TRANSCRIPT_FILE,
     SavedSession,
     SessionError,
     SessionNotFoundError,
     TurnRecord,
+    check_own_files,
     list_sessions,
     load_session,
     resolve_session,
@@ -32,6 +34,9 @@ def find_session(ref: str, root: Path | None = None) -> Path:
     """The folder of the session `ref` names; SessionNotFoundError (one line, with the IDs that exist)."""
     root = root if root is not None else sessions_root()
     text = ref.strip()
+    if text in ("", ".", ".."):  # the working folder is never a session named by accident
+        raise SessionNotFoundError(f"{ref!r} names no session: give an ID, a unique start of one, 'last', "
+                                   "or a session folder's path")
     saved = list_sessions(root)
     if text == LAST:
         if not saved:
@@ -82,9 +87,15 @@ def export_text(session: SavedSession, fmt: str = "md") -> str:
 
 
 def remove(path: Path) -> None:
-    """Delete a session folder (only one that holds a transcript: never an arbitrary folder)."""
-    if not (path / TRANSCRIPT_FILE).is_file():
-        raise SessionNotFoundError(f"{path} is not a glmvoice session folder")
+    """Delete a session folder: only one that is a session (its meta and transcript present, its own files
+    not links), and never the working folder or one that holds it."""
+    if not (path / TRANSCRIPT_FILE).is_file() or not (path / META_FILE).is_file():
+        raise SessionNotFoundError(f"{path} is not a glmvoice session folder (no {TRANSCRIPT_FILE} and "
+                                   f"{META_FILE}): not removed")
+    here, target = Path.cwd().resolve(), path.resolve()
+    if here == target or target in here.parents:
+        raise SessionError(f"{path} holds the working folder: change to another folder to remove it")
+    check_own_files(path)
     try:
         with locked(path):  # never pull a session from under a running chat
             shutil.rmtree(path)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import stat
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
@@ -49,10 +50,7 @@ class SessionLock:
         folder = Path(folder)
         if fcntl is None:
             return cls(folder, None)
-        try:
-            handle = open(folder / LOCK_FILE, "a+b")  # noqa: SIM115 - held open for the lock's lifetime
-        except OSError as e:
-            raise GlmVoiceError(f"cannot lock session folder {folder}: {e.strerror or e}") from e
+        handle = _open_lock_file(folder / LOCK_FILE)
         try:
             fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -87,6 +85,24 @@ def locked(folder: str | Path) -> Iterator[SessionLock]:
         yield lock
     finally:
         lock.release()
+
+
+def _open_lock_file(path: Path) -> IO[bytes]:
+    """The lock file, opened without following a link: a session folder is untrusted input, and a `.lock` that
+    links elsewhere would have the pid written over its target (or a dangling link create one)."""
+    flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+    try:
+        fd = os.open(path, flags, 0o644)
+    except OSError as e:
+        if path.is_symlink():
+            raise GlmVoiceError(f"cannot lock session folder {path.parent}: {path.name} is a symbolic link "
+                                "(a session's files must be its own; remove it)") from e
+        raise GlmVoiceError(f"cannot lock session folder {path.parent}: {e.strerror or e}") from e
+    if not stat.S_ISREG(os.fstat(fd).st_mode):  # a FIFO or a device: neither holds a lock nor a pid
+        os.close(fd)
+        raise GlmVoiceError(f"cannot lock session folder {path.parent}: {path.name} is not a regular file "
+                            "(remove it)")
+    return os.fdopen(fd, "r+b")
 
 
 def _note_pid(handle: IO[bytes]) -> None:

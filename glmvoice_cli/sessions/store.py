@@ -20,6 +20,7 @@ import contextlib
 import json
 import os
 import secrets
+import stat
 import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -35,6 +36,7 @@ from glmvoice_cli.errors import GlmVoiceError
 from glmvoice_cli.events import TurnTimings
 from glmvoice_cli.files import fsync_dir, write_file
 from glmvoice_cli.models.settings import APP_NAME, ENV_HOME, check_env_folder
+from glmvoice_cli.sessions.lock import LOCK_FILE
 
 SESSIONS_SUBDIR = "sessions"
 TRANSCRIPT_FILE = "transcript.jsonl"
@@ -45,6 +47,8 @@ ID_TIME_FORMAT = "%Y%m%d-%H%M%S"  # UTC, so IDs sort by creation time
 ID_RANDOM_BYTES = 2  # 4 hex characters: two sessions started in the same second still differ
 ID_ATTEMPTS = 8  # fresh random suffixes tried before giving up on a free folder name
 ROLES = ("user", "assistant")
+TRANSCRIPT_MAX_BYTES = 1 << 30  # years of talk (a turn's line is a few KiB): anything larger is not a transcript
+META_MAX_BYTES = 1 << 20  # meta.json is a few hundred bytes: anything past a MiB is not one
 
 
 class SessionError(GlmVoiceError):
@@ -124,6 +128,7 @@ class SessionInfo:
     created: str | None
     mode: str | None
     turns: int  # complete transcript lines
+    problem: str | None = None  # what is wrong with its meta.json (then created and mode are None)
 
 
 def sessions_root() -> Path:
@@ -202,6 +207,7 @@ class SessionStore:
     def resume(cls, ref: str | Path, root: Path | None = None) -> SessionStore:
         """Reopen a saved session (ID or folder) to append to it; a cut last line is dropped first."""
         saved = load_session(ref, root)
+        check_own_files(saved.path)  # before any write: nothing may lead outside the folder
         try:
             _repair_tail(saved.path / TRANSCRIPT_FILE)
             (saved.path / AUDIO_SUBDIR).mkdir(exist_ok=True)
@@ -281,8 +287,9 @@ class SessionStore:
                 return None
             record = self.turns[-1]
             duration = record.duration_s
-            if record.audio is not None and (self.path / record.audio).is_file():
-                duration = self._trim_audio(record.audio, heard_samples)
+            audio = inside(self.path, record.audio)
+            if audio is not None and audio.is_file() and not audio.is_symlink():
+                duration = self._trim_audio(record.audio or "", heard_samples)
             record = replace(record, token_ids=tuple(int(i) for i in token_ids), text=text or None,
                              interrupted=True, duration_s=duration)
             lines = "".join(json.dumps(r.to_json(), ensure_ascii=False) + "\n" for r in [*self.turns[:-1], record])
@@ -315,7 +322,8 @@ class SessionStore:
         if samples is None or len(samples) == 0:
             return None
         relative = name or self.audio_name(role)
-        while (self.path / relative).exists():  # a file left by a turn whose line was lost: keep it
+        # a file left by a turn whose line was lost is kept; a link (even a dangling one) is never written through
+        while (self.path / relative).exists() or (self.path / relative).is_symlink():
             relative = self.audio_name(role)
         # whole or not at all, fsynced (a full disk leaves no cut file for a later turn to trip on)
         write_audio(self.path / relative, np.asarray(samples, dtype=np.float32).reshape(-1), sample_rate)
@@ -327,7 +335,8 @@ def _append_line(transcript: Path, line: str) -> None:
     stay the whole file and a later line never lands after a fragment."""
     data = line.encode("utf-8")
     try:
-        with transcript.open("ab") as fh:
+        fd = os.open(transcript, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+        with os.fdopen(fd, "ab") as fh:
             size = fh.tell()
             try:
                 fh.write(data)
@@ -366,6 +375,7 @@ def _claim_folder(session_dir: str | Path | None) -> Path:
             path.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise SessionError(f"cannot create session folder {path}: {_reason(e)}") from e
+        check_own_files(path)
         return path
     root = sessions_root()
     for _ in range(ID_ATTEMPTS):
@@ -419,18 +429,28 @@ def load_session(ref: str | Path, root: Path | None = None) -> SavedSession:
     """Read a session's meta and turns; bad lines are skipped with a warning, never fatal."""
     path = resolve_session(ref, root)
     warnings: list[str] = []
-    meta: dict[str, Any] = {}
-    try:
-        loaded = json.loads((path / META_FILE).read_text(encoding="utf-8"))
-        meta = loaded if isinstance(loaded, dict) else {}
-    except (OSError, ValueError) as e:
-        warnings.append(f"{path / META_FILE}: unreadable ({e.__class__.__name__}); using defaults")
-    try:
-        data = (path / TRANSCRIPT_FILE).read_bytes()
-    except OSError as e:
-        raise SessionError(f"cannot read {path / TRANSCRIPT_FILE}: {_reason(e)}") from e
+    meta, problem = read_meta(path)
+    if problem:
+        warnings.append(f"{path / META_FILE}: {problem}; using defaults")
+    data = _read_transcript(path / TRANSCRIPT_FILE)
     turns = _parse_transcript(data, path / TRANSCRIPT_FILE, warnings)
     return SavedSession(path.name, path, meta, tuple(turns), tuple(warnings))
+
+
+def _read_transcript(transcript: Path) -> bytes:
+    """The transcript's bytes; a FIFO or device (which would block or never end) and a file past any real
+    conversation's size are refused in one line."""
+    try:
+        info = os.stat(transcript)
+        if not stat.S_ISREG(info.st_mode):
+            raise SessionError(f"{transcript} is not a regular file")
+        if info.st_size > TRANSCRIPT_MAX_BYTES:
+            raise SessionError(f"{transcript} is {info.st_size / 2**30:.1f} GiB, over the "
+                               f"{TRANSCRIPT_MAX_BYTES >> 30} GiB a session's transcript can be")
+        with transcript.open("rb") as fh:
+            return fh.read(TRANSCRIPT_MAX_BYTES + 1)[:TRANSCRIPT_MAX_BYTES]
+    except OSError as e:
+        raise SessionError(f"cannot read {transcript}: {_reason(e)}") from e
 
 
 def _parse_transcript(data: bytes, where: Path, warnings: list[str]) -> list[TurnRecord]:
@@ -459,14 +479,96 @@ def list_sessions(root: Path | None = None) -> list[SessionInfo]:
         transcript = path / TRANSCRIPT_FILE
         if not transcript.is_file():
             continue
-        try:
-            meta = json.loads((path / META_FILE).read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            meta = {}
-        meta = meta if isinstance(meta, dict) else {}
+        meta, problem = read_meta(path)  # a damaged one leaves this session without a date, never breaks the list
         try:
             count = transcript.read_bytes().count(b"\n")
         except OSError:
             count = 0
-        found.append(SessionInfo(path.name, path, meta.get("created"), meta.get("mode"), count))
+        created, mode = _text(meta.get("created")), _text(meta.get("mode"))
+        if problem is None and (created, mode) != (meta.get("created"), meta.get("mode")):
+            problem = "created and mode must be text"
+        found.append(SessionInfo(path.name, path, created, mode, count,
+                                 None if problem is None else f"{path / META_FILE}: {problem}"))
     return sorted(found, key=lambda s: (s.created or "", s.id))
+
+
+def _text(value: Any) -> str | None:
+    """A meta field shown as text: a string, or None for anything else a damaged file holds."""
+    return value if isinstance(value, str) else None
+
+
+def read_meta(path: Path) -> tuple[dict[str, Any], str | None]:
+    """A session's meta.json as a dict, and what is wrong with it (None: nothing). Never raises: a session is
+    untrusted input, and one damaged file must not break the commands for every other session."""
+    meta_path = path / META_FILE
+    try:
+        with meta_path.open("rb") as fh:
+            data = fh.read(META_MAX_BYTES + 1)
+    except FileNotFoundError:
+        return {}, "missing"
+    except OSError as e:
+        return {}, f"unreadable ({_reason(e)})"
+    if len(data) > META_MAX_BYTES:
+        return {}, f"over {META_MAX_BYTES // 1024} KiB, not a session's meta"
+    try:
+        loaded = json.loads(data.decode("utf-8"))
+    except RecursionError:
+        return {}, "nested too deeply to be a session's meta"
+    except ValueError as e:  # UnicodeDecodeError and JSONDecodeError
+        return {}, f"unreadable ({e.__class__.__name__})"
+    if not isinstance(loaded, dict):
+        return {}, "not a JSON object"
+    return loaded, None
+
+
+def inside(folder: Path, relative: str | None) -> Path | None:
+    """`folder / relative` when `relative` (from a transcript line) names a path inside the folder, else None:
+    an absolute path or one with '..' is refused, however the line came to hold it."""
+    if not relative or not isinstance(relative, str):
+        return None
+    candidate = Path(relative)
+    if candidate.is_absolute() or ".." in candidate.parts:
+        return None
+    return folder / candidate
+
+
+_OWN_FILES = ((TRANSCRIPT_FILE, "file"), (META_FILE, "file"), (LOCK_FILE, "file"), (AUDIO_SUBDIR, "folder"))
+AUDIO_ENTRIES_CHECKED = 100_000  # a session of that many turns is already beyond any real conversation
+
+
+def check_own_files(folder: Path) -> None:
+    """Refuse, in one line and before any write, a session folder whose own files or folders are links or
+    special files: written through, they would put a chat's turns, audio or lock into files outside it."""
+    for name, kind in _OWN_FILES:
+        _check_entry(folder, name, kind)
+    audio = folder / AUDIO_SUBDIR
+    if not audio.is_dir():
+        return
+    try:
+        with os.scandir(audio) as entries:
+            for count, entry in enumerate(entries):
+                if count >= AUDIO_ENTRIES_CHECKED:
+                    break
+                if entry.is_symlink():
+                    raise SessionError(_refusal(folder, f"{AUDIO_SUBDIR}/{entry.name} is a symbolic link"))
+    except OSError as e:
+        raise SessionError(f"cannot read {audio}: {_reason(e)}") from e
+
+
+def _refusal(folder: Path, what: str) -> str:
+    return f"cannot write session folder {folder}: {what} (a session's files must be its own; remove it)"
+
+
+def _check_entry(folder: Path, name: str, kind: str) -> None:
+    try:
+        mode = os.lstat(folder / name).st_mode
+    except FileNotFoundError:
+        return
+    except OSError as e:
+        raise SessionError(f"cannot read {folder / name}: {_reason(e)}") from e
+    if stat.S_ISLNK(mode):
+        raise SessionError(_refusal(folder, f"{name} is a symbolic link"))
+    if kind == "file" and not stat.S_ISREG(mode):
+        raise SessionError(_refusal(folder, f"{name} is not a regular file"))
+    if kind == "folder" and not stat.S_ISDIR(mode):
+        raise SessionError(_refusal(folder, f"{name} is not a folder"))
