@@ -153,4 +153,8 @@ app.command("serve-lm", context_settings={"allow_extra_args": True, "ignore_unkn
 
 def main() -> None:
     """Console-script entry point."""
-    app()
+    try:
+        app()
+    except SystemExit:  # how every run ends: the job's own status, whatever signal arrives while exiting
+        signals.ignore_while_exiting()
+        raise

@@ -324,6 +324,39 @@ def test_a_chat_stopped_while_loading_keeps_an_existing_output_file(
     assert out.read_bytes() == before and _temp_files(tmp_path) == []
 
 
+EXITING_SCRIPT = r'''
+import atexit, os, sys, time
+from pathlib import Path
+
+work = Path(os.environ["TEST_WORK"])
+
+def slow_exit():
+    """The interpreter's shutdown after the job (thread joins, library teardown), made long enough to signal."""
+    (work / "exiting").touch()
+    deadline = time.monotonic() + 60
+    while not (work / "signalled").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.3)
+
+atexit.register(slow_exit)
+from glmvoice_cli.cli import main
+sys.argv = ["glmvoice"] + sys.argv[1:]
+main()
+'''
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP, signal.SIGINT])
+def test_a_signal_while_exiting_after_a_finished_job_keeps_the_jobs_status(
+        tmp_path: Path, signum: int, warm_python: WarmPython) -> None:
+    proc = _start(warm_python, EXITING_SCRIPT, ["sessions", "list", "--dir", str(tmp_path)], tmp_path)
+    _wait_for(tmp_path / "exiting", proc)
+    proc.send_signal(signum)
+    (tmp_path / "signalled").touch()
+    err = _finish(proc)
+    assert proc.returncode == 0, err
+    assert "Traceback" not in err
+
+
 @pytest.mark.slow
 def test_a_second_ctrl_c_during_tts_exits_as_cleanly_as_the_first(models: Path, tmp_path: Path,
                                                                   warm_python: WarmPython) -> None:

@@ -79,3 +79,12 @@ def interrupts_as_keyboard() -> Iterator[None]:
         if not handler.received:
             for signum, old in previous.items():
                 signal.signal(signum, old)
+
+
+def ignore_while_exiting() -> None:
+    """The job is done and saved: a signal from here on (the interpreter's shutdown: thread joins, library
+    teardown) must not turn a finished run into one killed by SIGTERM. Main thread of the CLI process only."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for signum in SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
