@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 from glmvoice_cli.audio.echo import NullEchoCanceller
 from glmvoice_cli.audio.playback import VirtualClock
-from glmvoice_cli.chat.answer import TurnReport
+from glmvoice_cli.chat.answer import TurnReport, engine_error
 from glmvoice_cli.chat.core import TURN_TRANSCRIPT_MAX_TOKENS, ConversationCore, EngineConfig
 from glmvoice_cli.chat.worker import ModelWorker
 from glmvoice_cli.errors import GlmVoiceError
@@ -171,6 +171,9 @@ class ChatEngine:
                 core.commit()
         except GlmVoiceError as e:
             core._fail(e)
+            return
+        except Exception as e:  # noqa: BLE001 - a capture thread that dies silently would leave the chat waiting
+            core._fail(engine_error(e))  # forever: end it with one line (the cause kept for --debug)
             return
         core.end_input()
         self._idle_until_done()

@@ -72,6 +72,8 @@ if TYPE_CHECKING:
 __all__ = ["TurnTaking", "chat"]  # TurnTaking lives in chat.local: the flags' defaults come from it
 
 _VAD = VadConfig()  # the turn-taking flags default to the segmenter's own values
+MAX_MS = 60_000  # a turn-taking time past a minute is a typo (and overflows the VAD's frame arithmetic)
+MAX_TURN_S = 600.0  # ten minutes of one turn, cut into tokenizer windows; inf would overflow the VAD
 
 
 def chat(
@@ -91,20 +93,20 @@ def chat(
                           ] = False,
     vad_aggressiveness: Annotated[int, typer.Option(min=0, max=3,
                                                     help="0 keeps most audio as speech, 3 the least.", rich_help_panel="Turn-taking")] = _VAD.aggressiveness,
-    end_silence_ms: Annotated[int, typer.Option(min=30, help=(
+    end_silence_ms: Annotated[int, typer.Option(min=30, max=MAX_MS, help=(
         "Silence that ends your turn. Lower answers sooner but cuts you off at pauses."), rich_help_panel="Turn-taking")] = _VAD.hangover_ms,
-    speculative_pause_ms: Annotated[int, typer.Option(min=0, help=(
+    speculative_pause_ms: Annotated[int, typer.Option(min=0, max=MAX_MS, help=(
         "A pause this long starts the answer unheard (dropped if you go on); 0 turns it off (saves CPU)."), rich_help_panel="Turn-taking")] = (
         SPECULATIVE_PAUSE_MS),
-    pre_roll_ms: Annotated[int, typer.Option(min=0, help=(
+    pre_roll_ms: Annotated[int, typer.Option(min=0, max=MAX_MS, help=(
         "Audio kept from before your speech was detected, so the first syllable is not clipped."), rich_help_panel="Turn-taking")] = _VAD.pre_roll_ms,
-    min_speech_ms: Annotated[int, typer.Option(min=0, help=(
+    min_speech_ms: Annotated[int, typer.Option(min=0, max=MAX_MS, help=(
         "Shorter bursts (a cough, a door) are not a turn."), rich_help_panel="Turn-taking")] = _VAD.min_turn_ms,
-    max_turn_s: Annotated[float, typer.Option(min=1.0, help=(
+    max_turn_s: Annotated[float, typer.Option(min=1.0, max=MAX_TURN_S, help=(
         "A turn this long is cut and answered, and what follows is a new turn."), rich_help_panel="Turn-taking")] = _VAD.max_turn_s,
     barge_in: Annotated[bool, typer.Option(help=(
         "Speaking while it answers interrupts it; --no-barge-in makes your speech wait its turn."), rich_help_panel="Turn-taking")] = True,
-    min_interruption_ms: Annotated[int, typer.Option(min=10, help=(
+    min_interruption_ms: Annotated[int, typer.Option(min=10, max=MAX_MS, help=(
         "Speech needed to start a turn or interrupt. Higher ignores short noises but reacts later."), rich_help_panel="Turn-taking")] = (
         ONSET_MS),
     stream_input: Annotated[bool, typer.Option(help=(

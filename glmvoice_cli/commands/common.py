@@ -19,6 +19,20 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("glmvoice_cli")
 
+# Bounds of the options with a physical meaning, checked when the command line is parsed (a value past them
+# is a typo or a test of our patience, and would fail only after a minute of loading, or abort in a library).
+MAX_THREADS = 1024  # libgomp aborts on absurd counts; no CPU here has more
+MAX_TEMPERATURE = 10.0  # past a few the output is noise; inf and 1e308 break the softmax
+MAX_LM_TIMEOUT_S = 3600.0  # silence allowed mid-answer: an hour is already "never"
+
+
+def _positive_top_p(value: float | None) -> float | None:
+    """--top-p 0 would keep no token at all: refused with the flag's other limits, before anything loads."""
+    if value is not None and value <= 0.0:
+        raise typer.BadParameter("Input should be greater than 0 (1 disables nucleus sampling)")
+    return value
+
+
 ModelsOpt = Annotated[Path | None, typer.Option(
     "--models", help="A folder holding tokenizer/, lm/ and decoder/ (default: the download cache).", rich_help_panel="Models")]
 TokenizerOpt = Annotated[Path | None, typer.Option("--tokenizer", help="Speech tokenizer folder.", rich_help_panel="Models")]
@@ -30,17 +44,17 @@ DtypeOpt = Annotated[str | None, typer.Option(
 QuantizeOpt = Annotated[int | None, typer.Option(
     "--quantize", help="Load the language model in 4 or 8 bits (CUDA; pip install 'glmvoice\\[quant]').", rich_help_panel="Models")]
 MaxTokensOpt = Annotated[int | None, typer.Option(
-    "--max-new-tokens", min=1, help="Cap on generated tokens per answer (or per piece / window).", rich_help_panel="Sampling")]
+    "--max-new-tokens", min=1, max=1_000_000, help="Cap on generated tokens per answer (or per piece / window).", rich_help_panel="Sampling")]
 SeedOpt = Annotated[int | None, typer.Option(
     "--seed", min=0, max=2**64 - 1, help="Seed for sampling and the decoder's noise (0 to 2**64-1).", rich_help_panel="Sampling")]
 CompileOpt = Annotated[bool | None, typer.Option(
     "--compile/--no-compile", help="Static cache + compiled LM decode step (default: on with CUDA, off on CPU).", rich_help_panel="Models")]
 ThreadsOpt = Annotated[int | None, typer.Option(
-    "--threads", min=1, help="CPU threads for torch (default: the CPUs not already busy; see glmvoice doctor).", rich_help_panel="Models")]
+    "--threads", min=1, max=MAX_THREADS, help="CPU threads for torch (default: the CPUs not already busy; see glmvoice doctor).", rich_help_panel="Models")]
 TemperatureOpt = Annotated[float | None, typer.Option(
-    "--temperature", min=0.0, help="Sampling temperature; 0 = greedy (default: 0.2, transcribe: 0).", rich_help_panel="Sampling")]
+    "--temperature", min=0.0, max=MAX_TEMPERATURE, help="Sampling temperature; 0 = greedy (default: 0.2, transcribe: 0).", rich_help_panel="Sampling")]
 TopPOpt = Annotated[float | None, typer.Option(
-    "--top-p", min=0.0, max=1.0, help="Nucleus sampling mass kept; 1 disables (default: 0.8).", rich_help_panel="Sampling")]
+    "--top-p", min=0.0, max=1.0, callback=_positive_top_p, help="Nucleus sampling mass kept; 1 disables (default: 0.8).", rich_help_panel="Sampling")]
 
 
 def with_sampling(options: GenerationOptions, temperature: float | None, top_p: float | None
@@ -79,7 +93,7 @@ LmApiKeyOpt = Annotated[str | None, typer.Option(
 LmModelOpt = Annotated[str | None, typer.Option(
     "--lm-model", help="Model name on the --lm-url server (default: its only model).", rich_help_panel="LM server")]
 LmTimeoutOpt = Annotated[float | None, typer.Option(
-    "--lm-timeout", min=0.1, help="Seconds the --lm-url server may stay silent mid-answer (default 60).", rich_help_panel="LM server")]
+    "--lm-timeout", min=0.1, max=MAX_LM_TIMEOUT_S, help="Seconds the --lm-url server may stay silent mid-answer (default 60).", rich_help_panel="LM server")]
 
 
 def lm_server(url: str | None, api_key: str | None, model: str | None, timeout_s: float | None) -> LMServer | None:

@@ -27,7 +27,7 @@ def serve_lm(
     quantization: Annotated[str | None, typer.Option(
         help="Quantise the weights on load, e.g. fp8 (halves the memory of bf16 on Hopper/Ada GPUs).")] = None,
     cpu_kv_cache_gib: Annotated[float | None, typer.Option(
-        min=0.1, help="vLLM's CPU build: GiB of KV cache (VLLM_CPU_KVCACHE_SPACE).")] = None,
+        min=0.1, max=65536.0, help="vLLM's CPU build: GiB of KV cache (VLLM_CPU_KVCACHE_SPACE).")] = None,
     api_key: Annotated[str | None, typer.Option(help="Require this API key from clients (--lm-api-key).")
                        ] = None,
     served_name: Annotated[str, typer.Option(help="Model name the server reports.")] = "glm-4-voice-9b",

@@ -27,7 +27,7 @@ def tokenize(
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per line: file, tokens, seconds.")] = False,
     device: DeviceOpt = None,
     dtype: TokDtypeOpt = None,
-    batch_size: Annotated[int, typer.Option(help="Windows of 30 s encoded at once (memory, not results).")] = 8,
+    batch_size: Annotated[int, typer.Option(min=1, max=1024, help="Windows of 30 s encoded at once (memory, not results).")] = 8,
     threads: ThreadsOpt = None,
 ) -> None:
     """Print the speech token ids (12.5 per second) of each FILE; all files are encoded in one batch."""

@@ -61,7 +61,7 @@ def transcribe(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="With --output-dir: replace existing "
                                             "transcripts (else that is an error before any work).")] = False,
     prompt: Annotated[str | None, typer.Option(help="Replace the transcription instruction.")] = None,
-    window: Annotated[float, typer.Option(min=1.0, help="Longest stretch of audio per model call, in seconds "
+    window: Annotated[float, typer.Option(min=1.0, max=600.0, help="Longest stretch of audio per model call, in seconds "
                                           "(longer utterances are cut).")] = WINDOW_SECONDS,
     models: ModelsOpt = None, tokenizer: TokenizerOpt = None, lm: LmOpt = None,
     device: DeviceOpt = None, dtype: DtypeOpt = None, quantize: QuantizeOpt = None, compile_lm: CompileOpt = None,
