@@ -142,3 +142,37 @@ def test_the_chat_engine_says_so_and_goes_on(lm: VoiceLM, tmp_path: Path) -> Non
     ended = [e for e in events if isinstance(e, TurnEnded)]
     assert [e.reason for e in ended] == ["context_full"]
     assert [(t.role, t.reason) for t in store.turns] == [("user", None), ("assistant", "context_full")]
+
+
+def test_a_resumed_history_longer_than_the_context_is_trimmed_and_answers(lm: VoiceLM) -> None:
+    from glmvoice_cli.pipeline.history import restore_conversation
+    from glmvoice_cli.sessions.store import TurnRecord
+
+    conv = lm.new_conversation()
+    _turn(lm, conv, "Hi!", max_new_tokens=30)
+    first_user, answer = conv.ids[: conv.last_output_start], conv.ids[conv.last_output_start :]
+    again = first_user[first_user.index(lm.user_id):]  # a later turn: its user part without the system prompt
+
+    def record(role: str, ids: list[int]) -> TurnRecord:
+        return TurnRecord(role, None, None, tuple(ids), False, None, "")
+
+    records = [record("user", first_user), record("assistant", answer)]
+    for _ in range(20):  # a saved session far longer than the context (as after a larger model, or a bug)
+        records += [record("user", again), record("assistant", answer)]
+    assert sum(len(r.token_ids) for r in records) > 2 * SEQ_LENGTH
+
+    restored = restore_conversation(lm, records)
+    assert len(restored.ids) + answer_room(SEQ_LENGTH, SEQ_LENGTH) <= SEQ_LENGTH
+    assert restored.ids[: first_user.index(lm.user_id)] == first_user[: first_user.index(lm.user_id)]
+    assert restored.dropped_turns > 0
+    kept_turns = restored.ids.count(lm.user_id)  # the newest whole turns, if any fit beside the system prompt
+    assert restored.last_output == (answer if kept_turns else [])
+    assert lm.warm(restored, again) == len(restored.ids) + len(again)  # warms what fits, within the context
+    end = _turn(lm, restored, "And now?", max_new_tokens=20)
+    assert end.reason is StopReason.MAX_TOKENS and len(restored.ids) <= SEQ_LENGTH
+
+
+def test_warming_past_the_context_computes_nothing(lm: VoiceLM) -> None:
+    conv = lm.new_conversation()
+    conv.ids[:] = [lm.user_id] * SEQ_LENGTH  # a history already at the context's end
+    assert lm.warm(conv, [lm.user_id] * 4) == 0 and conv.cache is None

@@ -282,8 +282,10 @@ class VoiceLM:
         self._check_slot(conv)
         _crop_cache(conv, common_prefix_length(conv.cached_ids, target))
         todo = target[len(conv.cached_ids) :]
-        if not todo or (self.static is not None and len(target) > self.static.max_len):
-            return 0  # nothing to do, or no room: the turn's own prefill reports a context overflow
+        if not todo or len(target) >= self.context_length:
+            # nothing to do, or past the context: the turn's own prefill first drops the oldest turns (or reports
+            # an overflow); warming here would compute positions the model never saw, and again at every block
+            return 0
         if conv.cache is None:
             try:
                 conv.cache = self._new_cache(conv)

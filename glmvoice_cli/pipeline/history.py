@@ -103,4 +103,30 @@ def restore_conversation(lm: LMBackend, records: Sequence[TurnRecord]) -> Conver
                 break
         else:
             conv.system_mode = InputMode.SPEECH  # a foreign history: later turns add only their user part
+    _fit_context(lm, conv)
     return conv
+
+
+def _fit_context(lm: LMBackend, conv: Conversation) -> None:
+    """Drop the oldest whole turns of a restored history that leaves no room for a turn, as every turn does
+    (`lm.context.plan_context`, keeping half the context free): the listener warms the history while the user
+    speaks, and a history longer than the context would be recomputed, past the model's positions, at every
+    block and pause."""
+    from glmvoice_cli.errors import ContextLengthError
+    from glmvoice_cli.lm.context import plan_context
+
+    limit = getattr(lm, "context_length", None)
+    user_id = getattr(lm, "user_id", None)
+    if not conv.ids or not isinstance(limit, int) or not isinstance(user_id, int):
+        return  # a server that states no limit decides itself
+    try:
+        plan = plan_context(conv.ids, [], user_id=user_id, seq_length=limit, max_new_tokens=limit)
+    except ContextLengthError:
+        return  # the system prompt alone fills it: the next turn says so in one line
+    if plan.dropped_tokens:
+        conv.ids[:] = plan.history
+        conv.dropped_turns += plan.dropped_turns
+        if conv.last_output_start is not None:  # the last answer, if it was kept, moved forward
+            system_end = next((i for i, t in enumerate(plan.history) if t == user_id), len(plan.history))
+            start = conv.last_output_start - plan.dropped_tokens
+            conv.last_output_start = start if start >= system_end else None
