@@ -34,6 +34,11 @@ class Fault:
     stall_after: int | None = None  # stop sending after this many tokens, keeping the connection open
     cut_after: int | None = None  # drop the connection after this many tokens (no [DONE])
     error_after: int | None = None  # send an error event after this many tokens
+    burst: int | None = None  # ignore max_tokens: one first event with this many (valid) token ids
+    keepalive_after: int | None = None  # after this many tokens send only `: keepalive` comments, forever
+    trickle_after: int | None = None  # after this many tokens send one byte of an event that never ends, slowly
+    garbage: Any = None  # send this JSON document as the first event
+    endless_after: int | None = None  # after this many tokens, a `data:` line without end, as fast as it goes
 
 
 @dataclass
@@ -45,6 +50,8 @@ class FakeState:
     faults: dict[int, Fault] = field(default_factory=dict)  # completion request index -> fault
     masks: bool = True  # False: ignore allowed_token_ids (like a server without it)
     token_ids: bool = True  # False: no token_ids in answers
+    models_padding: int = 0  # bytes of padding in /v1/models (a listing no real server sends)
+    header_trickle_s: float | None = None  # send the completion's status line a byte per this many seconds
     requests: list[dict[str, Any]] = field(default_factory=list)
     generated: int = 0  # tokens generated over all requests
     active: int = 0  # streams being generated now
@@ -119,7 +126,10 @@ class _Handler(BaseHTTPRequestHandler):
             return
         if self.path == "/v1/models":
             cards = [{"id": name, "object": "model", "max_model_len": state.max_model_len} for name in state.models]
-            self._json(200, {"object": "list", "data": cards})
+            listing: dict[str, Any] = {"object": "list", "data": cards}
+            if state.models_padding:
+                listing["padding"] = "x" * state.models_padding
+            self._json(200, listing)
         elif self.path == "/metrics":
             text = f"vllm:generation_tokens_total {state.generated}.0\nvllm:num_requests_running {state.active}.0\n"
             data = text.encode()
@@ -192,8 +202,31 @@ class _Handler(BaseHTTPRequestHandler):
     def _event(self, doc: Any) -> None:
         self._chunk(b"data: " + json.dumps(doc).encode() + b"\n\n")
 
+    def _forever(self, fault: Fault) -> None:
+        """The hostile endings: comments, a trickle or an endless line, until the client goes or the server stops."""
+        server = self.server_ref
+        if fault.keepalive_after is not None:
+            while not server.stopping.wait(0.05):
+                self._chunk(b": keepalive\n\n")
+        elif fault.trickle_after is not None:
+            self._chunk(b"data: {")
+            while not server.stopping.wait(0.05):
+                self._chunk(b" ")
+        else:
+            block = b"x" * 65536
+            self._chunk(b"data: ")
+            while not server.stopping.is_set():
+                self._chunk(block)
+
     def _stream(self, body: dict[str, Any], fault: Fault) -> None:
         state, server = self.server_ref.state, self.server_ref
+        if state.header_trickle_s is not None:  # a status line that takes its time, a byte at a time
+            for byte in b"HTTP/1.1 200 OK\r\n":
+                if server.stopping.wait(state.header_trickle_s):
+                    return
+                self.wfile.write(bytes([byte]))
+                self.wfile.flush()
+            return
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
         self.send_header("Transfer-Encoding", "chunked")
@@ -202,7 +235,17 @@ class _Handler(BaseHTTPRequestHandler):
             state.active += 1
         sent = 0
         try:
+            if fault.garbage is not None:
+                self._event(fault.garbage)
+            if fault.burst is not None:
+                token = next(iter(self._generate(body)))[0] or 0
+                self._event({"choices": [{"index": 0, "text": "", "finish_reason": None,
+                                          "token_ids": [token] * fault.burst}]})
             for token, finish in self._generate(body):
+                if any(after is not None and sent >= after for after in
+                       (fault.keepalive_after, fault.trickle_after, fault.endless_after)):
+                    self._forever(fault)
+                    return
                 if fault.stall_after is not None and sent >= fault.stall_after:
                     if server.stopping.wait(30):  # the server goes away: its sockets close, as a dead process's do
                         self.close_connection = True

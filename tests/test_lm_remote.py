@@ -310,3 +310,51 @@ def test_a_conversation_longer_than_the_server_context_drops_old_turns_like_in_p
 
 def server_budget(fake: FakeLMServer) -> int:
     return int(fake.completions[-1]["max_tokens"])
+
+
+# ------------------------------------------------------------------ a hostile or broken server
+
+
+def test_a_server_that_ignores_max_tokens_is_held_to_it(lm_dir: Path, local: VoiceLM) -> None:
+    state = FakeState(vocab_size=local.model.config.vocab_size, faults={0: Fault(burst=500)})
+    with FakeLMServer(local, state) as fake:
+        remote = connect(lm_dir, fake)
+        conv = remote.new_conversation()
+        events = list(remote.stream(conv, TextInput("hello"), GenerationOptions(max_new_tokens=40, seed=1)))
+    end = events[-1]
+    assert isinstance(end, TurnEnd) and end.reason is StopReason.MAX_TOKENS and len(conv.last_output) == 40
+
+
+@pytest.mark.parametrize(("fault", "words"), [
+    (Fault(burst=2_000_000), "sent an event over 1 MiB"),
+    (Fault(endless_after=2), "sent an event over 1 MiB"),
+    (Fault(keepalive_after=2), "did not answer within 1 s"),
+    (Fault(trickle_after=2), "did not answer within 1 s"),
+    (Fault(garbage={"choices": [{"index": 0, "token_ids": ["abc"]}]}), "token id that is not an integer ('abc')"),
+    (Fault(garbage={"choices": [{"index": 0, "token_ids": [True]}]}), "token id that is not an integer"),
+    (Fault(garbage={"choices": [{"index": 0, "token_ids": "12"}]}), "token_ids that are not a list"),
+    (Fault(garbage=[1, 2, 3]), "sent an event that is not a JSON object"),
+    (Fault(garbage={"choices": "all of them"}), "without choices"),
+])
+def test_each_hostile_stream_is_one_line_within_the_timeout(lm_dir: Path, local: VoiceLM, fault: Fault,
+                                                            words: str) -> None:
+    before, conv, _, message, elapsed, third = _fault_run(lm_dir, local, fault, timeout_s=FAST_TIMEOUT_S)
+    assert words in message and "\n" not in message, message
+    assert elapsed < 10 * FAST_TIMEOUT_S  # bounded by the timeout, not by the server's patience
+    assert isinstance(third[-1], TurnEnd) and conv.ids[: len(before)] == before  # the conversation goes on
+
+
+def test_a_status_line_trickled_byte_by_byte_is_bounded(lm_dir: Path, local: VoiceLM) -> None:
+    state = FakeState(vocab_size=local.model.config.vocab_size, header_trickle_s=0.2)
+    with FakeLMServer(local, state) as fake:
+        remote = connect(lm_dir, fake, timeout_s=FAST_TIMEOUT_S)
+        start = time.monotonic()
+        with pytest.raises(LMServerError, match="did not answer within 1 s"):
+            list(remote.stream(remote.new_conversation(), TextInput("hello"), GREEDY))
+        assert time.monotonic() - start < 10 * FAST_TIMEOUT_S
+
+
+def test_a_model_listing_of_megabytes_is_refused(lm_dir: Path, local: VoiceLM) -> None:
+    state = FakeState(vocab_size=local.model.config.vocab_size, models_padding=5 << 20)
+    with FakeLMServer(local, state) as fake, pytest.raises(LMServerError, match="sent over 4 MiB for /models"):
+        connect(lm_dir, fake)

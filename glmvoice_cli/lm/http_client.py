@@ -1,9 +1,11 @@
 """A small HTTP/1.1 client for an OpenAI-compatible LM server, standard library only.
 
 Two kinds of call: JSON in, JSON out (`get_json`, `post_json`), and a streamed completion read as
-server-sent events (`open_events`). Every call is bounded: connecting by `connect_timeout_s`, and
-each read (the headers, every next event) by `read_timeout_s`, so a server that stalls mid-answer
-is an error after that long, never a hang. A streamed answer is read by its own thread into a
+server-sent events (`open_events`). Every call is bounded in time and size: connecting by
+`connect_timeout_s`; the headers, a whole JSON body and the gap between two events by `read_timeout_s`
+as a deadline (a server that trickles a byte at a time, or sends only `: keepalive` comments, does not
+reset it); a JSON body by MAX_JSON_BYTES and an event by MAX_EVENT_BYTES. A server that stalls, dawdles
+or floods is an error after that long, never a hang or a memory blow-up. A streamed answer is read by its own thread into a
 queue; the consumer waits on the queue in short steps and checks its cancel Event in between, so
 a barge-in closes the connection at once, whatever the server is doing (and closing it is how the
 server learns to stop generating). Every failure is an `LMServerError` with a one-line message.
@@ -11,12 +13,14 @@ server learns to stop generating). Every failure is an `LMServerError` with a on
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import queue
 import socket
 import ssl
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -29,6 +33,8 @@ DEFAULT_READ_TIMEOUT_S = 60.0  # longest wait for the headers or the next token 
 POLL_S = 0.02  # the consumer's wait on the event queue between cancel checks
 READ_BYTES = 65536
 MAX_ERROR_CHARS = 200  # of a server's error message, inside our one-line error
+MAX_JSON_BYTES = 4 << 20  # a model listing or a probe answer is a few KiB
+MAX_EVENT_BYTES = 1 << 20  # one streamed event carries a token or a few; vLLM's are under 1 KiB
 _API_PREFIX = "/v1"
 
 
@@ -102,11 +108,12 @@ class HttpClient:
         data = body if isinstance(body, bytes) or body is None else json.dumps(body, separators=(",", ":")).encode()
         conn = self.connect()
         try:
-            conn.request(method, self.url.path(endpoint), body=data, headers=self._headers(data))
-            response = conn.getresponse()
+            with _deadline(conn.sock, self.read_timeout_s) as late:  # a status line trickled byte by byte too
+                conn.request(method, self.url.path(endpoint), body=data, headers=self._headers(data))
+                response = conn.getresponse()
         except (OSError, http.client.HTTPException) as e:
             conn.close()
-            raise self._error(e, "answer") from e
+            raise self._error(TimeoutError() if late.is_set() else e, "answer") from e
         if response.status >= 400:
             try:
                 detail = response.read(READ_BYTES)
@@ -123,23 +130,30 @@ class HttpClient:
         return self._read_json(self.request("POST", endpoint, body), endpoint)
 
     def get_text(self, endpoint: str) -> str:
-        response = self.request("GET", endpoint)
+        return self._read_body(self.request("GET", endpoint), endpoint).decode("utf-8", errors="replace")
+
+    def _read_body(self, response: http.client.HTTPResponse, endpoint: str) -> bytes:
+        """The whole body, within the read deadline and MAX_JSON_BYTES."""
         try:
-            return response.read().decode("utf-8", errors="replace")
+            with _deadline(_socket_of(response), self.read_timeout_s) as late:
+                data = response.read(MAX_JSON_BYTES + 1)
         except (OSError, http.client.HTTPException) as e:
-            raise self._error(e, "answer") from e
+            raise self._error(TimeoutError() if late.is_set() else e, "answer") from e
         finally:
             response.close()
+        if len(data) > MAX_JSON_BYTES:
+            raise LMServerError(f"the LM server at {self.url} sent over {MAX_JSON_BYTES >> 20} MiB for "
+                                f"/{endpoint}: not an answer an LM server gives")
+        return data
 
     def _read_json(self, response: http.client.HTTPResponse, endpoint: str) -> Any:
+        data = self._read_body(response, endpoint)
         try:
-            return json.loads(response.read())
-        except (OSError, http.client.HTTPException) as e:
-            raise self._error(e, "answer") from e
+            return json.loads(data)
+        except RecursionError as e:
+            raise LMServerError(f"the LM server at {self.url} sent JSON nested too deeply for /{endpoint}") from e
         except ValueError as e:
             raise LMServerError(f"the LM server at {self.url} sent malformed JSON for /{endpoint}") from e
-        finally:
-            response.close()
 
     def open_events(self, endpoint: str, body: Any) -> EventStream:
         """Start a streamed POST; its events are read in a thread (see EventStream)."""
@@ -249,7 +263,7 @@ class EventStream:
                 closed = self._closed
             if closed:
                 return
-            for event in _parse_events(response, self._client.url):
+            for event in _parse_events(response, self._client.url, self._client.read_timeout_s):
                 self._queue.put(event)
             self._queue.put(_END)
         except LMServerError as e:
@@ -262,20 +276,50 @@ class EventStream:
                 response.close()
 
 
-def _shutdown(response: http.client.HTTPResponse) -> None:
-    """Shut the socket under a response being read in another thread; that thread then closes it."""
-    sock = getattr(getattr(response, "fp", None), "raw", None)
-    sock = getattr(sock, "_sock", None)
+def _socket_of(response: http.client.HTTPResponse) -> socket.socket | None:
+    sock = getattr(getattr(getattr(response, "fp", None), "raw", None), "_sock", None)
+    return sock if isinstance(sock, socket.socket) else None
+
+
+def _shut(sock: socket.socket | None) -> None:
     try:
-        if isinstance(sock, socket.socket):
+        if sock is not None:
             sock.shutdown(socket.SHUT_RDWR)
     except OSError:
         pass
 
 
-def _parse_events(response: http.client.HTTPResponse, url: ServerURL) -> Iterator[dict[str, Any]]:
-    """The JSON payload of each `data:` event until `data: [DONE]`; a cut stream is an LMServerError."""
-    buffer, data = b"", []
+def _shutdown(response: http.client.HTTPResponse) -> None:
+    """Shut the socket under a response being read in another thread; that thread then closes it."""
+    _shut(_socket_of(response))
+
+
+@contextlib.contextmanager
+def _deadline(sock: socket.socket | None, seconds: float) -> Iterator[threading.Event]:
+    """Shut `sock` if the block is still running after `seconds`: the socket's own timeout bounds each read,
+    not a reply sent a byte at a time. The Event says whether it fired (the failure was the deadline)."""
+    fired = threading.Event()
+
+    def expire() -> None:
+        fired.set()
+        _shut(sock)
+
+    timer = threading.Timer(seconds, expire)
+    timer.daemon = True
+    timer.start()
+    try:
+        yield fired
+    finally:
+        timer.cancel()
+
+
+def _parse_events(response: http.client.HTTPResponse, url: ServerURL,
+                  silence_s: float = DEFAULT_READ_TIMEOUT_S) -> Iterator[dict[str, Any]]:
+    """The JSON object of each `data:` event until `data: [DONE]`; a cut stream, an event over MAX_EVENT_BYTES,
+    anything but a JSON object, and `silence_s` without a complete event (comments and trickled bytes do not
+    count) are each an LMServerError."""
+    buffer, data, size = b"", [], 0
+    last_event = time.monotonic()
     while True:
         chunk = response.read1(READ_BYTES)
         if not chunk:
@@ -286,15 +330,29 @@ def _parse_events(response: http.client.HTTPResponse, url: ServerURL) -> Iterato
             line = raw.rstrip(b"\r")
             if line.startswith(b"data:"):
                 data.append(line[5:].strip())
+                size += len(line)
             elif not line and data:
-                payload, data = b"\n".join(data), []
+                payload, data, size = b"\n".join(data), [], 0
+                last_event = time.monotonic()
                 if payload == b"[DONE]":
                     return
-                try:
-                    event = json.loads(payload)
-                except ValueError as e:
-                    raise LMServerError(f"the LM server at {url} sent a malformed event") from e
-                if isinstance(event, dict) and "error" in event:
-                    raise LMServerError(f"the LM server at {url} failed mid-answer: "
-                                        f"{_server_message(json.dumps(event).encode())}")
-                yield event
+                yield _event_object(payload, url)
+        if size + len(buffer) > MAX_EVENT_BYTES:
+            raise LMServerError(f"the LM server at {url} sent an event over {MAX_EVENT_BYTES >> 20} MiB: "
+                                "not a streamed answer")
+        if time.monotonic() - last_event > silence_s:
+            raise LMServerError(f"the LM server at {url} did not answer within {silence_s:g} s "
+                                "(it sent only keep-alives or a trickle)")
+
+
+def _event_object(payload: bytes, url: ServerURL) -> dict[str, Any]:
+    try:
+        event = json.loads(payload)
+    except (ValueError, RecursionError) as e:
+        raise LMServerError(f"the LM server at {url} sent a malformed event") from e
+    if not isinstance(event, dict):
+        raise LMServerError(f"the LM server at {url} sent an event that is not a JSON object")
+    if "error" in event:
+        raise LMServerError(f"the LM server at {url} failed mid-answer: "
+                            f"{_server_message(json.dumps(event).encode())}")
+    return event

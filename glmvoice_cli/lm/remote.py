@@ -209,7 +209,7 @@ class RemoteVoiceLM:
         max_tokens = self._answer_budget(len(conv.ids), plan.max_answer_tokens)
         conv.last_prefill_tokens = len(conv.ids)  # until the server reports its prefix-cache hits
         stream = self.client.open_events(COMPLETIONS, self.request_body(conv.ids, options, max_tokens))
-        turn = _Turn(self, conv, cancel)
+        turn = _Turn(self, conv, cancel, max_tokens, plan.context_limited)
         events = stream.events(cancel)
         try:
             try:
@@ -260,11 +260,15 @@ class RemoteVoiceLM:
         return f'{text[:-1]},"allowed_token_ids":{allowed}}}'.encode()
 
 
+DRAIN_EVENTS_MAX = 8  # events read after the stop, for the usage event that a well-behaved server sends next
+
 class _Turn:
     """One answer's bookkeeping: ids committed to the history, events, the stop reason."""
 
-    def __init__(self, lm: RemoteVoiceLM, conv: Conversation, cancel: threading.Event | None) -> None:
+    def __init__(self, lm: RemoteVoiceLM, conv: Conversation, cancel: threading.Event | None,
+                 max_tokens: int | None = None, context_limited: bool = False) -> None:
         self.lm, self.conv, self.cancel = lm, conv, cancel
+        self.max_tokens, self.context_limited = max_tokens, context_limited
         self.text = TextDetokenizer(lm.text_tokenizer)
         self.reason: StopReason | None = None
         self.finish_reason: str | None = None
@@ -276,21 +280,35 @@ class _Turn:
         if not event.get("choices"):
             return
         choice = _choice(event)
-        self.finish_reason = choice.get("finish_reason") or self.finish_reason
-        for token_id in choice.get("token_ids") or ():
+        finish = choice.get("finish_reason")
+        self.finish_reason = (finish if isinstance(finish, str) else None) or self.finish_reason
+        ids = choice.get("token_ids")
+        ids = [] if ids is None else ids
+        if not isinstance(ids, list):
+            raise LMServerError(f"the LM server at {self.lm.client.url} sent token_ids that are not a list")
+        for token_id in ids:
             if self.cancel is not None and self.cancel.is_set():
                 self.reason = StopReason.CANCELLED  # checked before every token, as in-process
+            elif self.max_tokens is not None and len(self.conv.last_output) >= self.max_tokens:
+                # the server went past max_tokens (it ignores it, or is not what it claims): our budget holds
+                self.reason = StopReason.CONTEXT if self.context_limited else StopReason.MAX_TOKENS
             if self.reason is not None:
                 return
-            yield from self._on_token(int(token_id))
+            if not isinstance(token_id, int) or isinstance(token_id, bool):
+                shown = repr(token_id)[:40]
+                raise LMServerError(f"the LM server at {self.lm.client.url} sent a token id that is not an "
+                                    f"integer ({shown})")
+            yield from self._on_token(token_id)
 
     def drain(self, events: Iterator[dict[str, Any]]) -> None:
         """Read what follows the stop (the usage event) up to [DONE]; a failure there changes nothing."""
         try:
-            for event in events:
+            for count, event in enumerate(events):
                 usage = event.get("usage")
                 if isinstance(usage, dict):
                     self._note_usage(usage)
+                if count >= DRAIN_EVENTS_MAX:
+                    return  # a server still streaming past the stop ignores it: stop listening (the caller closes)
         except (LMServerError, Cancelled):
             pass
 
