@@ -9,12 +9,14 @@ so that the rename is atomic (same file system).
 from __future__ import annotations
 
 import contextlib
+import errno
+import json
 import os
 import secrets
 import stat
 from collections.abc import Iterator
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 TEMP_SUFFIX = ".partial"  # ".out.wav.1a2b3c4d.partial": hidden, and plainly not the finished file
 TEMP_RANDOM_BYTES = 4  # two writers of the same target never share a temporary file
@@ -70,3 +72,58 @@ def _keep_mode(target: Path, tmp: Path) -> None:
     """Give the new file the permissions of the one it replaces (a private file stays private)."""
     with contextlib.suppress(OSError):
         os.chmod(tmp, stat.S_IMODE(target.stat().st_mode))
+
+
+def read_limited(path: str | Path, limit: int) -> bytes:
+    """The bytes of `path`, read with a cap: a file (or /dev/zero, a FIFO that never ends) past `limit` bytes is
+    an OSError (EFBIG) whose message says the limit, so every caller's `except OSError` words it in one line."""
+    with open(path, "rb") as fh:
+        data = fh.read(limit + 1)
+    if len(data) > limit:
+        raise OSError(errno.EFBIG, f"over {_size(limit)}, far larger than such a file is")
+    return data
+
+
+def loads_json(data: bytes | str) -> Any:
+    """json.loads, where nesting too deep for the parser is a ValueError like any other malformed JSON."""
+    try:
+        return json.loads(data)
+    except RecursionError as e:
+        raise ValueError("JSON nested too deeply") from e
+
+
+def _size(n: int) -> str:
+    if n >= 1 << 20:
+        return f"{n >> 20} MiB"
+    return f"{n >> 10} KiB" if n >= 1 << 10 else f"{n} bytes"
+
+
+FIFO_NOTE_AFTER_S = 0.5  # a pipe with a writer (`<(...)`) opens at once; past this, nobody is writing yet
+
+
+@contextlib.contextmanager
+def waiting_note(path: str | Path) -> Iterator[None]:
+    """Around a read of `path`: a named pipe with no writer blocks without a word, so if the read has not
+    finished after a moment, say on stderr what is being waited for. Regular files say nothing."""
+    import sys
+    import threading
+
+    try:
+        fifo = stat.S_ISFIFO(os.stat(path).st_mode)
+    except OSError:
+        fifo = False
+    if not fifo:
+        yield
+        return
+
+    def say() -> None:
+        print(f"waiting for something to write into the named pipe {path} (Ctrl-C to stop)", file=sys.stderr,
+              flush=True)
+
+    timer = threading.Timer(FIFO_NOTE_AFTER_S, say)
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()

@@ -9,6 +9,7 @@ paths return the file's samples unchanged.
 from __future__ import annotations
 
 import io
+import os
 import re
 import stat
 import sys
@@ -22,11 +23,13 @@ import soxr
 
 from glmvoice_cli.config import SAMPLE_RATE_IN as TOKENIZER_SAMPLE_RATE  # Hz, what the tokenizer expects
 from glmvoice_cli.errors import AudioError
-from glmvoice_cli.files import write_file
+from glmvoice_cli.files import waiting_note, write_file
 
 READ_BLOCK_FRAMES = 1 << 16  # frames per read: a truncated file keeps every block read before the damage
 SALVAGE_BLOCK_FRAMES = 256  # frames per read when re-reading the block that failed
 RESAMPLE_QUALITY = "HQ"  # soxr: 20-bit precision, flat to ~94% of Nyquist, stopband far below 16-bit noise
+MAX_AUDIO_S = 2 * 3600.0  # read whole into memory (float32, mono): 2 h at 48 kHz is 1.4 GB before resampling
+ENV_MAX_AUDIO = "GLMVOICE_MAX_AUDIO_S"
 PIPE_MAX_BYTES = 1 << 30  # a pipe is read into memory once (it cannot seek); 1 GiB is 9 h of 16 kHz 16-bit mono
 STREAMED_SIZE_MIN = 0x7FFF_F000  # bytes; WAV writers on pipes put a placeholder this large in the header
 WRITE_FORMATS = {  # extension -> (libsndfile format, subtype)
@@ -64,7 +67,10 @@ def read_audio(path: str | Path) -> Audio:
     except RuntimeError as e:
         raise AudioError(f"{path} is not a readable audio file ({_reason(e)})") from e
     with handle:
-        blocks, error = _read_blocks(handle, path, READ_BLOCK_FRAMES)
+        limit_s = max_audio_seconds()
+        if handle.frames > limit_s * handle.samplerate and handle.frames < STREAMED_SIZE_MIN:
+            raise AudioError(_too_long(path, handle.frames / handle.samplerate, limit_s))
+        blocks, error = _read_blocks(handle, path, READ_BLOCK_FRAMES, max_frames=int(limit_s * handle.samplerate))
         expected, sample_rate, log = handle.frames, handle.samplerate, handle.extra_info
     if error is not None:
         blocks += _salvage(source, path, sum(map(len, blocks)))
@@ -158,7 +164,7 @@ def _open_source(path: Path) -> Callable[[], Path | io.BytesIO]:
     if stat.S_ISDIR(mode):
         raise AudioError(f"{path} is a directory, not an audio file")
     try:
-        with path.open("rb") as fh:
+        with waiting_note(path), path.open("rb") as fh:
             data = fh.read(1 if stat.S_ISREG(mode) else PIPE_MAX_BYTES + 1)
     except OSError as e:
         raise AudioError(f"cannot open audio file {path}: {e.strerror or e}") from e
@@ -171,7 +177,25 @@ def _open_source(path: Path) -> Callable[[], Path | io.BytesIO]:
     return lambda: io.BytesIO(data)
 
 
-def _read_blocks(handle: sf.SoundFile, path: Path, frames: int) -> tuple[list[np.ndarray], str | None]:
+def max_audio_seconds() -> float:
+    """The longest audio read into memory: MAX_AUDIO_S, or GLMVOICE_MAX_AUDIO_S (seconds) to raise it."""
+    value = os.environ.get(ENV_MAX_AUDIO, "").strip()
+    try:
+        seconds = float(value) if value else MAX_AUDIO_S
+    except ValueError:
+        raise AudioError(f"{ENV_MAX_AUDIO}={value!r} is not a number of seconds") from None
+    if not 0 < seconds < float("inf"):
+        raise AudioError(f"{ENV_MAX_AUDIO}={value!r} must be a positive, finite number of seconds")
+    return seconds
+
+
+def _too_long(path: Path, seconds: float, limit_s: float) -> str:
+    return (f"{path} is over {limit_s / 3600:.3g} h of audio ({seconds / 3600:.3g} h or more): cut it into parts, "
+            f"or raise the limit with {ENV_MAX_AUDIO}=SECONDS if the memory allows (about 4 bytes per sample)")
+
+
+def _read_blocks(handle: sf.SoundFile, path: Path, frames: int,
+                 max_frames: int | None = None) -> tuple[list[np.ndarray], str | None]:
     """Read to the end or to the first decoder error: ([(frames,) float32 mono, ...], error or None).
 
     libsndfile raises mid-file on a truncated FLAC (losing that whole read) and returns short on a
@@ -180,6 +204,7 @@ def _read_blocks(handle: sf.SoundFile, path: Path, frames: int) -> tuple[list[np
     """
     blocks: list[np.ndarray] = []
     error = None
+    total = 0
     while True:
         try:
             block = handle.read(frames, dtype="float32", always_2d=True)  # (frames, channels)
@@ -192,6 +217,9 @@ def _read_blocks(handle: sf.SoundFile, path: Path, frames: int) -> tuple[list[np
         if not np.isfinite(mono).all():
             raise AudioError(f"audio file contains NaN or infinite samples: {path}")
         blocks.append(mono)
+        total += len(mono)
+        if max_frames is not None and total > max_frames:  # a header that lies, or a stream: counted as read
+            raise AudioError(_too_long(path, total / handle.samplerate, max_frames / handle.samplerate))
     return blocks, error
 
 

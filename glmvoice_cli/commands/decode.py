@@ -28,6 +28,7 @@ from glmvoice_cli.commands.signals import interrupts_as_keyboard
 from glmvoice_cli.commands.speaker import drain, open_speaker
 from glmvoice_cli.config import TOKENS_PER_SECOND
 from glmvoice_cli.errors import UsageError
+from glmvoice_cli.files import read_limited
 
 if TYPE_CHECKING:
     import numpy as np
@@ -38,6 +39,7 @@ _TOKEN_WORD = re.compile(r"[^\s,]+")  # ids are separated by whitespace and/or c
 SCHEDULES = ("default", "reference")
 MAX_TOKEN_DIGITS = 9  # no speech vocabulary has a billion ids: longer digit runs are refused before int()
 SHOWN_VALUE_CHARS = 40  # a bad value is quoted in the error up to this length
+TOKENS_MAX_BYTES = 64 << 20  # ~10 million ids, nine days of speech: more is a wrong file (or /dev/zero)
 
 
 class _TooLong(ValueError):
@@ -116,7 +118,11 @@ def read_tokens(tokens: str) -> list[int]:
     if tokens == "-":
         stream = getattr(sys.stdin, "buffer", None)
         try:
-            text = stream.read().decode("utf-8") if stream is not None else sys.stdin.read()
+            data = stream.read(TOKENS_MAX_BYTES + 1) if stream is not None else sys.stdin.read(TOKENS_MAX_BYTES + 1)
+            if len(data) > TOKENS_MAX_BYTES:
+                raise UsageError(f"stdin holds over {TOKENS_MAX_BYTES >> 20} MiB of token ids (weeks of speech): "
+                                 "decode it in parts")
+            text = data.decode("utf-8") if isinstance(data, bytes) else data
         except UnicodeDecodeError as e:
             raise UsageError(f"stdin is not UTF-8 text: {e.reason} at byte {e.start}") from e
         return parse_tokens(text, "stdin")
@@ -124,9 +130,12 @@ def read_tokens(tokens: str) -> list[int]:
     if not path.is_file():
         raise UsageError(f"token file not found: {path}")
     try:
-        return parse_tokens(path.read_text(encoding="utf-8"), str(path))
-    except (OSError, UnicodeDecodeError) as e:
-        raise UsageError(f"cannot read token file {path}: {e}") from e
+        text = read_limited(path, TOKENS_MAX_BYTES).decode("utf-8")
+    except OSError as e:
+        raise UsageError(f"cannot read token file {path}: {e.strerror or e}") from e
+    except UnicodeDecodeError as e:
+        raise UsageError(f"cannot read token file {path}: not UTF-8 text (byte {e.start})") from e
+    return parse_tokens(text, str(path))
 
 
 def decode(

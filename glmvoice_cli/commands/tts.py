@@ -37,6 +37,7 @@ from glmvoice_cli.commands.signals import interrupts_as_keyboard
 from glmvoice_cli.commands.speaker import drain, open_speaker
 from glmvoice_cli.config import SAMPLE_RATE_OUT
 from glmvoice_cli.errors import UsageError
+from glmvoice_cli.files import read_limited, waiting_note
 from glmvoice_cli.pipeline.instructions import DIALECTS, EMOTIONS, SPEEDS
 
 if TYPE_CHECKING:
@@ -46,6 +47,8 @@ if TYPE_CHECKING:
     from glmvoice_cli.lm.voice_lm import GenerationOptions
     from glmvoice_cli.pipeline.assistant import Assistant
     from glmvoice_cli.pipeline.instructions import SpeakingStyle
+
+TEXT_MAX_BYTES = 4 << 20  # about 700,000 words, days of speech: more is a wrong file (or /dev/zero)
 
 def tts(
     text: Annotated[str | None, typer.Argument(help="Text to speak; '-' or nothing reads stdin.")] = None,
@@ -160,13 +163,19 @@ def _read_text(text: str | None, file: Path | None) -> str:
         if text is not None:
             raise UsageError("give the text either as an argument or with --file, not both")
         try:
-            words = file.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as e:
-            raise UsageError(f"cannot read text file {file}: {e}") from e
+            with waiting_note(file):
+                words = read_limited(file, TEXT_MAX_BYTES).decode("utf-8")
+        except OSError as e:
+            raise UsageError(f"cannot read text file {file}: {e.strerror or e}") from e
+        except UnicodeDecodeError as e:
+            raise UsageError(f"cannot read text file {file}: not UTF-8 text (byte {e.start})") from e
     elif text is None or text == "-":
         if sys.stdin is None or sys.stdin.isatty():
             raise UsageError('no text: pass it as an argument, with --file, or on stdin (glmvoice tts "Hello")')
-        words = sys.stdin.read()
+        words = sys.stdin.read(TEXT_MAX_BYTES + 1)
+        if len(words) > TEXT_MAX_BYTES:
+            raise UsageError(f"the text on stdin is over {TEXT_MAX_BYTES >> 20} MiB (days of speech): "
+                             "split it into parts")
     else:
         words = text
     if not words.strip():

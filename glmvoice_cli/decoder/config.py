@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 
 from glmvoice_cli.errors import CheckpointError, ModelNotFoundError
+from glmvoice_cli.files import read_limited
 
 CONFIG_FILE = "config.yaml"
 MAX_YAML_ALIASES = 100  # the official file uses none; "billion laughs" needs many
@@ -167,7 +168,7 @@ def read_hyperpyyaml_as_data(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ModelNotFoundError(f"{path}: decoder config not found")
     try:
-        text = path.read_text(encoding="utf-8")
+        text = read_limited(path, 4 << 20).decode("utf-8")  # the official one is 4 KiB
     except (OSError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path}: unreadable config ({type(e).__name__})") from e
     return parse_hyperpyyaml(text, path)

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from glmvoice_cli.errors import CheckpointMismatchError, ModelNotFoundError
+from glmvoice_cli.files import loads_json, read_limited
 
 if TYPE_CHECKING:
     import torch
@@ -27,6 +28,7 @@ if TYPE_CHECKING:
 CONFIG_FILE = "config.json"
 SINGLE_WEIGHTS_FILE = "model.safetensors"
 SHARD_INDEX_FILE = "model.safetensors.index.json"
+JSON_MAX_BYTES = 16 << 20  # config.json and the shard index are a few KiB
 
 ROPE_BASE = 10_000.0  # ChatGLM: theta = 10000 * rope_ratio
 ROTARY_FRACTION = 0.5  # ChatGLM rotates the first half of each head's dims (interleaved pairs)
@@ -71,7 +73,7 @@ def read_json_object(path: Path, max_bytes: int | None = None) -> dict[str, Any]
     try:
         if max_bytes is not None and path.stat().st_size > max_bytes:
             raise CheckpointMismatchError(f"{path}: {path.stat().st_size} bytes, too big for this file")
-        raw = json.loads(path.read_text(encoding="utf-8"))
+        raw = json.loads(read_limited(path, max_bytes or JSON_MAX_BYTES).decode("utf-8"))
     except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise CheckpointMismatchError(f"{path}: unreadable JSON ({type(exc).__name__})") from exc
     if not isinstance(raw, dict):
@@ -230,10 +232,10 @@ def weight_files(folder: Path) -> dict[str, Path]:
     index = folder / SHARD_INDEX_FILE
     if index.is_file():
         try:
-            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
+            weight_map = loads_json(read_limited(index, JSON_MAX_BYTES).decode("utf-8"))["weight_map"]
+            files = {str(key): folder / str(name) for key, name in weight_map.items()}
+        except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as exc:
             raise CheckpointMismatchError(f"{index}: not a safetensors index with a 'weight_map'") from exc
-        files = {key: folder / name for key, name in weight_map.items()}
         for path in sorted(set(files.values())):
             if not path.is_file():
                 raise ModelNotFoundError(f"{path}: shard listed in {index.name} is missing")

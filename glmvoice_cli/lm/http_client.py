@@ -193,7 +193,7 @@ def _server_message(detail: bytes) -> str:
     text = detail.decode("utf-8", errors="replace").strip()
     try:
         doc = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):
         doc = None
     if isinstance(doc, dict):
         inner = doc.get("error", doc)

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from glmvoice_cli.errors import CheckpointMismatchError, ModelNotFoundError
+from glmvoice_cli.files import read_limited
 
 if TYPE_CHECKING:
     import tiktoken
@@ -49,6 +50,9 @@ PROMPT_PREFIX = (GMASK, SOP)  # what the official tokenizer prepends with add_sp
 
 _AUDIO_TOKEN = re.compile(r"<\|audio_(\d+)\|>")
 
+RANKS_MAX_BYTES = 64 << 20  # the official tokenizer.model is 2.6 MB: a larger one is not a BPE table
+JSON_MAX_BYTES = 16 << 20  # tokenizer_config.json is a few hundred KiB
+
 
 def audio_token_name(index: int) -> str:
     return f"<|audio_{index}|>"
@@ -59,7 +63,7 @@ def read_ranks(path: Path) -> dict[bytes, int]:
     if not path.is_file():
         raise ModelNotFoundError(f"{path}: not found")
     try:
-        text = path.read_bytes().decode("ascii")
+        text = read_limited(path, RANKS_MAX_BYTES).decode("ascii")
     except OSError as exc:
         raise CheckpointMismatchError(f"{path}: unreadable ({exc.strerror or type(exc).__name__})") from exc
     except UnicodeDecodeError as exc:
@@ -95,7 +99,7 @@ def read_added_tokens(path: Path) -> dict[str, int]:
     if not path.is_file():
         raise ModelNotFoundError(f"{path}: not found")
     try:
-        decoder = json.loads(path.read_text(encoding="utf-8"))["added_tokens_decoder"]
+        decoder = json.loads(read_limited(path, JSON_MAX_BYTES).decode("utf-8"))["added_tokens_decoder"]
         added = {entry["content"]: int(token_id) for token_id, entry in decoder.items()}
     except (OSError, UnicodeDecodeError, KeyError, TypeError, ValueError, AttributeError, RecursionError) as exc:
         raise CheckpointMismatchError(f"{path}: no valid 'added_tokens_decoder'") from exc

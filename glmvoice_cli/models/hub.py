@@ -10,7 +10,6 @@ optional `DownloadReporter`.
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import os
 import shutil
@@ -21,8 +20,10 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from glmvoice_cli.errors import CheckpointError, GlmVoiceError, HubUnreachableError, ModelNotFoundError
+from glmvoice_cli.files import loads_json, read_limited
 
 DEFAULT_REVISION = "main"
+INDEX_MAX_BYTES = 16 << 20  # a safetensors index is a few dozen KiB
 DEFAULT_ENDPOINT = "https://huggingface.co"
 DOWNLOAD_WORKERS = 8  # files fetched at once (huggingface_hub's own snapshot_download default)
 REACH_TIMEOUT_S = 5.0  # to open a connection to the Hub before any download
@@ -142,7 +143,7 @@ def _is_safe_name(name: str) -> bool:
 def read_shard_names(index_path: Path) -> tuple[str, ...]:
     """Sorted, unique weight files named by a safetensors index's "weight_map"."""
     try:
-        weight_map = json.loads(index_path.read_text(encoding="utf-8"))["weight_map"]
+        weight_map = loads_json(read_limited(index_path, INDEX_MAX_BYTES).decode("utf-8"))["weight_map"]
         names = sorted({str(v) for v in weight_map.values()})
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise CheckpointError(f"{index_path}: unreadable weight index, key 'weight_map' ({e})") from e

@@ -148,7 +148,7 @@ class RealtimeSession:
         try:
             try:
                 event = json.loads(message)
-            except (ValueError, UnicodeDecodeError):
+            except (ValueError, UnicodeDecodeError, RecursionError):
                 raise ProtocolError("the message is not valid JSON", code="invalid_json") from None
             if not isinstance(event, dict) or not isinstance(event.get("type"), str):
                 raise ProtocolError("an event must be a JSON object with a 'type'", code="invalid_event")

@@ -399,7 +399,7 @@ def _repair_tail(transcript: Path) -> None:
     try:
         json.loads(data[cut:].decode("utf-8"))
         complete = True
-    except ValueError:  # UnicodeDecodeError and JSONDecodeError both derive from it
+    except (ValueError, RecursionError):  # UnicodeDecodeError and JSONDecodeError both derive from it
         complete = False
     with transcript.open("r+b") as fh:
         if complete:
@@ -461,7 +461,7 @@ def _parse_transcript(data: bytes, where: Path, warnings: list[str]) -> list[Tur
             continue
         try:
             turns.append(TurnRecord.from_json(json.loads(raw.decode("utf-8"))))
-        except (ValueError, TypeError) as e:
+        except (ValueError, TypeError, RecursionError) as e:
             if number == len(lines):  # no newline after it: the write was cut
                 warnings.append(f"{where}: last line is incomplete (cut by a crash?); skipped it")
             else:

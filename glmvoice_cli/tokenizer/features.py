@@ -17,6 +17,7 @@ import torch
 
 from glmvoice_cli.config import SAMPLE_RATE_IN, WINDOW_SECONDS
 from glmvoice_cli.errors import CheckpointMismatchError
+from glmvoice_cli.files import read_limited
 
 LOG_FLOOR = 1e-10  # power floor before log10
 DYNAMIC_RANGE = 8.0  # decades kept below each example's maximum
@@ -40,7 +41,7 @@ class FeatureConfig:
     def from_file(cls, path: Path) -> FeatureConfig:
         """Read preprocessor_config.json, checking every field used for type and range."""
         try:
-            raw = json.loads(path.read_text(encoding="utf-8"))
+            raw = json.loads(read_limited(path, 16 << 20).decode("utf-8"))  # a config is a few KiB
         except FileNotFoundError:
             raise
         except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from glmvoice_cli.errors import CheckpointMismatchError
+from glmvoice_cli.files import read_limited
 
 CONV_KERNEL = 3  # both front-end convolutions
 CONV2_STRIDE = 2
@@ -45,7 +46,7 @@ class TokenizerConfig:
     def from_json(cls, path: Path) -> TokenizerConfig:
         """Read config.json; a missing field takes the reference class's own default (WhisperVQConfig)."""
         try:
-            raw = json.loads(path.read_text(encoding="utf-8"))
+            raw = json.loads(read_limited(path, 16 << 20).decode("utf-8"))  # a config is a few KiB
         except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
             raise CheckpointMismatchError(f"{path}: unreadable config ({type(e).__name__})") from e
         if not isinstance(raw, dict):
