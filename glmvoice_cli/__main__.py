@@ -1,3 +1,3 @@
-from glmvoice_cli.cli import main
+from glmvoice_cli.entry import main
 
 main()

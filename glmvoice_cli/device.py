@@ -8,6 +8,7 @@ from glmvoice_cli.errors import UsageError
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
           "fp16": torch.float16, "float16": torch.float16}
+RUNNABLE = ("cpu", "cuda", "mps")
 
 
 def pick_device(name: str | None = None) -> torch.device:
@@ -17,8 +18,12 @@ def pick_device(name: str | None = None) -> torch.device:
             device = torch.device(name)
         except RuntimeError as e:
             raise UsageError(f"unknown device {name!r} (use auto, cpu, cuda, cuda:N or mps)") from e
+        if device.type not in RUNNABLE:  # torch knows meta, xla, hpu...: none of them runs these models here
+            raise UsageError(f"device {name!r} cannot run the models (use auto, cpu, cuda, cuda:N or mps)")
         if device.type == "cuda" and not torch.cuda.is_available():
             raise UsageError("CUDA was asked for but is not available on this machine")
+        if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+            raise UsageError(f"there is no {name} here: this machine has {torch.cuda.device_count()} CUDA device(s)")
         if device.type == "mps" and not torch.backends.mps.is_available():
             raise UsageError("MPS was asked for but is not available on this machine")
         return device

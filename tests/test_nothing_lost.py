@@ -488,3 +488,20 @@ def test_a_speaker_lost_mid_answer_ends_the_chat_with_the_device_code(models: Pa
     assert err[-2] == f"session saved in {session}" and err[-1].startswith("error: speaker "), err
     lines = [json.loads(line) for line in (session / "transcript.jsonl").read_text().splitlines()]
     assert [line["role"] for line in lines] == ["user", "assistant"]
+
+
+def test_ctrl_c_while_python_loads_the_command_line_is_one_line() -> None:
+    """A Ctrl-C before any command runs (here: raised by the import of the CLI itself) ends like any other."""
+    script = (
+        "import sys\n"
+        "class Interrupting:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'glmvoice_cli.cli':\n"
+        "            raise KeyboardInterrupt\n"
+        "sys.meta_path.insert(0, Interrupting())\n"
+        "from glmvoice_cli.entry import main\n"
+        "main()\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], check=False, capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert result.returncode == 130 and result.stderr == "error: interrupted\n", result.stderr

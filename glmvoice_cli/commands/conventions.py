@@ -121,6 +121,12 @@ def build_default_map(root: TyperGroup, config: dict[str, Any], path: Path) -> d
             key = setting_name(option)
             for source in (table, top):
                 if key in source:
+                    if isinstance(source[key], bool) and not getattr(option, "is_flag", False):
+                        # Click would read `threads = true` as 1: a switch where a value belongs is a mistake
+                        from glmvoice_cli.errors import UsageError
+
+                        raise UsageError(f"config file {path}: key {key!r} takes a value, not "
+                                         f"{str(source[key]).lower()}")
                     values[option.name] = _config_value(option, source[key], path.parent)
                     break
         node = default_map

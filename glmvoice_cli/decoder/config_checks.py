@@ -24,6 +24,7 @@ MIN_BYTES_PER_WEIGHT = 2  # a checkpoint stores at least half precision
 PLANNED_MEL_FRAMES = 200  # about 2.3 s of mel: the vocoder's working set is estimated on a block this long
 VOCODER_TEMPORARIES = 4  # activations alive at once per upsampling stage (input, resblock branches, sum)
 T_SCHEDULERS = ("cosine", "linear")
+MIN_RATE, MAX_RATE = 8_000, 192_000  # Hz: the official decoder speaks at 22,050
 
 
 def check_decoder_config(cfg: DecoderConfig, where: Path) -> None:
@@ -31,6 +32,9 @@ def check_decoder_config(cfg: DecoderConfig, where: Path) -> None:
     _check_flow(cfg.flow, where)
     _check_hift(cfg.hift, where)
     _positive(where, "config.sample_rate", cfg.sample_rate)
+    for key, rate in (("config.sample_rate", cfg.sample_rate), ("hift.sampling_rate", cfg.hift.sampling_rate)):
+        if not MIN_RATE <= rate <= MAX_RATE:  # audio files (and speakers) take no other rates
+            raise _fail(where, key, rate, f"an audio rate in [{MIN_RATE}, {MAX_RATE}] Hz")
     _check_sizes(cfg, where)
 
 

@@ -29,6 +29,7 @@ CONFIG_FILE = "config.json"
 SINGLE_WEIGHTS_FILE = "model.safetensors"
 SHARD_INDEX_FILE = "model.safetensors.index.json"
 JSON_MAX_BYTES = 16 << 20  # config.json and the shard index are a few KiB
+FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")  # safetensors' names; the official weights are BF16
 
 ROPE_BASE = 10_000.0  # ChatGLM: theta = 10000 * rope_ratio
 ROTARY_FRACTION = 0.5  # ChatGLM rotates the first half of each head's dims (interleaved pairs)
@@ -41,6 +42,7 @@ REQUIRED_FLAGS: dict[str, bool] = {
     "add_bias_linear": False,
     "apply_residual_connection_post_layernorm": False,
 }
+OPTIONAL_FLAGS = ("tie_word_embeddings", "add_qkv_bias", "multi_query_attention")  # read as booleans
 REQUIRED_INTS = (
     "padded_vocab_size",
     "hidden_size",
@@ -95,6 +97,14 @@ def validate_chatglm_config(raw: dict[str, Any], source: Path) -> None:
     model_type = raw.get("model_type")
     if model_type != "chatglm":
         raise CheckpointMismatchError(f"{source}: field 'model_type' is {model_type!r}, expected 'chatglm'")
+    for name in (*REQUIRED_FLAGS, *OPTIONAL_FLAGS):  # "no" or 1 is not a flag: bool("no") would read as True
+        if name in raw and not isinstance(raw[name], bool):
+            raise CheckpointMismatchError(f"{source}: field '{name}' must be true or false, got {raw[name]!r}"[:200])
+    eos = raw.get("eos_token_id")
+    ids = eos if isinstance(eos, list) else [eos]
+    if eos is not None and not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+        raise CheckpointMismatchError(f"{source}: field 'eos_token_id' must be a token id or a list of them, "
+                                      f"got {eos!r}"[:200])
     for name, expected in REQUIRED_FLAGS.items():
         if name in raw and bool(raw[name]) != expected:
             raise CheckpointMismatchError(
@@ -274,7 +284,11 @@ def check_weight_files(files: dict[str, Path], cfg: GlmConfig) -> None:
                         continue
                     if key not in expected:
                         raise CheckpointMismatchError(f"{path}: unexpected key '{key}'")
-                    shape = tuple(handle.get_slice(key).get_shape())
+                    tensor = handle.get_slice(key)
+                    if tensor.get_dtype() not in FLOAT_DTYPES:  # an integer tensor would be cast, not refused
+                        raise CheckpointMismatchError(
+                            f"{path}: key '{key}' has dtype {tensor.get_dtype()}, expected floating point")
+                    shape = tuple(tensor.get_shape())
                     if shape != expected[key]:
                         raise CheckpointMismatchError(
                             f"{path}: key '{key}' has shape {list(shape)}, config implies {list(expected[key])}"

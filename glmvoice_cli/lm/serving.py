@@ -21,6 +21,7 @@ from glmvoice_cli.errors import UsageError
 ENV_VLLM_PYTHON = "GLMVOICE_VLLM_PYTHON"
 VLLM_SERVER_MODULE = "vllm.entrypoints.openai.api_server"  # the `vllm` script lacks metadata in some builds
 CPU_KV_CACHE_ENV = "VLLM_CPU_KVCACHE_SPACE"  # GiB of KV cache on vLLM's CPU build
+API_KEY_ENV = "VLLM_API_KEY"  # vLLM reads the key that clients must send from here
 DEFAULT_PORT = 8000
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_SERVED_NAME = "glm-4-voice-9b"
@@ -80,8 +81,7 @@ def server_command(python: str, config: VllmServerConfig) -> list[str]:
         "--gpu-memory-utilization": config.gpu_memory_utilization,
         "--tensor-parallel-size": config.tensor_parallel_size,
         "--quantization": config.quantization,
-        "--api-key": config.api_key,
-    }
+    }  # the API key goes through the environment (server_env): a command line is visible to every user in `ps`
     for flag, value in optional.items():
         if value is not None:
             argv += [flag, str(value)]
@@ -92,6 +92,8 @@ def server_env(config: VllmServerConfig) -> dict[str, str]:
     env = dict(os.environ)
     if config.cpu_kv_cache_gib is not None:
         env[CPU_KV_CACHE_ENV] = f"{config.cpu_kv_cache_gib:g}"
+    if config.api_key is not None:
+        env[API_KEY_ENV] = config.api_key  # vLLM's own way to take it, readable only by this user
     return env
 
 

@@ -203,6 +203,11 @@ def require_complete(stage: Stage, folder: Path, source: str | None = None) -> P
     `source` names where the folder came from when the user chose it (e.g. "--lm" or
     "GLMVOICE_MODELS"); None means the download cache.
     """
+    unreadable = _unreadable(stage, Path(folder))
+    if unreadable is not None:  # present but closed to us: "missing" would send the user to download it again
+        chosen = "" if source is None else f" (from {source})"
+        raise ModelNotFoundError(f"the {stage.name} model folder {folder}{chosen} cannot be read: {unreadable} "
+                                 "(permission denied); fix its permissions")
     status = inspect_stage(stage, folder)
     if status.complete:
         return status.path
@@ -216,6 +221,17 @@ def require_complete(stage: Stage, folder: Path, source: str | None = None) -> P
         f"the {stage.name} model folder {folder} (from {source}) is incomplete: {what}; "
         f"fix that path or fetch the model with `{stage.fetch_command}`"
     )
+
+
+def _unreadable(stage: Stage, folder: Path) -> str | None:
+    """The folder, or the first of the stage's files in it, that exists but this user may not read."""
+    if folder.is_dir() and not os.access(folder, os.R_OK | os.X_OK):
+        return str(folder)
+    for name in (*stage.files, stage.weights_index or "", stage.single_weights or ""):
+        path = folder / name
+        if name and path.is_file() and not os.access(path, os.R_OK):
+            return str(path)
+    return None
 
 
 def short_list(names: Iterable[str], limit: int = 3) -> str:

@@ -102,7 +102,7 @@ def _open_lock_file(path: Path) -> IO[bytes]:
         os.close(fd)
         raise GlmVoiceError(f"cannot lock session folder {path.parent}: {path.name} is not a regular file "
                             "(remove it)")
-    return os.fdopen(fd, "r+b")
+    return os.fdopen(fd, "r+b", buffering=0)  # unbuffered: a full disk fails the pid write now, never at close
 
 
 def _note_pid(handle: IO[bytes]) -> None:

@@ -421,6 +421,10 @@ def resolve_session(ref: str | Path, root: Path | None = None) -> Path:
         if (path / TRANSCRIPT_FILE).is_file():
             return path
     if not is_name and Path(text).is_dir():
+        if (Path(text) / LOCK_FILE).is_file():  # a chat starting in it holds the lock before its first file
+            from glmvoice_cli.sessions.lock import SessionLock
+
+            SessionLock.acquire(Path(text)).release()  # busy: says which process has it
         raise SessionNotFoundError(f"{text} is not a glmvoice session folder (no {TRANSCRIPT_FILE})")
     raise SessionNotFoundError(f"unknown session {text!r}: no such ID in {root} and no such folder")
 
