@@ -140,3 +140,15 @@ def test_serve_lm_passes_the_api_key_in_the_environment_not_the_command_line() -
     config = VllmServerConfig(model_dir=Path("/m"), max_model_len=2048, api_key="s3cret")
     assert "s3cret" not in " ".join(server_command("python", config))
     assert server_env(config)["VLLM_API_KEY"] == "s3cret"
+
+
+def test_a_weights_file_cut_after_its_check_is_one_line_while_loading(copy: Path) -> None:
+    from glmvoice_cli.errors import CheckpointMismatchError
+    from glmvoice_cli.lm.checkpoint import iter_official_tensors, weight_files
+
+    files = weight_files(copy / "lm")  # what the checks saw
+    path = copy / "lm" / "model.safetensors"
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])  # then the download in another terminal rewrote it
+    with pytest.raises(CheckpointMismatchError, match="unreadable while loading.*replaced or cut during the load"):
+        list(iter_official_tensors(files))

@@ -329,13 +329,29 @@ def iter_official_tensors(files: dict[str, Path]) -> Iterator[tuple[str, torch.T
     for key, path in files.items():
         by_file.setdefault(path, []).append(key)
     for path in sorted(by_file):
-        with safe_open(str(path), framework="pt") as handle:
+        try:
+            handle_context = safe_open(str(path), framework="pt")
+        except Exception as exc:
+            raise _changed(path, "", exc) from exc
+        with handle_context as handle:
             for key in by_file[path]:
-                if key not in DROPPED_KEYS:
+                if key in DROPPED_KEYS:
+                    continue
+                try:
                     tensor = handle.get_tensor(key)
-                    if tensor.is_floating_point() and not bool(tensor.isfinite().all()):
-                        raise CheckpointMismatchError(f"{path}: key '{key}' holds NaN or infinite values")
-                    yield key, tensor
+                except Exception as exc:  # checked moments ago: the file changed (or broke) since
+                    raise _changed(path, key, exc) from exc
+                if not tensor.is_floating_point():
+                    raise CheckpointMismatchError(f"{path}: key '{key}' has dtype {tensor.dtype}, expected floating point")
+                if not bool(tensor.isfinite().all()):
+                    raise CheckpointMismatchError(f"{path}: key '{key}' holds NaN or infinite values")
+                yield key, tensor
+
+
+def _changed(path: Path, key: str, exc: Exception) -> CheckpointMismatchError:
+    what = f" key '{key}'" if key else ""
+    return CheckpointMismatchError(f"{path}: unreadable while loading{what} ({type(exc).__name__}); "
+                                   "was it replaced or cut during the load?")
 
 
 # --------------------------------------------------------------------------- loading
