@@ -279,6 +279,7 @@ def test_each_bad_input_gets_an_error_event_and_the_session_goes_on(server: Serv
 
     bad: list[tuple[str, str]] = [
         ("{not json", "invalid_json"),
+        ("[" * 100_000 + "]" * 100_000, "invalid_json"),  # nested past the parser: malformed like any other
         (json.dumps([1, 2]), "invalid_event"),
         (json.dumps({"type": "no.such.event"}), "unsupported_event"),
         (json.dumps({"type": "input_audio_buffer.append", "audio": "@@@not base64"}), "invalid_audio"),
