@@ -183,6 +183,8 @@ def test_chat_turn_taking_flags_come_from_env_and_config(tmp_path: Path, monkeyp
         raise Captured("captured")
 
     class _Closed:
+        output_unwritten = False
+
         def close(self) -> None:
             pass
 

@@ -459,3 +459,46 @@ def test_another_host_without_a_key_is_refused_in_one_line(tiny_models: TinyMode
     assert done.returncode != 0
     assert "--api-key" in done.stderr and "Traceback" not in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1
+
+
+def test_a_client_that_reads_nothing_is_dropped_without_holding_up_the_others(tiny_models: TinyModelSet,
+                                                                             tmp_path: Path) -> None:
+    """It asks for long answers and never reads (its socket fills, pings go unanswered): the server drops it and
+    frees its slot, while another client is answered meanwhile, and its log holds no traceback."""
+    import urllib.request
+
+    import websockets
+
+    running = start_server(tiny_models.root, tmp_path, "--no-save", "--client-buffer-mb", "1",
+                           "--max-new-tokens", "1200")
+    health = running.base.replace("ws://", "http://").removesuffix("/v1") + "/health"
+
+    def sessions() -> int:
+        return int(json.loads(urllib.request.urlopen(health, timeout=10).read())["sessions"])
+
+    async def scenario() -> tuple[bool, str]:
+        async with websockets.connect(running.url, max_queue=1, max_size=None, ping_interval=None) as silent:
+            await silent.send(json.dumps({"type": "conversation.item.create", "item": typed("Tell me a story")}))
+            await silent.send(json.dumps({"type": "response.create"}))
+            async with client(running).realtime.connect(model="m") as other:
+                assert (await next_event(other)).type == "session.created"
+                await other.conversation.item.create(item=typed("Hello?"))
+                await other.response.create()
+                status = ""
+                while not status:
+                    event = await asyncio.wait_for(next_event(other), HANG_S)
+                    if event.type == "response.done":
+                        status = event.response.status
+            for _ in range(int(3 * HANG_S)):  # dropped within the ping timeout (40 s), or sooner by the buffer
+                if await asyncio.to_thread(sessions) == 0:
+                    return True, status
+                await asyncio.sleep(1.0)
+            return False, status
+
+    try:
+        dropped, status = run(scenario())
+    finally:
+        assert running.stop() == 0, running.stderr()
+    assert status in ("completed", "incomplete")
+    assert dropped, "the client that reads nothing was never dropped"
+    assert "Traceback" not in running.stderr()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import json
 
 import numpy as np
 import pytest
@@ -108,3 +109,27 @@ def test_wire_resampling_keeps_length_and_tone() -> None:
     assert abs(len(wire) - 24_000) <= 2
     spectrum = np.abs(np.fft.rfft(wire))
     assert abs(np.argmax(spectrum) * 24_000 / len(wire) - 440) < 2
+
+
+def test_the_outbox_counts_unsent_bytes_and_flags_a_client_that_reads_nothing() -> None:
+    import asyncio
+
+    from glmvoice_cli.serve.app import Outbox
+    from glmvoice_cli.serve.session import CLOSE
+
+    async def scenario() -> tuple[list[str | None], int, bool, bool]:
+        outbox = Outbox(asyncio.get_running_loop(), limit=100)
+        outbox.put({"type": "a", "delta": "x" * 40})
+        await asyncio.sleep(0)
+        under = outbox.overflowed.is_set()
+        outbox.put({"type": "b", "delta": "y" * 80})  # now over 100 bytes not yet sent
+        outbox.put(CLOSE)
+        await asyncio.sleep(0)
+        got = [await outbox.get() for _ in range(3)]
+        for text in got:
+            outbox.sent(text)
+        return got, outbox.pending, under, outbox.overflowed.is_set()
+
+    got, pending, under, over = asyncio.run(scenario())
+    assert [None if t is None else json.loads(t)["type"] for t in got] == ["a", "b", None]  # in order, serialised
+    assert not under and over and pending == 0

@@ -42,6 +42,11 @@ log = logging.getLogger("glmvoice_cli")
 SERVER_EXTRA_HINT = "glmvoice serve needs the server extra: pip install 'glmvoice[server]'"
 DEFAULT_MAX_SESSIONS = 4
 MAX_SESSIONS_LIMIT = 256
+DEFAULT_CLIENT_BUFFER_MB = 32  # about ten minutes of answer audio a client has not read
+# A client that answers no ping for PING_INTERVAL_S + PING_TIMEOUT_S (it vanished, or reads nothing) is dropped:
+# with the client buffer, what bounds the memory one connection can hold.
+PING_INTERVAL_S = 20.0
+PING_TIMEOUT_S = 20.0
 
 
 def serve(
@@ -58,6 +63,9 @@ def serve(
         help="Save each connection's session in a new folder under this one (default: the data folder).")
                            ] = None,
     save: Annotated[bool, typer.Option(help="Save each connection as a session (see glmvoice sessions).")] = True,
+    client_buffer_mb: Annotated[int, typer.Option(
+        min=1, max=4096, help="Unsent output (MiB) a connection may hold before a client that reads nothing is "
+        "closed.")] = DEFAULT_CLIENT_BUFFER_MB,
     models: ModelsOpt = None, tokenizer: TokenizerOpt = None, lm: LmOpt = None, decoder: DecoderOpt = None,
     device: DeviceOpt = None, dtype: DtypeOpt = None, quantize: QuantizeOpt = None, compile_lm: CompileOpt = None,
     max_new_tokens: MaxTokensOpt = None, seed: SeedOpt = None,
@@ -92,8 +100,10 @@ def serve(
                                                          seed=seed), temperature, top_p)
             if session_dir is not None:
                 session_dir.mkdir(parents=True, exist_ok=True)
-            server = RealtimeServer(assistant, generation, ServeOptions(api_key, max_sessions, save, session_dir))
+            server = RealtimeServer(assistant, generation, ServeOptions(api_key, max_sessions, save, session_dir,
+                                                                         client_buffer_bytes=client_buffer_mb << 20))
             config = uvicorn.Config(server.app(), log_level="warning", ws_max_size=HARD_MESSAGE_BYTES,
+                                    ws_ping_interval=PING_INTERVAL_S, ws_ping_timeout=PING_TIMEOUT_S,
                                     ws_per_message_deflate=False, timeout_graceful_shutdown=5)
             bound = listener.getsockname()
             typer.echo(f"glmvoice serve: ws://{_show(bound[0])}:{bound[1]}/v1/realtime "

@@ -48,6 +48,8 @@ CLOSE_POLICY = 1008  # refused: no or wrong API key
 CLOSE_SERVER_ERROR = 1011
 KEY_SUBPROTOCOL = "openai-insecure-api-key."
 NO_STORE = {"cache-control": "no-store"}
+DEFAULT_CLIENT_BUFFER_BYTES = 32 * 1024 * 1024  # ~10 minutes of 24 kHz answer audio a client has not read
+CLOSE_TIMEOUT_S = 2.0  # a close frame to a client that reads nothing cannot wait for it
 
 
 @dataclass(frozen=True)
@@ -57,6 +59,7 @@ class ServeOptions:
     save: bool = True
     session_root: Path | None = None  # None: each session in a new folder under the data folder
     model: str = "glm-4-voice-9b"
+    client_buffer_bytes: int = DEFAULT_CLIENT_BUFFER_BYTES  # unsent output a connection may hold (see Outbox)
 
 
 class RealtimeServer:
@@ -122,12 +125,8 @@ class RealtimeServer:
                 self._slots -= 1
 
     async def _converse(self, ws: WebSocket) -> None:
-        loop = asyncio.get_running_loop()
-        outbox: asyncio.Queue[object] = asyncio.Queue()
-
-        def send(event: object) -> None:  # from any thread, in order
-            with contextlib.suppress(RuntimeError):  # the loop is gone: the server is stopping
-                loop.call_soon_threadsafe(outbox.put_nowait, event)
+        outbox = Outbox(asyncio.get_running_loop(), self.options.client_buffer_bytes)
+        send = outbox.put  # from any thread, in order
 
         with contextlib.ExitStack() as held:
             try:
@@ -143,19 +142,25 @@ class RealtimeServer:
             with self._lock:
                 self._sessions.add(session)
             sender = asyncio.create_task(self._send_loop(ws, outbox))
+            receiver = asyncio.create_task(self._receive_loop(ws, session, sender))
+            stalled = asyncio.create_task(outbox.overflowed.wait())
             try:
                 session.start()
-                await self._receive_loop(ws, session, sender)
+                await asyncio.wait({sender, receiver, stalled}, return_when=asyncio.FIRST_COMPLETED)
+                if stalled.done():
+                    log.warning("closing a connection whose client read none of its last %d MiB",
+                                self.options.client_buffer_bytes >> 20)
             finally:
-                session.close()  # a client that vanished frees its turn and its cache at once
-                sender.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await sender
+                session.close()  # a client that vanished (or stopped reading) frees its turn and its cache at once
+                for task in (sender, receiver, stalled):
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError, Exception):
+                        await task
                 await asyncio.to_thread(session.join, JOIN_TIMEOUT_S)
                 with self._lock:
                     self._sessions.discard(session)
-                with contextlib.suppress(Exception):
-                    await ws.close()
+                with contextlib.suppress(Exception):  # bounded: the client may be reading nothing at all
+                    await asyncio.wait_for(ws.close(code=CLOSE_POLICY if stalled.done() else 1000), CLOSE_TIMEOUT_S)
 
     async def _receive_loop(self, ws: WebSocket, session: RealtimeSession, sender: asyncio.Task[None]) -> None:
         while not sender.done():
@@ -178,16 +183,18 @@ class RealtimeServer:
             session.handle(data)
 
     @staticmethod
-    async def _send_loop(ws: WebSocket, outbox: asyncio.Queue[object]) -> None:
+    async def _send_loop(ws: WebSocket, outbox: Outbox) -> None:
         while True:
-            event = await outbox.get()
-            if event is CLOSE:
+            text = await outbox.get()
+            if text is None:
                 await ws.close(code=CLOSE_SERVER_ERROR)
                 return
             try:
-                await ws.send_text(json.dumps(event))
+                await ws.send_text(text)
             except (WebSocketDisconnect, RuntimeError, OSError):
                 return
+            finally:
+                outbox.sent(text)
 
     # ------------------------------------------------------------------ admission
 
@@ -216,3 +223,34 @@ class RealtimeServer:
         store = open_store(folder, None, self.assistant.dirs, "voice")
         held.enter_context(lock_session(store.path))
         return store
+
+
+class Outbox:
+    """A connection's events on their way to the client, serialised by the thread that sends them, and counted:
+    a client that reads nothing (its socket full, every send waiting) would otherwise make the server hold every
+    answer it is sent. Past `limit` bytes not yet sent, `overflowed` is set and the connection is closed."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, limit: int) -> None:
+        self._loop, self._limit = loop, limit
+        self._queue: asyncio.Queue[str | None] = asyncio.Queue()
+        self._lock = threading.Lock()
+        self.pending = 0  # bytes put and not yet sent
+        self.overflowed = asyncio.Event()
+
+    def put(self, event: object) -> None:
+        """From any thread, in order. CLOSE asks the send loop to close the connection."""
+        text = None if event is CLOSE else json.dumps(event)
+        with self._lock:
+            self.pending += 0 if text is None else len(text)
+            over = self.pending > self._limit
+        with contextlib.suppress(RuntimeError):  # the loop is gone: the server is stopping
+            self._loop.call_soon_threadsafe(self._queue.put_nowait, text)
+            if over:
+                self._loop.call_soon_threadsafe(self.overflowed.set)
+
+    async def get(self) -> str | None:
+        return await self._queue.get()
+
+    def sent(self, text: str | None) -> None:
+        with self._lock:
+            self.pending -= 0 if text is None else len(text)
