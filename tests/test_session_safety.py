@@ -198,3 +198,16 @@ def test_sessions_rm_refuses_a_session_in_use(held_elsewhere: tuple[Path, subpro
     result = runner.invoke(app, ["sessions", "rm", "--yes", str(session)])
     assert result.exit_code == 1 and "in use by another glmvoice chat" in result.stderr
     assert (session / "transcript.jsonl").is_file()
+
+
+def test_a_chat_started_on_a_full_disk_says_the_disk_is_full(models: Path, small_disk: SmallDisk) -> None:
+    """The lock file is created and its pid write fails first; that must not hide (or replace) the real error."""
+    if not small_disk.mounted:
+        pytest.skip("needs a real small file system (mount tmpfs, as root)")
+    small_disk.fill()
+    result = _chat(models, "--session-dir", str(small_disk.folder / "S"), "--output-file",
+                   str(small_disk.folder.parent / "o.wav"), input="Hello\n")
+    assert result.exit_code != 0, result.output
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: cannot write session folder") and "No space left on device" in last, result.stderr
+    assert "Traceback" not in result.output
