@@ -49,6 +49,7 @@ class FakeState:
     api_key: str | None = None
     faults: dict[int, Fault] = field(default_factory=dict)  # completion request index -> fault
     masks: bool = True  # False: ignore allowed_token_ids (like a server without it)
+    bias: bool = True  # False: ignore logit_bias (then the client keeps sending allowed_token_ids)
     token_ids: bool = True  # False: no token_ids in answers
     models_padding: int = 0  # bytes of padding in /v1/models (a listing no real server sends)
     header_trickle_s: float | None = None  # send the completion's status line a byte per this many seconds
@@ -167,9 +168,18 @@ class _Handler(BaseHTTPRequestHandler):
             return
         self._stream(body, fault)
 
+    def _forbidden(self, body: dict[str, Any]) -> set[int]:
+        """The ids logit_bias puts at vLLM's floor (-100), when this server honours logit_bias."""
+        bias = body.get("logit_bias") or {}
+        if not self.server_ref.state.bias:
+            return set()
+        return {int(i) for i, value in bias.items() if value <= -100}
+
     def _probe(self, body: dict[str, Any]) -> None:
         allowed = body.get("allowed_token_ids")
-        token = allowed[0] if allowed and self.server_ref.state.masks else 0
+        forbidden = self._forbidden(body)
+        token = allowed[0] if allowed and self.server_ref.state.masks else min(
+            i for i in range(self.server_ref.state.vocab_size) if i not in forbidden)
         choice: dict[str, Any] = {"index": 0, "text": "", "finish_reason": "length"}
         if self.server_ref.state.token_ids:
             choice["token_ids"] = [token]
@@ -179,8 +189,10 @@ class _Handler(BaseHTTPRequestHandler):
         """(token id, finish reason) pairs from the in-process model, the stop id included."""
         lm = self.server_ref.lm
         allowed = body.get("allowed_token_ids")
-        text_only = allowed is not None and self.server_ref.state.masks and not any(
-            lm.text_tokenizer.is_audio(i) for i in allowed)
+        forbidden = self._forbidden(body)
+        audio = [i for i in range(self.server_ref.state.vocab_size) if lm.text_tokenizer.is_audio(i)]
+        text_only = (allowed is not None and self.server_ref.state.masks and not any(
+            lm.text_tokenizer.is_audio(i) for i in allowed)) or (bool(forbidden) and forbidden.issuperset(audio))
         options = GenerationOptions(temperature=body["temperature"], top_p=body["top_p"],
                                     max_new_tokens=body["max_tokens"], seed=body["seed"], text_only=text_only)
         conv = Conversation()

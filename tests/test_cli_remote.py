@@ -69,8 +69,9 @@ def test_transcribe_through_the_server_equals_in_process(models: Path, light_mod
                                 "--lm-url", server.url])
     assert here.exit_code == 0 and there.exit_code == 0, there.output
     assert json.loads(here.stdout)["text"] == json.loads(there.stdout)["text"]
-    tok_ids = server.completions[-1]["allowed_token_ids"]
-    assert tok_ids and max(tok_ids) < server.lm.text_tokenizer.audio_offset + 1  # text only
+    forbidden = {int(i) for i in server.completions[-1]["logit_bias"]}
+    tok = server.lm.text_tokenizer
+    assert all(tok.audio_offset + i in forbidden for i in range(tok.n_audio_tokens))  # text only
 
 
 def test_tts_through_the_server_writes_the_same_speech(models: Path, light_models: Path, server: FakeLMServer,

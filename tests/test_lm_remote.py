@@ -48,6 +48,10 @@ def connect(lm_dir: Path, fake: FakeLMServer, **kwargs) -> RemoteVoiceLM:  # typ
     return RemoteVoiceLM.connect(lm_dir, LMServer(fake.url, timeout_s=kwargs.pop("timeout_s", 10.0), **kwargs))
 
 
+def remote_padded(lm_dir: Path) -> int:
+    return int(json.loads((lm_dir / "config.json").read_text())["padded_vocab_size"])
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -98,7 +102,10 @@ def test_every_sampling_choice_is_sent_explicitly(lm_dir: Path, server: FakeLMSe
     assert body["repetition_penalty"] == 1.0 and body["presence_penalty"] == 0.0 and body["min_p"] == 0.0
     assert body["max_tokens"] == 12 and sorted(body["stop_token_ids"]) == sorted(tok.eos_ids)
     assert body["return_token_ids"] is True and body["detokenize"] is False and body["skip_special_tokens"] is False
-    assert body["allowed_token_ids"] == tok.named_ids()  # padding rows are never sampled
+    padded = remote_padded(lm_dir)
+    forbidden = {int(i) for i, bias in body["logit_bias"].items() if bias == -100}
+    assert forbidden == set(range(padded)) - set(tok.named_ids())  # padding rows are never sampled
+    assert "allowed_token_ids" not in body
     list(remote.stream(remote.new_conversation(), TextInput("hi"), GenerationOptions(max_new_tokens=3)))
     assert isinstance(server.completions[-1]["seed"], int)  # drawn here when none is given, never the server's
 
@@ -110,9 +117,40 @@ def test_text_only_decoding_masks_every_audio_id(lm_dir: Path, local: VoiceLM, s
     got = list(remote.stream(remote.new_conversation(), user, options))
     assert got == list(local.stream(local.new_conversation(), user, options))
     tok = remote.text_tokenizer
-    allowed = server.completions[-1]["allowed_token_ids"]
-    assert not any(tok.is_audio(i) for i in allowed)
-    assert set(allowed) | {tok.audio_offset + i for i in range(tok.n_audio_tokens)} == set(tok.named_ids())
+    forbidden = {int(i) for i in server.completions[-1]["logit_bias"]}
+    audio = {tok.audio_offset + i for i in range(tok.n_audio_tokens)}
+    assert forbidden == audio | (set(range(remote_padded(lm_dir))) - set(tok.named_ids()))
+
+
+@pytest.mark.parametrize("text_only", [False, True])
+def test_a_server_that_ignores_logit_bias_gets_the_allowed_list(lm_dir: Path, local: VoiceLM,
+                                                                text_only: bool) -> None:
+    state = FakeState(vocab_size=local.model.config.vocab_size, bias=False)
+    options = GenerationOptions(temperature=0.0, max_new_tokens=20, text_only=text_only)
+    with FakeLMServer(local, state) as fake:
+        remote = connect(lm_dir, fake)
+        got = list(remote.stream(remote.new_conversation(), TextInput("hi"), options))
+        body = fake.completions[-1]
+    assert got == list(local.stream(local.new_conversation(), TextInput("hi"), options))
+    tok = remote.text_tokenizer
+    named = set(tok.named_ids())
+    assert "logit_bias" not in body
+    assert set(body["allowed_token_ids"]) == ({i for i in named if not tok.is_audio(i)} if text_only else named)
+
+
+def test_the_request_no_longer_carries_the_whole_vocabulary(tmp_path: Path) -> None:
+    """With a vocabulary the size of the real one (16,384 audio ids, 168,960 rows), the spoken request holds
+    the few ids to forbid, not every id to allow (the official vocabulary leaves ~1,200 rows unnamed)."""
+    folder = write_tiny_lm(tmp_path / "lm", TinyLMSpec(n_audio_tokens=16_384, padded_vocab_size=16_384 + 1_024))
+    tok = TextTokenizer.from_folder(folder)
+    local = VoiceLM.from_folder(folder)
+    with FakeLMServer(local) as fake:
+        remote = connect(folder, fake)
+        spoken = remote.request_body([1, 2, 3], GenerationOptions(), 10)
+        text = remote.request_body([1, 2, 3], GenerationOptions(text_only=True), 10)
+    allowed_json_bytes = len(json.dumps(tok.named_ids()))
+    assert len(spoken) < allowed_json_bytes / 5
+    assert len(text) > len(spoken)  # text only forbids the 16,384 audio ids as well
 
 
 def test_the_history_trims_after_barge_in_like_in_process(lm_dir: Path, local: VoiceLM, server: FakeLMServer) -> None:

@@ -126,6 +126,9 @@ def _metric(url: str, name: str) -> float:
 
 def test_the_server_was_checked_when_connecting(remote: RemoteVoiceLM) -> None:
     assert remote.masks_ids and remote.served.max_model_len == CONTEXT_TOKENS
+    # vLLM honours logit_bias: requests forbid the few unnamed ids instead of listing every allowed one
+    body = json.loads(remote.request_body([1, 2, 3], GREEDY, 5))
+    assert "logit_bias" in body and "allowed_token_ids" not in body
 
 
 def test_greedy_answers_equal_the_in_process_ones(remote: RemoteVoiceLM, local: VoiceLM) -> None:

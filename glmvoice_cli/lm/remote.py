@@ -56,6 +56,8 @@ class ServedModel:
     max_model_len: int | None  # prompt + answer, when the server says
 
 
+BIAS_FLOOR = -100  # vLLM clamps logit_bias to [-100, 100]: at the floor a token is never chosen in practice
+
 class RemoteVoiceLM:
     """The LM backend for `--lm-url`: same interface and events as `VoiceLM`, generation on a server."""
 
@@ -71,6 +73,9 @@ class RemoteVoiceLM:
             True: json.dumps([i for i in named if not tokenizer.is_audio(i)], separators=(",", ":")),
         }
         self.masks_ids = True  # the server honours allowed_token_ids (checked by `connect`)
+        # The ids to forbid, by mode, as a logit_bias object (set by `connect` when the server honours one): the
+        # few padded or unnamed ids (and, text only, the audio ids), kilobytes where the allowed list is a megabyte.
+        self._forbid_json: dict[bool, str] | None = None
         self.waits_on_network = True  # a shared model worker reads this stream on a thread of its own
         self.sampling = SamplingSettings()  # the folder's generation_config.json; options may override it
         self.seq_length: int | None = None  # the checkpoint's trained context (config seq_length)
@@ -89,7 +94,35 @@ class RemoteVoiceLM:
         seq_length = raw.get("seq_length")
         lm.seq_length = seq_length if isinstance(seq_length, int) and seq_length > 0 else None
         lm.check_vocabulary(int(raw["padded_vocab_size"]))
+        if lm.masks_ids and lm.honours_logit_bias():
+            lm.forbid_by_bias(int(raw["padded_vocab_size"]))
         return lm
+
+    def forbid_by_bias(self, padded_vocab_size: int) -> None:
+        """Send the forbidden ids as `logit_bias` (at vLLM's floor, -100) instead of the allowed ones."""
+        tok = self.text_tokenizer
+        blocked = [i for i in range(padded_vocab_size) if i not in self._named]
+        audio = [i for i in self._named if tok.is_audio(i)]
+
+        def as_json(ids: list[int]) -> str:
+            return "{" + ",".join(f'"{i}":{BIAS_FLOOR}' for i in sorted(ids)) + "}"
+
+        forbid = {False: as_json(blocked), True: as_json(blocked + audio)}
+        # Whichever is shorter: on the real vocabulary (1,231 unnamed rows) the forbidden ids, by far; on a
+        # checkpoint with few named ids (a test model padded to the real size) the allowed list stays shorter.
+        if len(forbid[False]) < len(self._allowed_json[False]):
+            self._forbid_json = forbid
+
+    def honours_logit_bias(self) -> bool:
+        """A one-token probe: the greedy token, once forbidden by logit_bias, is no longer the answer."""
+        first = self._probe(None)
+        if first is None:
+            return False
+        try:
+            second = self._probe(None, {str(first): BIAS_FLOOR})
+        except LMServerError:
+            return False  # the server refuses the field: keep sending the allowed list
+        return second is not None and second != first
 
     @property
     def device(self) -> str:
@@ -131,10 +164,14 @@ class RemoteVoiceLM:
             raise LMServerError(f"the LM server at {self.client.url} serves a model with more than "
                                 f"{padded_vocab_size} token ids: not the checkpoint whose tokenizer is here")
 
-    def _probe(self, token_id: int) -> int | None:
-        body = {"model": self.served.name, "prompt": self.text_tokenizer.prefix_ids, "max_tokens": 1,
-                "temperature": 0.0, "seed": 0, "allowed_token_ids": [token_id], "return_token_ids": True,
-                "detokenize": False, "skip_special_tokens": False, "stream": False}
+    def _probe(self, token_id: int | None, logit_bias: dict[str, float] | None = None) -> int | None:
+        body: dict[str, Any] = {"model": self.served.name, "prompt": self.text_tokenizer.prefix_ids,
+                                "max_tokens": 1, "temperature": 0.0, "seed": 0, "return_token_ids": True,
+                                "detokenize": False, "skip_special_tokens": False, "stream": False}
+        if token_id is not None:
+            body["allowed_token_ids"] = [token_id]
+        if logit_bias is not None:
+            body["logit_bias"] = logit_bias
         try:
             answer = self.client.post_json(COMPLETIONS, body)
         except LMServerError as e:
@@ -256,6 +293,8 @@ class RemoteVoiceLM:
             "return_token_ids": True, "detokenize": False, "skip_special_tokens": False,
         }
         text = json.dumps(body, separators=(",", ":"))
+        if self._forbid_json is not None:
+            return f'{text[:-1]},"logit_bias":{self._forbid_json[options.text_only]}}}'.encode()
         allowed = self._allowed_json[options.text_only]
         return f'{text[:-1]},"allowed_token_ids":{allowed}}}'.encode()
 
