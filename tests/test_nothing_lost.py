@@ -467,9 +467,14 @@ def stuck_sd(monkeypatch: pytest.MonkeyPatch) -> Any:
 
 
 def test_closing_a_stuck_stream_returns(stuck_sd: Any) -> None:
-    from glmvoice_cli.audio.devices import Speaker
+    from glmvoice_cli.audio.devices import Speaker, _close_stream
 
-    Speaker().close()  # returns after CLOSE_TIMEOUT_S instead of blocking forever
+    speaker = Speaker()
+    done = threading.Event()
+    threading.Thread(target=lambda: (speaker.close(), done.set()), daemon=True).start()
+    # returns once CLOSE_TIMEOUT_S (0.5 s here) has passed instead of blocking forever; the bound is generous
+    assert done.wait(EXIT_TIMEOUT_S), "closing a stuck stream never returned"
+    assert _close_stream(_StuckStream(samplerate=16_000, blocksize=160, callback=None)) is False  # left behind
 
 
 def test_a_speaker_lost_mid_answer_ends_the_chat_with_the_device_code(models: Path, tmp_path: Path,
