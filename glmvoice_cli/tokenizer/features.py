@@ -8,7 +8,6 @@ log10 with a floor 8 decades below each example's maximum, then (x + 4) / 4.
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -74,41 +73,14 @@ class FeatureConfig:
         check_fits(stft_bytes, path, "the STFT of one window (n_fft, hop_length, chunk_length)")
 
 
-def _hz_to_mel(hz: np.ndarray) -> np.ndarray:
-    """Slaney mel scale: linear below 1 kHz, logarithmic above."""
-    hz = np.asarray(hz, dtype=np.float64)
-    f_sp = 200.0 / 3.0
-    min_log_hz, logstep = 1000.0, math.log(6.4) / 27.0
-    mel = hz / f_sp
-    log_region = hz >= min_log_hz
-    mel[log_region] = min_log_hz / f_sp + np.log(hz[log_region] / min_log_hz) / logstep
-    return mel
-
-
-def _mel_to_hz(mel: np.ndarray) -> np.ndarray:
-    mel = np.asarray(mel, dtype=np.float64)
-    f_sp = 200.0 / 3.0
-    min_log_hz, logstep = 1000.0, math.log(6.4) / 27.0
-    min_log_mel = min_log_hz / f_sp
-    hz = mel * f_sp
-    log_region = mel >= min_log_mel
-    hz[log_region] = min_log_hz * np.exp(logstep * (mel[log_region] - min_log_mel))
-    return hz
-
-
 def mel_filters(cfg: FeatureConfig) -> np.ndarray:
-    """Slaney-normalised triangular filters, shape (n_fft // 2 + 1, n_mels), float64."""
-    n_freqs = cfg.n_fft // 2 + 1
-    fft_hz = np.linspace(0.0, cfg.sampling_rate / 2, n_freqs)
-    edges_mel = np.linspace(_hz_to_mel(np.array([0.0]))[0],
-                            _hz_to_mel(np.array([cfg.sampling_rate / 2]))[0], cfg.feature_size + 2)
-    edges_hz = _mel_to_hz(edges_mel)
-    widths = np.diff(edges_hz)
-    slopes = edges_hz[None, :] - fft_hz[:, None]  # (n_freqs, n_mels + 2)
-    rising = -slopes[:, :-2] / widths[:-1]
-    falling = slopes[:, 2:] / widths[1:]
-    filters = np.maximum(0.0, np.minimum(rising, falling))
-    return filters * (2.0 / (edges_hz[2:] - edges_hz[:-2]))[None, :]
+    """Slaney-scale, Slaney-normalised triangular filters, shape (n_fft // 2 + 1, n_mels), float64: the
+    transformers implementation Whisper's own feature extractor uses (identical to our former one in float32)."""
+    from transformers.audio_utils import mel_filter_bank
+
+    return mel_filter_bank(num_frequency_bins=cfg.n_fft // 2 + 1, num_mel_filters=cfg.feature_size,
+                           min_frequency=0.0, max_frequency=cfg.sampling_rate / 2, sampling_rate=cfg.sampling_rate,
+                           norm="slaney", mel_scale="slaney")
 
 
 class LogMel:
