@@ -272,74 +272,58 @@ class DownloadReporter(Protocol):
     def file_finished(self, name: str) -> None: ...
 
 
-class _ReporterBar:
-    """Just enough of tqdm's interface to be `snapshot_download`'s `tqdm_class`.
+def _reporter_bar_class() -> type:
+    """`snapshot_download`'s `tqdm_class`: a `tqdm.auto.tqdm` that draws nothing and feeds a DownloadReporter.
 
-    huggingface_hub instantiates it itself, with tqdm keyword arguments, for several bars: a count of
-    files, the bytes written (its total grows as each file's size is known; this one feeds the
-    reporter) and, since huggingface_hub 2.x, the network bytes of Xet transfers (shown without a
-    total, ignored here). The reporter and batch name are bound in a subclass (`bound`).
+    huggingface_hub instantiates it itself, with tqdm keyword arguments, for several bars: a count of files,
+    the bytes written (its total grows as each file's size is known; this one feeds the reporter) and, since
+    huggingface_hub 2.x, the network bytes of Xet transfers (ignored here). tqdm is imported here, with
+    huggingface_hub, not when the CLI starts.
     """
+    from tqdm.auto import tqdm  # type: ignore[import-untyped, unused-ignore]
 
-    _bound: tuple[DownloadReporter | None, str] = (None, "")
+    class ReporterBar(tqdm):
+        _bound: tuple[DownloadReporter | None, str] = (None, "")
 
-    @classmethod
-    def bound(cls, reporter: DownloadReporter | None, name: str) -> type[_ReporterBar]:
-        return type("_BoundReporterBar", (cls,), {"_bound": (reporter, name)})
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            reporter, self._name = self._bound
+            self._reporter: DownloadReporter | None = None  # tqdm's own setup of `total` is no news
+            self._total: int | None = None
+            super().__init__(*args, **{**kwargs, "disable": True})  # the CLI draws the bar, from the reporter
+            if reporter is not None and _is_written_bytes_bar(kwargs):
+                self._reporter = reporter
+                reporter.file_started(self._name, self._total, int(self.n))
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        reporter, self._name = self._bound
-        self._reporter = reporter if _is_written_bytes_bar(kwargs) else None
-        self._total: int | None = kwargs.get("total")
-        self.n = int(kwargs.get("initial") or 0)
-        self.format_dict: dict[str, Any] = {}
-        if self._reporter is not None:
-            self._reporter.file_started(self._name, self._total, self.n)
+        @property
+        def total(self) -> int | None:
+            return self._total
 
-    @property
-    def total(self) -> int | None:
-        return self._total
+        @total.setter
+        def total(self, value: int | None) -> None:
+            self._total = None if value is None else int(value)
+            if self._reporter is not None and value is not None:
+                self._reporter.file_total(self._name, int(value))
 
-    @total.setter
-    def total(self, value: int | None) -> None:
-        self._total = value
-        if self._reporter is not None and value is not None:
-            self._reporter.file_total(self._name, int(value))
+        def update(self, n: float | None = 1) -> bool | None:
+            step = int(n or 0)
+            self.n += step  # a disabled tqdm counts nothing itself
+            if self._reporter is not None and step:
+                self._reporter.file_advanced(self._name, step)
+            return None
 
-    def update(self, n: float | None = 1) -> None:
-        step = int(n or 0)
-        self.n += step
-        if self._reporter is not None and step:
-            self._reporter.file_advanced(self._name, step)
+        def close(self) -> None:
+            if self._reporter is not None:
+                self._reporter.file_finished(self._name)
+                self._reporter = None  # close may be called twice (context exit, then explicitly)
+            super().close()
 
-    def update_transfer(self, n: float | None = 1) -> None:
-        pass  # network bytes: counted through update() once written
+    return ReporterBar
 
-    def set_postfix_str(self, *args: Any, **kwargs: Any) -> None:
-        pass
 
-    def set_transfer_postfix_str(self, *args: Any, **kwargs: Any) -> None:
-        pass
-
-    def set_description(self, *args: Any, **kwargs: Any) -> None:
-        pass
-
-    def set_description_str(self, *args: Any, **kwargs: Any) -> None:
-        pass
-
-    def refresh(self) -> None:
-        pass
-
-    def close(self) -> None:
-        if self._reporter is not None:
-            self._reporter.file_finished(self._name)
-            self._reporter = None  # close may be called twice (context exit, then explicitly)
-
-    def __enter__(self) -> _ReporterBar:  # noqa: PYI034 - Self needs Python 3.11
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+def reporter_bar(reporter: DownloadReporter | None, name: str) -> type:
+    """The tqdm class for one batch of files, bound to its reporter and batch name."""
+    base = _reporter_bar_class()
+    return type("BoundReporterBar", (base,), {"_bound": (reporter, name)})
 
 
 def _is_written_bytes_bar(kwargs: dict[str, Any]) -> bool:
@@ -458,7 +442,7 @@ def _snapshot(stage: Stage, folder: Path | None, where: Path, batch: str, names:
             endpoint=endpoint,
             force_download=force,
             max_workers=max(1, workers),
-            tqdm_class=_ReporterBar.bound(reporter, f"{stage.name}/{batch}"),
+            tqdm_class=reporter_bar(reporter, f"{stage.name}/{batch}"),
         )
     missing = [n for n in names if not _nonempty(where / n)]
     if missing:  # snapshot_download returns what is on disk when the file listing fails mid-way
