@@ -52,7 +52,7 @@ def _complete_format(incomplete: str) -> list[str]:
 def transcribe(
     files: Annotated[list[Path], typer.Argument(help="Audio files (wav, flac, ogg, mp3; any rate or channels).")],
     fmt: Annotated[str | None, typer.Option(
-        "--format", "-f", help="txt (the text), json (one object per file, with timed segments), srt or vtt "
+        "--format", "-f", metavar="txt|json|srt|vtt", help="txt (the text), json (one object per file, with timed segments), srt or vtt "
         "(subtitles, one cue per utterance).", autocompletion=_complete_format)] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Same as --format json.")] = False,
     output_dir: Annotated[Path | None, typer.Option(
