@@ -138,44 +138,59 @@ def test_speaking_over_the_answer_stops_it_and_the_history_keeps_what_was_played
 
     first = _espeak("Tell me a long story about the sea.", tmp_path)
     second = _espeak("Wait, stop, tell me about mountains instead.", tmp_path)
-    # Chromium plays the file in a loop: on a machine too busy for the second question to land on the first
-    # answer, a later pass barges in; the test follows whichever answer was cut
-    browser = _browser(playwright, _wav(tmp_path, "mic.wav", 0.5, first, 4.0, second, 10.0))
+    mic = _wav(tmp_path, "mic.wav", 0.5, first, 4.0, second, 10.0)
+    # Chromium plays the file in a loop, in real time: on a machine too busy for the second question to land on
+    # an answer being played, a later pass barges in, and a second page tries again; the test follows whichever
+    # answer the page cut
+    for attempt in range(BARGE_IN_ATTEMPTS):
+        got = _barge_in(server, playwright, mic, last=attempt == BARGE_IN_ATTEMPTS - 1)
+        if got is not None:
+            break
+    assert got is not None
+    marked, status, stats = got
+    assert marked and status == "cancelled"
+    truncated = stats["truncations"][0]
+    played_ms = stats["played"][truncated["item"]] * 1000 // 24_000
+    assert truncated["audio_end_ms"] == played_ms > 0
+    # the history keeps the audio tokens the page played (the server's own estimate, counted from sending, is
+    # never shorter; the client's truncate brings it down to what was played)
+    heard = audio_tokens_heard(played_ms * OUT_RATE // 1000, OUT_RATE)
+    assert heard > 0
+    tokenizer = assistant.lm.text_tokenizer
+    kept: list[int] = []
+    for lines in range(2, 14, 2):  # the cut answer's line is saved behind the answer: wait for it, bounded
+        kept = [sum(1 for i in line["token_ids"] if tokenizer.is_audio(i)) for line in saved_session(server, lines)
+                if line["role"] == "assistant" and line["interrupted"]]
+        if heard in kept:
+            break
+    assert heard in kept, (heard, kept)
+
+
+BARGE_IN_ATTEMPTS = 2
+
+
+def _barge_in(server: Server, playwright: Any, mic: Path, last: bool) -> tuple[bool, str | None, dict] | None:
+    """One page talking over its answer: (marked interrupted, its status, the page's stats), or None when no
+    answer was cut in time (and this is not the last attempt)."""
+    browser = _browser(playwright, mic)
     try:
         page = browser.new_page(viewport=DESKTOP)
         page.goto(_page_url(server))
         _connected(page)
         page.get_by_role("button", name="Start talking").click()
-        page.wait_for_function("window.glmvoice.stats.truncations.length > 0", timeout=WAIT_MS)
+        try:
+            page.wait_for_function("window.glmvoice.stats.truncations.length > 0", timeout=WAIT_MS)
+        except sync_api.TimeoutError:
+            if last:
+                raise
+            return None
         item = _stats(page)["truncations"][0]["item"]
         cut = page.locator(f'#transcript li.assistant[data-item="{item}"]')
         cut.and_(page.locator("[data-status]")).wait_for(timeout=WAIT_MS)
         _shots(page, "barge-in")
-        stats = _stats(page)
-        marked = "interrupted" in (cut.get_attribute("class") or "")
-        status = cut.get_attribute("data-status")
+        return "interrupted" in (cut.get_attribute("class") or ""), cut.get_attribute("data-status"), _stats(page)
     finally:
         browser.close()
-    assert marked and status == "cancelled"
-    truncated = stats["truncations"][0]
-    played_ms = stats["played"][truncated["item"]] * 1000 // 24_000
-    assert truncated["audio_end_ms"] == played_ms > 0
-    answer = _saved_interrupted_answer(server)
-    # the history keeps the audio tokens the page played (the server's own estimate, counted from sending, is
-    # never shorter; the client's truncate brings it down to what was played)
-    tokenizer = assistant.lm.text_tokenizer
-    kept = sum(1 for i in answer["token_ids"] if tokenizer.is_audio(i))
-    assert kept == audio_tokens_heard(played_ms * OUT_RATE // 1000, OUT_RATE) > 0
-
-
-def _saved_interrupted_answer(server: Server) -> dict[str, Any]:
-    """The saved answer that was cut (the first interrupted one of the newest session), once it is saved."""
-    for lines in range(2, 12, 2):
-        saved = saved_session(server, lines)
-        cut = [line for line in saved if line["role"] == "assistant" and line["interrupted"]]
-        if cut:
-            return cut[0]  # its text is trimmed to what was heard: the page showed all that had streamed
-    raise AssertionError("no interrupted answer was saved")
 
 
 def test_a_typed_turn_is_answered(server: Server, playwright: Any) -> None:
