@@ -82,9 +82,11 @@ class _Group(TyperGroup):
             _print_error(conventions.one_line(e))
             sys.exit(e.exit_code)
         except click.core.Abort as e:  # click's word for a Ctrl-C while it parses (or a declined prompt)
-            interrupted = isinstance(e.__cause__, KeyboardInterrupt)
-            _print_error("interrupted" if interrupted else "aborted")
-            sys.exit(signals.exit_code(e.__cause__) if isinstance(e.__cause__, KeyboardInterrupt) else 1)
+            if isinstance(e.__cause__, KeyboardInterrupt):
+                _print_error("interrupted")
+                sys.exit(signals.exit_code(e.__cause__))
+            _print_error("aborted")
+            sys.exit(1)
         except GlmVoiceError as e:  # raised while reading the config file, before any command
             if _debug():
                 raise

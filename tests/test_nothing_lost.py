@@ -239,13 +239,26 @@ def test_tts_killed_by_a_signal_writes_what_was_spoken(models: Path, tmp_path: P
     assert _temp_files(tmp_path) == []
 
 
-DECODE_SCRIPT = r'''
-import os, sys, time
-from pathlib import Path
+def _cli_script(patch: str) -> str:
+    """A script that runs the glmvoice command line (sys.argv) after `patch`; `work` is the test's folder."""
+    return ("import os, sys, time\nfrom pathlib import Path\nwork = Path(os.environ['TEST_WORK'])\n" + patch
+            + "\nfrom glmvoice_cli.cli import main\nsys.argv = ['glmvoice'] + sys.argv[1:]\nmain()\n")
+
+
+def _signalled(warm: WarmPython, script: str, args: list[str], work: Path, marker: str, signum: int) -> str:
+    """Start the script, send `signum` once it has written `marker`, and return its stderr once it has ended."""
+    proc = _start(warm, script, args, work)
+    _wait_for(work / marker, proc)
+    proc.send_signal(signum)
+    err = _finish(proc)
+    assert proc.returncode == 128 + signum, err
+    return err
+
+
+DECODE_SCRIPT = _cli_script(r'''
 import glmvoice_cli.decoder.speech_decoder as decoder_mod
 
 real = decoder_mod.synthesize_blocks
-work = Path(os.environ["TEST_WORK"])
 
 def synthesize_blocks(*args, **kwargs):
     """The real decoding, held after its first block: the signal lands while the file is half written."""
@@ -261,10 +274,7 @@ def synthesize_blocks(*args, **kwargs):
     return held(), rate
 
 decoder_mod.synthesize_blocks = synthesize_blocks
-from glmvoice_cli.cli import main
-sys.argv = ["glmvoice"] + sys.argv[1:]
-main()
-'''
+''')
 
 
 @pytest.mark.slow
@@ -274,23 +284,15 @@ def test_decode_killed_by_a_signal_keeps_the_old_file_and_leaves_no_temporary(
     out, before = _existing(tmp_path)
     tokens = tmp_path / "tokens.txt"
     tokens.write_text(" ".join(str(i % 50) for i in range(120)))
-    proc = _start(warm_python, DECODE_SCRIPT, ["decode", str(tokens), "--models", str(models), "--stream",
-                                               "-o", str(out)], tmp_path)
-    _wait_for(tmp_path / "decoded", proc)
-    proc.send_signal(signum)
-    err = _finish(proc)
-    assert proc.returncode == 128 + signum, err
+    err = _signalled(warm_python, DECODE_SCRIPT, ["decode", str(tokens), "--models", str(models), "--stream",
+                                                  "-o", str(out)], tmp_path, "decoded", signum)
     name = signal.Signals(signum).name
     assert "Traceback" not in err and err.strip().splitlines()[-1] == f"error: interrupted ({name})", err
     assert out.read_bytes() == before and _temp_files(tmp_path) == []
 
 
-LOADING_SCRIPT = r'''
-import os, sys, time
-from pathlib import Path
+LOADING_SCRIPT = _cli_script(r'''
 import glmvoice_cli.commands.common as common
-
-work = Path(os.environ["TEST_WORK"])
 
 def load_assistant(*args, **kwargs):
     """The models never finish loading: the signal lands during the load."""
@@ -299,10 +301,7 @@ def load_assistant(*args, **kwargs):
         time.sleep(0.05)
 
 common.load_assistant = load_assistant
-from glmvoice_cli.cli import main
-sys.argv = ["glmvoice"] + sys.argv[1:]
-main()
-'''
+''')
 
 
 @pytest.mark.slow
@@ -312,23 +311,16 @@ def test_a_chat_stopped_while_loading_keeps_an_existing_output_file(
     out, before = _existing(tmp_path)
     question = tmp_path / "question.wav"
     sf.write(question, np.zeros(16_000, np.float32), 16_000)
-    proc = _start(warm_python, LOADING_SCRIPT, ["chat", "--input-file", str(question), "-o", str(out),
-                                                "--models", str(models), "--no-live",
-                                                "--session-dir", str(tmp_path / "S")], tmp_path)
-    _wait_for(tmp_path / "loading", proc)
-    proc.send_signal(signum)
-    err = _finish(proc)
-    assert proc.returncode == 128 + signum, err
+    err = _signalled(warm_python, LOADING_SCRIPT, ["chat", "--input-file", str(question), "-o", str(out),
+                                                   "--models", str(models), "--no-live",
+                                                   "--session-dir", str(tmp_path / "S")], tmp_path, "loading", signum)
     assert "Traceback" not in err and f"nothing was played: {out} not written (the existing file is unchanged)" \
         in err, err
     assert out.read_bytes() == before and _temp_files(tmp_path) == []
 
 
-EXITING_SCRIPT = r'''
-import atexit, os, sys, time
-from pathlib import Path
-
-work = Path(os.environ["TEST_WORK"])
+EXITING_SCRIPT = _cli_script(r'''
+import atexit
 
 def slow_exit():
     """The interpreter's shutdown after the job (thread joins, library teardown), made long enough to signal."""
@@ -339,10 +331,7 @@ def slow_exit():
     time.sleep(0.3)
 
 atexit.register(slow_exit)
-from glmvoice_cli.cli import main
-sys.argv = ["glmvoice"] + sys.argv[1:]
-main()
-'''
+''')
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP, signal.SIGINT])

@@ -171,16 +171,15 @@ def check_settings() -> list[Check]:
     elsewhere = _set_elsewhere()
     if len(elsewhere) == len(hub.STAGES):
         # Every model comes from a setting: the download cache is not where they are, so do not suggest it is.
-        checks.append(Check("cache", OK, f"{root}, {free:.0f} GiB free (unused: every model comes from "
-                            f"{_sources(elsewhere)})"))
-        checks.append(check_hub())
-        return checks
-    disk = Check("cache", OK, f"{root}, {free:.0f} GiB free on its disk")
-    if free < ALL_STAGES_BF16_GIB:
-        disk = Check("cache", WARN, disk.detail + f" (the models need about {ALL_STAGES_BF16_GIB} GiB)",
-                     "set HF_HOME (or GLMVOICE_HOME) to a folder on a bigger disk")
+        disk = Check("cache", OK, f"{root}, {free:.0f} GiB free (unused: every model comes from "
+                     f"{_sources(elsewhere)})")
+    elif free < ALL_STAGES_BF16_GIB:
+        disk = Check("cache", WARN, f"{root}, {free:.0f} GiB free on its disk (the models need about "
+                     f"{ALL_STAGES_BF16_GIB} GiB)", "set HF_HOME (or GLMVOICE_HOME) to a folder on a bigger disk")
+    else:
+        disk = Check("cache", OK, f"{root}, {free:.0f} GiB free on its disk")
     checks.append(disk)
-    checks.append(check_hub())
+    checks.append(check_hub(elsewhere))
     return checks
 
 
@@ -201,11 +200,10 @@ def _sources(elsewhere: dict[str, str]) -> str:
     return ", ".join(dict.fromkeys(elsewhere.values()))
 
 
-def _where_models_are() -> str:
+def _where_models_are(elsewhere: dict[str, str]) -> str:
     """Where the models are read from, in words: the cache, the settings, or both."""
     from glmvoice_cli.models.cache import hub_cache_dir
 
-    elsewhere = _set_elsewhere()
     if not elsewhere:
         return f"in {hub_cache_dir()}"
     if len(elsewhere) == len(hub.STAGES):
@@ -213,15 +211,17 @@ def _where_models_are() -> str:
     return f"where {_sources(elsewhere)} says ({', '.join(elsewhere)}) or in {hub_cache_dir()}"
 
 
-def check_hub() -> Check:
-    """Offline mode is fine when every model is present; online, the Hub must answer."""
+def check_hub(elsewhere: dict[str, str] | None = None) -> Check:
+    """Offline mode is fine when every model is present; online, the Hub must answer. `elsewhere`: the models
+    a setting places outside the cache (`_set_elsewhere`, looked up when not given)."""
     from glmvoice_cli.models.cache import hub_cache_dir
 
     endpoint = hub.hub_endpoint() or hub.DEFAULT_ENDPOINT
     if hub.is_offline():
         missing = [n for n in hub.STAGES if not hub.inspect_stage(hub.STAGES[n], settings.locate(n).path).complete]
         if not missing:
-            return Check("hub", OK, f"offline mode (HF_HUB_OFFLINE); every model is present, {_where_models_are()}")
+            return Check("hub", OK, f"offline mode (HF_HUB_OFFLINE); every model is present, "
+                         f"{_where_models_are(_set_elsewhere() if elsewhere is None else elsewhere)}")
         return Check("hub", WARN, f"offline mode (HF_HUB_OFFLINE) and {', '.join(missing)} missing",
                      "unset HF_HUB_OFFLINE to download the missing models")
     try:

@@ -50,6 +50,7 @@ if TYPE_CHECKING:
 
 TEXT_MAX_BYTES = 4 << 20  # about 700,000 words, days of speech: more is a wrong file (or /dev/zero)
 
+
 def tts(
     text: Annotated[str | None, typer.Argument(help="Text to speak; '-' or nothing reads stdin.")] = None,
     file: Annotated[Path | None, typer.Option("--file", "-f", help="Read the text from this file.")] = None,

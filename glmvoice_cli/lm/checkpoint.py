@@ -12,7 +12,6 @@ problem is a one-line `CheckpointError` naming the file and the key or field.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Iterator
 from pathlib import Path
@@ -73,10 +72,10 @@ def read_json_object(path: Path, max_bytes: int | None = None) -> dict[str, Any]
     """A JSON file holding one object; anything else (unreadable, too big, nested past recursion, a list)
     is one CheckpointMismatchError naming the file."""
     try:
-        if max_bytes is not None and path.stat().st_size > max_bytes:
-            raise CheckpointMismatchError(f"{path}: {path.stat().st_size} bytes, too big for this file")
-        raw = json.loads(read_limited(path, max_bytes or JSON_MAX_BYTES).decode("utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raw = loads_json(read_limited(path, max_bytes or JSON_MAX_BYTES))
+    except OSError as exc:  # unreadable, or past the cap (the message says which)
+        raise CheckpointMismatchError(f"{path}: unreadable ({exc.strerror or type(exc).__name__})") from exc
+    except ValueError as exc:  # not UTF-8, not JSON, nested past the parser
         raise CheckpointMismatchError(f"{path}: unreadable JSON ({type(exc).__name__})") from exc
     if not isinstance(raw, dict):
         raise CheckpointMismatchError(f"{path}: expected a JSON object")

@@ -27,6 +27,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from glmvoice_cli.errors import LMServerError, UsageError
+from glmvoice_cli.files import loads_json
 
 DEFAULT_CONNECT_TIMEOUT_S = 5.0
 DEFAULT_READ_TIMEOUT_S = 60.0  # longest wait for the headers or the next token (a long prefill included)
@@ -149,9 +150,7 @@ class HttpClient:
     def _read_json(self, response: http.client.HTTPResponse, endpoint: str) -> Any:
         data = self._read_body(response, endpoint)
         try:
-            return json.loads(data)
-        except RecursionError as e:
-            raise LMServerError(f"the LM server at {self.url} sent JSON nested too deeply for /{endpoint}") from e
+            return loads_json(data)
         except ValueError as e:
             raise LMServerError(f"the LM server at {self.url} sent malformed JSON for /{endpoint}") from e
 
@@ -192,8 +191,8 @@ def _server_message(detail: bytes) -> str:
     """The message of an OpenAI-style error body ({"error": {"message": ...}} or {"message": ...})."""
     text = detail.decode("utf-8", errors="replace").strip()
     try:
-        doc = json.loads(text)
-    except (ValueError, RecursionError):
+        doc = loads_json(text)
+    except ValueError:
         doc = None
     if isinstance(doc, dict):
         inner = doc.get("error", doc)
@@ -347,8 +346,8 @@ def _parse_events(response: http.client.HTTPResponse, url: ServerURL,
 
 def _event_object(payload: bytes, url: ServerURL) -> dict[str, Any]:
     try:
-        event = json.loads(payload)
-    except (ValueError, RecursionError) as e:
+        event = loads_json(payload)
+    except ValueError as e:
         raise LMServerError(f"the LM server at {url} sent a malformed event") from e
     if not isinstance(event, dict):
         raise LMServerError(f"the LM server at {url} sent an event that is not a JSON object")

@@ -31,7 +31,7 @@ from glmvoice_cli.lm.checkpoint import read_chatglm_config
 from glmvoice_cli.lm.context import ContextPlan, plan_context
 from glmvoice_cli.lm.http_client import Cancelled, HttpClient, ServerURL
 from glmvoice_cli.lm.prompts import UserInput, turn_ids
-from glmvoice_cli.lm.sampling import SamplingSettings, read_sampling
+from glmvoice_cli.lm.sampling import SamplingSettings, blocked_ids, read_sampling
 from glmvoice_cli.lm.text_tokenizer import USER, TextDetokenizer, TextTokenizer
 from glmvoice_cli.lm.voice_lm import (
     AudioTokens,
@@ -57,6 +57,7 @@ class ServedModel:
 
 
 BIAS_FLOOR = -100  # vLLM clamps logit_bias to [-100, 100]: at the floor a token is never chosen in practice
+
 
 class RemoteVoiceLM:
     """The LM backend for `--lm-url`: same interface and events as `VoiceLM`, generation on a server."""
@@ -101,7 +102,7 @@ class RemoteVoiceLM:
     def forbid_by_bias(self, padded_vocab_size: int) -> None:
         """Send the forbidden ids as `logit_bias` (at vLLM's floor, -100) instead of the allowed ones."""
         tok = self.text_tokenizer
-        blocked = [i for i in range(padded_vocab_size) if i not in self._named]
+        blocked = blocked_ids(tok, padded_vocab_size)  # what the in-process loop masks, the same rule
         audio = [i for i in self._named if tok.is_audio(i)]
 
         def as_json(ids: list[int]) -> str:

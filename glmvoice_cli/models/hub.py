@@ -272,6 +272,7 @@ class DownloadReporter(Protocol):
     def file_finished(self, name: str) -> None: ...
 
 
+@functools.cache  # one class for every download
 def _reporter_bar_class() -> type:
     """`snapshot_download`'s `tqdm_class`: a `tqdm.auto.tqdm` that draws nothing and feeds a DownloadReporter.
 

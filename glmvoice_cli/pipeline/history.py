@@ -113,7 +113,7 @@ def _fit_context(lm: LMBackend, conv: Conversation) -> None:
     speaks, and a history longer than the context would be recomputed, past the model's positions, at every
     block and pause."""
     from glmvoice_cli.errors import ContextLengthError
-    from glmvoice_cli.lm.context import plan_context
+    from glmvoice_cli.lm.context import plan_context, turn_starts
 
     limit = getattr(lm, "context_length", None)
     user_id = getattr(lm, "user_id", None)
@@ -127,6 +127,6 @@ def _fit_context(lm: LMBackend, conv: Conversation) -> None:
         conv.ids[:] = plan.history
         conv.dropped_turns += plan.dropped_turns
         if conv.last_output_start is not None:  # the last answer, if it was kept, moved forward
-            system_end = next((i for i, t in enumerate(plan.history) if t == user_id), len(plan.history))
+            system_end = next(iter(turn_starts(plan.history, user_id)), len(plan.history))
             start = conv.last_output_start - plan.dropped_tokens
             conv.last_output_start = start if start >= system_end else None

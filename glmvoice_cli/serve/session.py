@@ -13,7 +13,6 @@ barge-in as in `glmvoice chat`); `null` (push-to-talk) buffers it here until `in
 
 from __future__ import annotations
 
-import json
 import threading
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -33,6 +32,7 @@ from glmvoice_cli.events import (
     UserTurnStarted,
     UserUtterance,
 )
+from glmvoice_cli.files import loads_json
 from glmvoice_cli.serve.protocol import (
     WIRE_RATE,
     ProtocolError,
@@ -147,8 +147,8 @@ class RealtimeSession:
         client_id = None
         try:
             try:
-                event = json.loads(message)
-            except (ValueError, UnicodeDecodeError, RecursionError):
+                event = loads_json(message)
+            except ValueError:  # UnicodeDecodeError and too deep nesting included
                 raise ProtocolError("the message is not valid JSON", code="invalid_json") from None
             if not isinstance(event, dict) or not isinstance(event.get("type"), str):
                 raise ProtocolError("an event must be a JSON object with a 'type'", code="invalid_event")

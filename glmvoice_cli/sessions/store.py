@@ -34,7 +34,7 @@ from glmvoice_cli.audio.io import write_audio
 from glmvoice_cli.config import SAMPLE_RATE_IN, SAMPLE_RATE_OUT
 from glmvoice_cli.errors import GlmVoiceError
 from glmvoice_cli.events import TurnTimings
-from glmvoice_cli.files import fsync_dir, write_file
+from glmvoice_cli.files import fsync_dir, loads_json, read_limited, write_file
 from glmvoice_cli.models.settings import APP_NAME, ENV_HOME, check_env_folder
 from glmvoice_cli.sessions.lock import LOCK_FILE
 
@@ -289,7 +289,7 @@ class SessionStore:
             duration = record.duration_s
             audio = inside(self.path, record.audio)
             if audio is not None and audio.is_file() and not audio.is_symlink():
-                duration = self._trim_audio(record.audio or "", heard_samples)
+                duration = self._trim_audio(audio, heard_samples)
             record = replace(record, token_ids=tuple(int(i) for i in token_ids), text=text or None,
                              interrupted=True, duration_s=duration)
             lines = "".join(json.dumps(r.to_json(), ensure_ascii=False) + "\n" for r in [*self.turns[:-1], record])
@@ -300,10 +300,10 @@ class SessionStore:
             self.turns[-1] = record
             return record
 
-    def _trim_audio(self, relative: str, samples: int) -> float:
+    @staticmethod
+    def _trim_audio(path: Path, samples: int) -> float:
         from glmvoice_cli.audio.io import read_audio
 
-        path = self.path / relative
         audio = read_audio(path)  # at its own rate
         kept = audio.samples[: max(0, samples)]
         write_audio(path, kept, audio.sample_rate)
@@ -397,9 +397,9 @@ def _repair_tail(transcript: Path) -> None:
         return
     cut = data.rfind(b"\n") + 1
     try:
-        json.loads(data[cut:].decode("utf-8"))
+        loads_json(data[cut:])
         complete = True
-    except (ValueError, RecursionError):  # UnicodeDecodeError and JSONDecodeError both derive from it
+    except ValueError:  # not UTF-8, not JSON, or nested past the parser
         complete = False
     with transcript.open("r+b") as fh:
         if complete:
@@ -445,15 +445,10 @@ def _read_transcript(transcript: Path) -> bytes:
     """The transcript's bytes; a FIFO or device (which would block or never end) and a file past any real
     conversation's size are refused in one line."""
     try:
-        info = os.stat(transcript)
-        if not stat.S_ISREG(info.st_mode):
+        if not stat.S_ISREG(os.stat(transcript).st_mode):
             raise SessionError(f"{transcript} is not a regular file")
-        if info.st_size > TRANSCRIPT_MAX_BYTES:
-            raise SessionError(f"{transcript} is {info.st_size / 2**30:.1f} GiB, over the "
-                               f"{TRANSCRIPT_MAX_BYTES >> 30} GiB a session's transcript can be")
-        with transcript.open("rb") as fh:
-            return fh.read(TRANSCRIPT_MAX_BYTES + 1)[:TRANSCRIPT_MAX_BYTES]
-    except OSError as e:
+        return read_limited(transcript, TRANSCRIPT_MAX_BYTES)
+    except OSError as e:  # unreadable, or past the cap
         raise SessionError(f"cannot read {transcript}: {_reason(e)}") from e
 
 
@@ -464,8 +459,8 @@ def _parse_transcript(data: bytes, where: Path, warnings: list[str]) -> list[Tur
         if not raw.strip():
             continue
         try:
-            turns.append(TurnRecord.from_json(json.loads(raw.decode("utf-8"))))
-        except (ValueError, TypeError, RecursionError) as e:
+            turns.append(TurnRecord.from_json(loads_json(raw)))
+        except (ValueError, TypeError) as e:
             if number == len(lines):  # no newline after it: the write was cut
                 warnings.append(f"{where}: last line is incomplete (cut by a crash?); skipped it")
             else:
@@ -504,22 +499,14 @@ def _text(value: Any) -> str | None:
 def read_meta(path: Path) -> tuple[dict[str, Any], str | None]:
     """A session's meta.json as a dict, and what is wrong with it (None: nothing). Never raises: a session is
     untrusted input, and one damaged file must not break the commands for every other session."""
-    meta_path = path / META_FILE
     try:
-        with meta_path.open("rb") as fh:
-            data = fh.read(META_MAX_BYTES + 1)
+        loaded = loads_json(read_limited(path / META_FILE, META_MAX_BYTES))
     except FileNotFoundError:
         return {}, "missing"
-    except OSError as e:
+    except OSError as e:  # unreadable, or past the cap
         return {}, f"unreadable ({_reason(e)})"
-    if len(data) > META_MAX_BYTES:
-        return {}, f"over {META_MAX_BYTES // 1024} KiB, not a session's meta"
-    try:
-        loaded = json.loads(data.decode("utf-8"))
-    except RecursionError:
-        return {}, "nested too deeply to be a session's meta"
-    except ValueError as e:  # UnicodeDecodeError and JSONDecodeError
-        return {}, f"unreadable ({e.__class__.__name__})"
+    except ValueError as e:  # not UTF-8, not JSON, nested past the parser
+        return {}, f"not valid JSON ({str(e).splitlines()[0][:80]})"
     if not isinstance(loaded, dict):
         return {}, "not a JSON object"
     return loaded, None
