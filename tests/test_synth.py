@@ -155,9 +155,9 @@ class _NoiseFlow:
     def __init__(self, flow) -> None:  # type: ignore[no-untyped-def]
         self.cfg, self.n_frames = flow.cfg, flow.n_frames
 
-    def inference(self, tokens, prompt_tokens, prompt_feat, *, noise, batch_guidance, on_step=None):  # type: ignore[no-untyped-def]
-        assert noise.shape[-1] == self.n_frames(tokens.shape[1] + prompt_tokens.shape[1])
-        return noise[:, :, prompt_feat.shape[1]:]
+    def inference_rows(self, tokens, prompt_feats, noise, *, batch_guidance, on_step=None):  # type: ignore[no-untyped-def]
+        assert noise.shape[-1] == self.n_frames(tokens.shape[1])
+        return noise
 
 
 @pytest.mark.parametrize("context", [None, 20])

@@ -24,7 +24,9 @@ MEL_HOP = 256  # samples per mel frame
 N_TIMESTEPS = 10  # Euler steps (hard-coded upstream)
 REFERENCE_NOISE_SEED = 42  # the reference re-seeds the global RNG with this on every flow call
 
-StepCallback = Callable[[int, torch.Tensor, torch.Tensor], None]  # (step index, t, x before the step)
+# (step index, t, x before the step) -> None, or the rows of x to go on with (the others were cut: a
+# barge-in in one stream of a batch drops its row, not the batch)
+StepCallback = Callable[[int, torch.Tensor, torch.Tensor], "list[int] | None"]
 
 
 def mel_frames(n_tokens: int, frame_rate: float) -> int:
@@ -69,11 +71,12 @@ class ConditionalCFM(nn.Module):
 
     def velocity(self, x: torch.Tensor, mask: torch.Tensor, mu: torch.Tensor, t: torch.Tensor,
                  spks: torch.Tensor, cond: torch.Tensor, batched: bool = False) -> torch.Tensor:
-        """Guided velocity (1+w)*E(x|mu,spks,cond) - w*E(x|0,0,0); all (1, 80, T), t: (1,).
+        """Guided velocity (1+w)*E(x|mu,spks,cond) - w*E(x|0,0,0); x, mu, cond: (B, 80, T), t: (1,) or (B,).
 
-        `batched` runs both estimator passes as one batch of two (faster; the reference runs
+        `batched` runs both estimator passes as one batch of 2B (faster; the reference runs
         them one after the other, which `batched=False` reproduces bit for bit).
         """
+        t = t.expand(x.shape[0])
         if self.cfg_rate <= 0:
             return self.estimator(x, mask, mu, t, spks, cond)
         if batched:
@@ -81,7 +84,7 @@ class ConditionalCFM(nn.Module):
                 torch.cat([x, x]), torch.cat([mask, mask]), torch.cat([mu, torch.zeros_like(mu)]),
                 torch.cat([t, t]), torch.cat([spks, torch.zeros_like(spks)]), torch.cat([cond, torch.zeros_like(cond)]),
             )
-            est, uncond = both[:1], both[1:]
+            est, uncond = both[: x.shape[0]], both[x.shape[0] :]
         else:
             est = self.estimator(x, mask, mu, t, spks, cond)
             uncond = self.estimator(x, mask, torch.zeros_like(mu), t, torch.zeros_like(spks), torch.zeros_like(cond))
@@ -90,18 +93,23 @@ class ConditionalCFM(nn.Module):
     def forward(self, noise: torch.Tensor, mu: torch.Tensor, spks: torch.Tensor, cond: torch.Tensor,
                 n_steps: int = N_TIMESTEPS, on_step: StepCallback | None = None, batched: bool = False
                 ) -> torch.Tensor:
-        """noise, mu, cond: (1, 80, T); spks: (1, 80) -> mel (1, 80, T) at t = 1.
+        """noise, mu, cond: (B, 80, T); spks: (B, 80) -> mel (B', 80, T) at t = 1.
 
-        The integration (x, t) stays in float32 whatever the network's dtype (mu's): a bf16 or fp16
-        estimator gives each step's velocity, but summing ten steps in 16 bits would lose the mel's detail.
+        The rows are independent streams: where `on_step` returns the rows to go on with, the others are
+        dropped (B' <= B; none left ends the integration). The integration (x, t) stays in float32 whatever
+        the network's dtype (mu's): a bf16 or fp16 estimator gives each step's velocity, but summing ten
+        steps in 16 bits would lose the mel's detail.
         """
         net = mu.dtype
-        mask = torch.ones(1, 1, mu.shape[-1], dtype=net, device=mu.device)
+        mask = torch.ones(mu.shape[0], 1, mu.shape[-1], dtype=net, device=mu.device)
         span = time_span(n_steps, self.scheduler, torch.float32).to(mu.device)
         x, t, dt = noise.float(), span[0].unsqueeze(0), span[1] - span[0]
         for step in range(1, len(span)):
-            if on_step is not None:
-                on_step(step - 1, t, x)
+            keep = on_step(step - 1, t, x) if on_step is not None else None
+            if keep is not None:
+                x, mask, mu, spks, cond = (v[keep] for v in (x, mask, mu, spks, cond))
+                if not keep:
+                    return x
             x = x + dt * self.velocity(x.to(net), mask, mu, t.to(net), spks, cond, batched).float()
             t = t + dt
             if step < len(span) - 1:
@@ -141,10 +149,10 @@ class FlowModel(nn.Module):
         return mel_frames(n_tokens, self.cfg.input_frame_rate)
 
     def condition(self, tokens: torch.Tensor, trace: FlowTrace | None = None) -> torch.Tensor:
-        """tokens: (1, N) int -> mu (1, 80, T) with T = n_frames(N)."""
+        """tokens: (B, N) int -> mu (B, 80, T) with T = n_frames(N) (rows of equal length: no padding)."""
         n = tokens.shape[1]
         x = self.input_embedding(torch.clamp(tokens.long(), min=0).to(self.device))
-        h = self.encoder(x, torch.tensor([n], device=self.device))
+        h = self.encoder(x, torch.full((tokens.shape[0],), n, device=self.device))
         proj = self.encoder_proj(h)
         mu = self.length_regulator(proj, self.n_frames(n))
         if trace is not None:
@@ -180,22 +188,42 @@ class FlowModel(nn.Module):
         """
         if prompt_tokens is not None and prompt_tokens.shape[1] > 0:
             tokens = torch.cat([prompt_tokens.to(tokens.dtype), tokens], dim=1)
-        n_prompt = 0 if prompt_feat is None else prompt_feat.shape[1]
+        feat = prompt_feat if prompt_feat is not None else torch.zeros(1, 0, self.cfg.output_size)
+        if noise is None:
+            noise = reference_noise((1, self.cfg.output_size, self.n_frames(tokens.shape[1])), generator)
+        mel = self.inference_rows(tokens, [feat], noise, embedding=embedding, trace=trace, on_step=on_step,
+                                  batch_guidance=batch_guidance)
+        return mel[:, :, feat.shape[1]:]
+
+    @torch.inference_mode()
+    def inference_rows(
+        self,
+        tokens: torch.Tensor,
+        prompt_feats: list[torch.Tensor],
+        noise: torch.Tensor,
+        *,
+        embedding: torch.Tensor | None = None,
+        trace: FlowTrace | None = None,
+        on_step: StepCallback | None = None,
+        batch_guidance: bool = False,
+    ) -> torch.Tensor:
+        """B streams at once: tokens (B, N) (prompt tokens included), each row's prompt mel (1, F_i, 80),
+        noise (B, 80, T) -> the whole mel (B', 80, T), prompt frames included (B' < B where `on_step` cut
+        rows). A row's result does not depend on the other rows (up to float rounding): no padding.
+        """
         mu = self.condition(tokens, trace)
-        total = mu.shape[-1]
-        cond = torch.zeros(1, total, self.cfg.output_size, device=mu.device, dtype=mu.dtype)
-        if prompt_feat is not None and n_prompt:
-            cond[:, :n_prompt] = prompt_feat.to(mu.device, mu.dtype)
-        cond = cond.transpose(1, 2)
-        spks = self.speaker(embedding)
+        rows, total = mu.shape[0], mu.shape[-1]
+        cond = torch.zeros(rows, total, self.cfg.output_size, device=mu.device, dtype=mu.dtype)
+        for row, feat in enumerate(prompt_feats):
+            if feat.shape[1]:
+                cond[row, : feat.shape[1]] = feat[0].to(mu.device, mu.dtype)
+        spks = self.speaker(embedding).expand(rows, -1)
         if trace is not None:
             trace.spks = spks
-        if noise is None:
-            noise = reference_noise(mu.shape, generator)
         if noise.shape != mu.shape:
             raise ValueError(f"noise shape {tuple(noise.shape)} != {tuple(mu.shape)}")
-        mel = self.decoder(noise.to(mu.device), mu, spks, cond, on_step=on_step, batched=batch_guidance)
-        return mel[:, :, n_prompt:]
+        return self.decoder(noise.to(mu.device), mu, spks, cond.transpose(1, 2), on_step=on_step,
+                            batched=batch_guidance)
 
 
 def reference_noise(shape: torch.Size | tuple[int, ...], generator: torch.Generator | None = None) -> torch.Tensor:

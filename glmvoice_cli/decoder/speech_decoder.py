@@ -18,15 +18,16 @@ Two schedules:
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Hashable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
 import torch
 
 from glmvoice_cli.decoder.noise import NoiseSource, ReferenceNoise, SeededNoise
+from glmvoice_cli.decoder.vocoder import SourceDraws
 from glmvoice_cli.errors import UsageError
 
 if TYPE_CHECKING:
@@ -122,6 +123,36 @@ class BlockOutput:
     finalize: bool
 
 
+@dataclass
+class BlockRequest:
+    """One stream's next block, decoded alone or in one batch with other streams' (`decode_blocks`)."""
+
+    state: DecoderState
+    tokens: list[int]
+    finalize: bool
+    cancel: threading.Event | None = None  # checked before every flow step: a set one cuts this row only
+    output: BlockOutput | None = None  # set once decoded
+    cut: bool = False  # the cancel cut it: nothing decoded, the stream is spent (`state.cancelled`)
+
+    @property
+    def done(self) -> bool:
+        return self.output is not None or self.cut
+
+    def is_cut(self) -> bool:
+        return self.cancel is not None and self.cancel.is_set()
+
+
+@dataclass
+class _Row:
+    """A request's flow inputs, and what its flow call returned."""
+
+    request: BlockRequest
+    tokens: torch.Tensor  # (1, P + N) prompt and new tokens
+    prompt_feat: torch.Tensor  # (1, F_p, 80)
+    noise: torch.Tensor  # (1, 80, T)
+    mel: torch.Tensor | None = None  # (1, 80, T - F_p) the flow's new frames
+
+
 class SpeechDecoder:
     """Streams tokens to audio with a `DecoderState` the caller owns (see module docstring)."""
 
@@ -167,13 +198,37 @@ class SpeechDecoder:
         """
         state.pending.extend(self._check_tokens(tokens))
         chunks: list[np.ndarray] = []
-        while len(state.pending) >= self.schedule.block_size(state.block_index) and not state.cancelled:
-            size = self.schedule.block_size(state.block_index)
-            block, state.pending = state.pending[:size], state.pending[size:]
-            speech = self._decode_unless_cut(state, block, False, cancel)
-            if speech is not None:
-                chunks.append(_to_numpy(speech))
+        while (request := self.next_block(state, cancel)) is not None:
+            self.decode_blocks([request])
+            if request.output is not None:
+                chunks.append(_to_numpy(request.output.speech))
         return chunks
+
+    def next_block(self, state: DecoderState, cancel: threading.Event | None = None) -> BlockRequest | None:
+        """The stream's next complete block, taken from its pending tokens (None: not enough yet)."""
+        size = self.schedule.block_size(state.block_index)
+        if state.cancelled or len(state.pending) < size:
+            return None
+        block, state.pending = state.pending[:size], state.pending[size:]
+        return BlockRequest(state, block, False, cancel)
+
+    def push_streams(self, pushes: list[tuple[DecoderState, Iterable[int]]],
+                     cancels: list[threading.Event | None] | None = None) -> list[list[np.ndarray]]:
+        """`push` for several streams at once: each round, every stream with a complete block is decoded
+        in one batch (`decode_blocks`) -> each stream's chunks, as `push` would give them."""
+        cuts = cancels if cancels is not None else [None] * len(pushes)
+        for state, tokens in pushes:
+            state.pending.extend(self._check_tokens(tokens))
+        chunks: list[list[np.ndarray]] = [[] for _ in pushes]
+        while True:
+            ready = [(i, r) for i, ((state, _), cut) in enumerate(zip(pushes, cuts))
+                     if (r := self.next_block(state, cut)) is not None]
+            if not ready:
+                return chunks
+            self.decode_blocks([request for _, request in ready])
+            for i, request in ready:
+                if request.output is not None:
+                    chunks[i].append(_to_numpy(request.output.speech))
 
     def flush(self, state: DecoderState, cancel: threading.Event | None = None) -> np.ndarray:
         """Decode what is left, including the held-back tail, and reset the state (`cancel`: as in `push`)."""
@@ -181,20 +236,13 @@ class SpeechDecoder:
         if state.cancelled:  # a cut block left a hole: nothing after it may be joined on
             out = None
         elif state.pending:
-            out = self._decode_unless_cut(state, state.pending, True, cancel)
+            request = BlockRequest(state, state.pending, True, cancel)
+            self.decode_blocks([request])
+            out = request.output.speech if request.output is not None else None
         elif state.mel_overlap is not None:  # nothing new: vocode the held-back frames as they are
-            out = self._vocode(state, state.mel_overlap, finalize=True)[0]
+            out = self._vocode([state], [state.mel_overlap], finalize=True)[0][0]
         state.reset()
         return _to_numpy(out if out is not None else torch.zeros(1, 0))
-
-    def _decode_unless_cut(self, state: DecoderState, tokens: list[int], finalize: bool,
-                           cancel: threading.Event | None) -> torch.Tensor | None:
-        """A block's speech, or None (and the state marked spent) if `cancel` cut it."""
-        try:
-            return self.decode_block(state, tokens, finalize=finalize, cancel=cancel).speech
-        except _Cut:
-            state.cancelled = True
-            return None
 
     def stream(self, tokens: Iterable[int]) -> Iterator[np.ndarray]:
         """Decode an iterable of tokens as it arrives; the last chunk is the flush."""
@@ -211,36 +259,82 @@ class SpeechDecoder:
             return np.zeros(0, dtype=np.float32)
         return _to_numpy(self.decode_block(state, ids, finalize=True).speech)
 
-    # -- one block -----------------------------------------------------------------------------
+    # -- blocks ----------------------------------------------------------------------------------
     def decode_block(self, state: DecoderState, tokens: list[int], finalize: bool,
                      cancel: threading.Event | None = None) -> BlockOutput:
         """Run the flow on `tokens` (with the state's prompt) and vocode; updates `state`.
 
-        A set `cancel` raises `_Cut` before the next flow step, with `state` not yet changed.
+        A set `cancel` raises `_Cut` before the next flow step, with `state` marked spent.
         """
-        new = torch.tensor([tokens], dtype=torch.int64)
-        prompt_tokens, prompt_feat, noise_start = self._prompt(state, len(tokens))
-        total = self.flow.n_frames(prompt_tokens.shape[1] + len(tokens))
-        noise = self._noise(state).flow_noise(total, noise_start)  # every source starts each flow call afresh: a cut undoes nothing
+        request = BlockRequest(state, tokens, finalize, cancel)
+        self.decode_blocks([request])
+        if request.output is None:
+            raise _Cut
+        return request.output
 
-        def check(_step: int, _t: torch.Tensor, _x: torch.Tensor) -> None:
-            if cancel is not None and cancel.is_set():
-                raise _Cut
+    def decode_blocks(self, requests: list[BlockRequest]) -> None:
+        """Decode one block of each stream: one flow call per group of equal length, one vocoder call per
+        group of equal mel length (after the first block, blocks with the same index have the same length).
 
-        mel = self.flow.inference(new, prompt_tokens, prompt_feat, noise=noise, on_step=check,
-                                  batch_guidance=self.schedule.batch_guidance)
-        flow_mel = mel
+        Rows are never padded, so each stream's audio equals its audio decoded alone up to float rounding;
+        each keeps its own noise and caches, and a set `cancel` drops its row (`cut`), not the batch.
+        """
+        rows = [self._flow_inputs(request) for request in requests]
+        for group in _grouped(rows, lambda row: row.tokens.shape[1]):
+            self._flow_group(group)
+        made = [row for row in rows if row.mel is not None]
+        mels = [self._after_flow(row) for row in made]
+        states = [row.request.state for row in made]
+        vocoded = self._vocode(states, mels, [row.request.finalize for row in made])
+        for row, (speech, returned, cache_in, source) in zip(made, vocoded):
+            state = row.request.state
+            if self.schedule.reference_prompt:
+                state.history = returned if state.history is None else torch.cat([state.history, returned], dim=2)
+            assert row.mel is not None
+            out = BlockOutput(speech, returned, row.mel, row.prompt_feat, cache_in, source, row.request.finalize)
+            state.block_index += 1
+            row.request.output = out
+            if self.on_block is not None:
+                self.on_block(out)
+
+    def _flow_inputs(self, request: BlockRequest) -> _Row:
+        state = request.state
+        prompt_tokens, prompt_feat, noise_start = self._prompt(state, len(request.tokens))
+        tokens = torch.cat([prompt_tokens.view(1, -1).to(torch.int64),
+                            torch.tensor([request.tokens], dtype=torch.int64)], dim=1)
+        # every source starts each flow call afresh: a cut undoes nothing
+        noise = self._noise(state).flow_noise(self.flow.n_frames(tokens.shape[1]), noise_start)
+        return _Row(request, tokens, prompt_feat, noise)
+
+    def _flow_group(self, group: list[_Row]) -> None:
+        """One flow call for rows of one length; a row whose cancel is set is dropped before the next step."""
+        alive = list(range(len(group)))
+
+        def check(_step: int, _t: torch.Tensor, _x: torch.Tensor) -> list[int] | None:
+            keep = [i for i, row in enumerate(alive) if not group[row].request.is_cut()]
+            if len(keep) == len(alive):
+                return None
+            alive[:] = [alive[i] for i in keep]
+            return keep
+
+        mel = self.flow.inference_rows(
+            torch.cat([row.tokens for row in group]), [row.prompt_feat for row in group],
+            torch.cat([row.noise for row in group]), on_step=check, batch_guidance=self.schedule.batch_guidance)
+        for index, row in enumerate(group):
+            if index not in alive:
+                row.request.cut = row.request.state.cancelled = True
+        for position, index in enumerate(alive):
+            row = group[index]
+            row.mel = mel[position : position + 1, :, row.prompt_feat.shape[1]:]
+
+    def _after_flow(self, row: _Row) -> torch.Tensor:
+        """Cross-fade with the held-back tail and record the block as prompt -> the mel to vocode."""
+        state, mel = row.request.state, row.mel
+        assert mel is not None
         if state.mel_overlap is not None:
             mel = fade_in_out(mel, state.mel_overlap)
-        self._update_prompt(state, tokens, mel, finalize)
-        speech, returned, cache_in, source = self._vocode(state, mel, finalize)
-        if self.schedule.reference_prompt:
-            state.history = returned if state.history is None else torch.cat([state.history, returned], dim=2)
-        out = BlockOutput(speech, returned, flow_mel, prompt_feat, cache_in, source, finalize)
-        state.block_index += 1
-        if self.on_block is not None:
-            self.on_block(out)
-        return out
+        self._update_prompt(state, row.request.tokens, mel, row.request.finalize)
+        return mel
 
     def _prompt(self, state: DecoderState, n_new: int) -> tuple[torch.Tensor, torch.Tensor, int]:
         """Prompt tokens (1, P), prompt mel (1, F_p, 80) and the absolute frame where the noise starts."""
@@ -274,53 +368,82 @@ class SpeechDecoder:
         state.history = history
         state.frames_done += final.shape[-1]
 
-    def _vocode(self, state: DecoderState, mel: torch.Tensor, finalize: bool
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Overlap/cache bookkeeping around the vocoder -> (speech, vocoder input, cache in, source).
+    def _vocode(self, states: list[DecoderState], mels: list[torch.Tensor], finalize: list[bool] | bool
+                ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Overlap/cache bookkeeping around the vocoder, per stream -> (speech, vocoder input, cache in,
+        source) each; streams whose vocoder input has the same shape share each vocoder call.
 
         With `max_vocoder_frames`, a long block is vocoded in pieces joined by the same source
         cache as blocks are (bounded memory); the reference makes one call per block.
         """
-        cache_in = torch.zeros(1, 1, 0)
-        if state.cache_mel is not None and state.cache_source is not None:
-            mel = torch.cat([state.cache_mel, mel], dim=2)
-            cache_in = state.cache_source
-        if not finalize:
-            state.mel_overlap = mel[:, :, -self.overlap_frames:]
-            mel = mel[:, :, : -self.overlap_frames]
+        finals = finalize if isinstance(finalize, list) else [finalize] * len(states)
+        inputs: list[tuple[torch.Tensor, torch.Tensor]] = []
+        for state, mel, final in zip(states, mels, finals):
+            cache_in = torch.zeros(1, 1, 0)
+            if state.cache_mel is not None and state.cache_source is not None:
+                mel = torch.cat([state.cache_mel, mel], dim=2)
+                cache_in = state.cache_source
+            if not final:
+                state.mel_overlap = mel[:, :, -self.overlap_frames:]
+                mel = mel[:, :, : -self.overlap_frames]
+            inputs.append((mel, cache_in))
+        done: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+        def shape(i: int) -> Hashable:
+            return inputs[i][0].shape[-1], inputs[i][1].shape[-1], states[i].cycle_offset is None, finals[i]
+
+        for group in _grouped(list(range(len(states))), shape):
+            speech, source = self._vocode_group([states[i] for i in group],
+                                                torch.cat([inputs[i][0] for i in group]), finals[group[0]])
+            for position, i in enumerate(group):
+                row = slice(position, position + 1)
+                done[i] = (speech[row], inputs[i][0], inputs[i][1], source[row])
+        return [done[i] for i in range(len(states))]
+
+    def _vocode_group(self, states: list[DecoderState], mel: torch.Tensor, finalize: bool
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, 80, F) vocoder inputs of B streams in the same position -> speech (B, S), source (B, 1, L)."""
         limit = self.schedule.max_vocoder_frames
         rest = mel
         speeches: list[torch.Tensor] = []
         sources: list[torch.Tensor] = []
         while limit is not None and rest.shape[-1] > limit:
-            speech, source = self._hift_call(state, rest[:, :, :limit], final=False)
+            speech, source = self._hift_call(states, rest[:, :, :limit], final=False)
             speeches.append(speech)
             sources.append(source if not sources else source[:, :, MEL_CACHE_FRAMES * self.samples_per_frame :])
             rest = rest[:, :, limit - MEL_CACHE_FRAMES :]  # starts with the frame just cached
-        speech, source = self._hift_call(state, rest, final=finalize)
+        speech, source = self._hift_call(states, rest, final=finalize)
         if sources:
             source = torch.cat([*sources, source[:, :, MEL_CACHE_FRAMES * self.samples_per_frame :]], dim=2)
-        return torch.cat([*speeches, speech], dim=1), mel, cache_in, source
+        return torch.cat([*speeches, speech], dim=1), source
 
-    def _hift_call(self, state: DecoderState, mel: torch.Tensor, final: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """One vocoder call on mel (1, 80, F) whose first frame is the cached one, if any."""
-        cache_in = state.cache_source if state.cache_source is not None else torch.zeros(1, 1, 0)
-        n_samples = mel.shape[-1] * self.samples_per_frame
-        draws = self._noise(state).source_draws(n_samples, state.hift_start_frame * self.samples_per_frame)
-        if not self.schedule.reference_noise:
-            draws.cycle_offset = state.cycle_offset
+    def _hift_call(self, states: list[DecoderState], mel: torch.Tensor, final: bool
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One vocoder call on mel (B, 80, F) whose first frame is each stream's cached one, if any."""
+        spf = self.samples_per_frame
+        cache_in = torch.cat([s.cache_source if s.cache_source is not None else torch.zeros(1, 1, 0)
+                              for s in states])
+        n_samples = mel.shape[-1] * spf
+        each = [self._noise(s).source_draws(n_samples, s.hift_start_frame * spf) for s in states]
+        draws = SourceDraws(torch.cat([d.phase_u for d in each]), torch.cat([d.noise for d in each]))
+        offsets = [s.cycle_offset for s in states]
+        if not self.schedule.reference_noise and all(o is not None for o in offsets):
+            draws.cycle_offset = torch.cat(offsets)  # type: ignore[arg-type]
         trace: dict[str, torch.Tensor] = {}
         speech, source = self.hift.inference(mel, cache_in, draws=draws, trace=trace)
-        if final:
-            state.mel_overlap = state.cache_mel = state.cache_source = None
-        else:
-            cache_len = MEL_CACHE_FRAMES * self.samples_per_frame
-            state.cache_mel = mel[:, :, -MEL_CACHE_FRAMES:]
-            state.cache_source = source[:, :, -cache_len:]
-            state.cycle_offset = trace["cycles"][:, :, -cache_len - 1 : -cache_len] % 1
-            state.hift_start_frame += mel.shape[-1] - MEL_CACHE_FRAMES
+        cache_len = MEL_CACHE_FRAMES * spf
+        for row, state in enumerate(states):
+            if final:
+                state.mel_overlap = state.cache_mel = state.cache_source = None
+            else:
+                state.cache_mel = mel[row : row + 1, :, -MEL_CACHE_FRAMES:]
+                state.cache_source = source[row : row + 1, :, -cache_len:]
+                state.cycle_offset = trace["cycles"][row : row + 1, :, -cache_len - 1 : -cache_len] % 1
+                state.hift_start_frame += mel.shape[-1] - MEL_CACHE_FRAMES
+        if not final:
             speech = speech[:, :-cache_len]
-        state.samples_out += speech.shape[-1]
+        for state in states:
+            state.samples_out += speech.shape[-1]
         return speech, source
 
     def _check_tokens(self, tokens: Iterable[int]) -> list[int]:
@@ -345,6 +468,17 @@ def fade_in_out(fade_in: torch.Tensor, fade_out: torch.Tensor) -> torch.Tensor:
     out = fade_in.clone()
     out[:, :, :n] = mixed.to(device=out.device, dtype=out.dtype)
     return out
+
+
+_T = TypeVar("_T")
+
+
+def _grouped(items: list[_T], key: Callable[[_T], Hashable]) -> list[list[_T]]:
+    """Items with equal keys together, groups in the order of their first item, items in order."""
+    groups: dict[Hashable, list[_T]] = {}
+    for item in items:
+        groups.setdefault(key(item), []).append(item)
+    return list(groups.values())
 
 
 def _to_numpy(speech: torch.Tensor) -> np.ndarray:

@@ -122,8 +122,8 @@ class ConvRNNF0Predictor(nn.Module):
 class SourceDraws:
     """The random numbers of one source generation (to replay a recorded run).
 
-    phase_u: (1, H+1, 1) raw U[0, 1) draws for the start phases; noise: (1, H+1, L) N(0, 1);
-    cycle_offset: (1, H+1, 1) harmonic phase, in cycles, carried over from a previous call so
+    phase_u: (B, H+1, 1) raw U[0, 1) draws for the start phases; noise: (B, H+1, L) N(0, 1);
+    cycle_offset: (B, H+1, 1) harmonic phase, in cycles, carried over from a previous call so
     that a streamed source continues its sines (None restarts them at 0, as the reference does).
     """
 
@@ -151,7 +151,7 @@ class SourceModule(nn.Module):
 
     def sine_waves(self, f0: torch.Tensor, draws: SourceDraws, trace: dict[str, torch.Tensor] | None = None
                    ) -> torch.Tensor:
-        """f0: (1, 1, L) Hz per sample -> harmonics with noise (1, H+1, L)."""
+        """f0: (B, 1, L) Hz per sample -> harmonics with noise (B, H+1, L)."""
         freq = torch.cat([f0 * (i + 1) / self.rate for i in range(self.harmonics)], dim=1)
         cycles = torch.cumsum(freq, dim=-1)
         if draws.cycle_offset is not None:
@@ -170,7 +170,7 @@ class SourceModule(nn.Module):
 
     def forward(self, f0: torch.Tensor, draws: SourceDraws, trace: dict[str, torch.Tensor] | None = None
                 ) -> torch.Tensor:
-        """f0: (1, 1, L) -> merged source (1, L, 1)."""
+        """f0: (B, 1, L) -> merged source (B, L, 1)."""
         waves = self.sine_waves(f0, draws, trace).transpose(1, 2)
         return torch.tanh(self.l_linear(waves))
 
@@ -218,19 +218,24 @@ class HiFTGenerator(nn.Module):
         return self.cfg.samples_per_frame
 
     def f0(self, mel: torch.Tensor) -> torch.Tensor:
-        """mel: (1, 80, T) -> f0 (1, T) in Hz."""
-        return self.f0_predictor(mel)
+        """mel: (B, 80, T) -> f0 (B, T) in Hz, each row computed on its own.
+
+        The source integrates f0 over every sample (its sines' phase), so a one-ulp change in f0, which
+        a convolution's kernel choice for another batch size gives, moves the samples by ~1e-4: computed
+        row by row, a stream's source is the same whoever shares its batch.
+        """
+        return torch.cat([self.f0_predictor(mel[row : row + 1]) for row in range(mel.shape[0])])
 
     def source(self, mel: torch.Tensor, generator: torch.Generator | None = None,
                draws: SourceDraws | None = None, trace: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
-        """mel: (1, 80, T) -> NSF source (1, 1, T * samples_per_frame)."""
+        """mel: (B, 80, T) -> NSF source (B, 1, T * samples_per_frame)."""
         f0 = self.f0(mel)
         f0_up = torch.repeat_interleave(f0[:, None], self.samples_per_frame, dim=-1)  # nearest upsampling
         if draws is None:
             draws = self.m_source.draw(f0_up.shape[-1], generator)
         if trace is not None:
             trace["f0"] = f0
-        merged = self.m_source(f0_up, draws, trace)  # (1, L, 1)
+        merged = self.m_source(f0_up, draws, trace)  # (B, L, 1)
         if trace is not None:
             trace["sine_merge"] = merged
         return merged.transpose(1, 2)

@@ -1,0 +1,210 @@
+"""The speech decoder batched across streams: each stream's audio equals its audio decoded alone."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from glmvoice_cli.decoder.speech_decoder import (
+    REFERENCE_SCHEDULE,
+    BlockRequest,
+    DecoderState,
+    SpeechDecoder,
+    StreamSchedule,
+)
+from glmvoice_cli.tiny.decoder import TinyDecoderSpec, tiny_decoder
+
+TOLERANCE = 1e-5  # fp32 on the CPU: a batched row of the flow or the vocoder may round differently from alone
+# End to end, the vocoder's source integrates f0 over every sample, so the flow's float rounding (a few ulps
+# of mel) moves samples by up to ~1e-4: as much as decoding the same stream alone with 2 threads instead of 1
+# does (measured for both, tiny and real size: README). The audio is held to that rounding, as a relative
+# rms difference (-80 dB), and the flow and the vocoder each to TOLERANCE below.
+AUDIO_RELATIVE_RMS = 1e-4
+ROUND_TOKENS = 13  # tokens each stream receives per round (about what the LM yields between blocks)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _threads():  # type: ignore[no-untyped-def]
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def models():  # type: ignore[no-untyped-def]
+    return tiny_decoder(TinyDecoderSpec(seed=5))
+
+
+def _tokens(n: int, seed: int) -> list[int]:
+    return torch.randint(0, 64, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def _assert_same_audio(actual: np.ndarray, desired: np.ndarray) -> None:
+    assert actual.shape == desired.shape
+    difference = np.sqrt(np.mean((actual - desired) ** 2) / np.mean(desired**2))
+    assert difference <= AUDIO_RELATIVE_RMS, f"batched audio differs from alone by {difference:.2e} (relative rms)"
+
+
+def _solo(decoder: SpeechDecoder, tokens: list[int], seed: int) -> np.ndarray:
+    state = decoder.new_state(decoder.new_noise(seed))
+    chunks = decoder.push(state, tokens)
+    chunks.append(decoder.flush(state))
+    return np.concatenate(chunks)
+
+
+def _together(decoder: SpeechDecoder, streams: list[list[int]], seeds: list[int], joins: list[int] | None = None,
+              cancels: list[threading.Event | None] | None = None) -> list[np.ndarray]:
+    """Feed every stream ROUND_TOKENS per round (stream i from round joins[i]) through `push_streams`, then
+    flush each; -> each stream's audio."""
+    joins = joins or [0] * len(streams)
+    states = [decoder.new_state(decoder.new_noise(seed)) for seed in seeds]
+    out: list[list[np.ndarray]] = [[] for _ in streams]
+    rounds = max(join + -(-len(tokens) // ROUND_TOKENS) for join, tokens in zip(joins, streams))
+    for r in range(rounds):
+        pushes = [(state, tokens[(r - join) * ROUND_TOKENS : (r - join + 1) * ROUND_TOKENS] if r >= join else [])
+                  for state, tokens, join in zip(states, streams, joins)]
+        for i, chunks in enumerate(decoder.push_streams(pushes, cancels)):
+            out[i] += chunks
+    for i, state in enumerate(states):
+        out[i].append(decoder.flush(state, cancels[i] if cancels else None))
+    return [np.concatenate(chunks) for chunks in out]
+
+
+class _RowCounter:
+    """Records the rows of every estimator call."""
+
+    def __init__(self, decoder: SpeechDecoder) -> None:
+        self.rows: list[int] = []
+        estimator = decoder.flow.decoder.estimator
+        self.handle = estimator.register_forward_pre_hook(lambda _m, args: self.rows.append(args[0].shape[0]))
+
+    def close(self) -> None:
+        self.handle.remove()
+
+
+@pytest.mark.parametrize("n_streams", [1, 2, 3])
+def test_streams_of_different_lengths_batched_equal_each_alone(models, n_streams: int) -> None:  # type: ignore[no-untyped-def]
+    decoder = SpeechDecoder(models)
+    streams = [_tokens(n, seed=n) for n in (137, 61, 200)[:n_streams]]
+    seeds = [11, 12, 13][:n_streams]
+    counter = _RowCounter(decoder)
+    together = _together(decoder, streams, seeds)
+    counter.close()
+    for tokens, seed, audio in zip(streams, seeds, together):
+        _assert_same_audio(audio, _solo(decoder, tokens, seed))
+    if n_streams > 1:  # the streams really shared flow calls (2 rows per stream with batched guidance)
+        assert max(counter.rows) == 2 * n_streams
+
+
+def test_the_reference_schedule_batches_too(models) -> None:  # type: ignore[no-untyped-def]
+    decoder = SpeechDecoder(models, REFERENCE_SCHEDULE)
+    streams = [_tokens(90, seed=1), _tokens(60, seed=2)]
+    together = _together(decoder, streams, [0, 0])
+    for tokens, audio in zip(streams, together):
+        state = decoder.new_state(decoder.new_noise())
+        alone = np.concatenate([*decoder.push(state, tokens), decoder.flush(state)])
+        _assert_same_audio(audio, alone)
+
+
+def test_a_stream_joining_mid_batch_starts_with_its_own_first_block(models) -> None:  # type: ignore[no-untyped-def]
+    decoder = SpeechDecoder(models)
+    streams = [_tokens(150, seed=3), _tokens(90, seed=4)]
+    firsts: list[int] = []
+    decoder.on_block = lambda block: firsts.append(block.prompt_feat.shape[1])
+    together = _together(decoder, streams, [1, 2], joins=[0, 4])
+    decoder.on_block = None
+    assert firsts.count(0) == 2  # each stream's first block had no prompt: the joiner took nothing of the other
+    for tokens, seed, audio in zip(streams, [1, 2], together):
+        _assert_same_audio(audio, _solo(decoder, tokens, seed))
+
+
+class _CutAfter(threading.Event):
+    """A cancel that turns set after it has been asked `n` times (a barge-in in the middle of a flow call)."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.asked, self.n = 0, n
+
+    def is_set(self) -> bool:
+        self.asked += 1
+        return self.asked > self.n or super().is_set()
+
+
+def test_a_cancel_drops_its_row_and_leaves_the_others_unchanged(models) -> None:  # type: ignore[no-untyped-def]
+    decoder = SpeechDecoder(models, StreamSchedule(block_sizes=(20,)))
+    tokens = [_tokens(60, seed=5), _tokens(60, seed=6), _tokens(60, seed=7)]
+    states = [decoder.new_state(decoder.new_noise(seed)) for seed in (1, 2, 3)]
+    cut = _CutAfter(4)  # set from the fifth flow step of the first block on
+    requests = [BlockRequest(state, t[:20], False, c) for state, t, c in zip(states, tokens, [None, cut, None])]
+    counter = _RowCounter(decoder)
+    decoder.decode_blocks(requests)
+    counter.close()
+    assert counter.rows == [6] * 4 + [4] * 6  # the cut row left the batch; the other two went on
+    assert requests[1].cut and requests[1].output is None and states[1].cancelled
+    assert decoder.next_block(states[1]) is None  # a spent stream decodes nothing more
+    for i in (0, 2):
+        out = requests[i].output
+        assert out is not None
+        rest = decoder.push(states[i], tokens[i][20:]) + [decoder.flush(states[i])]
+        audio = np.concatenate([out.speech.reshape(-1).numpy(), *rest])
+        _assert_same_audio(audio, _solo(decoder, tokens[i], i + 1))
+
+
+def test_every_row_cut_ends_the_call(models) -> None:  # type: ignore[no-untyped-def]
+    decoder = SpeechDecoder(models)
+    cancel = threading.Event()
+    cancel.set()
+    requests = [BlockRequest(decoder.new_state(), _tokens(10, seed=s), False, cancel) for s in (1, 2)]
+    decoder.decode_blocks(requests)
+    assert all(r.cut and r.output is None for r in requests)
+    assert all(r.state.samples_out == 0 for r in requests)
+
+
+def test_seeds_are_per_conversation(models) -> None:  # type: ignore[no-untyped-def]
+    decoder = SpeechDecoder(models)
+    tokens = _tokens(80, seed=8)
+    a, b, c = _together(decoder, [tokens, tokens, tokens], [21, 22, 21])
+    np.testing.assert_array_equal(a, c)  # the same seed in one batch: the same audio
+    assert np.abs(a - b).max() > 1e-3  # another seed: other noise
+    _assert_same_audio(a, _solo(decoder, tokens, 21))
+
+
+def test_a_state_keeps_its_noise_across_answers(models) -> None:  # type: ignore[no-untyped-def]
+    decoder = SpeechDecoder(models)
+    state = DecoderState(noise=decoder.new_noise(4))
+    decoder.push(state, _tokens(30, seed=9))
+    decoder.flush(state)
+    assert state.noise is not None and state.n_done == 0
+
+
+def test_the_flow_batched_gives_each_rows_mel_alone(models) -> None:  # type: ignore[no-untyped-def]
+    flow = models.flow
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, 64, (3, 40), generator=g)
+    feats = [torch.zeros(1, 0, 80), torch.randn(1, 30, 80, generator=g), torch.randn(1, 12, 80, generator=g)]
+    noise = torch.randn(3, 80, flow.n_frames(40), generator=g)
+    both = flow.inference_rows(tokens, feats, noise, batch_guidance=True)
+    for row in range(3):
+        alone = flow.inference_rows(tokens[row : row + 1], feats[row : row + 1], noise[row : row + 1],
+                                    batch_guidance=True)
+        torch.testing.assert_close(both[row : row + 1], alone, atol=TOLERANCE, rtol=0)
+
+
+def test_the_vocoder_batched_gives_each_rows_speech_alone(models) -> None:  # type: ignore[no-untyped-def]
+    from glmvoice_cli.decoder.vocoder import SourceDraws
+
+    hift = models.hift
+    g = torch.Generator().manual_seed(1)
+    harmonics = hift.cfg.nb_harmonics + 1
+    mel = torch.randn(3, 80, 60, generator=g)
+    phase, noise = torch.rand(3, harmonics, 1, generator=g), torch.randn(3, harmonics, 60 * 256, generator=g)
+    cache = torch.randn(3, 1, 256, generator=g) * 0.1
+    both, _ = hift.inference(mel, cache, draws=SourceDraws(phase, noise))
+    for row in range(3):
+        one = slice(row, row + 1)
+        alone, _ = hift.inference(mel[one], cache[one], draws=SourceDraws(phase[one], noise[one]))
+        torch.testing.assert_close(both[one], alone, atol=TOLERANCE, rtol=0)
