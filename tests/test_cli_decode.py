@@ -160,13 +160,13 @@ def test_long_input_is_decoded_in_bounded_blocks(tiny_dec: Path, tmp_path: Path,
     block, n_tokens = 20, 130
     monkeypatch.setattr(speech_decoder, "OFFLINE_BLOCK_TOKENS", block)
     seen: list[int] = []
-    inference = FlowModel.inference
+    inference = FlowModel.inference_rows
 
-    def counting(self, new, prompt_tokens, *args, **kwargs):  # type: ignore[no-untyped-def]
-        seen.append(new.shape[1] + prompt_tokens.shape[1])
-        return inference(self, new, prompt_tokens, *args, **kwargs)
+    def counting(self, tokens, *args, **kwargs):  # type: ignore[no-untyped-def]
+        seen.append(tokens.shape[1])  # prompt and new tokens
+        return inference(self, tokens, *args, **kwargs)
 
-    monkeypatch.setattr(FlowModel, "inference", counting)
+    monkeypatch.setattr(FlowModel, "inference_rows", counting)
     tokens = tmp_path / "t.txt"
     tokens.write_text(" ".join(str(i % 64) for i in range(n_tokens)))
     out = tmp_path / "long.wav"
