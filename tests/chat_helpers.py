@@ -19,6 +19,20 @@ from glmvoice_cli.sessions.store import SessionStore
 RATE, OUT_RATE = 16_000, 22_050
 ENERGY_THRESHOLD = 0.01  # frame RMS (-40 dBFS) the scripted VAD calls speech
 FAST_VAD = VadConfig(hangover_ms=300, pre_roll_ms=90, post_roll_ms=60, min_turn_ms=150)
+# Decoder blocks batched with other streams' round differently from the same blocks alone, and the vocoder's
+# source integrates f0 over every sample, so samples move by up to ~1e-4 (as much as decoding alone with 2
+# threads instead of 1 does): audio is compared to that rounding, as a relative rms difference (-80 dB).
+AUDIO_RELATIVE_RMS = 1e-4
+
+
+def assert_same_audio(actual: np.ndarray, desired: np.ndarray) -> None:
+    """The same audio up to float rounding: the same length, a relative rms difference under AUDIO_RELATIVE_RMS."""
+    assert actual.shape == desired.shape
+    if not np.any(desired):
+        assert not np.any(actual)
+        return
+    difference = float(np.sqrt(np.mean((actual - desired) ** 2) / np.mean(desired**2)))
+    assert difference <= AUDIO_RELATIVE_RMS, f"audio differs by {difference:.2e} (relative rms)"
 
 
 def energy_vad(frame: np.ndarray) -> bool:

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
+from glmvoice_cli.chat.speech_batch import StreamBlocks, batcher_for
 from glmvoice_cli.chat.turn_timing import breakdown, on_input_clock
 from glmvoice_cli.chat.worker import READY, WAIT
 from glmvoice_cli.errors import AudioDeviceError, ContextLengthError, GlmVoiceError, LMServerError
@@ -39,6 +40,7 @@ if TYPE_CHECKING:
 
     from glmvoice_cli.audio.devices import AudioSink
     from glmvoice_cli.chat.jobs import Heard, Job, Truncation
+    from glmvoice_cli.chat.worker import ModelWorker
     from glmvoice_cli.pipeline import Conversation, NoiseSource, UserInput
     from glmvoice_cli.pipeline.assistant import Assistant
     from glmvoice_cli.pipeline.listening import SpeculationStats, TurnListener
@@ -61,6 +63,7 @@ class ConversationCore(Protocol):
     _play_lock: threading.Lock
     _open: list[Job]
     _kind: int
+    worker: ModelWorker
 
     @property
     def config(self) -> Any: ...  # chat.core.EngineConfig
@@ -69,6 +72,8 @@ class ConversationCore(Protocol):
     def stopped(self) -> bool: ...
 
     def set_kind(self, kind: int) -> None: ...
+
+    def priority(self) -> tuple[float, ...]: ...
 
     def loaded(self) -> bool: ...
 
@@ -130,6 +135,9 @@ class TurnRunner:
         seed = core.config.generation.seed if core.config.generation is not None else None
         # the stream's own noise: a decoder shared by many conversations never mixes their draws
         self.noise = noise if noise is not None else (decoder.new_noise(seed) if decoder is not None else None)
+        # decoder blocks go to the worker's batcher, decoded with other conversations' blocks that are ready
+        self.blocks = (StreamBlocks(batcher_for(core.worker, decoder), core.priority)
+                       if decoder is not None and core.config.batch_speech else None)
         self.reports: list[TurnReport] = []
         self._answers: dict[int, int] = {}  # turn -> where its answer starts in the history (the last one)
 
@@ -242,7 +250,8 @@ class TurnRunner:
         while True:
             try:
                 for event in core.assistant.respond_in_steps(core.conversation, user, core.config.generation,
-                                                             job.cancel, noise=self.noise, on_ready=core.wake):
+                                                             job.cancel, noise=self.noise, on_ready=core.wake,
+                                                             blocks=self.blocks):
                     yield _BUSY if isinstance(event, Pending) else event
                 return
             except LMSlotsBusy:

@@ -101,6 +101,9 @@ class EngineConfig:
     transcribe_max_new_tokens: int = TURN_TRANSCRIPT_MAX_TOKENS
     streaming: bool = True  # tokenize each completed block and prefill it while the user speaks
     speculative_pause_ms: int | None = SPECULATIVE_PAUSE_MS  # start answering (unheard) at this pause
+    # decoder blocks of all the worker's conversations decoded together (`chat.speech_batch`); False decodes
+    # each at once on its own
+    batch_speech: bool = True
 
 
 @dataclass(frozen=True)

@@ -20,14 +20,17 @@ from __future__ import annotations
 
 import itertools
 import threading
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Hashable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 READY = "ready"  # a task's yield: it has more work now
 WAIT = "wait"  # a task's yield: nothing to do until something outside changes
 WAIT_S = 0.01  # a waiting task is asked again after this long (or when woken)
 JOIN_TIMEOUT_S = 10.0
+
+
+_Task = TypeVar("_Task", bound="WorkerTask")
 
 
 class WorkerTask(Protocol):
@@ -63,6 +66,7 @@ class ModelWorker:
         self._thread: threading.Thread | None = None
         self.units = 0  # units run so far (for benchmarks and tests)
         self._failed: BaseException | None = None  # `prepare` failed: every task hears it
+        self._shared: dict[Hashable, WorkerTask] = {}
 
     @property
     def running(self) -> bool:
@@ -85,6 +89,20 @@ class ModelWorker:
             task.crashed(failed)
             entry.done.set()
         return entry.done
+
+    def shared(self, key: Hashable, make: Callable[[], _Task]) -> _Task:
+        """The task registered under `key`, made with `make()` and added on first use (a batcher that every
+        conversation on this worker shares)."""
+        with self._cond:
+            task = self._shared.get(key)
+            if task is None:
+                task = self._shared[key] = make()
+                fresh = True
+            else:
+                fresh = False
+        if fresh:
+            self.add(task)
+        return task  # type: ignore[return-value]
 
     def wake(self) -> None:
         """Something a waiting task waits on may have changed: ask the waiting tasks again now."""

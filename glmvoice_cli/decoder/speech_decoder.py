@@ -122,6 +122,10 @@ class BlockOutput:
     source: torch.Tensor  # (1, 1, F * 256) full source of this call
     finalize: bool
 
+    def samples(self) -> np.ndarray:
+        """The emitted samples as float32 on the host."""
+        return _to_numpy(self.speech)
+
 
 @dataclass
 class BlockRequest:
@@ -196,7 +200,7 @@ class SpeechDecoder:
         block cut there is dropped, the state is spent (`cancelled` is set), and what was decoded before it
         is returned. A block takes seconds on a CPU; the next turn no longer waits for it.
         """
-        state.pending.extend(self._check_tokens(tokens))
+        self.receive(state, tokens)
         chunks: list[np.ndarray] = []
         while (request := self.next_block(state, cancel)) is not None:
             self.decode_blocks([request])
@@ -218,7 +222,7 @@ class SpeechDecoder:
         in one batch (`decode_blocks`) -> each stream's chunks, as `push` would give them."""
         cuts = cancels if cancels is not None else [None] * len(pushes)
         for state, tokens in pushes:
-            state.pending.extend(self._check_tokens(tokens))
+            self.receive(state, tokens)
         chunks: list[list[np.ndarray]] = [[] for _ in pushes]
         while True:
             ready = [(i, r) for i, ((state, _), cut) in enumerate(zip(pushes, cuts))
@@ -232,14 +236,29 @@ class SpeechDecoder:
 
     def flush(self, state: DecoderState, cancel: threading.Event | None = None) -> np.ndarray:
         """Decode what is left, including the held-back tail, and reset the state (`cancel`: as in `push`)."""
+        final = self.final_block(state, cancel)
+        if final is not None:
+            self.decode_blocks([final])
+        return self.end(state, final)
+
+    def receive(self, state: DecoderState, tokens: Iterable[int]) -> None:
+        """Add tokens to the stream without decoding (`next_block` takes the blocks they complete)."""
+        state.pending.extend(self._check_tokens(tokens))
+
+    def final_block(self, state: DecoderState, cancel: threading.Event | None = None) -> BlockRequest | None:
+        """The answer's last block (whatever is pending, decoded to the end), or None if nothing is."""
+        if state.cancelled or not state.pending:  # a cut block left a hole: nothing after it may be joined on
+            return None
+        block, state.pending = state.pending, []
+        return BlockRequest(state, block, True, cancel)
+
+    def end(self, state: DecoderState, final: BlockRequest | None) -> np.ndarray:
+        """The answer's last samples (the final block's, or the held-back frames vocoded as they are); the
+        state is reset for the next answer."""
         out: torch.Tensor | None = None
-        if state.cancelled:  # a cut block left a hole: nothing after it may be joined on
-            out = None
-        elif state.pending:
-            request = BlockRequest(state, state.pending, True, cancel)
-            self.decode_blocks([request])
-            out = request.output.speech if request.output is not None else None
-        elif state.mel_overlap is not None:  # nothing new: vocode the held-back frames as they are
+        if final is not None:
+            out = final.output.speech if final.output is not None else None
+        elif not state.cancelled and state.mel_overlap is not None:
             out = self._vocode([state], [state.mel_overlap], finalize=True)[0][0]
         state.reset()
         return _to_numpy(out if out is not None else torch.zeros(1, 0))

@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     import torch
 
     from glmvoice_cli.decoder.noise import NoiseSource
-    from glmvoice_cli.decoder.speech_decoder import SpeechDecoder
+    from glmvoice_cli.decoder.speech_decoder import BlockRequest, DecoderState, SpeechDecoder
     from glmvoice_cli.lm.backend import LMBackend
     from glmvoice_cli.lm.compiled import CompileReport
     from glmvoice_cli.lm.prompts import SpeechInput, UserInput
@@ -144,17 +144,19 @@ class Assistant:
     def respond_in_steps(self, conv: Conversation, user: UserInput, options: GenerationOptions | None = None,
                          cancel: threading.Event | None = None, speak: bool = True,
                          noise: NoiseSource | None = None, on_ready: Callable[[], None] | None = None,
+                         blocks: BlockQueue | None = None,
                          ) -> Iterator[TextDelta | AudioChunk | TurnEnded | Pending | None]:
         """`respond`, with a None after every LM token: a worker serving several conversations switches
         between them there (a unit of work is one token, or one decoder block).
 
         With `on_ready`, an LM that waits on the network (`--lm-url`) is read on a thread of its own, and
         while its next token has not arrived this yields PENDING (the worker runs other conversations
-        meanwhile); `on_ready()` is called as each one arrives.
+        meanwhile); `on_ready()` is called as each one arrives. With `blocks`, each decoder block is handed
+        to it (a batcher shared by the worker's conversations) and PENDING is yielded until it is decoded.
         """
         from glmvoice_cli.lm.voice_lm import AudioTokens, StopReason, TextPiece, TurnEnd
 
-        voice = _Voice(self.decoder, noise) if speak and self.decoder is not None else None
+        voice = _Voice(self.decoder, noise, blocks) if speak and self.decoder is not None else None
         start = time.perf_counter()
         first_token: float | None = None
         first_text: float | None = None
@@ -164,32 +166,36 @@ class Assistant:
                 lambda cut: self.lm.stream(conv, user, options, cut), cancel, on_ready)
         else:
             events = self.lm.stream(conv, user, options, cancel)
-        for event in events:
-            if isinstance(event, Pending):
-                yield event
-                continue
-            if first_token is None and not isinstance(event, TurnEnd):
-                first_token = time.perf_counter() - start
-            if first_text is None and isinstance(event, TextPiece):
-                first_text = time.perf_counter() - start
-            if first_audio_token is None and isinstance(event, AudioTokens):
-                first_audio_token = time.perf_counter() - start
-            yield None
-            if isinstance(event, TextPiece) and event.text:
-                yield TextDelta(event.text)
-            elif isinstance(event, AudioTokens) and voice is not None:
-                yield from voice.push(event.indices, start, cancel)
-            elif isinstance(event, TurnEnd):
-                cut = event.reason == StopReason.CANCELLED
-                if voice is not None and not cut:
-                    yield from voice.flush(start, cancel)
-                elapsed = time.perf_counter() - start
-                timings = TurnTimings(
-                    first_token_s=first_token, first_audio_s=voice.first_audio_s if voice else None,
-                    real_time_factor=elapsed / voice.seconds if voice and voice.seconds else None,
-                    tokens=event.n_generated, first_text_s=first_text, first_audio_token_s=first_audio_token)
-                yield TurnEnded(interrupted=cut, reason=_REASONS.get(event.reason.value, event.reason.value),
-                                timings=timings)
+        try:
+            for event in events:
+                if isinstance(event, Pending):
+                    yield event
+                    continue
+                if first_token is None and not isinstance(event, TurnEnd):
+                    first_token = time.perf_counter() - start
+                if first_text is None and isinstance(event, TextPiece):
+                    first_text = time.perf_counter() - start
+                if first_audio_token is None and isinstance(event, AudioTokens):
+                    first_audio_token = time.perf_counter() - start
+                yield None
+                if isinstance(event, TextPiece) and event.text:
+                    yield TextDelta(event.text)
+                elif isinstance(event, AudioTokens) and voice is not None:
+                    yield from voice.push(event.indices, start, cancel)
+                elif isinstance(event, TurnEnd):
+                    cut = event.reason == StopReason.CANCELLED
+                    if voice is not None and not cut:
+                        yield from voice.flush(start, cancel)
+                    elapsed = time.perf_counter() - start
+                    timings = TurnTimings(
+                        first_token_s=first_token, first_audio_s=voice.first_audio_s if voice else None,
+                        real_time_factor=elapsed / voice.seconds if voice and voice.seconds else None,
+                        tokens=event.n_generated, first_text_s=first_text, first_audio_token_s=first_audio_token)
+                    yield TurnEnded(interrupted=cut, reason=_REASONS.get(event.reason.value, event.reason.value),
+                                    timings=timings)
+        finally:
+            if voice is not None:
+                voice.close()  # the batcher stops counting on this stream's blocks
 
 
 class Pending:
@@ -237,23 +243,64 @@ def _read_apart(open_stream: Callable[[threading.Event], Iterator[LMEvent]], can
         cut.set()
 
 
-class _Voice:
-    """One turn's decoding: audio tokens in, AudioChunk events out, with the first-audio time."""
+class BlockQueue(Protocol):
+    """Where a conversation's decoder blocks go to be decoded with other conversations' (`chat.speech_batch`)."""
 
-    def __init__(self, decoder: SpeechDecoder, noise: NoiseSource | None = None) -> None:
-        self.decoder = decoder
+    def decode(self, request: BlockRequest) -> Iterator[None]:
+        """Decode `request`, yielding while it waits its turn."""
+        ...
+
+    def track(self, state: DecoderState) -> None: ...
+
+    def untrack(self, state: DecoderState) -> None: ...
+
+
+class _Voice:
+    """One turn's decoding: audio tokens in, AudioChunk events out, with the first-audio time.
+
+    With a `BlockQueue`, each block is decoded there (PENDING while it waits), else here at once."""
+
+    def __init__(self, decoder: SpeechDecoder, noise: NoiseSource | None = None,
+                 blocks: BlockQueue | None = None) -> None:
+        self.decoder, self.blocks = decoder, blocks
         self.state = decoder.new_state(noise)
         self.seconds = 0.0  # of audio produced
         self.first_audio_s: float | None = None
+        if blocks is not None:
+            blocks.track(self.state)
 
-    def push(self, tokens: tuple[int, ...], start: float, cancel: threading.Event | None) -> Iterator[AudioChunk]:
-        for chunk in self.decoder.push(self.state, tokens, cancel):  # a cancel cuts a block between flow steps
-            yield self._chunk(chunk, start)
+    def push(self, tokens: tuple[int, ...], start: float, cancel: threading.Event | None
+             ) -> Iterator[AudioChunk | Pending]:
+        if self.blocks is None:
+            for chunk in self.decoder.push(self.state, tokens, cancel):  # a cancel cuts a block between flow steps
+                yield self._chunk(chunk, start)
+            return
+        self.decoder.receive(self.state, tokens)
+        while (request := self.decoder.next_block(self.state, cancel)) is not None:
+            yield from self._wait(request)
+            if request.output is None:
+                return
+            yield self._chunk(request.output.samples(), start)
 
-    def flush(self, start: float, cancel: threading.Event | None) -> Iterator[AudioChunk]:
-        tail = self.decoder.flush(self.state, cancel)
+    def flush(self, start: float, cancel: threading.Event | None) -> Iterator[AudioChunk | Pending]:
+        final = self.decoder.final_block(self.state, cancel)
+        if final is not None:
+            if self.blocks is not None:
+                yield from self._wait(final)
+            else:
+                self.decoder.decode_blocks([final])
+        tail = self.decoder.end(self.state, final)
         if len(tail):
             yield self._chunk(tail, start)
+
+    def close(self) -> None:
+        if self.blocks is not None:
+            self.blocks.untrack(self.state)
+
+    def _wait(self, request: BlockRequest) -> Iterator[Pending]:
+        assert self.blocks is not None
+        for _ in self.blocks.decode(request):
+            yield PENDING
 
     def _chunk(self, samples: np.ndarray, start: float) -> AudioChunk:
         if self.first_audio_s is None:
