@@ -374,9 +374,9 @@ from glmvoice_cli.pipeline.assistant import Assistant
 real_respond = Assistant.respond_in_steps
 work = Path(os.environ["TEST_WORK"])
 
-def respond(self, conv, user, options=None, cancel=None, speak=True, noise=None, on_ready=None):
+def respond(self, conv, user, options=None, cancel=None, speak=True, noise=None, on_ready=None, blocks=None):
     """The real answer, held after its first audio block until the turn is cut."""
-    for event in real_respond(self, conv, user, options, cancel, speak, noise, on_ready):
+    for event in real_respond(self, conv, user, options, cancel, speak, noise, on_ready, blocks):
         yield event
         if isinstance(event, AudioChunk):
             while not cancel.is_set():

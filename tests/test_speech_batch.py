@@ -335,3 +335,32 @@ def test_a_cut_row_and_a_failing_batch_reach_their_answers(models) -> None:  # t
     batcher._run()
     with pytest.raises(RuntimeError, match="out of memory"):
         next(waiting)
+
+
+# --- the speech tokenizer's blocks ----------------------------------------------------------------------
+
+
+def test_tokenizer_blocks_of_several_streams_encoded_together_equal_each_alone(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from glmvoice_cli.tiny.tokenizer import TinyTokenizerSpec, write_tiny_tokenizer
+    from glmvoice_cli.tokenizer.block_encoder import Span, encode_span, encode_spans
+    from glmvoice_cli.tokenizer.speech_tokenizer import SpeechTokenizer
+    from glmvoice_cli.tokenizer.streaming import StreamingTokenizer
+    from glmvoice_cli.tokenizer.whisper_vq import CONV2_STRIDE
+
+    tok = SpeechTokenizer.from_pretrained(write_tiny_tokenizer(tmp_path / "tok", TinyTokenizerSpec(seed=3)), device="cpu")
+    block = StreamingTokenizer(tok).block_frames // CONV2_STRIDE  # positions per causal block
+    g = torch.Generator().manual_seed(0)
+    feats = [tok.logmel(torch.randn(1, 16_000 * 9, generator=g) * 0.1)[0] for _ in range(3)]  # > two blocks
+    valid = [torch.ones(f.shape[1], dtype=torch.bool) for f in feats]
+    first = [Span(f, v, 0, block, None) for f, v in zip(feats, valid)]
+    together = encode_spans(tok.model, first)
+    second = [Span(f, v, block, 2 * block, r.caches) for f, v, r in zip(feats[:2], valid[:2], together[:2])]
+    # streams at different places: two second blocks and a first block share one call
+    mixed = encode_spans(tok.model, [*second, first[2]])
+    for span, got in zip([*first, *second, first[2]], [*together, *mixed]):
+        alone = encode_span(tok.model, span.feats, span.frame_valid, span.p0, span.p1, span.past)
+        assert got.ids == alone.ids and got.valid == alone.valid
+        torch.testing.assert_close(got.states, alone.states, atol=TOLERANCE, rtol=0)
+        for (k, v), (k1, v1) in zip(got.caches, alone.caches):
+            torch.testing.assert_close(k, k1, atol=TOLERANCE, rtol=0)
+            torch.testing.assert_close(v, v1, atol=TOLERANCE, rtol=0)

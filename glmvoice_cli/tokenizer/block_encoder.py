@@ -78,6 +78,17 @@ def _layer(layer: EncoderLayer, x: torch.Tensor, past: LayerCache | None, mask: 
     return x, (k, v)
 
 
+@dataclass
+class Span:
+    """One window's positions [p0, p1) to encode (see `encode_span`)."""
+
+    feats: torch.Tensor  # (n_mels, frames) of the window, frames >= 2 * p1
+    frame_valid: torch.Tensor  # (frames,) bool
+    p0: int
+    p1: int
+    past: list[LayerCache] | None  # every layer's cache of [0, p0) (None at 0)
+
+
 @torch.inference_mode()
 def encode_span(model: WhisperVQEncoder, feats: torch.Tensor, frame_valid: torch.Tensor, p0: int, p1: int,
                 past: list[LayerCache] | None) -> SpanResult:
@@ -85,24 +96,51 @@ def encode_span(model: WhisperVQEncoder, feats: torch.Tensor, frame_valid: torch
 
     feats: (n_mels, frames) of the window (frames >= 2 * p1); frame_valid: (frames,) bool.
     """
+    return encode_spans(model, [Span(feats, frame_valid, p0, p1, past)])[0]
+
+
+@torch.inference_mode()
+def encode_spans(model: WhisperVQEncoder, spans: list[Span]) -> list[SpanResult]:
+    """Several streams' spans at once: spans at the same positions share each layer's call (no padding, so
+    each equals its span encoded alone up to float rounding, which `SpanResult.margin` covers)."""
+    groups: dict[tuple[int, int], list[int]] = {}
+    for index, span in enumerate(spans):
+        groups.setdefault((span.p0, span.p1), []).append(index)
+    results: dict[int, SpanResult] = {}
+    for (p0, p1), members in groups.items():
+        for index, result in zip(members, _encode_group(model, [spans[i] for i in members], p0, p1)):
+            results[index] = result
+    return [results[i] for i in range(len(spans))]
+
+
+def _encode_group(model: WhisperVQEncoder, spans: list[Span], p0: int, p1: int) -> list[SpanResult]:
     cfg = model.cfg
-    x = _front(model, feats.to(model.conv1.weight.device), p0, p1)
+    device = model.conv1.weight.device
+    x = torch.cat([_front(model, span.feats.to(device), p0, p1) for span in spans])
     x = x + model.embed_positions.weight[p0:p1]
-    valid = frame_valid.to(x.device)[::CONV2_STRIDE][p0:p1].bool()
+    valid = torch.stack([span.frame_valid.to(device)[::CONV2_STRIDE][p0:p1].bool() for span in spans])
     offset, block, k = p0, cfg.quantize_causal_block_size, cfg.pooling_kernel_size
     if block is None or k is None:  # StreamingTokenizer refuses such configs up front
         raise ValueError("block encoding needs a block-causal, pooled tokenizer")
     caches: list[LayerCache] = []
     for i, layer in enumerate(model.layers):
-        x, cache = _layer(cast(EncoderLayer, layer), x, None if past is None else past[i], _mask(offset, valid, block, x.dtype))
+        past = None if spans[0].past is None else (
+            torch.cat([span.past[i][0] for span in spans if span.past is not None]),
+            torch.cat([span.past[i][1] for span in spans if span.past is not None]))
+        mask = torch.cat([_mask(offset, row, block, x.dtype) for row in valid])
+        x, cache = _layer(cast(EncoderLayer, layer), x, past, mask)
         caches.append(cache)
         if i + 1 == cfg.pooling_position:
-            x, valid = model._pool(x), valid[::k]
+            x, valid = model._pool(x), valid[:, ::k]
             offset, block = offset // k, max(1, block // k)
-    pooled = x[0]
-    distances = code_distances(pooled, model.codebook.weight)
-    best = distances.topk(min(2, distances.shape[1]), dim=1, largest=False)
-    ids = best.indices[:, 0]
-    margin = best.values[:, 1] - best.values[:, 0] if best.values.shape[1] > 1 else torch.full_like(ids, 1e30)
-    scale = (pooled.float() ** 2).sum(1) + 1.0  # distances are |x|^2 + |c|^2 - 2x.c: rounding scales with |x|^2
-    return SpanResult(ids.tolist(), valid.tolist(), margin.float(), scale, caches, pooled)
+    results = []
+    for row in range(len(spans)):
+        pooled = x[row]
+        distances = code_distances(pooled, model.codebook.weight)
+        best = distances.topk(min(2, distances.shape[1]), dim=1, largest=False)
+        ids = best.indices[:, 0]
+        margin = best.values[:, 1] - best.values[:, 0] if best.values.shape[1] > 1 else torch.full_like(ids, 1e30)
+        scale = (pooled.float() ** 2).sum(1) + 1.0  # distances are |x|^2 + |c|^2 - 2x.c: rounding scales with |x|^2
+        own = [(key[row : row + 1], value[row : row + 1]) for key, value in caches]
+        results.append(SpanResult(ids.tolist(), valid[row].tolist(), margin.float(), scale, own, pooled))
+    return results
