@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -215,8 +216,9 @@ def test_blocks_handed_in_together_are_decoded_in_one_batch_on_the_worker(models
 
     decoder = SpeechDecoder(models)
     worker = ModelWorker()
-    batcher = batcher_for(worker, decoder)
-    assert batcher_for(worker, decoder) is batcher  # one per worker and decoder
+    assistant = SimpleNamespace(decoder=decoder)
+    batcher = batcher_for(worker, assistant)  # type: ignore[arg-type]
+    assert batcher is not None and batcher_for(worker, assistant) is batcher  # type: ignore[arg-type]  # one per worker
     streams = [_tokens(10, seed=s) for s in (1, 2)]
     states = [decoder.new_state(decoder.new_noise(seed)) for seed in (1, 2)]
     tickets = []
@@ -251,12 +253,11 @@ class _Clock:
 
 
 def _batcher_with(models, clock: _Clock):  # type: ignore[no-untyped-def]
-    from glmvoice_cli.chat.speech_batch import BatchPolicy, DecoderBatcher
-    from glmvoice_cli.chat.worker import ModelWorker
+    from glmvoice_cli.pipeline.speech_batch import BatchPolicy, DecoderBatcher
 
     decoder = SpeechDecoder(models, StreamSchedule(block_sizes=(20,)))
     policy = BatchPolicy(join_tokens=13, max_hold_s=0.25, margin_s=0.1)
-    return decoder, DecoderBatcher(decoder, ModelWorker(), policy, clock=clock)
+    return decoder, DecoderBatcher(decoder, policy=policy, clock=clock)
 
 
 def _stream_short_of_its_block(decoder: SpeechDecoder, missing: int) -> DecoderState:
@@ -282,10 +283,10 @@ def test_the_batch_waits_only_for_a_close_stream_and_never_past_a_speaker(
     batcher.submit(request, _answer(kind, queued_s))
     batcher.track(waiting)
     batcher.track(_stream_short_of_its_block(decoder, missing))
-    assert batcher._hold() is holds
+    assert batcher.hold() is holds
     if holds:
         clock.now += 0.3  # past max_hold_s: the batch runs with what it has
-        assert batcher._hold() is False
+        assert batcher.hold() is False
 
 
 def test_a_finished_or_cut_stream_is_not_waited_for(models) -> None:  # type: ignore[no-untyped-def]
@@ -298,12 +299,12 @@ def test_a_finished_or_cut_stream_is_not_waited_for(models) -> None:  # type: ig
     batcher.submit(request, _answer(0, 3.0))
     close = _stream_short_of_its_block(decoder, 3)
     batcher.track(close)
-    assert batcher._hold() is True
+    assert batcher.hold() is True
     close.cancelled = True
-    assert batcher._hold() is False
+    assert batcher.hold() is False
     close.cancelled = False
     batcher.untrack(close)
-    assert batcher._hold() is False
+    assert batcher.hold() is False
 
 
 def test_a_cut_row_and_a_failing_batch_reach_their_answers(models) -> None:  # type: ignore[no-untyped-def]
@@ -318,7 +319,7 @@ def test_a_cut_row_and_a_failing_batch_reach_their_answers(models) -> None:  # t
         assert request is not None
         tickets.append(batcher.submit(request, _answer(0, 0.0)))
     cancel.set()
-    batcher._run()
+    batcher.run()
     assert tickets[0].request.cut and states[0].cancelled and tickets[0].done
     assert tickets[1].request.output is not None and batcher.stats.batches == [1]
 
@@ -332,7 +333,7 @@ def test_a_cut_row_and_a_failing_batch_reach_their_answers(models) -> None:  # t
     assert request is not None
     waiting = batcher.decode(request, _answer(0, 0.0))
     next(waiting)  # handed in, waiting
-    batcher._run()
+    batcher.run()
     with pytest.raises(RuntimeError, match="out of memory"):
         next(waiting)
 

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
-from glmvoice_cli.chat.speech_batch import StreamBlocks, batcher_for
+from glmvoice_cli.chat.speech_batch import batcher_for
 from glmvoice_cli.chat.turn_timing import breakdown, on_input_clock
 from glmvoice_cli.chat.worker import READY, WAIT
 from glmvoice_cli.errors import AudioDeviceError, ContextLengthError, GlmVoiceError, LMServerError
@@ -34,6 +34,7 @@ from glmvoice_cli.events import (
 )
 from glmvoice_cli.pipeline.history import answer_text, last_turn, trim_finished_answer, trim_to_heard
 from glmvoice_cli.pipeline.listening import Speculation
+from glmvoice_cli.pipeline.speech_batch import StreamBlocks
 
 if TYPE_CHECKING:
     import threading
@@ -136,8 +137,8 @@ class TurnRunner:
         # the stream's own noise: a decoder shared by many conversations never mixes their draws
         self.noise = noise if noise is not None else (decoder.new_noise(seed) if decoder is not None else None)
         # decoder blocks go to the worker's batcher, decoded with other conversations' blocks that are ready
-        self.blocks = (StreamBlocks(batcher_for(core.worker, decoder), core.priority)
-                       if decoder is not None and core.config.batch_speech else None)
+        batcher = batcher_for(core.worker, core.assistant) if core.config.batch_speech else None
+        self.blocks = StreamBlocks(batcher, core.priority) if batcher is not None else None
         self.reports: list[TurnReport] = []
         self._answers: dict[int, int] = {}  # turn -> where its answer starts in the history (the last one)
 
