@@ -230,7 +230,7 @@ def test_blocks_handed_in_together_are_decoded_in_one_batch_on_the_worker(models
     worker.start()
     try:
         for _ in range(3000):
-            if all(t.done for t in tickets):
+            if all(t.finished for t in tickets):
                 break
             threading.Event().wait(0.01)
     finally:
@@ -238,8 +238,8 @@ def test_blocks_handed_in_together_are_decoded_in_one_batch_on_the_worker(models
         worker.join()
     assert batcher.stats.batches == [2]
     for ticket, tokens, seed in zip(tickets, streams, (1, 2)):
-        out = ticket.request.output
-        assert out is not None and ticket.error is None
+        out = ticket.item.output
+        assert out is not None and ticket.error is None and ticket.result is out
         alone = decoder.new_state(decoder.new_noise(seed))
         assert_same_audio(out.samples(), np.concatenate(decoder.push(alone, tokens)))
 
@@ -320,13 +320,13 @@ def test_a_cut_row_and_a_failing_batch_reach_their_answers(models) -> None:  # t
         tickets.append(batcher.submit(request, _answer(0, 0.0)))
     cancel.set()
     batcher.run()
-    assert tickets[0].request.cut and states[0].cancelled and tickets[0].done
-    assert tickets[1].request.output is not None and batcher.stats.batches == [1]
+    assert tickets[0].item.cut and states[0].cancelled and tickets[0].finished
+    assert tickets[1].item.output is not None and batcher.stats.batches == [1]
 
     def broken(_requests: list[BlockRequest]) -> None:
         raise RuntimeError("CUDA error: out of memory")
 
-    decoder.decode_blocks = broken  # type: ignore[method-assign]
+    decoder.decode_blocks = broken
     state = decoder.new_state()
     decoder.receive(state, _tokens(20, seed=2))
     request = decoder.next_block(state)
@@ -356,8 +356,12 @@ def test_tokenizer_blocks_of_several_streams_encoded_together_equal_each_alone(t
     first = [Span(f, v, 0, block, None) for f, v in zip(feats, valid)]
     together = encode_spans(tok.model, first)
     second = [Span(f, v, block, 2 * block, r.caches) for f, v, r in zip(feats[:2], valid[:2], together[:2])]
-    # streams at different places: two second blocks and a first block share one call
+    # streams at different places: two second blocks and a first block share one call (keys padded, hidden)
+    rows: list[int] = []
+    hook = tok.model.layers[0].self_attn_layer_norm.register_forward_pre_hook(lambda _m, args: rows.append(args[0].shape[0]))
     mixed = encode_spans(tok.model, [*second, first[2]])
+    hook.remove()
+    assert rows == [3]
     for span, got in zip([*first, *second, first[2]], [*together, *mixed]):
         alone = encode_span(tok.model, span.feats, span.frame_valid, span.p0, span.p1, span.past)
         assert got.ids == alone.ids and got.valid == alone.valid
@@ -365,3 +369,35 @@ def test_tokenizer_blocks_of_several_streams_encoded_together_equal_each_alone(t
         for (k, v), (k1, v1) in zip(got.caches, alone.caches):
             torch.testing.assert_close(k, k1, atol=TOLERANCE, rtol=0)
             torch.testing.assert_close(v, v1, atol=TOLERANCE, rtol=0)
+
+
+def test_two_users_completed_blocks_wait_for_one_batch_and_give_the_ids_heard_alone(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from glmvoice_cli.pipeline.listening import TurnListener
+    from glmvoice_cli.pipeline.speech_batch import StreamSpans, TokenizerBatcher
+    from glmvoice_cli.tiny.tokenizer import TinyTokenizerSpec, write_tiny_tokenizer
+    from glmvoice_cli.tokenizer.speech_tokenizer import SpeechTokenizer
+
+    tok = SpeechTokenizer.from_pretrained(write_tiny_tokenizer(tmp_path / "tok", TinyTokenizerSpec(seed=4)), device="cpu")
+    batcher = TokenizerBatcher(tok.model)
+    g = np.random.default_rng(0)
+    speech = [(0.1 * g.standard_normal(16_000 * 9)).astype(np.float32) for _ in range(2)]
+    conv = SimpleNamespace(system_mode=None)  # no LM: the listener only tokenizes
+    together = [TurnListener(tok, None) for _ in speech]
+    steps = [listener.hear_steps(0, audio, conv, spans=StreamSpans(batcher, _answer(1, 0.0)))  # type: ignore[arg-type]
+             for listener, audio in zip(together, speech)]
+    for step in steps:
+        next(step)  # each hands its first completed block in and waits
+    assert len(batcher._pending) == 2
+    while any(batcher.waiting or step is not None for step in steps):
+        batcher.run()
+        for i, step in enumerate(steps):
+            if step is not None:
+                try:
+                    next(step)
+                except StopIteration:
+                    steps[i] = None  # type: ignore[call-overload]
+    assert batcher.stats.batches[0] == 2
+    for listener, audio in zip(together, speech):
+        alone = TurnListener(tok, None)
+        alone.hear(0, audio, conv)  # type: ignore[arg-type]
+        assert listener.stream.ids == alone.stream.ids and len(alone.stream.ids) > 0

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
-from glmvoice_cli.chat.speech_batch import batcher_for
+from glmvoice_cli.chat.speech_batch import batcher_for, tokenizer_batcher_for
 from glmvoice_cli.chat.turn_timing import breakdown, on_input_clock
 from glmvoice_cli.chat.worker import READY, WAIT
 from glmvoice_cli.errors import AudioDeviceError, ContextLengthError, GlmVoiceError, LMServerError
@@ -34,7 +34,7 @@ from glmvoice_cli.events import (
 )
 from glmvoice_cli.pipeline.history import answer_text, last_turn, trim_finished_answer, trim_to_heard
 from glmvoice_cli.pipeline.listening import Speculation
-from glmvoice_cli.pipeline.speech_batch import StreamBlocks
+from glmvoice_cli.pipeline.speech_batch import StreamBlocks, StreamSpans
 
 if TYPE_CHECKING:
     import threading
@@ -139,16 +139,22 @@ class TurnRunner:
         # decoder blocks go to the worker's batcher, decoded with other conversations' blocks that are ready
         batcher = batcher_for(core.worker, core.assistant) if core.config.batch_speech else None
         self.blocks = StreamBlocks(batcher, core.priority) if batcher is not None else None
+        # and the user's completed tokenizer blocks to its tokenizer batcher
+        spans = tokenizer_batcher_for(core.worker, core.assistant) if core.config.batch_speech else None
+        self.spans = StreamSpans(spans, core.priority) if spans is not None else None
         self.reports: list[TurnReport] = []
         self._answers: dict[int, int] = {}  # turn -> where its answer starts in the history (the last one)
 
     # ------------------------------------------------------------------ listening
 
-    def hear(self, item: Heard) -> None:
+    def hear(self, item: Heard) -> Iterator[str]:
+        """Tokenize (and prefill) what the user said; WAIT while a block waits for its batch."""
         core = self.core
         if core.listener is not None:
             waiting = functools.partial(core.answer_queued, item.turn_start)
-            core.listener.hear(item.turn_start, item.samples, core.conversation, waiting)
+            for _ in core.listener.hear_steps(item.turn_start, item.samples, core.conversation, waiting,
+                                              self.spans):
+                yield WAIT
 
     def truncate_finished(self, item: Truncation) -> None:
         """Trim an answer that has already ended, if it is still the last one (later turns build on it)."""

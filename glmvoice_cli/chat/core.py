@@ -494,7 +494,7 @@ class ConversationCore:
                 if isinstance(item, Heard):
                     if not self._stop.is_set():
                         self._kind = KIND_LISTEN
-                        self.runner.hear(item)
+                        yield from self.runner.hear(item)
                         yield READY
                     continue
                 if isinstance(item, Truncation):

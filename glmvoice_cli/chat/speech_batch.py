@@ -1,16 +1,16 @@
-"""The decoder batcher (`pipeline.speech_batch`) as a task of the model worker, one per worker and decoder.
+"""The speech batchers (`pipeline.speech_batch`) as tasks of the model worker, one per worker and model.
 
-It yields `WAIT` while no block is handed in or while it holds the batch for a close stream, and runs the
+Each yields `WAIT` while no block is handed in or while it holds the batch for a close stream, and runs the
 batch as one unit when its most urgent row's turn comes (its priority is that row's).
 """
 
 from __future__ import annotations
 
 from collections.abc import Generator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from glmvoice_cli.chat.worker import READY, WAIT
-from glmvoice_cli.pipeline.speech_batch import DecoderBatcher
+from glmvoice_cli.pipeline.speech_batch import Batcher, DecoderBatcher, TokenizerBatcher
 
 if TYPE_CHECKING:
     from glmvoice_cli.chat.worker import ModelWorker
@@ -18,9 +18,9 @@ if TYPE_CHECKING:
 
 
 class BatcherTask:
-    """A `WorkerTask` running one `DecoderBatcher`."""
+    """A `WorkerTask` running one batcher."""
 
-    def __init__(self, batcher: DecoderBatcher) -> None:
+    def __init__(self, batcher: Batcher[Any]) -> None:
         self.batcher = batcher
 
     def steps(self) -> Generator[str, None, None]:
@@ -44,4 +44,16 @@ def batcher_for(worker: ModelWorker, assistant: Assistant) -> DecoderBatcher | N
     if decoder is None:
         return None
     task = worker.shared(("decoder-batch", id(decoder)), lambda: BatcherTask(DecoderBatcher(decoder, worker.wake)))
+    assert isinstance(task.batcher, DecoderBatcher)
+    return task.batcher
+
+
+def tokenizer_batcher_for(worker: ModelWorker, assistant: Assistant) -> TokenizerBatcher | None:
+    """The worker's batcher for the assistant's speech tokenizer (made and added on first use); None without."""
+    tokenizer = assistant.speech_tokenizer
+    if tokenizer is None:
+        return None
+    task = worker.shared(("tokenizer-batch", id(tokenizer)),
+                         lambda: BatcherTask(TokenizerBatcher(tokenizer.model, worker.wake)))
+    assert isinstance(task.batcher, TokenizerBatcher)
     return task.batcher

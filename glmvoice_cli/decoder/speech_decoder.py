@@ -18,7 +18,7 @@ Two schedules:
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Hashable, Iterable, Iterator
+from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
@@ -216,7 +216,7 @@ class SpeechDecoder:
         block, state.pending = state.pending[:size], state.pending[size:]
         return BlockRequest(state, block, False, cancel)
 
-    def push_streams(self, pushes: list[tuple[DecoderState, Iterable[int]]],
+    def push_streams(self, pushes: Sequence[tuple[DecoderState, Iterable[int]]],
                      cancels: list[threading.Event | None] | None = None) -> list[list[np.ndarray]]:
         """`push` for several streams at once: each round, every stream with a complete block is decoded
         in one batch (`decode_blocks`) -> each stream's chunks, as `push` would give them."""

@@ -13,9 +13,9 @@ dropped, so the history is exactly what it would have been without it.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
@@ -23,8 +23,15 @@ if TYPE_CHECKING:
     from glmvoice_cli.lm.backend import LMBackend
     from glmvoice_cli.lm.prompts import InputMode, SpeechInput
     from glmvoice_cli.lm.voice_lm import Conversation
+    from glmvoice_cli.tokenizer.block_encoder import Span, SpanResult
     from glmvoice_cli.tokenizer.speech_tokenizer import SpeechTokenizer
     from glmvoice_cli.tokenizer.streaming import StreamingTokenizer
+
+
+class SpanQueue(Protocol):
+    """Where a turn's completed tokenizer blocks go to be encoded with other turns' (`pipeline.speech_batch`)."""
+
+    def encode(self, span: Span) -> Generator[None, None, SpanResult]: ...
 
 
 @dataclass
@@ -56,11 +63,32 @@ class TurnListener:
         them with the tail in one call (on a CPU one call of n + m tokens costs less than two; a dropped
         answer `rewarm`s). This happens when the end of the voice comes while a block is being encoded.
         """
+        for _ in self.hear_steps(turn_start, samples, conv, answer_waiting):
+            pass
+
+    def hear_steps(self, turn_start: int, samples: np.ndarray, conv: Conversation,
+                   answer_waiting: Callable[[], bool] | None = None, spans: SpanQueue | None = None,
+                   ) -> Iterator[None]:
+        """`hear`; with `spans`, each completed block is encoded there (with other conversations' blocks),
+        yielding while it waits its turn."""
+        from glmvoice_cli.tokenizer.block_encoder import encode_spans
+
         if turn_start != self.turn_start:
             self.stream.reset()
             self.turn_start, self.marks = turn_start, ListenMarks()
             self._warm(conv, [])  # the turn's header (and a first turn's system prompt) right away
-        if self.stream.push(samples):
+        steps = self.stream.push_steps(samples)
+        try:
+            span = next(steps)
+            while True:
+                if spans is None:
+                    result = encode_spans(self.stream.model, [span])[0]
+                else:
+                    result = yield from spans.encode(span)
+                span = steps.send(result)
+        except StopIteration as stop:
+            changed = bool(stop.value)
+        if changed:
             self.marks.last_block_s = time.perf_counter()
             if answer_waiting is None or not answer_waiting():
                 self._warm(conv, self.stream.ids)

@@ -101,38 +101,57 @@ def encode_span(model: WhisperVQEncoder, feats: torch.Tensor, frame_valid: torch
 
 @torch.inference_mode()
 def encode_spans(model: WhisperVQEncoder, spans: list[Span]) -> list[SpanResult]:
-    """Several streams' spans at once: spans at the same positions share each layer's call (no padding, so
-    each equals its span encoded alone up to float rounding, which `SpanResult.margin` covers)."""
-    groups: dict[tuple[int, int], list[int]] = {}
+    """Several streams' spans at once: spans of the same length share each layer's call, wherever they start.
+
+    A span that starts later has more keys (its earlier blocks' caches): the others' keys are padded on the
+    left with zeros that the attention mask hides, so each row equals its span encoded alone up to float
+    rounding (which `SpanResult.margin` covers, as for a span against the whole window).
+    """
+    groups: dict[int, list[int]] = {}
     for index, span in enumerate(spans):
-        groups.setdefault((span.p0, span.p1), []).append(index)
+        groups.setdefault(span.p1 - span.p0, []).append(index)
     results: dict[int, SpanResult] = {}
-    for (p0, p1), members in groups.items():
-        for index, result in zip(members, _encode_group(model, [spans[i] for i in members], p0, p1)):
+    for members in groups.values():
+        for index, result in zip(members, _encode_group(model, [spans[i] for i in members])):
             results[index] = result
     return [results[i] for i in range(len(spans))]
 
 
-def _encode_group(model: WhisperVQEncoder, spans: list[Span], p0: int, p1: int) -> list[SpanResult]:
+def _left_padded(past: list[LayerCache | None], masks: list[torch.Tensor]) -> tuple[LayerCache | None, torch.Tensor]:
+    """Each row's keys/values of earlier blocks and its mask, padded on the left to the longest row."""
+    lengths = [0 if p is None else p[0].shape[2] for p in past]
+    longest = max(lengths)
+    mask = torch.cat([F.pad(m, (longest - n, 0), value=torch.finfo(m.dtype).min) for m, n in zip(masks, lengths)])
+    if longest == 0:
+        return None, mask
+    keys, values = [], []
+    for cache, n in zip(past, lengths):
+        if cache is None:
+            ref = next(p for p in past if p is not None)[0]
+            cache = (ref.new_zeros(1, ref.shape[1], 0, ref.shape[3]), ref.new_zeros(1, ref.shape[1], 0, ref.shape[3]))
+        keys.append(F.pad(cache[0], (0, 0, longest - n, 0)))
+        values.append(F.pad(cache[1], (0, 0, longest - n, 0)))
+    return (torch.cat(keys), torch.cat(values)), mask
+
+
+def _encode_group(model: WhisperVQEncoder, spans: list[Span]) -> list[SpanResult]:
     cfg = model.cfg
     device = model.conv1.weight.device
-    x = torch.cat([_front(model, span.feats.to(device), p0, p1) for span in spans])
-    x = x + model.embed_positions.weight[p0:p1]
-    valid = torch.stack([span.frame_valid.to(device)[::CONV2_STRIDE][p0:p1].bool() for span in spans])
-    offset, block, k = p0, cfg.quantize_causal_block_size, cfg.pooling_kernel_size
+    x = torch.cat([_front(model, span.feats.to(device), span.p0, span.p1) for span in spans])
+    x = x + torch.stack([model.embed_positions.weight[span.p0 : span.p1] for span in spans])
+    valid = torch.stack([span.frame_valid.to(device)[::CONV2_STRIDE][span.p0 : span.p1].bool() for span in spans])
+    offsets, block, k = [span.p0 for span in spans], cfg.quantize_causal_block_size, cfg.pooling_kernel_size
     if block is None or k is None:  # StreamingTokenizer refuses such configs up front
         raise ValueError("block encoding needs a block-causal, pooled tokenizer")
     caches: list[LayerCache] = []
     for i, layer in enumerate(model.layers):
-        past = None if spans[0].past is None else (
-            torch.cat([span.past[i][0] for span in spans if span.past is not None]),
-            torch.cat([span.past[i][1] for span in spans if span.past is not None]))
-        mask = torch.cat([_mask(offset, row, block, x.dtype) for row in valid])
+        past, mask = _left_padded([None if span.past is None else span.past[i] for span in spans],
+                                  [_mask(offset, row, block, x.dtype) for offset, row in zip(offsets, valid)])
         x, cache = _layer(cast(EncoderLayer, layer), x, past, mask)
         caches.append(cache)
         if i + 1 == cfg.pooling_position:
             x, valid = model._pool(x), valid[:, ::k]
-            offset, block = offset // k, max(1, block // k)
+            offsets, block = [offset // k for offset in offsets], max(1, block // k)
     results = []
     for row in range(len(spans)):
         pooled = x[row]

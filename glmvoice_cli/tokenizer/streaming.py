@@ -26,13 +26,15 @@ What reaches across blocks, and how it is handled:
 
 from __future__ import annotations
 
+from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import numpy as np
 import torch
 
 from glmvoice_cli.errors import CheckpointMismatchError
-from glmvoice_cli.tokenizer.block_encoder import LayerCache, SpanResult, encode_span
+from glmvoice_cli.tokenizer.block_encoder import LayerCache, Span, SpanResult, encode_span, encode_spans
 from glmvoice_cli.tokenizer.speech_tokenizer import REFERENCE_BATCH, SpeechTokenizer, _Window
 from glmvoice_cli.tokenizer.whisper_vq import CONV2_STRIDE
 
@@ -110,6 +112,11 @@ class StreamingTokenizer:
 
     def push(self, samples: np.ndarray) -> bool:
         """Add (n,) float32 16 kHz samples; encode the blocks they complete. True if `ids` changed."""
+        return drive(self.push_steps(samples), lambda span: encode_spans(self.model, [span])[0])
+
+    def push_steps(self, samples: np.ndarray) -> Generator[Span, SpanResult, bool]:
+        """`push`, with each block to encode handed out (`yield span`) and its result sent back in, so that
+        a batcher can encode several conversations' blocks in one call (`drive` runs it alone)."""
         samples = np.asarray(samples, dtype=np.float32).reshape(-1)
         if len(samples) == 0:
             return False
@@ -123,7 +130,7 @@ class StreamingTokenizer:
         before = self.ids
         first = len(self._windows) - 1 if self._windows else 0
         for w in range(max(first, 0), self._length // self.window_samples + 1):
-            self._advance(w)
+            yield from self._advance(w)
         return self.ids != before
 
     # ------------------------------------------------------------------ while speaking
@@ -136,7 +143,7 @@ class StreamingTokenizer:
         ready = (self._length - start - self.lookahead) // self.hop
         return max(0, ready - ready % self.block_frames)
 
-    def _advance(self, w: int) -> None:
+    def _advance(self, w: int) -> Generator[Span, SpanResult, None]:
         while len(self._windows) <= w:
             self._windows.append(_WindowState())
         window, limit = self._windows[w], self._complete_frames(w)
@@ -155,8 +162,7 @@ class StreamingTokenizer:
         a = window.blocks[-1].frames[1] if window.blocks else 0
         while a < limit:
             b = min(a + self.block_frames, limit)
-            span = encode_span(self.model, feats, valid, a // CONV2_STRIDE, b // CONV2_STRIDE,
-                               self._past(window.blocks))
+            span = yield Span(feats, valid, a // CONV2_STRIDE, b // CONV2_STRIDE, self._past(window.blocks))
             window.blocks.append(_Block((a, b), feats[:, a:b].clone(), span.ids, self._fragile(span), span.caches))
             self.stats.blocks_encoded += 1
             a = b
@@ -226,3 +232,16 @@ class StreamingTokenizer:
         self.stats.last_span_frames += frames - a
         ids += [i for i, ok in zip(span.ids, span.valid) if ok]
         return ids, self._fragile(span) or any(block.fragile for block in kept)
+
+
+_Result = TypeVar("_Result")
+
+
+def drive(steps: Generator[Span, SpanResult, _Result], encode: Callable[[Span], SpanResult]) -> _Result:
+    """Run a `push_steps` generator to its end, encoding each span it hands out with `encode`."""
+    try:
+        span = next(steps)
+        while True:
+            span = steps.send(encode(span))
+    except StopIteration as stop:
+        return stop.value
