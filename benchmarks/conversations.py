@@ -14,6 +14,11 @@ speaker running dry inside an answer); per run the aggregate LM tokens per secon
 
     python benchmarks/conversations.py [--counts 1 2 4] [--max-new-tokens 30] [--out benchmarks/results/conversations-cpu.json]
     python benchmarks/conversations.py --quick    # tiny random models: the scheduling overheads only
+    python benchmarks/conversations.py --batching --counts 4   # the speech batchers' trade, on one worker
+
+`--batching` compares, on one worker and instead of the processes, the speech stages unbatched, batched
+with the decoder batch never waiting for another stream, and batched with the default `BatchPolicy`: first
+sample, underruns, tokens per second and the rows per batch.
 """
 
 from __future__ import annotations
@@ -33,9 +38,11 @@ from glmvoice_cli.audio.fakes import ArraySource, RecordingSink
 from glmvoice_cli.audio.playback import RealClock
 from glmvoice_cli.audio.vad import VadConfig
 from glmvoice_cli.chat.engine import ChatEngine, EngineConfig
+from glmvoice_cli.chat.speech_batch import batcher_for, tokenizer_batcher_for
 from glmvoice_cli.chat.worker import ModelWorker
 from glmvoice_cli.lm.voice_lm import GenerationOptions
 from glmvoice_cli.pipeline.assistant import Assistant
+from glmvoice_cli.pipeline.speech_batch import BatchPolicy
 from glmvoice_cli.threads import on_passing_thread
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -45,10 +52,11 @@ RUN_SLACK_S = 300.0  # a run may take this long past the end of its input
 
 
 def _engine(assistant: Assistant, user: np.ndarray, worker: ModelWorker | None, max_new_tokens: int,
-            seed: int) -> tuple[ChatEngine, RecordingSink]:
+            seed: int, batch_speech: bool = True) -> tuple[ChatEngine, RecordingSink]:
     clock = RealClock()
     sink = RecordingSink(sample_rate=OUT_RATE, clock=clock)
-    config = EngineConfig(vad=VadConfig(), generation=GenerationOptions(max_new_tokens=max_new_tokens, seed=seed))
+    config = EngineConfig(vad=VadConfig(), generation=GenerationOptions(max_new_tokens=max_new_tokens, seed=seed),
+                          batch_speech=batch_speech)
     return ChatEngine(assistant, ArraySource(user, RATE, clock=clock), sink, config=config, clock=clock,
                       worker=worker), sink
 
@@ -65,10 +73,14 @@ def _rows(engine: ChatEngine) -> list[dict]:
     return rows
 
 
-def run_worker(assistant: Assistant, users: list[np.ndarray], max_new_tokens: int, seed: int) -> dict:
+def run_worker(assistant: Assistant, users: list[np.ndarray], max_new_tokens: int, seed: int,
+               batch_speech: bool = True, policy: BatchPolicy | None = None) -> dict:
     """Every conversation on one worker in this process, started together."""
     worker = ModelWorker(prepare=assistant.lm.prepare_thread)
-    pairs = [_engine(assistant, user, worker, max_new_tokens, seed + n) for n, user in enumerate(users)]
+    decoder_batch, tokenizer_batch = batcher_for(worker, assistant), tokenizer_batcher_for(worker, assistant)
+    if decoder_batch is not None and policy is not None:
+        decoder_batch.policy = policy
+    pairs = [_engine(assistant, user, worker, max_new_tokens, seed + n, batch_speech) for n, user in enumerate(users)]
     worker.start()
     start = time.perf_counter()
     for engine, _ in pairs:
@@ -82,7 +94,10 @@ def run_worker(assistant: Assistant, users: list[np.ndarray], max_new_tokens: in
     wall = time.perf_counter() - start
     worker.stop()
     worker.join()
-    return {"conversations": [_rows(engine) for engine, _ in pairs], "wall_s": round(wall, 2), "units": worker.units}
+    batches = {name: {"rows_per_batch": b.stats.batches, "holds": getattr(b.stats, "holds", 0)}
+               for name, b in (("decoder", decoder_batch), ("tokenizer", tokenizer_batch)) if b is not None}
+    return {"conversations": [_rows(engine) for engine, _ in pairs], "wall_s": round(wall, 2), "units": worker.units,
+            "batches": batches if batch_speech else None}
 
 
 def run_single(assistant: Assistant, user: np.ndarray, max_new_tokens: int, seed: int) -> dict:
@@ -132,6 +147,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="tiny random models")
     ap.add_argument("--speech-dir", type=Path, default=None, help="as in latency.py (espeak-ng renders the rest)")
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--batching", action="store_true", help="compare the speech batchers' modes on one worker")
     ap.add_argument("--single", type=int, default=None, help=argparse.SUPPRESS)  # a child: one conversation
     ap.add_argument("--start-file", type=Path, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -151,13 +167,20 @@ def main() -> None:
         results = {}
         for n in args.counts:
             picked = [users[k % len(users)] for k in range(n)]
+            if args.batching:
+                modes = {"unbatched": (False, None), "batched_never_waiting": (True, BatchPolicy(max_hold_s=0.0)),
+                         "batched_default_policy": (True, BatchPolicy())}
+                results[str(n)] = {name: summarize(run_worker(assistant, picked, args.max_new_tokens, args.seed,
+                                                              batch, policy))
+                                   for name, (batch, policy) in modes.items()}
+                continue
             worker = summarize(run_worker(assistant, picked, args.max_new_tokens, args.seed))
             separate = summarize(run_processes(n, args, speech_dir))
             w, s = (r["end_of_voice_to_first_sample_s"]["median"] for r in (worker, separate))
             results[str(n)] = {"worker": worker, "processes": separate,
                                "worker_over_processes_median": round(w / s, 3) if w and s else None}
     result = {
-        "benchmark": "conversations",
+        "benchmark": "conversations-batching" if args.batching else "conversations",
         "models": "tiny random set (--quick)" if args.quick else
                   "random weights: real-size tokenizer and decoder, scaled LM of benchmarks/lm.py",
         "input": "latency.py's espeak-ng conversations at real-time pace, one per conversation, started together",
