@@ -18,6 +18,7 @@ one JSON, updated after each stage so that a run cut short keeps what it measure
     bash benchmarks/gpu_check.sh --latency --speech-dir DIR --out results.json   # + the latency comparison
     bash benchmarks/gpu_check.sh --conversations --speech-dir DIR   # + 1, 2, 4 conversations on one worker
     bash benchmarks/gpu_check.sh --realtime --speech-dir DIR   # + 1, 2, 4 SDK clients of `glmvoice serve`
+    bash benchmarks/gpu_check.sh --speech-batch   # + 1-32 speech streams batched against one by one
     python benchmarks/gpu_check.py --tiny --out x.json      # tiny sizes on CPU (the CI smoke test)
 """
 
@@ -287,6 +288,22 @@ def check_latency(lm: VoiceLM, decoder_models: DecoderModels, device: torch.devi
     return measured
 
 
+def check_speech_batch(lm: VoiceLM, decoder_models: DecoderModels, device: torch.device, _given: object,
+                       tiny: bool) -> dict:
+    """speech_batch.py: N decoder streams (and N tokenizer blocks) batched against one by one, N up to 32: how
+    many real-time streams one GPU's speech stages sustain."""
+    from speech_batch import decoder_rows, tokenizer_rows  # benchmarks/speech_batch.py
+
+    from glmvoice_cli.decoder.speech_decoder import SpeechDecoder
+
+    counts = [1, 2] if tiny else [1, 2, 4, 8, 16, 32]
+    decoder = SpeechDecoder(decoder_models)
+    decoder_rows(decoder, [1], 30)  # warm-up (kernels, allocator)
+    dtype = next(decoder_models.flow.parameters()).dtype
+    return {"answer_tokens_per_stream": 100, "decoder": decoder_rows(decoder, counts, 30 if tiny else 100),
+            "tokenizer": tokenizer_rows(counts, tiny, device, dtype)}
+
+
 def check_conversations(lm: VoiceLM, decoder_models: DecoderModels, device: torch.device,
                         users: dict[str, np.ndarray], tiny: bool, counts: tuple[int, ...] = (1, 2, 4)) -> dict:
     """conversations.py's worker side: N conversations at once on one model worker with the stages measured
@@ -331,6 +348,8 @@ def main() -> None:
                     help="also run 1, 2 and 4 conversations at once on one model worker (benchmarks/conversations.py)")
     ap.add_argument("--speech-dir", type=Path, default=None,
                     help="the conversations' speech rendered by `latency.py --render-only` (no espeak-ng here)")
+    ap.add_argument("--speech-batch", action="store_true",
+                    help="also run 1-32 decoder and tokenizer streams batched against one by one (speech_batch.py)")
     ap.add_argument("--realtime", action="store_true",
                     help="also run 1, 2 and 4 SDK clients at once against the Realtime server (benchmarks/realtime.py)")
     args = ap.parse_args()
@@ -374,6 +393,8 @@ def main() -> None:
          missing, check_conversations),
         (args.realtime, "realtime", "1, 2 and 4 SDK clients of the Realtime server, at real-time pace", spoken,
          missing_rt, check_realtime),
+        (args.speech_batch, "speech_batch", "decoder and tokenizer streams batched against one by one", True, [],
+         check_speech_batch),
     )
     for wanted, name, what, given, lacking, stage in optional:
         if not wanted:

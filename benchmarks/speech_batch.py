@@ -63,6 +63,11 @@ def batched(decoder: SpeechDecoder, streams: list[list[int]]) -> list[np.ndarray
     return [np.concatenate([*c, decoder.end(s, f)]) for c, s, f in zip(chunks, states, finals)]
 
 
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def _relative_rms(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.sqrt(np.mean((a - b) ** 2) / np.mean(b**2)))
 
@@ -85,14 +90,50 @@ def stream_flops(decoder: SpeechDecoder, tokens: list[int]) -> int:
     return int(counter.get_total_flops())
 
 
-def tokenizer_rows(counts: list[int], quick: bool, device: torch.device) -> list[dict[str, object]]:
+def decoder_rows(decoder: SpeechDecoder, counts: list[int], tokens: int, flops: int | None = None,
+                 rate: float | None = None) -> list[dict[str, object]]:
+    """N streams of `tokens` each, one by one against batched, for each N in `counts`."""
+    device = decoder.flow.device
+    audio_s = tokens / TOKENS_PER_SECOND
+    rows: list[dict[str, object]] = []
+    for n in counts:
+        streams = _streams(n, tokens, decoder.flow.cfg.vocab_size)
+        timed: dict[str, float] = {}
+        outputs: dict[str, list[np.ndarray]] = {}
+        for name, run in (("one_by_one", one_by_one), ("batched", batched)):
+            start = time.perf_counter()
+            outputs[name] = run(decoder, streams)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            timed[name] = time.perf_counter() - start
+        row: dict[str, object] = {
+            "streams": n,
+            "one_by_one_s": round(timed["one_by_one"], 3),
+            "batched_s": round(timed["batched"], 3),
+            "speedup": round(timed["one_by_one"] / timed["batched"], 3),
+            "rtf_per_stream_one_by_one": round(timed["one_by_one"] / audio_s, 3),
+            "rtf_per_stream_batched": round(timed["batched"] / audio_s, 3),
+            "realtime_streams_one_by_one": round(n * audio_s / timed["one_by_one"], 3),
+            "realtime_streams_batched": round(n * audio_s / timed["batched"], 3),
+            "max_relative_rms_difference": max(_relative_rms(a, b) for a, b in
+                                               zip(outputs["batched"], outputs["one_by_one"])),
+        }
+        if flops is not None and rate is not None:
+            row["floor_s"] = round(n * flops / rate, 3)
+        rows.append(row)
+        print(json.dumps(row), file=sys.stderr)
+    return rows
+
+
+def tokenizer_rows(counts: list[int], quick: bool, device: torch.device, dtype: torch.dtype = torch.float32
+                   ) -> list[dict[str, object]]:
     """Second 4 s blocks of N streams (their first block encoded beforehand): alone against together."""
     cfg = TokenizerConfig()
     if quick:
         cfg = TokenizerConfig(d_model=64, encoder_attention_heads=2, encoder_ffn_dim=128, quantize_position=2,
                               pooling_position=2, quantize_vocab_size=256)
     torch.manual_seed(0)
-    model = WhisperVQEncoder(cfg).eval().requires_grad_(False).to(device)
+    model = WhisperVQEncoder(cfg).eval().requires_grad_(False).to(device, dtype)
     tok = SpeechTokenizer(model, FeatureConfig(), micro_batch=1)
     block = cfg.quantize_causal_block_size or 200  # positions (after conv2) per causal block
     block_s = block * CONV2_STRIDE * tok.feature_config.hop_length / tok.feature_config.sampling_rate
@@ -104,11 +145,14 @@ def tokenizer_rows(counts: list[int], quick: bool, device: torch.device) -> list
         valid = [torch.ones(f.shape[1], dtype=torch.bool) for f in feats]
         first = encode_spans(model, [Span(f, v, 0, block, None) for f, v in zip(feats, valid)])
         spans = [Span(f, v, block, 2 * block, r.caches) for f, v, r in zip(feats, valid, first)]
+        _sync(device)
         start = time.perf_counter()
         alone = [encode_span(model, s.feats, s.frame_valid, s.p0, s.p1, s.past) for s in spans]
+        _sync(device)
         one_s = time.perf_counter() - start
         start = time.perf_counter()
         together = encode_spans(model, spans)
+        _sync(device)
         both_s = time.perf_counter() - start
         rows.append({"streams": n, "block_s": block_s, "one_by_one_s": round(one_s, 4), "batched_s": round(both_s, 4),
                      "speedup": round(one_s / both_s, 3),
@@ -141,33 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     one_by_one(decoder, _streams(1, min(args.tokens, 40), spec.vocab_size))  # warm-up
     flops = stream_flops(decoder, _streams(1, args.tokens, spec.vocab_size)[0]) if device.type == "cpu" else None
     rate = matmul_rate() if device.type == "cpu" else None
-    rows = []
-    for n in counts:
-        streams = _streams(n, args.tokens, spec.vocab_size)
-        timed: dict[str, float] = {}
-        outputs: dict[str, list[np.ndarray]] = {}
-        for name, run in (("one_by_one", one_by_one), ("batched", batched)):
-            start = time.perf_counter()
-            outputs[name] = run(decoder, streams)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            timed[name] = time.perf_counter() - start
-        row = {
-            "streams": n,
-            "one_by_one_s": round(timed["one_by_one"], 3),
-            "batched_s": round(timed["batched"], 3),
-            "speedup": round(timed["one_by_one"] / timed["batched"], 3),
-            "rtf_per_stream_one_by_one": round(timed["one_by_one"] / audio_s, 3),
-            "rtf_per_stream_batched": round(timed["batched"] / audio_s, 3),
-            "realtime_streams_one_by_one": round(n * audio_s / timed["one_by_one"], 3),
-            "realtime_streams_batched": round(n * audio_s / timed["batched"], 3),
-            "max_relative_rms_difference": max(_relative_rms(a, b) for a, b in
-                                               zip(outputs["batched"], outputs["one_by_one"])),
-        }
-        if flops is not None and rate is not None:
-            row["floor_s"] = round(n * flops / rate, 3)
-        rows.append(row)
-        print(json.dumps(row), file=sys.stderr)
+    rows = decoder_rows(decoder, counts, args.tokens, flops, rate)
     result = {
         "benchmark": "speech_batch",
         "decoder": "tiny" if args.quick else "real-size (random weights), fp32",

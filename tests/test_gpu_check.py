@@ -21,7 +21,7 @@ def test_gpu_check_tiny_runs_without_the_extras(tmp_path: Path) -> None:
     out = tmp_path / "gpu.json"
     blocked = "".join(f"sys.modules[{name!r}] = None\n" for name in ABSENT_ON_GPU_MACHINES)  # import fails
     code = (f"import runpy, sys\n{blocked}sys.path.insert(0, {str(ROOT / 'benchmarks')!r})\n"
-            f"sys.argv = ['gpu_check.py', '--tiny', '--device', 'cpu', '--latency', '--conversations', '--realtime', '--out', {str(out)!r}]\n"
+            f"sys.argv = ['gpu_check.py', '--tiny', '--device', 'cpu', '--latency', '--conversations', '--realtime', '--speech-batch', '--out', {str(out)!r}]\n"
             f"runpy.run_path({str(ROOT / 'benchmarks' / 'gpu_check.py')!r}, run_name='__main__')\n")
     env = {**os.environ, "PYTHONPATH": str(ROOT)}  # the session's compile cache (conftest): one compile
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=1200,
@@ -40,6 +40,9 @@ def test_gpu_check_tiny_runs_without_the_extras(tmp_path: Path) -> None:
     assert result["latency"] == {"skipped": "not importable here: webrtcvad, soundfile, soxr (carry their wheels)"}
     assert result["conversations"] == result["latency"]
     assert result["realtime"]["skipped"].startswith("not importable here: webrtcvad, soundfile, soxr")
+    batch = result["speech_batch"]  # needs nothing beyond torch: it runs
+    assert [row["streams"] for row in batch["decoder"]] == [1, 2] == [row["streams"] for row in batch["tokenizer"]]
+    assert all(row["batched_s"] > 0 and row["one_by_one_s"] > 0 for row in batch["decoder"] + batch["tokenizer"])
 
 
 def test_gpu_check_shell_wrapper_runs_the_module() -> None:
