@@ -127,7 +127,7 @@ class BlockOutput:
         return _to_numpy(self.speech)
 
 
-@dataclass
+@dataclass(eq=False)  # told apart by identity: its state holds tensors
 class BlockRequest:
     """One stream's next block, decoded alone or in one batch with other streams' (`decode_blocks`)."""
 
