@@ -148,6 +148,8 @@ def main() -> None:
     ap.add_argument("--speech-dir", type=Path, default=None, help="as in latency.py (espeak-ng renders the rest)")
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--batching", action="store_true", help="compare the speech batchers' modes on one worker")
+    ap.add_argument("--same-input", action="store_true",
+                    help="every conversation says the first script, all at once (their blocks coincide)")
     ap.add_argument("--single", type=int, default=None, help=argparse.SUPPRESS)  # a child: one conversation
     ap.add_argument("--start-file", type=Path, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -166,7 +168,7 @@ def main() -> None:
         run_worker(assistant, [users[0][: RATE * 4]], 8, args.seed)  # warm-up: first calls allocate
         results = {}
         for n in args.counts:
-            picked = [users[k % len(users)] for k in range(n)]
+            picked = [users[0 if args.same_input else k % len(users)] for k in range(n)]
             if args.batching:
                 modes = {"unbatched": (False, None), "batched_never_waiting": (True, BatchPolicy(max_hold_s=0.0)),
                          "batched_default_policy": (True, BatchPolicy())}
@@ -183,7 +185,8 @@ def main() -> None:
         "benchmark": "conversations-batching" if args.batching else "conversations",
         "models": "tiny random set (--quick)" if args.quick else
                   "random weights: real-size tokenizer and decoder, scaled LM of benchmarks/lm.py",
-        "input": "latency.py's espeak-ng conversations at real-time pace, one per conversation, started together",
+        "input": "latency.py's espeak-ng conversations at real-time pace, one per conversation, started together"
+                 + (" (all the first one)" if args.same_input else ""),
         "max_new_tokens": args.max_new_tokens,
         "results": results,
         **envelope(load_before),

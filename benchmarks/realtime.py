@@ -134,7 +134,7 @@ def latencies(seen: Client) -> list[float]:
     """Per question: end of voice -> first audio delta of the first response created after it."""
     out = []
     for end in seen.voice_ends:
-        after = [rid for rid, created in zip(seen.order, seen.created) if created >= end]
+        after = [rid for rid, created in zip(seen.order, seen.created, strict=True) if created >= end]
         if after and after[0] in seen.first_audio:
             out.append(round(seen.first_audio[after[0]] - end, 4))
     return out
@@ -176,7 +176,7 @@ def run_clients(assistant: Assistant, turns: list[list[np.ndarray]], max_new_tok
     served = InProcessServer(assistant, max_new_tokens, seed, len(turns))
     with served:
         async def all_clients() -> list[Client]:
-            return list(await asyncio.gather(*(one_client(served.url, s, e) for s, e in zip(scripts, ends))))
+            return list(await asyncio.gather(*(one_client(served.url, s, e) for s, e in zip(scripts, ends, strict=True))))
 
         start = time.perf_counter()
         clients = asyncio.run(all_clients())

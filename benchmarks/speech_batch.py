@@ -57,10 +57,10 @@ def one_by_one(decoder: SpeechDecoder, streams: list[list[int]]) -> list[np.ndar
 
 def batched(decoder: SpeechDecoder, streams: list[list[int]]) -> list[np.ndarray]:
     states = [decoder.new_state(decoder.new_noise(seed)) for seed in range(len(streams))]
-    chunks = decoder.push_streams(list(zip(states, streams)))
+    chunks = decoder.push_streams(list(zip(states, streams, strict=True)))
     finals = [decoder.final_block(state) for state in states]
     decoder.decode_blocks([f for f in finals if f is not None])
-    return [np.concatenate([*c, decoder.end(s, f)]) for c, s, f in zip(chunks, states, finals)]
+    return [np.concatenate([*c, decoder.end(s, f)]) for c, s, f in zip(chunks, states, finals, strict=True)]
 
 
 def _sync(device: torch.device) -> None:
@@ -116,7 +116,7 @@ def decoder_rows(decoder: SpeechDecoder, counts: list[int], tokens: int, flops: 
             "realtime_streams_one_by_one": round(n * audio_s / timed["one_by_one"], 3),
             "realtime_streams_batched": round(n * audio_s / timed["batched"], 3),
             "max_relative_rms_difference": max(_relative_rms(a, b) for a, b in
-                                               zip(outputs["batched"], outputs["one_by_one"])),
+                                               zip(outputs["batched"], outputs["one_by_one"], strict=True)),
         }
         if flops is not None and rate is not None:
             row["floor_s"] = round(n * flops / rate, 3)
@@ -143,8 +143,8 @@ def tokenizer_rows(counts: list[int], quick: bool, device: torch.device, dtype: 
         feats = [tok.logmel(torch.randn(1, int(2.2 * block_s * 16_000), generator=g) * 0.1)[0].to(device)
                  for _ in range(n)]
         valid = [torch.ones(f.shape[1], dtype=torch.bool) for f in feats]
-        first = encode_spans(model, [Span(f, v, 0, block, None) for f, v in zip(feats, valid)])
-        spans = [Span(f, v, block, 2 * block, r.caches) for f, v, r in zip(feats, valid, first)]
+        first = encode_spans(model, [Span(f, v, 0, block, None) for f, v in zip(feats, valid, strict=True)])
+        spans = [Span(f, v, block, 2 * block, r.caches) for f, v, r in zip(feats, valid, first, strict=True)]
         _sync(device)
         start = time.perf_counter()
         alone = [encode_span(model, s.feats, s.frame_valid, s.p0, s.p1, s.past) for s in spans]
@@ -158,7 +158,7 @@ def tokenizer_rows(counts: list[int], quick: bool, device: torch.device, dtype: 
                      "speedup": round(one_s / both_s, 3),
                      "realtime_streams_one_by_one": round(n * block_s / one_s, 2),
                      "realtime_streams_batched": round(n * block_s / both_s, 2),
-                     "ids_equal": all(a.ids == b.ids for a, b in zip(alone, together))})
+                     "ids_equal": all(a.ids == b.ids for a, b in zip(alone, together, strict=True))})
         print(json.dumps(rows[-1]), file=sys.stderr)
     return rows
 

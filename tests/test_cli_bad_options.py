@@ -35,7 +35,7 @@ def test_a_bad_option_value_is_one_line(args: list[str], named: str, tmp_path: P
     result = runner.invoke(app, [*args, "--models", str(tmp_path / "none")])
     assert result.exit_code == 2, result.output
     assert named in result.output
-    assert "Traceback" not in result.output and result.exception is None or isinstance(result.exception, SystemExit)
+    assert "Traceback" not in result.output and (result.exception is None or isinstance(result.exception, SystemExit))
 
 
 def test_a_capture_thread_that_dies_ends_the_chat_with_one_line(assistant: object) -> None:

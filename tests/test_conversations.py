@@ -75,7 +75,7 @@ def _alone(assistant: Assistant, user: np.ndarray, seed: int) -> Outcome:
 def _together(assistant: Assistant, users: list[np.ndarray], seeds: list[int]) -> list[Outcome]:
     worker = ModelWorker(prepare=assistant.lm.prepare_thread)
     rigs = [make_rig(assistant, user, tmp_path=None, max_new_tokens=60, seed=seed, worker=worker)
-            for user, seed in zip(users, seeds)]
+            for user, seed in zip(users, seeds, strict=True)]
     worker.start()
     try:
         for rig in rigs:
@@ -103,8 +103,8 @@ def _assert_same(together: Outcome, alone: Outcome) -> None:
 def test_two_conversations_on_one_worker_answer_as_they_do_alone(assistant: Assistant) -> None:
     users, seeds = [_barge_in(), _two_turns()], [1, 2]
     together = _together(assistant, users, seeds)
-    alone = [_alone(assistant, user, seed) for user, seed in zip(users, seeds)]
-    for got, want in zip(together, alone):
+    alone = [_alone(assistant, user, seed) for user, seed in zip(users, seeds, strict=True)]
+    for got, want in zip(together, alone, strict=True):
         _assert_same(got, want)
     assert together[0].interrupted[0] and not any(together[1].interrupted)  # barge-in in one, not the other
     assert together[0].ids != together[1].ids
@@ -113,8 +113,8 @@ def test_two_conversations_on_one_worker_answer_as_they_do_alone(assistant: Assi
 def test_three_conversations_with_a_barge_in_and_a_dropped_speculation(assistant: Assistant) -> None:
     users, seeds = [_barge_in(), _speculation_dropped(), _two_turns()], [3, 4, 3]
     together = _together(assistant, users, seeds)
-    alone = [_alone(assistant, user, seed) for user, seed in zip(users, seeds)]
-    for got, want in zip(together, alone):
+    alone = [_alone(assistant, user, seed) for user, seed in zip(users, seeds, strict=True)]
+    for got, want in zip(together, alone, strict=True):
         _assert_same(got, want)
     assert together[0].interrupted[0]
     assert alone[1].dropped >= 1 and together[1].dropped + together[1].shed >= 1

@@ -112,7 +112,7 @@ def test_wrong_key_and_shape(tiny_dir: Path, tmp_path: Path) -> None:
     state["encoder_proj.weight"] = torch.zeros(80, 32)
     state["extra.weight"] = torch.zeros(1)
     torch.save(state, folder / FLOW_FILE)
-    with pytest.raises(CheckpointMismatchError, match="unexpected key 'extra.weight'"):
+    with pytest.raises(CheckpointMismatchError, match=r"unexpected key 'extra.weight'"):
         load_decoder(folder)
 
 
@@ -123,7 +123,7 @@ def test_not_weights_only(tmp_path: Path) -> None:
 
     path = tmp_path / FLOW_FILE
     torch.save({"a": Evil()}, path)
-    with pytest.raises(CheckpointError, match="something other than weights.*refused for safety") as info:
+    with pytest.raises(CheckpointError, match=r"something other than weights.*refused for safety") as info:
         read_state_dict(path)
     assert "weights_only=False" not in str(info.value)  # never advise the unsafe retry
     for content in (b"garbage", b"hello, a text file\n"):
@@ -135,7 +135,7 @@ def test_not_weights_only(tmp_path: Path) -> None:
 def test_non_finite_weights_are_reported_at_load(tmp_path: Path) -> None:
     path = tmp_path / FLOW_FILE
     torch.save({"a.weight": torch.tensor([1.0, float("nan")]), "b": torch.ones(2)}, path)
-    with pytest.raises(CheckpointMismatchError, match="'a.weight' holds NaN"):
+    with pytest.raises(CheckpointMismatchError, match=r"'a.weight' holds NaN"):
         read_state_dict(path)
 
 

@@ -62,7 +62,7 @@ def test_a_bad_value_names_file_and_key(key: str, value: str, named: str) -> Non
 def test_sizes_beyond_the_machine_are_refused_before_allocating() -> None:
     text = _edit("upsample_rates", "[100000000, 8]")
     text = text.replace("upsample_kernel_sizes: [16, 16]", "upsample_kernel_sizes: [100000000, 16]")
-    with pytest.raises(CheckpointError, match="would need about .* GiB"):
+    with pytest.raises(CheckpointError, match=r"would need about .* GiB"):
         _check(text)
     with pytest.raises(CheckpointError, match="flow"):
         _check(_edit("num_blocks", "1000000000"))
@@ -72,7 +72,7 @@ def test_more_layers_than_the_weight_file_holds(tmp_path: Path) -> None:
     (tmp_path / "flow.pt").write_bytes(b"PK" + bytes(1000))
     where = tmp_path / "config.yaml"
     cfg = decoder_config_from_data(parse_hyperpyyaml(_edit("num_blocks", "100000"), where), where)
-    with pytest.raises(CheckpointError, match="more than flow.pt"):
+    with pytest.raises(CheckpointError, match=r"more than flow.pt"):
         check_decoder_config(cfg, where)
 
 

@@ -248,7 +248,7 @@ def test_list_and_resolve_devices(fake_sd: FakeSd) -> None:
     assert resolve_device(None, "input").name == "USB Mic"
     assert resolve_device("usb", "input").index == 0
     assert resolve_device("1", "output").name == "Built-in Speakers"
-    with pytest.raises(AudioDeviceError, match="no microphone .* matches 'webcam'"):
+    with pytest.raises(AudioDeviceError, match=r"no microphone .* matches 'webcam'"):
         resolve_device("webcam", "input")
     with pytest.raises(AudioDeviceError, match="index 1"):
         resolve_device(1, "input")  # an output-only device
@@ -259,7 +259,7 @@ def test_no_microphone_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None
                   "default_samplerate": 48_000.0}])
     sd.default.device = [-1, 0]
     monkeypatch.setitem(sys.modules, "sounddevice", sd)
-    with pytest.raises(AudioDeviceError, match="no microphone .* found .*glmvoice devices"):
+    with pytest.raises(AudioDeviceError, match=r"no microphone .* found .*glmvoice devices"):
         Microphone()
 
 

@@ -126,7 +126,7 @@ def test_offline_with_complete_files_succeeds(
     hub.download_stage(hub.DECODER, tmp_path / "decoder")
     (tmp_path / "decoder" / "hift.pt").unlink()
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(ModelNotFoundError, match="hift.pt"):
+    with pytest.raises(ModelNotFoundError, match=r"hift.pt"):
         hub.download_stage(hub.DECODER, tmp_path / "decoder")
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
     hub.download_stage(hub.DECODER, tmp_path / "decoder")
@@ -325,7 +325,7 @@ def test_mirror_from_hf_endpoint_at_call_time(fake_hub: FakeHub, tmp_path: Path)
     """huggingface_hub fixed its ENDPOINT at import; HF_ENDPOINT set later still takes effect."""
     import huggingface_hub.constants as hf_constants
 
-    assert hf_constants.ENDPOINT != fake_hub.endpoint
+    assert hf_constants.ENDPOINT != fake_hub.endpoint  # noqa: SIM300 - the library's value on the left, as the docstring reads
     assert hub.hub_endpoint() == fake_hub.endpoint
     assert hub.download_stage(hub.TOKENIZER, tmp_path / "tokenizer").complete
     assert {s.server for s in fake_hub.seen} == {"hub", "cdn"}

@@ -27,7 +27,7 @@ def test_custom_template_replaces_or_prefixes() -> None:
 
 
 def test_unknown_style_is_a_usage_error() -> None:
-    with pytest.raises(UsageError, match="unknown emotion 'grumpy'.*happy"):
+    with pytest.raises(UsageError, match=r"unknown emotion 'grumpy'.*happy"):
         SpeakingStyle(emotion="grumpy")
     assert "surprised" in EMOTIONS and "calm" in EMOTIONS
 

@@ -55,12 +55,12 @@ def test_no_import_cycles() -> None:
 
     def visit(node: str, stack: list[str]) -> None:
         if node in stack:
-            pytest.fail("import cycle: " + " -> ".join(stack[stack.index(node):] + [node]))
+            pytest.fail("import cycle: " + " -> ".join([*stack[stack.index(node):], node]))
         if node in done:
             return
         for nxt in graph.get(node, ()):
             if not nxt.startswith(node + "."):  # a package importing its own submodule is no cycle
-                visit(nxt, stack + [node])
+                visit(nxt, [*stack, node])
         done.add(node)
 
     for module in graph:

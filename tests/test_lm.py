@@ -85,8 +85,8 @@ def _collect(events: Iterator) -> tuple[list, TurnEnd]:
 def test_system_prompts_are_verbatim() -> None:
     tail = "Do it step by step. First, think about the instruction and respond in a interleaved manner, "
     tail += "with 13 text token followed by 26 audio tokens."
-    assert SPEECH_SYSTEM_PROMPT == "User will provide you with a speech instruction. " + tail + " "
-    assert TEXT_SYSTEM_PROMPT == "User will provide you with a text instruction. " + tail
+    assert SPEECH_SYSTEM_PROMPT == "User will provide you with a speech instruction. " + tail + " "  # noqa: SIM300 - ours, then the reference's
+    assert TEXT_SYSTEM_PROMPT == "User will provide you with a text instruction. " + tail  # noqa: SIM300
 
 
 def test_first_speech_turn_matches_the_official_string(lm: VoiceLM) -> None:

@@ -104,20 +104,20 @@ def test_dtype_choice(tiny_dir: Path) -> None:
 
 def test_missing_config(copy: Path) -> None:
     (copy / "config.json").unlink()
-    with pytest.raises(ModelNotFoundError, match="config.json"):
+    with pytest.raises(ModelNotFoundError, match=r"config.json"):
         load_lm(copy, CPU32)
 
 
 def test_missing_weights(copy: Path) -> None:
     (copy / "model.safetensors").unlink()
-    with pytest.raises(ModelNotFoundError, match="model.safetensors"):
+    with pytest.raises(ModelNotFoundError, match=r"model.safetensors"):
         load_lm(copy, CPU32)
 
 
 def test_missing_shard(tmp_path: Path) -> None:
     folder = write_tiny_lm(tmp_path / "sharded", TinyLMSpec(**{**SPEC.__dict__, "n_shards": 2}))
     (folder / "model-00002-of-00002.safetensors").unlink()
-    with pytest.raises(ModelNotFoundError, match="model-00002-of-00002.safetensors"):
+    with pytest.raises(ModelNotFoundError, match=r"model-00002-of-00002.safetensors"):
         load_lm(folder, CPU32)
 
 
@@ -159,7 +159,7 @@ def test_wrong_key_names_file_and_key(copy: Path) -> None:
 
 def test_missing_key(copy: Path) -> None:
     _edit_weights(copy, lambda w: w.pop("transformer.output_layer.weight"))
-    with pytest.raises(CheckpointMismatchError, match="missing key 'transformer.output_layer.weight'"):
+    with pytest.raises(CheckpointMismatchError, match=r"missing key 'transformer.output_layer.weight'"):
         load_lm(copy, CPU32)
 
 
@@ -180,7 +180,7 @@ def test_config_disagreeing_with_weights(copy: Path) -> None:
 def test_truncated_file(copy: Path) -> None:
     path = copy / "model.safetensors"
     path.write_bytes(path.read_bytes()[:100])
-    with pytest.raises(CheckpointMismatchError, match="model.safetensors"):
+    with pytest.raises(CheckpointMismatchError, match=r"model.safetensors"):
         load_lm(copy, CPU32)
 
 

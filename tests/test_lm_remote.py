@@ -202,7 +202,7 @@ def test_unreachable_server_is_one_line(lm_dir: Path) -> None:
 def test_several_models_need_a_name_and_a_wrong_name_is_refused(lm_dir: Path, local: VoiceLM) -> None:
     state = FakeState(models=["a", "b"], vocab_size=local.model.config.vocab_size)
     with FakeLMServer(local, state) as fake:
-        with pytest.raises(LMServerError, match="serves 2 models .*--lm-model"):
+        with pytest.raises(LMServerError, match=r"serves 2 models .*--lm-model"):
             connect(lm_dir, fake)
         with pytest.raises(LMServerError, match="does not serve 'c'"):
             connect(lm_dir, fake, model="c")
@@ -238,14 +238,14 @@ def test_a_non_square_checkpoint_is_refused_before_any_request(tmp_path: Path) -
     config = json.loads((folder / "config.json").read_text())
     config["kv_channels"] *= 2
     (folder / "config.json").write_text(json.dumps(config))
-    with pytest.raises(CheckpointMismatchError, match="kv_channels .* vLLM"):
+    with pytest.raises(CheckpointMismatchError, match=r"kv_channels .* vLLM"):
         RemoteVoiceLM.connect(folder, LMServer(f"http://127.0.0.1:{free_port()}"))
 
 
 def test_api_key_is_sent_and_a_missing_one_is_explained(lm_dir: Path, local: VoiceLM) -> None:
     state = FakeState(vocab_size=local.model.config.vocab_size, api_key="sesame")
     with FakeLMServer(local, state) as fake:
-        with pytest.raises(LMServerError, match="HTTP 401.*--lm-api-key"):
+        with pytest.raises(LMServerError, match=r"HTTP 401.*--lm-api-key"):
             connect(lm_dir, fake)
         remote = connect(lm_dir, fake, api_key="sesame")
         assert list(remote.stream(remote.new_conversation(), TextInput("x"), GREEDY))[-1].reason

@@ -106,7 +106,7 @@ def test_a_model_folder_closed_to_us_is_not_called_missing(copy: Path, monkeypat
     closed = copy / "tokenizer"
     real_access = os.access
     monkeypatch.setattr(os, "access", lambda path, mode: Path(path) != closed and real_access(path, mode))
-    with pytest.raises(ModelNotFoundError, match="cannot be read: .*tokenizer \\(permission denied\\)"):
+    with pytest.raises(ModelNotFoundError, match=r"cannot be read: .*tokenizer \(permission denied\)"):
         hub.require_complete(hub.get_stage("tokenizer"), closed)
 
 
@@ -150,5 +150,5 @@ def test_a_weights_file_cut_after_its_check_is_one_line_while_loading(copy: Path
     path = copy / "lm" / "model.safetensors"
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])  # then the download in another terminal rewrote it
-    with pytest.raises(CheckpointMismatchError, match="unreadable while loading.*replaced or cut during the load"):
+    with pytest.raises(CheckpointMismatchError, match=r"unreadable while loading.*replaced or cut during the load"):
         list(iter_official_tensors(files))

@@ -223,7 +223,7 @@ def _generated(core: Any, text: str) -> None:
 def _collect(events: Any, ids: list[list[int]], user: type, turn: type, ended: type) -> None:
     while True:
         event = events.get(timeout=120)
-        if isinstance(event, user) and event.turn is not None or isinstance(event, turn):
+        if (isinstance(event, user) and event.turn is not None) or isinstance(event, turn):
             ids.append(list(event.token_ids))
         elif isinstance(event, ended):
             return
@@ -245,7 +245,7 @@ def test_clients_at_once_each_get_the_answer_they_get_alone(server: Server, clie
 
     at_once = run(together())
     alone = [run(one(text)) for text in texts]
-    for got, want in zip(at_once, alone):
+    for got, want in zip(at_once, alone, strict=True):
         assert got.transcript == want.transcript
         np.testing.assert_array_equal(wire_audio(got.audio), wire_audio(want.audio))
     assert len({a.transcript for a in at_once} | {len(a.audio) for a in at_once}) > 1  # not one answer for all
@@ -341,7 +341,7 @@ def test_each_bad_input_gets_an_error_event_and_the_session_goes_on(server: Serv
                     return codes
 
     codes = run(talk())
-    for (got_type, got_code), (_, want_code) in zip(codes, bad):
+    for (got_type, got_code), (_, want_code) in zip(codes[: len(bad)], bad, strict=True):
         assert (got_type, got_code) == ("error", want_code)
     assert codes[len(bad)] == ("error", "input_audio_buffer_commit_empty")
     assert codes[-1][0] == "response.done" and codes[-1][1] in ("completed", "incomplete")

@@ -64,7 +64,7 @@ def test_a_transcript_that_links_elsewhere_is_never_appended_to(tmp_path: Path, 
     real.unlink()
     real.symlink_to(mine)
     before = mine.read_bytes()
-    with pytest.raises(SessionError, match="transcript.jsonl is a symbolic link"):
+    with pytest.raises(SessionError, match=r"transcript.jsonl is a symbolic link"):
         SessionStore.resume(session)
     assert mine.read_bytes() == before
 
@@ -89,7 +89,7 @@ def test_a_new_session_in_a_folder_with_a_linked_meta_is_refused(tmp_path: Path,
     folder = tmp_path / "new"
     folder.mkdir()
     (folder / "meta.json").symlink_to(mine)
-    with pytest.raises(SessionError, match="meta.json is a symbolic link"):
+    with pytest.raises(SessionError, match=r"meta.json is a symbolic link"):
         SessionStore.create(session_dir=folder)
     assert mine.read_text() == "my notes\n"
 

@@ -34,7 +34,7 @@ def test_find_by_last_prefix_id_and_folder(three: list[SessionStore]) -> None:
     assert sessions.find_session("20261102") == three[1].path
     assert sessions.find_session("20261101-080000-aaaa") == three[0].path
     assert sessions.find_session(str(three[0].path)) == three[0].path
-    with pytest.raises(SessionNotFoundError, match="ambiguous.*20261101-080000-aaaa, 20261102-080000-abcd"):
+    with pytest.raises(SessionNotFoundError, match=r"ambiguous.*20261101-080000-aaaa, 20261102-080000-abcd"):
         sessions.find_session("2026110")
     with pytest.raises(SessionNotFoundError) as info:
         sessions.find_session("nope")

@@ -168,7 +168,7 @@ def test_a_config_file_that_is_no_config_is_one_line(tmp_path: Path, content: by
 def test_config_pointing_at_a_folder(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     (tmp_path / "folder.toml").mkdir()
     monkeypatch.setenv("GLMVOICE_CONFIG", str(tmp_path / "folder.toml"))
-    with pytest.raises(UsageError, match="GLMVOICE_CONFIG.* is a folder"):
+    with pytest.raises(UsageError, match=r"GLMVOICE_CONFIG.* is a folder"):
         settings.load_config()
 
 
@@ -194,9 +194,9 @@ def test_glmvoice_home_on_a_file_names_the_variable(monkeypatch: pytest.MonkeyPa
     (tmp_path / "afile").write_bytes(b"\x00\xff")
     monkeypatch.setenv("GLMVOICE_HOME", str(tmp_path / "afile" / below))
     for where in (settings.cache_root, settings.models_root, lambda: settings.locate("lm")):
-        with pytest.raises(UsageError, match="^GLMVOICE_HOME=.*afile.* is not a folder"):
+        with pytest.raises(UsageError, match=r"^GLMVOICE_HOME=.*afile.* is not a folder"):
             where()
     from glmvoice_cli.sessions.store import sessions_root
 
-    with pytest.raises(UsageError, match="^GLMVOICE_HOME="):
+    with pytest.raises(UsageError, match=r"^GLMVOICE_HOME="):
         sessions_root()

@@ -56,10 +56,10 @@ def _together(decoder: SpeechDecoder, streams: list[list[int]], seeds: list[int]
     joins = joins or [0] * len(streams)
     states = [decoder.new_state(decoder.new_noise(seed)) for seed in seeds]
     out: list[list[np.ndarray]] = [[] for _ in streams]
-    rounds = max(join + -(-len(tokens) // ROUND_TOKENS) for join, tokens in zip(joins, streams))
+    rounds = max(join + -(-len(tokens) // ROUND_TOKENS) for join, tokens in zip(joins, streams, strict=True))
     for r in range(rounds):
         pushes = [(state, tokens[(r - join) * ROUND_TOKENS : (r - join + 1) * ROUND_TOKENS] if r >= join else [])
-                  for state, tokens, join in zip(states, streams, joins)]
+                  for state, tokens, join in zip(states, streams, joins, strict=True)]
         for i, chunks in enumerate(decoder.push_streams(pushes, cancels)):
             out[i] += chunks
     for i, state in enumerate(states):
@@ -87,7 +87,7 @@ def test_streams_of_different_lengths_batched_equal_each_alone(models, n_streams
     counter = _RowCounter(decoder)
     together = _together(decoder, streams, seeds)
     counter.close()
-    for tokens, seed, audio in zip(streams, seeds, together):
+    for tokens, seed, audio in zip(streams, seeds, together, strict=True):
         assert_same_audio(audio, _solo(decoder, tokens, seed))
     if n_streams > 1:  # the streams really shared flow calls (2 rows per stream with batched guidance)
         assert max(counter.rows) == 2 * n_streams
@@ -97,7 +97,7 @@ def test_the_reference_schedule_batches_too(models) -> None:  # type: ignore[no-
     decoder = SpeechDecoder(models, REFERENCE_SCHEDULE)
     streams = [_tokens(90, seed=1), _tokens(60, seed=2)]
     together = _together(decoder, streams, [0, 0])
-    for tokens, audio in zip(streams, together):
+    for tokens, audio in zip(streams, together, strict=True):
         state = decoder.new_state(decoder.new_noise())
         alone = np.concatenate([*decoder.push(state, tokens), decoder.flush(state)])
         assert_same_audio(audio, alone)
@@ -111,7 +111,7 @@ def test_a_stream_joining_mid_batch_starts_with_its_own_first_block(models) -> N
     together = _together(decoder, streams, [1, 2], joins=[0, 4])
     decoder.on_block = None
     assert firsts.count(0) == 2  # each stream's first block had no prompt: the joiner took nothing of the other
-    for tokens, seed, audio in zip(streams, [1, 2], together):
+    for tokens, seed, audio in zip(streams, [1, 2], together, strict=True):
         assert_same_audio(audio, _solo(decoder, tokens, seed))
 
 
@@ -132,7 +132,7 @@ def test_a_cancel_drops_its_row_and_leaves_the_others_unchanged(models) -> None:
     tokens = [_tokens(60, seed=5), _tokens(60, seed=6), _tokens(60, seed=7)]
     states = [decoder.new_state(decoder.new_noise(seed)) for seed in (1, 2, 3)]
     cut = _CutAfter(4)  # set from the fifth flow step of the first block on
-    requests = [BlockRequest(state, t[:20], False, c) for state, t, c in zip(states, tokens, [None, cut, None])]
+    requests = [BlockRequest(state, t[:20], False, c) for state, t, c in zip(states, tokens, [None, cut, None], strict=True)]
     counter = _RowCounter(decoder)
     decoder.decode_blocks(requests)
     counter.close()
@@ -142,7 +142,7 @@ def test_a_cancel_drops_its_row_and_leaves_the_others_unchanged(models) -> None:
     for i in (0, 2):
         out = requests[i].output
         assert out is not None
-        rest = decoder.push(states[i], tokens[i][20:]) + [decoder.flush(states[i])]
+        rest = [*decoder.push(states[i], tokens[i][20:]), decoder.flush(states[i])]
         audio = np.concatenate([out.speech.reshape(-1).numpy(), *rest])
         assert_same_audio(audio, _solo(decoder, tokens[i], i + 1))
 
@@ -222,7 +222,7 @@ def test_blocks_handed_in_together_are_decoded_in_one_batch_on_the_worker(models
     streams = [_tokens(10, seed=s) for s in (1, 2)]
     states = [decoder.new_state(decoder.new_noise(seed)) for seed in (1, 2)]
     tickets = []
-    for state, tokens in zip(states, streams):
+    for state, tokens in zip(states, streams, strict=True):
         decoder.receive(state, tokens)
         request = decoder.next_block(state)
         assert request is not None
@@ -237,7 +237,7 @@ def test_blocks_handed_in_together_are_decoded_in_one_batch_on_the_worker(models
         worker.stop()
         worker.join()
     assert batcher.stats.batches == [2]
-    for ticket, tokens, seed in zip(tickets, streams, (1, 2)):
+    for ticket, tokens, seed in zip(tickets, streams, (1, 2), strict=True):
         out = ticket.item.output
         assert out is not None and ticket.error is None and ticket.result is out
         alone = decoder.new_state(decoder.new_noise(seed))
@@ -313,7 +313,7 @@ def test_a_cut_row_and_a_failing_batch_reach_their_answers(models) -> None:  # t
     states = [decoder.new_state() for _ in range(2)]
     cancel = threading.Event()
     tickets = []
-    for state, cut in zip(states, [cancel, None]):
+    for state, cut in zip(states, [cancel, None], strict=True):
         decoder.receive(state, _tokens(20, seed=1))
         request = decoder.next_block(state, cut)
         assert request is not None
@@ -353,20 +353,20 @@ def test_tokenizer_blocks_of_several_streams_encoded_together_equal_each_alone(t
     g = torch.Generator().manual_seed(0)
     feats = [tok.logmel(torch.randn(1, 16_000 * 9, generator=g) * 0.1)[0] for _ in range(3)]  # > two blocks
     valid = [torch.ones(f.shape[1], dtype=torch.bool) for f in feats]
-    first = [Span(f, v, 0, block, None) for f, v in zip(feats, valid)]
+    first = [Span(f, v, 0, block, None) for f, v in zip(feats, valid, strict=True)]
     together = encode_spans(tok.model, first)
-    second = [Span(f, v, block, 2 * block, r.caches) for f, v, r in zip(feats[:2], valid[:2], together[:2])]
+    second = [Span(f, v, block, 2 * block, r.caches) for f, v, r in zip(feats[:2], valid[:2], together[:2], strict=True)]
     # streams at different places: two second blocks and a first block share one call (keys padded, hidden)
     rows: list[int] = []
     hook = tok.model.layers[0].self_attn_layer_norm.register_forward_pre_hook(lambda _m, args: rows.append(args[0].shape[0]))
     mixed = encode_spans(tok.model, [*second, first[2]])
     hook.remove()
     assert rows == [3]
-    for span, got in zip([*first, *second, first[2]], [*together, *mixed]):
+    for span, got in zip([*first, *second, first[2]], [*together, *mixed], strict=True):
         alone = encode_span(tok.model, span.feats, span.frame_valid, span.p0, span.p1, span.past)
         assert got.ids == alone.ids and got.valid == alone.valid
         torch.testing.assert_close(got.states, alone.states, atol=TOLERANCE, rtol=0)
-        for (k, v), (k1, v1) in zip(got.caches, alone.caches):
+        for (k, v), (k1, v1) in zip(got.caches, alone.caches, strict=True):
             torch.testing.assert_close(k, k1, atol=TOLERANCE, rtol=0)
             torch.testing.assert_close(v, v1, atol=TOLERANCE, rtol=0)
 
@@ -384,7 +384,7 @@ def test_two_users_completed_blocks_wait_for_one_batch_and_give_the_ids_heard_al
     conv = SimpleNamespace(system_mode=None)  # no LM: the listener only tokenizes
     together = [TurnListener(tok, None) for _ in speech]
     steps = [listener.hear_steps(0, audio, conv, spans=StreamSpans(batcher, _answer(1, 0.0)))  # type: ignore[arg-type]
-             for listener, audio in zip(together, speech)]
+             for listener, audio in zip(together, speech, strict=True)]
     for step in steps:
         next(step)  # each hands its first completed block in and waits
     assert len(batcher._pending) == 2
@@ -397,7 +397,7 @@ def test_two_users_completed_blocks_wait_for_one_batch_and_give_the_ids_heard_al
                 except StopIteration:
                     steps[i] = None  # type: ignore[call-overload]
     assert batcher.stats.batches[0] == 2
-    for listener, audio in zip(together, speech):
+    for listener, audio in zip(together, speech, strict=True):
         alone = TurnListener(tok, None)
         alone.hear(0, audio, conv)  # type: ignore[arg-type]
         assert listener.stream.ids == alone.stream.ids and len(alone.stream.ids) > 0

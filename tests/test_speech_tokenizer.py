@@ -106,7 +106,7 @@ def test_missing_folder_and_files(tiny_dir: Path, tmp_path: Path) -> None:
         SpeechTokenizer.from_pretrained(tmp_path / "nope")
     folder = copy_checkpoint(tiny_dir, tmp_path / "t")
     (folder / "preprocessor_config.json").unlink()
-    with pytest.raises(ModelNotFoundError, match="preprocessor_config.json"):
+    with pytest.raises(ModelNotFoundError, match=r"preprocessor_config.json"):
         SpeechTokenizer.from_pretrained(folder)
 
 
@@ -130,7 +130,7 @@ def test_unexpected_key_is_named(tiny_dir: Path, tmp_path: Path) -> None:
     state = load_file(tiny_dir / "model.safetensors")
     state["decoder.surprise"] = torch.zeros(2)
     folder = copy_checkpoint(tiny_dir, tmp_path / "t", state)
-    with pytest.raises(CheckpointMismatchError, match="decoder.surprise"):
+    with pytest.raises(CheckpointMismatchError, match=r"decoder.surprise"):
         SpeechTokenizer.from_pretrained(folder)
 
 
@@ -146,11 +146,11 @@ def test_prefixed_training_layout_and_extra_layers_load(tiny_dir: Path, tmp_path
 def test_corrupt_weights_and_config(tiny_dir: Path, tmp_path: Path) -> None:
     folder = copy_checkpoint(tiny_dir, tmp_path / "t")
     (folder / "model.safetensors").write_bytes(b"not a safetensors file")
-    with pytest.raises(CheckpointMismatchError, match="model.safetensors"):
+    with pytest.raises(CheckpointMismatchError, match=r"model.safetensors"):
         SpeechTokenizer.from_pretrained(folder)
     folder = copy_checkpoint(tiny_dir, tmp_path / "u")
     (folder / "config.json").write_text("{broken")
-    with pytest.raises(CheckpointMismatchError, match="config.json"):
+    with pytest.raises(CheckpointMismatchError, match=r"config.json"):
         SpeechTokenizer.from_pretrained(folder)
 
 

@@ -133,7 +133,7 @@ def test_reset_and_determinism(models, tokens) -> None:  # type: ignore[no-untyp
     state.reset()
     assert state == decoder.new_state()
     again = decoder.push(state, tokens[:30])
-    assert all(np.array_equal(a, b) for a, b in zip(first, again))
+    assert all(np.array_equal(a, b) for a, b in zip(first, again, strict=True))
     other = SpeechDecoder(models, seed=4).push(decoder.new_state(), tokens[:30])
     assert not np.array_equal(first[0], other[0])
 
@@ -279,7 +279,7 @@ def test_a_cancel_cuts_the_block_between_flow_steps(tokens) -> None:  # type: ig
     again = decoder.push(decoder.new_state(), tokens[:30], cancel)
     fresh = SpeechDecoder(tiny_decoder(TinyDecoderSpec(seed=1)), DEFAULT_SCHEDULE).push(
         SpeechDecoder(models).new_state(), tokens[:30])
-    assert len(again) == len(fresh) > 0 and all(np.array_equal(a, b) for a, b in zip(again, fresh))
+    assert len(again) == len(fresh) > 0 and all(np.array_equal(a, b) for a, b in zip(again, fresh, strict=True))
 
 
 def test_a_cancelled_answer_stops_decoding_within_a_flow_step(assistant) -> None:  # type: ignore[no-untyped-def]

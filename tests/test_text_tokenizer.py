@@ -88,10 +88,10 @@ def test_unknown_name(tok: TextTokenizer) -> None:
 
 
 def test_missing_files(folder: Path, tmp_path: Path) -> None:
-    with pytest.raises(ModelNotFoundError, match="tokenizer.model"):
+    with pytest.raises(ModelNotFoundError, match=r"tokenizer.model"):
         TextTokenizer.from_folder(tmp_path)
     (tmp_path / "tokenizer.model").write_bytes((folder / "tokenizer.model").read_bytes())
-    with pytest.raises(ModelNotFoundError, match="tokenizer_config.json"):
+    with pytest.raises(ModelNotFoundError, match=r"tokenizer_config.json"):
         TextTokenizer.from_folder(tmp_path)
 
 
@@ -111,3 +111,22 @@ def test_missing_special(folder: Path, tmp_path: Path) -> None:
     (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
     with pytest.raises(CheckpointMismatchError, match="begin_of_audio"):
         TextTokenizer.from_folder(tmp_path)
+
+
+def test_a_replaced_rank_file_is_read_afresh(tmp_path: Path) -> None:
+    """Our reader, not tiktoken's `load_tiktoken_bpe`: that one copies a local file into a cache keyed by its path
+    (/tmp/data-gym-cache) and would hand back the old ranks after `tokenizer.model` was replaced."""
+    import base64
+
+    from glmvoice_cli.lm.text_tokenizer import read_ranks
+
+    def ranks(extra: bytes) -> str:
+        lines = [f"{base64.b64encode(bytes([b])).decode()} {b}" for b in range(256)]
+        return "\n".join([*lines, f"{base64.b64encode(extra).decode()} 256"]) + "\n"
+
+    path = tmp_path / "tokenizer.model"
+    path.write_text(ranks(b"ab"))
+    assert read_ranks(path)[b"ab"] == 256
+    path.write_text(ranks(b"cd"))  # replaced at the same path
+    again = read_ranks(path)
+    assert again[b"cd"] == 256 and b"ab" not in again

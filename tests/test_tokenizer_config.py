@@ -67,7 +67,7 @@ def test_a_bad_field_is_one_line_naming_file_and_field(tmp_path: Path, changes: 
 def test_not_a_config_at_all(tmp_path: Path, content: str) -> None:
     path = tmp_path / "config.json"
     path.write_bytes(content.encode("utf-8", "surrogateescape"))
-    with pytest.raises(CheckpointMismatchError, match="config.json"):
+    with pytest.raises(CheckpointMismatchError, match=r"config.json"):
         TokenizerConfig.from_json(path)
 
 

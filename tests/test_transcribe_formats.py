@@ -58,7 +58,7 @@ def test_one_segment_per_utterance_on_the_token_clock() -> None:
     audio, speech = _two_utterances()
     segments = speech_segments(audio, 30.0)
     assert len(segments) == len(speech)
-    for segment, (start, end) in zip(segments, speech):
+    for segment, (start, end) in zip(segments, speech, strict=True):
         assert segment.start % TOKEN_SAMPLES == 0 and segment.end % TOKEN_SAMPLES == 0
         assert segment.start_s <= start and segment.end_s >= end  # the whole utterance is heard
         assert segment.start_s > start - 0.5 and segment.end_s < end + 0.5  # and little of the silence
@@ -125,7 +125,7 @@ def test_every_format_tells_the_same_segments(models: Path, two: Path) -> None:
     def seconds(h: str, m: str, s: str, ms: str) -> float:
         return int(h) * 3600 + int(m) * 60 + int(s) + int(ms) / 1000
 
-    for times, segment in zip(srt_times, segments):
+    for times, segment in zip(srt_times, segments, strict=True):
         assert (seconds(*times[:4]), seconds(*times[4:])) == (segment["start"], segment["end"])
     for segment in segments:  # each cue lies on one of the two utterances
         assert any(segment["start"] <= start and segment["end"] >= end for start, end in _two_utterances()[1])

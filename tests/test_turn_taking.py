@@ -115,7 +115,7 @@ def test_the_breakdown_is_stored_and_summarised(assistant: Assistant, tmp_path: 
     engine, _, store, _ = converse(assistant, user, tmp_path / "s")
     stored = [r["timings"] for r in lines(store) if r["role"] == "assistant"]
     assert len(stored) == 2
-    for timings, report in zip(stored, engine.reports):
+    for timings, report in zip(stored, engine.reports, strict=True):
         assert report.timings is not None
         chain = [timings[k] for k in ("turn_confirmed_s", "tokenized_s", "prefill_s", "first_token_s",
                                       "first_audio_s", "first_sample_s")]

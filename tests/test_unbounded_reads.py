@@ -70,7 +70,7 @@ def test_a_streamed_wav_past_the_limit_is_stopped_while_reading(tmp_path: Path,
     writer = threading.Thread(target=write, daemon=True)
     writer.start()
     monkeypatch.setenv("GLMVOICE_MAX_AUDIO_S", "2")
-    with pytest.raises(AudioError, match="over 0.000556 h of audio"):
+    with pytest.raises(AudioError, match=r"over 0.000556 h of audio"):
         read_audio(fifo)
     writer.join(10)
 
@@ -100,7 +100,7 @@ def test_a_tokenizer_model_past_its_cap_is_one_line(tmp_path: Path, monkeypatch:
     path = tmp_path / "tokenizer.model"
     path.write_bytes(b"YQ== 0\n" * 1000)
     monkeypatch.setattr(text_tokenizer, "RANKS_MAX_BYTES", 4096)
-    with pytest.raises(CheckpointMismatchError, match="tokenizer.model: unreadable \\(over 4 KiB"):
+    with pytest.raises(CheckpointMismatchError, match=r"tokenizer.model: unreadable \(over 4 KiB"):
         text_tokenizer.read_ranks(path)
 
 

@@ -202,10 +202,8 @@ class Microphone:
             self._queue.put_nowait(block)
         except queue.Full:  # the reader is stuck: keep the newest audio
             self.overflows += 1
-            try:
+            with contextlib.suppress(queue.Empty):
                 self._queue.get_nowait()
-            except queue.Empty:
-                pass
             self._queue.put_nowait(block)
 
     def read(self, timeout: float | None = None) -> np.ndarray | None:

@@ -44,7 +44,7 @@ def tokenize(
     model = SpeechTokenizer.from_pretrained(folder, device=device, dtype=dtype, micro_batch=batch_size)
     with status_line(f"encoding {len(audios)} file(s), {sum(a.seconds for a in audios):.0f} s of audio"):
         encoded = model.encode([a.samples for a in audios])
-    for path, audio, ids in zip(files, audios, encoded):
+    for path, audio, ids in zip(files, audios, encoded, strict=True):
         if as_json:
             typer.echo(json.dumps({"file": str(path), "tokens": ids, "seconds": round(audio.seconds, 3)}))
         elif len(files) == 1:

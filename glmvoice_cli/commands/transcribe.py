@@ -95,7 +95,7 @@ def transcribe(
                                server=lm_server(lm_url, lm_api_key, lm_model, lm_timeout))
     load_s = time.perf_counter() - start
     with _progress([len(a.samples) / SAMPLE_RATE_IN for a in audios]) as advance:
-        for index, (path, audio, target) in enumerate(zip(files, audios, targets)):
+        for index, (path, audio, target) in enumerate(zip(files, audios, targets, strict=True)):
             for warning in audio.warnings:
                 typer.secho(f"warning: {warning}", fg=typer.colors.YELLOW, err=True)
             advance(index, 0.0, path.name)
@@ -133,7 +133,7 @@ def _targets(files: list[Path], fmt: str, output_dir: Path | None, overwrite: bo
         raise UsageError(f"--output-dir {output_dir} is a file, not a folder")
     targets = [output_dir / f"{f.stem}.{fmt}" for f in files]
     seen: dict[Path, Path] = {}
-    for source, target in zip(files, targets):
+    for source, target in zip(files, targets, strict=True):
         if target in seen:
             raise UsageError(f"{seen[target]} and {source} would both be written to {target}: "
                              "transcribe them into different --output-dir folders")

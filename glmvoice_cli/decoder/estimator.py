@@ -179,7 +179,7 @@ class FlowEstimator(nn.Module):
         self.mid_blocks = nn.ModuleList(
             _stage(ResnetBlock1D(mid, mid, time_dim), mid, cfg, nn.Identity())[:2] for _ in range(cfg.num_mid_blocks)
         )
-        up = tuple(reversed(chans)) + (chans[0],)
+        up = (*reversed(chans), chans[0])
         self.up_blocks = nn.ModuleList()
         for i in range(len(up) - 1):
             last = i == len(up) - 2

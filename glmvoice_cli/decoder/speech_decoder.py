@@ -225,7 +225,7 @@ class SpeechDecoder:
             self.receive(state, tokens)
         chunks: list[list[np.ndarray]] = [[] for _ in pushes]
         while True:
-            ready = [(i, r) for i, ((state, _), cut) in enumerate(zip(pushes, cuts))
+            ready = [(i, r) for i, ((state, _), cut) in enumerate(zip(pushes, cuts, strict=True))
                      if (r := self.next_block(state, cut)) is not None]
             if not ready:
                 return chunks
@@ -305,7 +305,7 @@ class SpeechDecoder:
         mels = [self._after_flow(row) for row in made]
         states = [row.request.state for row in made]
         vocoded = self._vocode(states, mels, [row.request.finalize for row in made])
-        for row, (speech, returned, cache_in, source) in zip(made, vocoded):
+        for row, (speech, returned, cache_in, source) in zip(made, vocoded, strict=True):
             state = row.request.state
             if self.schedule.reference_prompt:
                 state.history = returned if state.history is None else torch.cat([state.history, returned], dim=2)
@@ -397,7 +397,7 @@ class SpeechDecoder:
         """
         finals = finalize if isinstance(finalize, list) else [finalize] * len(states)
         inputs: list[tuple[torch.Tensor, torch.Tensor]] = []
-        for state, mel, final in zip(states, mels, finals):
+        for state, mel, final in zip(states, mels, finals, strict=True):
             cache_in = torch.zeros(1, 1, 0)
             if state.cache_mel is not None and state.cache_source is not None:
                 mel = torch.cat([state.cache_mel, mel], dim=2)

@@ -95,7 +95,7 @@ class ResBlock(nn.Module):
         self.activations2 = nn.ModuleList(Snake(channels) for _ in dilations)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for c1, c2, a1, a2 in zip(self.convs1, self.convs2, self.activations1, self.activations2):
+        for c1, c2, a1, a2 in zip(self.convs1, self.convs2, self.activations1, self.activations2, strict=True):
             x = c2(a2(c1(a1(x)))) + x
         return x
 
@@ -186,13 +186,13 @@ class HiFTGenerator(nn.Module):
         self.conv_pre = WNConv1d(cfg.in_channels, base, 7, padding=3)
         self.ups = nn.ModuleList(
             WNConv1d(base // 2**i, base // 2 ** (i + 1), k, u, (k - u) // 2, transpose=True)
-            for i, (u, k) in enumerate(zip(cfg.upsample_rates, cfg.upsample_kernel_sizes))
+            for i, (u, k) in enumerate(zip(cfg.upsample_rates, cfg.upsample_kernel_sizes, strict=True))
         )
         down_rates = np.cumprod([1, *cfg.upsample_rates[::-1][:-1]])[::-1]
         self.source_downs = nn.ModuleList()
         self.source_resblocks = nn.ModuleList()
         for i, (u, k, d) in enumerate(
-            zip(down_rates, cfg.source_resblock_kernel_sizes, cfg.source_resblock_dilation_sizes)
+            zip(down_rates, cfg.source_resblock_kernel_sizes, cfg.source_resblock_dilation_sizes, strict=True)
         ):
             ch, u = base // 2 ** (i + 1), int(u)
             conv = nn.Conv1d(n_fft + 2, ch, 1, 1) if u == 1 else nn.Conv1d(n_fft + 2, ch, u * 2, u, u // 2)
@@ -201,7 +201,7 @@ class HiFTGenerator(nn.Module):
         self.resblocks = nn.ModuleList(
             ResBlock(base // 2 ** (i + 1), k, tuple(d))
             for i in range(len(self.ups))
-            for k, d in zip(cfg.resblock_kernel_sizes, cfg.resblock_dilation_sizes)
+            for k, d in zip(cfg.resblock_kernel_sizes, cfg.resblock_dilation_sizes, strict=True)
         )
         self.conv_post = WNConv1d(base // 2 ** len(self.ups), n_fft + 2, 7, padding=3)
         self.f0_predictor = ConvRNNF0Predictor(cfg)

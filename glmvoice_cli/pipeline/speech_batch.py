@@ -153,7 +153,7 @@ class Batcher(Generic[_Item]):
             for ticket in live:
                 ticket.error = e
         else:
-            for ticket, result in zip(live, results):
+            for ticket, result in zip(live, results, strict=True):
                 ticket.result = result
         for ticket in tickets:
             ticket.finished = True

@@ -62,7 +62,7 @@ def transcribe(assistant: Assistant, samples: np.ndarray, *, prompt: str | None 
     said: list[TranscriptSegment] = []
     generated = 0
     start = time.perf_counter()
-    for done, (segment, tokens) in enumerate(zip(segments, token_windows), 1):
+    for done, (segment, tokens) in enumerate(zip(segments, token_windows, strict=True), 1):
         conv = assistant.lm.new_conversation()
         user = SpeechInput(tuple(tokens), instruction=prompt or TRANSCRIBE_INSTRUCTION)
         pieces = [e.text for e in assistant.lm.stream(conv, user, options) if isinstance(e, TextPiece)]

@@ -112,7 +112,7 @@ def encode_spans(model: WhisperVQEncoder, spans: list[Span]) -> list[SpanResult]
         groups.setdefault(span.p1 - span.p0, []).append(index)
     results: dict[int, SpanResult] = {}
     for members in groups.values():
-        for index, result in zip(members, _encode_group(model, [spans[i] for i in members])):
+        for index, result in zip(members, _encode_group(model, [spans[i] for i in members]), strict=True):
             results[index] = result
     return [results[i] for i in range(len(spans))]
 
@@ -121,11 +121,11 @@ def _left_padded(past: list[LayerCache | None], masks: list[torch.Tensor]) -> tu
     """Each row's keys/values of earlier blocks and its mask, padded on the left to the longest row."""
     lengths = [0 if p is None else p[0].shape[2] for p in past]
     longest = max(lengths)
-    mask = torch.cat([F.pad(m, (longest - n, 0), value=torch.finfo(m.dtype).min) for m, n in zip(masks, lengths)])
+    mask = torch.cat([F.pad(m, (longest - n, 0), value=torch.finfo(m.dtype).min) for m, n in zip(masks, lengths, strict=True)])
     if longest == 0:
         return None, mask
     keys, values = [], []
-    for cache, n in zip(past, lengths):
+    for cache, n in zip(past, lengths, strict=True):
         if cache is None:
             ref = next(p for p in past if p is not None)[0]
             cache = (ref.new_zeros(1, ref.shape[1], 0, ref.shape[3]), ref.new_zeros(1, ref.shape[1], 0, ref.shape[3]))
@@ -146,7 +146,7 @@ def _encode_group(model: WhisperVQEncoder, spans: list[Span]) -> list[SpanResult
     caches: list[LayerCache] = []
     for i, layer in enumerate(model.layers):
         past, mask = _left_padded([None if span.past is None else span.past[i] for span in spans],
-                                  [_mask(offset, row, block, x.dtype) for offset, row in zip(offsets, valid)])
+                                  [_mask(offset, row, block, x.dtype) for offset, row in zip(offsets, valid, strict=True)])
         x, cache = _layer(cast(EncoderLayer, layer), x, past, mask)
         caches.append(cache)
         if i + 1 == cfg.pooling_position:

@@ -62,7 +62,7 @@ class SpeechTokenizer:
         for start in range(0, len(windows), REFERENCE_BATCH):
             group = windows[start : start + REFERENCE_BATCH]
             padded_len = self._padded_length(max(len(w.samples) for w in group))
-            for ids, w in zip(self._encode_group(group, padded_len), group):
+            for ids, w in zip(self._encode_group(group, padded_len), group, strict=True):
                 out[w.item].extend(ids)
         return out
 

@@ -230,7 +230,7 @@ class StreamingTokenizer:
         span = encode_span(self.model, feats, mask.bool(), a // CONV2_STRIDE, frames // CONV2_STRIDE,
                            self._past(kept))
         self.stats.last_span_frames += frames - a
-        ids += [i for i, ok in zip(span.ids, span.valid) if ok]
+        ids += [i for i, ok in zip(span.ids, span.valid, strict=True) if ok]
         return ids, self._fragile(span) or any(block.fragile for block in kept)
 
 

@@ -179,7 +179,7 @@ def test_d_stream_token2wav(models, fixtures: Path, draws) -> None:  # type: ign
     chunks.append(decoder.flush(state))
 
     assert len(outputs) == len(meta["calls"]) == len(tags)
-    for i, (out, call) in enumerate(zip(outputs, meta["calls"])):
+    for i, (out, call) in enumerate(zip(outputs, meta["calls"], strict=True)):
         p = f"call{i}/"
         assert out.finalize == call["finalize"]
         assert chunks[i].shape == (call["speech_len"],)
