@@ -401,3 +401,51 @@ def test_two_users_completed_blocks_wait_for_one_batch_and_give_the_ids_heard_al
         alone = TurnListener(tok, None)
         alone.hear(0, audio, conv)  # type: ignore[arg-type]
         assert listener.stream.ids == alone.stream.ids and len(alone.stream.ids) > 0
+
+
+def test_on_the_worker_two_users_blocks_completed_at_once_share_one_batch(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The tokenizer's batch gives way to a conversation of the same priority: the second user's block is handed
+    in before the batch runs, even though the batcher was there first."""
+    from glmvoice_cli.chat.speech_batch import tokenizer_batcher_for
+    from glmvoice_cli.chat.worker import READY, WAIT, ModelWorker
+    from glmvoice_cli.pipeline.listening import TurnListener
+    from glmvoice_cli.pipeline.speech_batch import StreamSpans
+    from glmvoice_cli.tiny.tokenizer import TinyTokenizerSpec, write_tiny_tokenizer
+    from glmvoice_cli.tokenizer.speech_tokenizer import SpeechTokenizer
+
+    tok = SpeechTokenizer.from_pretrained(write_tiny_tokenizer(tmp_path / "tok", TinyTokenizerSpec(seed=4)), device="cpu")
+    worker = ModelWorker()
+    batcher = tokenizer_batcher_for(worker, SimpleNamespace(speech_tokenizer=tok))  # type: ignore[arg-type]
+    assert batcher is not None
+    g = np.random.default_rng(1)
+    conv = SimpleNamespace(system_mode=None)
+
+    class User:
+        def __init__(self) -> None:
+            self.listener = TurnListener(tok, None)
+            self.audio = (0.1 * g.standard_normal(16_000 * 5)).astype(np.float32)  # one completed 4 s block
+
+        def steps(self):  # type: ignore[no-untyped-def]
+            for _ in self.listener.hear_steps(0, self.audio, conv, spans=StreamSpans(batcher, self.priority)):
+                yield WAIT
+            yield READY
+
+        def priority(self) -> tuple[float, ...]:
+            return (1, 0.0)  # listening, nothing queued to play
+
+        def crashed(self, error: BaseException) -> None:
+            raise AssertionError(error)
+
+    users = [User(), User()]
+    done = [worker.add(user) for user in users]
+    worker.start()
+    try:
+        assert all(d.wait(120) for d in done)
+    finally:
+        worker.stop()
+        worker.join()
+    assert batcher.stats.batches == [2]
+    for user in users:
+        alone = TurnListener(tok, None)
+        alone.hear(0, user.audio, conv)  # type: ignore[arg-type]
+        assert user.listener.stream.ids == alone.stream.ids

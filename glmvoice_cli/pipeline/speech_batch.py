@@ -11,7 +11,8 @@ When to run: a batcher's priority is its most urgent row's (a confirmed answer w
 first), so it runs when that row would have run alone. The decoder's batch waits for more rows only while
 another stream is a few tokens short of its own block and every waiting row's speaker has audio queued for
 longer than that wait plus the batch itself (`BatchPolicy`): it never holds a row whose speaker would run
-dry first. The tokenizer's never waits (its blocks come every 4 s of speech, not on demand).
+dry first. The tokenizer's batch waits for nothing, but gives way to a conversation of the same priority
+(another user's audio that completes a block at the same moment is handed in first).
 """
 
 from __future__ import annotations
@@ -232,6 +233,11 @@ class TokenizerBatcher(Batcher["Span"]):
     def __init__(self, model: WhisperVQEncoder, wake: Callable[[], None] = lambda: None) -> None:
         super().__init__(wake)
         self.model = model
+
+    def priority(self) -> tuple[float, ...]:
+        """Its rows' priority, after any conversation of the same: another user's audio that completes a block
+        at the same moment is handed in first (the speaker waits on none of this: the user is still talking)."""
+        return (*super().priority(), 1)
 
     def _compute(self, items: list[Span]) -> list[object]:
         from glmvoice_cli.tokenizer.block_encoder import encode_spans
