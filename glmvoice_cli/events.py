@@ -178,6 +178,7 @@ class AssistantTurn(Tagged):
     interrupted: bool = False
     timings: TurnTimings = field(default_factory=TurnTimings)
     reason: str | None = None  # TurnEnded.reason, saved with the turn (e.g. "context_full")
+    audio_path: str | None = None  # the name reserved for its audio when the turn was numbered
 
 
 @dataclass(frozen=True)

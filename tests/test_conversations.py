@@ -302,3 +302,30 @@ def test_an_ended_conversation_frees_its_cache_at_once(assistant: Assistant) -> 
     conv = core.conversation
     assert conv.cache is None and conv.cached_ids == [] and conv.slot is None
     assert conv.ids  # what was said is still there (a saved session restores from its ids, not the cache)
+
+
+def test_session_audio_files_are_numbered_in_conversation_order(assistant: Assistant, tmp_path: Path) -> None:
+    """A second spoken turn that arrives while the first is still answered: its speech is saved at once, but
+    the first answer's file still comes before it (its name is reserved when its turn is numbered)."""
+    from glmvoice_cli.sessions.store import SessionStore, load_session
+
+    store = SessionStore.create(session_dir=tmp_path / "S", mode="audio")
+    worker = ModelWorker(prepare=assistant.lm.prepare_thread)
+    config = EngineConfig(vad=FAST_VAD, generation=GenerationOptions(max_new_tokens=60, seed=2))
+    core = ConversationCore(assistant, _NetworkOutput(), worker, store=store, config=config,
+                            classifier=energy_vad)
+    worker.start()
+    core.start()
+    try:
+        core.submit_audio(burst(0.8))
+        core.submit_audio(burst(0.6))  # before the first answer has ended
+        core.end_input()
+        assert core.wait(RUN_TIMEOUT_S)
+        core.join(RUN_TIMEOUT_S)
+    finally:
+        worker.stop()
+        worker.join()
+    saved = load_session(store.path).turns
+    files = [turn.audio for turn in saved if turn.audio is not None]
+    assert [Path(f).name.split("-")[1] for f in files] == ["user.wav", "assistant.wav", "user.wav", "assistant.wav"]
+    assert files == sorted(files)  # numbered in the order of the conversation

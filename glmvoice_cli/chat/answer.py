@@ -425,7 +425,7 @@ class TurnRunner:
         audio = np.concatenate(answer.chunks)[:played] if answer.chunks else None
         text = answer_text(tok, kept) if interrupted else "".join(answer.text).strip()
         core._emit(AssistantTurn(job.turn, audio, rate, text=text, token_ids=kept, interrupted=interrupted,
-                                 timings=timings, reason=reason))
+                                 timings=timings, reason=reason, audio_path=job.answer_audio_path))
         self.reports.append(TurnReport(
             utterance_end=job.end_sample, first_audio_wall_s=answer.first_audio, played_samples=played,
             interrupted=interrupted, barge_in_at=job.barge_in.at_sample if job.barge_in else None,

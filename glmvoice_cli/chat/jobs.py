@@ -18,6 +18,7 @@ class Job:
     samples: np.ndarray | None = None  # (n,) float32 16 kHz speech; None for a typed turn
     turn: int = 0  # numbered when registered, from 1
     audio_path: str | None = None  # the name the store reserved for the speech
+    answer_audio_path: str | None = None  # and for the answer's, reserved with it: files in conversation order
     text: str | None = None  # the typed text
     end_sample: int = 0  # end of the utterance on the input timeline (16 kHz samples)
     heard_at: float = 0.0  # perf_counter when the turn was complete (end of speech)

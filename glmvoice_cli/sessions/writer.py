@@ -76,6 +76,6 @@ class SessionWriter:
     def _save_answer_audio(self, event: AssistantTurn) -> tuple[AudioFile | None, GlmVoiceError | None]:
         """The answer's saved audio, or None and the error: its line (text, ids) is saved either way."""
         try:
-            return self.store.save_audio("assistant", event.samples, event.sample_rate), None
+            return self.store.save_audio("assistant", event.samples, event.sample_rate, event.audio_path), None
         except GlmVoiceError as e:
             return None, e
