@@ -26,5 +26,6 @@ class LoadOptions:
     quantize_bits: int | None = None  # the LM's: 4 (NF4) or 8 through bitsandbytes, CUDA only
     attn_implementation: str = "sdpa"  # the LM's attention: "sdpa" or "eager"
     seed: int | None = None  # the speech decoder's noise seed; None draws a fresh one
+    schedule: str = "default"  # the speech decoder's blocks: "default" or "reference" (the demo's; see decoder)
     compile: bool | None = None  # the LM's static cache + compiled decode step; auto: on for CUDA only
     lm_server: LMServer | None = None  # run the LM on this server; only its tokenizer and config load here

@@ -120,6 +120,25 @@ def test_typed_turns_and_resume(models: Path, tmp_path: Path) -> None:
     assert lines[0]["audio"] is None and lines[1]["audio"] is not None
 
 
+def test_chat_with_the_reference_schedule_decodes_the_demos_blocks(models: Path, tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    from glmvoice_cli.decoder.speech_decoder import REFERENCE_SCHEDULE, SpeechDecoder
+
+    blocks: list[int] = []
+    decode_blocks = SpeechDecoder.decode_blocks
+
+    def spy(self, requests):  # type: ignore[no-untyped-def]
+        blocks.extend(len(r.tokens) for r in requests if not r.finalize)
+        return decode_blocks(self, requests)
+
+    monkeypatch.setattr(SpeechDecoder, "decode_blocks", spy)
+    result = _chat(models, "--text", "--output-file", str(tmp_path / "o.wav"), "--schedule", "reference",
+                   "--session-dir", str(tmp_path / "S"),
+                   extra=["--max-new-tokens", "120", "--seed", "1", "--no-live"], input="Hello there.\n")
+    assert result.exit_code == 0, result.output
+    assert blocks and blocks == list(REFERENCE_SCHEDULE.block_sizes[: len(blocks)])
+
+
 def test_ctrl_c_mid_answer_saves_the_session(models: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from glmvoice_cli.events import TextDelta
     from glmvoice_cli.ui.view import PlainView

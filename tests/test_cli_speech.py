@@ -41,6 +41,28 @@ def test_tts_writes_speech_and_prints_text(models: Path, tmp_path: Path) -> None
     assert result.stdout.endswith("\n")
 
 
+@pytest.mark.parametrize("schedule", ["default", "reference"])
+def test_tts_schedule_sets_the_decoders_blocks(models: Path, tmp_path: Path, schedule: str,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    from glmvoice_cli.decoder.speech_decoder import SpeechDecoder, schedule_named
+
+    blocks: list[tuple[int, bool]] = []
+    decode_blocks = SpeechDecoder.decode_blocks
+
+    def spy(self, requests):  # type: ignore[no-untyped-def]
+        blocks.extend((len(r.tokens), r.finalize) for r in requests)
+        return decode_blocks(self, requests)
+
+    monkeypatch.setattr(SpeechDecoder, "decode_blocks", spy)
+    out = tmp_path / "out.wav"
+    result = runner.invoke(app, ["tts", "Hello there.", "--models", str(models), "-o", str(out), "--schedule", schedule,
+                                 "--max-new-tokens", "200", "--seed", "1"])
+    assert result.exit_code == 0, result.output
+    sizes = schedule_named(schedule).block_sizes
+    streamed = [n for n, final in blocks if not final]
+    assert streamed and streamed == [sizes[min(i, len(sizes) - 1)] for i in range(len(streamed))]
+
+
 def test_tts_reads_stdin_and_writes_wav_to_stdout(models: Path) -> None:
     result = runner.invoke(app, ["tts", "-", "--models", str(models), "-o", "-", *FAST], input="Hi from stdin.")
     assert result.exit_code == 0, result.output
@@ -64,6 +86,7 @@ def test_tts_reads_a_file_and_styles(models: Path, tmp_path: Path) -> None:
     (["tts", "hi", "-o", "/no/such/dir/x.wav"], "does not exist"),
     (["tts", "hi", "--emotion", "grumpy", "-o", "x.wav"], "unknown emotion"),
     (["tts", "hi", "--file", "nofile.txt"], "not both"),
+    (["tts", "hi", "--schedule", "fast", "-o", "x.wav"], "not one of default, reference"),
 ])
 def test_tts_bad_input_is_one_line(models: Path, args: list[str], message: str) -> None:
     result = runner.invoke(app, [*args, "--models", str(models)])

@@ -51,6 +51,7 @@ from glmvoice_cli.commands.common import (
     MaxTokensOpt,
     ModelsOpt,
     QuantizeOpt,
+    ScheduleOpt,
     SeedOpt,
     TemperatureOpt,
     ThreadsOpt,
@@ -119,7 +120,7 @@ def chat(
     live: Annotated[bool, typer.Option(help="Rich live view; --no-live prints plain lines.", rich_help_panel="Sessions")] = True,
     models: ModelsOpt = None, tokenizer: TokenizerOpt = None, lm: LmOpt = None, decoder: DecoderOpt = None,
     device: DeviceOpt = None, dtype: DtypeOpt = None, quantize: QuantizeOpt = None, compile_lm: CompileOpt = None,
-    max_new_tokens: MaxTokensOpt = None, seed: SeedOpt = None,
+    max_new_tokens: MaxTokensOpt = None, seed: SeedOpt = None, schedule: ScheduleOpt = "default",
     temperature: TemperatureOpt = None, top_p: TopPOpt = None, threads: ThreadsOpt = None,
     lm_url: LmUrlOpt = None, lm_api_key: LmApiKeyOpt = None, lm_model: LmModelOpt = None,
     lm_timeout: LmTimeoutOpt = None,
@@ -141,7 +142,7 @@ def chat(
             assistant = load_assistant(stages, models=models,
                                        overrides={"tokenizer": tokenizer, "lm": lm, "decoder": decoder},
                                        device=device, dtype=dtype, quantize=quantize, seed=seed,
-                                       compile=compile_lm,
+                                       compile=compile_lm, schedule=schedule,
                                        server=lm_server(lm_url, lm_api_key, lm_model, lm_timeout),
                                        for_other_thread=True)  # the engine's model thread runs them
             store = open_store(session_dir, resumed, assistant.dirs, "text" if text else "voice")

@@ -47,6 +47,19 @@ MaxTokensOpt = Annotated[int | None, typer.Option(
     "--max-new-tokens", min=1, max=1_000_000, help="Cap on generated tokens per answer (or per piece / window).", rich_help_panel="Sampling")]
 SeedOpt = Annotated[int | None, typer.Option(
     "--seed", min=0, max=2**64 - 1, help="Seed for sampling and the decoder's noise (0 to 2**64-1).", rich_help_panel="Sampling")]
+SCHEDULE_NAMES = ("default", "reference")
+
+
+def _known_schedule(value: str) -> str:
+    if value not in SCHEDULE_NAMES:
+        raise typer.BadParameter(f"{value!r} is not one of {', '.join(SCHEDULE_NAMES)}")
+    return value
+
+
+ScheduleOpt = Annotated[str, typer.Option(
+    "--schedule", callback=_known_schedule, autocompletion=lambda incomplete: [n for n in SCHEDULE_NAMES if n.startswith(incomplete)],
+    help="Speech decoder blocks: 'default' (first audio after 10 tokens) or 'reference' (the GLM-4-Voice demo's: "
+    "first block 25 tokens, the whole answer re-encoded as prompt, noise re-seeded per block).", rich_help_panel="Models")]
 CompileOpt = Annotated[bool | None, typer.Option(
     "--compile/--no-compile", help="Static cache + compiled LM decode step (default: on with CUDA, off on CPU).", rich_help_panel="Models")]
 ThreadsOpt = Annotated[int | None, typer.Option(
@@ -112,7 +125,7 @@ def lm_server(url: str | None, api_key: str | None, model: str | None, timeout_s
 
 def load_assistant(stages: tuple[str, ...], *, models: Path | None, overrides: dict[str, Path | None],
                    device: str | None, dtype: str | None, quantize: int | None = None, seed: int | None = None,
-                   compile: bool | None = None, server: LMServer | None = None,
+                   compile: bool | None = None, server: LMServer | None = None, schedule: str = "default",
                    for_other_thread: bool = False) -> Assistant:
     """Check memory, find (or offer to fetch) the stages' folders and load them, showing each stage and slow
     steps (the LM's compile) on stderr. `server` runs the LM remotely (only its config and tokenizer are needed).
@@ -137,7 +150,7 @@ def load_assistant(stages: tuple[str, ...], *, models: Path | None, overrides: d
     if not need.fits:
         log.warning(need.advice())
     options = LoadOptions(device=device, dtype=dtype, quantize_bits=quantize, seed=seed, compile=compile,
-                          lm_server=server)
+                          lm_server=server, schedule=schedule)
     with stage_progress("loading") as (on_stage, on_status):
         def load() -> Assistant:
             return Assistant.load(dirs, options, on_status=on_status, on_stage=on_stage)

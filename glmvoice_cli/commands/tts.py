@@ -23,6 +23,7 @@ from glmvoice_cli.commands.common import (
     MaxTokensOpt,
     ModelsOpt,
     QuantizeOpt,
+    ScheduleOpt,
     SeedOpt,
     TemperatureOpt,
     ThreadsOpt,
@@ -71,7 +72,7 @@ def tts(
                              ] = None,
     models: ModelsOpt = None, lm: LmOpt = None, decoder: DecoderOpt = None,
     device: DeviceOpt = None, dtype: DtypeOpt = None, quantize: QuantizeOpt = None, compile_lm: CompileOpt = None,
-    max_new_tokens: MaxTokensOpt = None, seed: SeedOpt = None,
+    max_new_tokens: MaxTokensOpt = None, seed: SeedOpt = None, schedule: ScheduleOpt = "default",
     temperature: TemperatureOpt = None, top_p: TopPOpt = None, threads: ThreadsOpt = None,
     lm_url: LmUrlOpt = None, lm_api_key: LmApiKeyOpt = None, lm_model: LmModelOpt = None,
     lm_timeout: LmTimeoutOpt = None,
@@ -90,7 +91,7 @@ def tts(
             use_threads(threads)
             assistant = load_assistant(("lm", "decoder"), models=models, overrides={"lm": lm, "decoder": decoder},
                                        device=device, dtype=dtype, quantize=quantize, seed=seed,
-                                       compile=compile_lm,
+                                       compile=compile_lm, schedule=schedule,
                                        server=lm_server(lm_url, lm_api_key, lm_model, lm_timeout))
             options = with_sampling(GenerationOptions(max_new_tokens=max_new_tokens or TTS_MAX_NEW_TOKENS,
                                                       seed=seed), temperature, top_p)

@@ -77,6 +77,14 @@ REFERENCE_SCHEDULE = StreamSchedule(
     max_vocoder_frames=None,
 )
 DEFAULT_SCHEDULE = StreamSchedule()
+SCHEDULES = {"default": DEFAULT_SCHEDULE, "reference": REFERENCE_SCHEDULE}
+
+
+def schedule_named(name: str) -> StreamSchedule:
+    """`default` or `reference` (the GLM-4-Voice demo's blocks, prompt and noise); a UsageError otherwise."""
+    if name not in SCHEDULES:
+        raise UsageError(f"unknown schedule {name!r} (use {', '.join(SCHEDULES)})")
+    return SCHEDULES[name]
 
 
 @dataclass

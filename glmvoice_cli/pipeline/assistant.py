@@ -60,12 +60,13 @@ class Assistant:
         `options.lm_server` the LM runs on that server and only its config and tokenizer load.
         """
         from glmvoice_cli.decoder.checkpoint import load_decoder
-        from glmvoice_cli.decoder.speech_decoder import SpeechDecoder
+        from glmvoice_cli.decoder.speech_decoder import SpeechDecoder, schedule_named
         from glmvoice_cli.device import pick_device
         from glmvoice_cli.lm.backend import load_lm_backend
         from glmvoice_cli.tokenizer.speech_tokenizer import SpeechTokenizer
 
         options = options or LoadOptions()
+        schedule = schedule_named(options.schedule)  # a wrong name fails before anything loads
         device = pick_device(options.device)
         seconds: dict[str, float] = {}
         loaded: dict[str, object] = {}
@@ -80,7 +81,7 @@ class Assistant:
             elif stage == "lm":
                 loaded[stage] = load_lm_backend(dirs[stage], replace(options, device=str(device)))
             else:
-                loaded[stage] = SpeechDecoder(load_decoder(dirs[stage], device), seed=options.seed)
+                loaded[stage] = SpeechDecoder(load_decoder(dirs[stage], device), schedule, seed=options.seed)
             seconds[stage] = time.perf_counter() - start
             if on_stage is not None:
                 on_stage(stage, str(dirs[stage]), seconds[stage])

@@ -192,3 +192,41 @@ def test_d_stream_token2wav(models, fixtures: Path, draws) -> None:  # type: ign
             _close(p + "hift_source_full", out.source, d[p + "hift_source_full"], SPEECH_ATOL)
         _close(p + "tts_speech", torch.from_numpy(chunks[i])[None], d[p + "tts_speech"], SPEECH_ATOL)
     assert sum(len(c) for c in chunks) == sum(call["speech_len"] for call in meta["calls"])
+
+
+class _ScriptedLM:
+    """An LM that answers with given speech tokens, in runs of `run` (the voice model's 26 per interleave)."""
+
+    waits_on_network = False
+
+    def __init__(self, tokens: list[int], run: int = 26) -> None:
+        self.tokens, self.run = tokens, run
+
+    def stream(self, conv, user, options=None, cancel=None):  # type: ignore[no-untyped-def]
+        from glmvoice_cli.lm.voice_lm import AudioTokens, StopReason, TurnEnd
+
+        for start in range(0, len(self.tokens), self.run):
+            yield AudioTokens(tuple(self.tokens[start : start + self.run]))
+        yield TurnEnd(StopReason.USER, len(self.tokens))
+
+
+@pytest.mark.parametrize("run", [1, 26])
+def test_the_reference_schedule_through_the_pipeline_gives_the_demos_blocks(models, fixtures: Path, run: int
+                                                                             ) -> None:  # type: ignore[no-untyped-def]
+    """`tts/chat --schedule reference`: the decoder the commands load (schedule by name, the reference's own
+    noise) turns an answer's tokens into the demo's blocks, with its audio."""
+    from glmvoice_cli.decoder.speech_decoder import SpeechDecoder, schedule_named
+    from glmvoice_cli.events import AudioChunk
+    from glmvoice_cli.lm.prompts import TextInput
+    from glmvoice_cli.pipeline.assistant import Assistant
+
+    d = _load(fixtures / "d_stream_token2wav.safetensors")
+    meta = json.loads((fixtures / "d_stream_token2wav.json").read_text())
+    schedule = schedule_named("reference")
+    assert schedule.block_sizes == tuple(meta["block_size_list"])  # the demo's blocks are ours
+    tokens = d["tokens"][0].tolist()
+    assistant = Assistant(_ScriptedLM(tokens, run), None, SpeechDecoder(models, schedule))  # type: ignore[arg-type]
+    chunks = [e.samples for e in assistant.respond(None, TextInput("hi")) if isinstance(e, AudioChunk)]  # type: ignore[arg-type]
+    assert [len(c) for c in chunks] == [call["speech_len"] for call in meta["calls"]]
+    for i, chunk in enumerate(chunks):
+        _close(f"call{i}/tts_speech", torch.from_numpy(chunk)[None], d[f"call{i}/tts_speech"], SPEECH_ATOL)
