@@ -201,6 +201,14 @@ class Failed(Tagged):
 
 
 @dataclass(frozen=True)
+class ContextTrimmed(Tagged):
+    """The oldest turns no longer fit the model's context and were left out of what it sees (the session keeps
+    them); emitted once per conversation, the first time it happens."""
+
+    dropped_turns: int  # past turns left out so far
+
+
+@dataclass(frozen=True)
 class AnswerAhead(Tagged):
     """On a virtual clock (`lockstep`), the input waits while the answer to a pause is generated ahead, held back
     until the pause proves to be the end of the turn: how far it has got, so a view shows the model at work
@@ -223,6 +231,7 @@ ChatEvent = (
     | UserAudio
     | UserUtterance
     | TypedQueued
+    | ContextTrimmed
     | TextDelta
     | AudioChunk
     | Interrupted

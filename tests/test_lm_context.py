@@ -176,3 +176,33 @@ def test_warming_past_the_context_computes_nothing(lm: VoiceLM) -> None:
     conv = lm.new_conversation()
     conv.ids[:] = [lm.user_id] * SEQ_LENGTH  # a history already at the context's end
     assert lm.warm(conv, [lm.user_id] * 4) == 0 and conv.cache is None
+
+
+def test_the_view_hears_once_that_old_turns_were_left_out(lm: VoiceLM) -> None:
+    import io
+
+    from glmvoice_cli.audio.fakes import NullSink
+    from glmvoice_cli.chat.engine import ChatEngine, EngineConfig
+    from glmvoice_cli.events import ContextTrimmed
+    from glmvoice_cli.pipeline.assistant import Assistant
+    from glmvoice_cli.ui.live_view import TranscriptState, status_line
+    from glmvoice_cli.ui.view import PlainView
+
+    config = EngineConfig(generation=GenerationOptions(max_new_tokens=2000, seed=0))
+    engine = ChatEngine(Assistant(lm), None, NullSink(), config=config)
+    for text in ("Hello there!", "Why?", "And then?", "Really?"):  # each answer fills the context
+        engine.type_text(text)
+    engine.end_input()
+    engine.run()
+    events = []
+    while (event := engine.events.get(timeout=5)) is not None:
+        events.append(event)
+    trimmed = [e for e in events if isinstance(e, ContextTrimmed)]
+    assert engine.conversation.dropped_turns >= 2  # turns were dropped more than once ...
+    assert len(trimmed) == 1 and trimmed[0].dropped_turns == 1  # ... and said the first time only
+    out = io.StringIO()
+    PlainView(out).show(trimmed[0])
+    assert out.getvalue().startswith("note: the oldest 1 turn no longer fit the model's context")
+    state = TranscriptState()
+    state.apply(trimmed[0])
+    assert "no longer fit the model's context" in status_line(state).plain

@@ -26,6 +26,7 @@ from glmvoice_cli.events import (
     AssistantTurn,
     AudioChunk,
     ChatState,
+    ContextTrimmed,
     Failed,
     TextDelta,
     TurnEnded,
@@ -144,6 +145,7 @@ class TurnRunner:
         self.spans = StreamSpans(spans, core.priority) if spans is not None else None
         self.reports: list[TurnReport] = []
         self._answers: dict[int, int] = {}  # turn -> where its answer starts in the history (the last one)
+        self._told_trimmed = False  # ContextTrimmed was emitted
 
     # ------------------------------------------------------------------ listening
 
@@ -191,6 +193,7 @@ class TurnRunner:
                     taken = last_turn(conv)
                     answer.user_ids, answer.started = taken.user_ids, True
                     answer.prefilled_at, answer.prefill_tokens = taken.prefilled_at, taken.prefill_tokens
+                    self._tell_trimmed(job)
                 if event is None or event is _BUSY:
                     if job.speculative:
                         self._shed_under_load(job)
@@ -234,6 +237,13 @@ class TurnRunner:
         core.last_turn_error = job.error
         if job.error is not None:
             core._emit(Failed(one_line(job.error), recoverable=True))
+
+    def _tell_trimmed(self, job: Job) -> None:
+        """The first time the oldest turns are left out to fit the context, say so (once per conversation)."""
+        dropped = self.core.conversation.dropped_turns
+        if dropped and not self._told_trimmed and not job.speculative:
+            self._told_trimmed = True
+            self.core._emit(ContextTrimmed(dropped))
 
     def _shed_under_load(self, job: Job) -> None:
         """A speculative answer gives way to other conversations' confirmed ones: it is dropped (the turn runs
@@ -293,6 +303,7 @@ class TurnRunner:
         with core._play_lock:
             job.base_played = core.output.played
         job.speculative = False
+        self._tell_trimmed(job)  # a drop the speculative answer made is the turn's now
         held, answer.held = answer.held, []
         if held and core.config.lockstep:
             core._emit(AnswerAhead())  # what was prepared ahead is the answer now

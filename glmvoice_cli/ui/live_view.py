@@ -24,6 +24,7 @@ from glmvoice_cli.events import (
     AudioChunk,
     ChatEvent,
     ChatState,
+    ContextTrimmed,
     Failed,
     Interrupted,
     StatusChanged,
@@ -58,6 +59,12 @@ CONTEXT_FULL = "context_full"  # TurnEnded.reason of an answer stopped by the mo
 CONTEXT_FULL_NOTE = "stopped: the model's context is full (older turns are dropped next turn)"
 
 
+def context_trimmed_note(event: ContextTrimmed) -> str:
+    turns = "turn" if event.dropped_turns == 1 else "turns"
+    return (f"the oldest {event.dropped_turns} {turns} no longer fit the model's context: it answers without "
+            "them from now on (the session keeps them)")
+
+
 @dataclass(frozen=True)
 class DraftChanged:
     """The line being typed (not yet sent with Enter): the view shows it, since the terminal's own echo
@@ -90,6 +97,7 @@ class TranscriptState:
     status: ChatState = ChatState.IDLE
     level: float = 0.0  # input RMS, linear, full scale = 1.0
     error: str | None = None  # the last Failed message
+    notice: str | None = None  # a note for the user until the next turn (older turns left out of the context)
     text_mode: bool = False  # chat --text: no microphone, so no "listening" and no meter
     draft: str | None = None  # the line being typed; None: no keyboard input is shown
     ahead: AnswerAhead | None = None  # a virtual-clock run generating the answer to a pause, input waiting
@@ -120,6 +128,8 @@ class TranscriptState:
                 turn.interrupted = True
         elif isinstance(event, TurnEnded):
             self._apply_turn_end(event)
+        elif isinstance(event, ContextTrimmed):
+            self.notice = context_trimmed_note(event)
         elif isinstance(event, Failed):
             self.error = event.message
             turn = self._open("assistant")
@@ -136,7 +146,7 @@ class TranscriptState:
         self.ahead = None
         if event.turn is not None:
             self.queued = [q for q in self.queued if q.turn != event.turn]
-        self.error = None  # a new turn: the last failure no longer describes the state
+        self.error = self.notice = None  # a new turn: the last failure or note no longer describes the state
 
     def _apply_turn_end(self, event: TurnEnded) -> None:
         turn = self._open("assistant")
@@ -313,8 +323,7 @@ def status_line(state: TranscriptState) -> Text:
         label = "your turn: type a line, Enter sends it" if state.status is ChatState.LISTENING else \
             state.status.value
         line.append(label, style=_STATE_STYLE[state.status])
-        if state.error:
-            line.append(f"   error: {state.error}", style="bold red")
+        _append_notes(line, state)
         return line
     line.append(state.status.value, style=_STATE_STYLE[state.status])
     db = level_db(state.level)
@@ -323,9 +332,15 @@ def status_line(state: TranscriptState) -> Text:
     line.append("█" * filled, style="green" if db < -6.0 else "red")
     line.append("░" * (METER_CELLS - filled) + "▏", style="dim")
     line.append(f" {db:.0f} dB" if db > METER_FLOOR_DB else " silent", style="dim")
+    _append_notes(line, state)
+    return line
+
+
+def _append_notes(line: Text, state: TranscriptState) -> None:
+    if state.notice:
+        line.append(f"   note: {state.notice}", style="yellow")
     if state.error:
         line.append(f"   error: {state.error}", style="bold red")
-    return line
 
 
 def level_db(level: float) -> float:

@@ -11,8 +11,8 @@ import queue
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, TextIO
 
-from glmvoice_cli.events import Failed, TextDelta, TurnEnded, UserUtterance
-from glmvoice_cli.ui.live_view import CONTEXT_FULL, CONTEXT_FULL_NOTE, timings_text
+from glmvoice_cli.events import ContextTrimmed, Failed, TextDelta, TurnEnded, UserUtterance
+from glmvoice_cli.ui.live_view import CONTEXT_FULL, CONTEXT_FULL_NOTE, context_trimmed_note, timings_text
 
 if TYPE_CHECKING:
     from glmvoice_cli.sessions.store import TurnRecord
@@ -74,6 +74,9 @@ class PlainView:
             mark += f" [{CONTEXT_FULL_NOTE}]" if event.reason == CONTEXT_FULL else ""
             self._write(f"{mark}\n  ({timings_text(event.timings)})\n")
             self._speaking = False
+        elif isinstance(event, ContextTrimmed):
+            self._close_line()
+            self._write(f"note: {context_trimmed_note(event)}\n")
         elif isinstance(event, Failed):
             self._close_line()
             if event.recoverable:  # a fatal one is printed by the command as it exits
