@@ -120,6 +120,13 @@ class StaticDecoder:
         # A CUDA-graph output lives in the graph's memory pool and is overwritten by the next replay.
         return logits.clone() if self.mode == "reduce-overhead" else logits
 
+    def extend(self, ids: torch.Tensor) -> None:
+        """ids [1, T] (eager, any T): the cache grows by T; no logits (a prefill chunk before the last)."""
+        import torch
+
+        with torch.no_grad():
+            self.model.model(input_ids=ids, cache=self.cache, use_cache=True)
+
     def prefill(self, ids: torch.Tensor) -> torch.Tensor:
         """ids [1, T] (eager, any T) -> logits [V] fp32 of the last position; the cache grows by T."""
         import torch

@@ -42,6 +42,11 @@ if TYPE_CHECKING:
 DEFAULT_TEMPERATURE = DEMO_TEMPERATURE  # official web demo defaults (kept for importers)
 DEFAULT_TOP_P = DEMO_TOP_P
 DEFAULT_MAX_NEW_TOKENS = 2000  # ~2.5 min of interleaved answer
+# Ids per prefill forward. In bf16 or fp16 a cache row depends on the shape of the forward that computed it, so
+# a turn is always prefilled in the same chunks, counted from where its new ids start, whatever the timing:
+# one prefill at the end, blocks warmed while the user speaks, or an answer started at a pause. The same
+# recording then gives the same answer on any path and machine. 50 = one 4 s block of speech ids.
+PREFILL_CHUNK = 50
 
 
 @dataclass(frozen=True)
@@ -104,6 +109,9 @@ class Conversation:
     ids: list[int] = field(default_factory=list)  # committed history
     cache: Any = None  # a transformers Cache holding exactly `cached_ids`
     cached_ids: list[int] = field(default_factory=list)
+    # cache rows [0, stable) were computed in canonical chunks (or are decoded tokens); rows past it (an
+    # answer's prefill that may be dropped) are computed again before anything is added after them
+    stable: int = 0
     last_input_start: int | None = None  # where the last user turn begins in `ids`
     last_output_start: int | None = None  # where the last answer begins in `ids`
     dropped_turns: int = 0  # past turns dropped so far to stay inside the context
@@ -151,6 +159,7 @@ def common_prefix_length(a: list[int], b: list[int]) -> int:
 
 
 def _crop_cache(conv: Conversation, length: int) -> None:
+    conv.stable = min(conv.stable, length)
     if length >= len(conv.cached_ids):
         return
     if length == 0 or conv.cache is None:
@@ -254,9 +263,9 @@ class VoiceLM:
         conv.ids.extend(ids)
         if not conv.ids:
             raise ValueError("nothing to prefill")
-        keep = common_prefix_length(conv.cached_ids, conv.ids)
-        keep = min(keep, len(conv.ids) - 1)  # always feed at least one id to get fresh logits
         self._check_slot(conv)
+        keep = min(common_prefix_length(conv.cached_ids, conv.ids), conv.stable)
+        keep = min(keep, len(conv.ids) - 1)  # always feed at least one id to get fresh logits
         _crop_cache(conv, keep)
         if conv.cache is None:
             conv.cache = self._new_cache(conv)
@@ -266,7 +275,10 @@ class VoiceLM:
             raise ContextLengthError(
                 f"the conversation holds {len(conv.ids)} tokens, the context {self.static.max_len}"
             )
-        logits = self._forward(conv, todo, torch.tensor([todo], device=self.device))
+        last = (len(todo) - 1) // PREFILL_CHUNK * PREFILL_CHUNK
+        self._extend(conv, todo[:last])
+        logits = self._forward(conv, todo[last:], torch.tensor([todo[last:]], device=self.device))
+        conv.stable = len(conv.cached_ids)  # the answer builds on it; a dropped one puts `stable` back
         conv.prefilled_at = time.perf_counter()
         return logits
 
@@ -276,12 +288,12 @@ class VoiceLM:
         For input known ahead of its turn (the user's speech tokens while they speak): the next
         `prefill` whose ids start the same way only computes the rest.
         """
-        import torch
 
         target = conv.ids + ids
         self._check_slot(conv)
-        _crop_cache(conv, common_prefix_length(conv.cached_ids, target))
+        _crop_cache(conv, min(common_prefix_length(conv.cached_ids, target), conv.stable))
         todo = target[len(conv.cached_ids) :]
+        todo = todo[: len(todo) - len(todo) % PREFILL_CHUNK]  # whole chunks only: the rest waits for more
         if not todo or len(target) >= self.context_length:
             # nothing to do, or past the context: the turn's own prefill first drops the oldest turns (or reports
             # an overflow); warming here would compute positions the model never saw, and again at every block
@@ -291,12 +303,14 @@ class VoiceLM:
                 conv.cache = self._new_cache(conv)
             except LMSlotsBusy:
                 return 0  # every slot is answering: the turn's own prefill computes it later
-        self._forward(conv, todo, torch.tensor([todo], device=self.device))
+        self._extend(conv, todo)
+        conv.stable = len(conv.cached_ids)
         return len(todo)
 
     def _check_slot(self, conv: Conversation) -> None:
         if self.static is not None and (conv.slot is None or conv.slot.owner is not conv):
             conv.cache, conv.cached_ids, conv.slot = None, [], None  # its slot went to another conversation
+            conv.stable = 0
 
     def _new_cache(self, conv: Conversation) -> Any:
         from transformers import DynamicCache
@@ -324,11 +338,26 @@ class VoiceLM:
         if slot is not None and slot.owner is conv:
             slot.owner = None
         conv.cache, conv.cached_ids, conv.slot, conv.answering = None, [], None, False
+        conv.stable = 0
 
     def reserve(self, conv: Conversation) -> None:
         """Make sure `conv` can get a slot before its history changes; raises LMSlotsBusy (try again later)."""
         if self.static is not None and (conv.slot is None or conv.slot.owner is not conv):
             self._slot_for(conv)
+
+    def _extend(self, conv: Conversation, id_list: list[int]) -> None:
+        """Grow the cache by `id_list` in whole PREFILL_CHUNKs (the last may be shorter), computing no logits."""
+        import torch
+
+        for start in range(0, len(id_list), PREFILL_CHUNK):
+            chunk = id_list[start : start + PREFILL_CHUNK]
+            ids = torch.tensor([chunk], device=self.device)
+            conv.cached_ids.extend(chunk)
+            if self.static is not None:
+                conv.slot.extend(ids)
+                continue
+            with torch.no_grad():
+                self.model.model(input_ids=ids, use_cache=True, **{self._cache_kwarg: conv.cache})
 
     def _forward(self, conv: Conversation, id_list: list[int], ids: torch.Tensor) -> torch.Tensor:
         """ids [1, T] (`id_list` on the host) -> logits [V] (fp32) of the last position; the cache grows by T."""
@@ -461,6 +490,7 @@ class VoiceLM:
                 yield TextPiece(text.push(token_id), token_id)
             if n + 1 < max_steps:
                 logits = self._forward(conv, [token_id], token)
+                conv.stable = len(conv.cached_ids)  # decoded rows are the same on every path
         yield from self._finish(conv, text, limit_reason)
 
     def _finish(self, conv: Conversation, text: TextDetokenizer, reason: StopReason) -> Iterator[LMEvent]:

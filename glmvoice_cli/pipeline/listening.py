@@ -142,14 +142,18 @@ class Speculation:
     system_mode: InputMode | None = None
     last_output_start: int | None = None
     last_prefill_tokens: int = 0
+    stable: int = 0
 
     @classmethod
     def snapshot(cls, conv: Conversation) -> Speculation:
-        return cls(list(conv.ids), conv.system_mode, conv.last_output_start, conv.last_prefill_tokens)
+        return cls(list(conv.ids), conv.system_mode, conv.last_output_start, conv.last_prefill_tokens,
+                   conv.stable)
 
     def restore(self, conv: Conversation) -> None:
-        """The history exactly as it was. The cache is left alone: every use crops it to what still
-        matches, so the user's blocks prefilled while speaking stay (computed the same way as without)."""
+        """The history exactly as it was. The cache is cropped at its next use to what still matches and was
+        computed in the canonical chunks: the user's blocks prefilled while speaking stay, the rows of the
+        answer's own prefill (a chunk of another shape) are computed again (`VoiceLM.PREFILL_CHUNK`)."""
         conv.ids[:] = self.ids
         conv.system_mode, conv.last_output_start = self.system_mode, self.last_output_start
         conv.last_prefill_tokens = self.last_prefill_tokens
+        conv.stable = min(conv.stable, self.stable)
