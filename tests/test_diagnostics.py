@@ -155,3 +155,13 @@ def test_doctor_states_one_thread_count(monkeypatch: pytest.MonkeyPatch) -> None
     assert "thread" not in " ".join(c.detail for c in check_device())
     assert len(counts) <= 1
     assert check_threads()[0].detail.split()[0].isdigit()
+
+
+def test_doctor_says_which_decode_loop_runs_and_what_it_means_for_the_ids() -> None:
+    from glmvoice_cli.commands.doctor import check_decode_loop
+
+    fp32 = check_decode_loop("cpu", None)[0]
+    assert fp32.area == "LM decode loop" and "eager, dynamic cache, fp32" in fp32.detail
+    assert "the same ids" in fp32.detail
+    half = check_decode_loop("cpu", "bf16")[0]
+    assert "bf16" in half.detail and "--compile (static cache) rounds differently" in half.detail

@@ -105,6 +105,28 @@ def check_device() -> list[Check]:
                   "use a CUDA GPU with 24 GB, or 12 GB with --quantize 4")]
 
 
+def check_decode_loop(device: str | None = None, dtype: str | None = None) -> list[Check]:
+    """Which language-model decode loop a chat on this machine runs, and what that means for its ids: in fp32
+    the eager loop (dynamic cache) and the static cache (--compile) give the same ids; in bf16 or fp16 they
+    round differently, so the same seed gives other (equally accurate) answers on the two (README)."""
+    import torch
+
+    from glmvoice_cli.device import DTYPES, pick_device
+
+    chosen = pick_device(device)
+    if dtype and dtype != "auto":
+        half = DTYPES.get(dtype.lower(), torch.float32) != torch.float32
+    else:
+        half = chosen.type == "cuda"  # the default: bf16 on CUDA
+    loop = "static cache, compiled" if chosen.type == "cuda" else "eager, dynamic cache"
+    name = "bf16/fp16" if half else "fp32"
+    if not half:
+        return [Check("LM decode loop", OK, f"{loop}, {name}: --compile and --no-compile give the same ids")]
+    other = "--no-compile (dynamic cache)" if chosen.type == "cuda" else "--compile (static cache)"
+    return [Check("LM decode loop", OK, f"{loop}, {name}: {other} rounds differently, so the same seed gives "
+                  "other, equally accurate answers with it (README: cache paths)")]
+
+
 def check_audio() -> list[Check]:
     from glmvoice_cli.audio.devices import list_devices, portaudio_problem
 
@@ -271,6 +293,7 @@ def run_checks(threads: int | None = None, device: str | None = None, dtype: str
                quantize: int | None = None) -> list[Check]:
     results: list[Check] = []
     checks: list[Callable[[], list[Check]]] = [*CHECKS, functools.partial(check_memory, device, dtype, quantize),
+                                               functools.partial(check_decode_loop, device, dtype),
                                                functools.partial(check_threads, threads)]
     for check in checks:
         try:
