@@ -29,6 +29,9 @@ runner = CliRunner()
         (["tts", "hi", "--lm-timeout", "inf"], "--lm-timeout"),
         (["tts", "hi", "--max-new-tokens", str(10**12)], "--max-new-tokens"),
         (["tokenize", "x.wav", "--batch-size", "0"], "--batch-size"),
+        (["tts", "hi", "--schedule", "demo"], "--schedule"),
+        (["chat", "--text", "--schedule", "demo"], "--schedule"),
+        (["serve", "--schedule", "demo"], "--schedule"),
     ],
 )
 def test_a_bad_option_value_is_one_line(args: list[str], named: str, tmp_path: Path) -> None:

@@ -25,6 +25,7 @@ from glmvoice_cli.commands.common import (
     MaxTokensOpt,
     ModelsOpt,
     QuantizeOpt,
+    ScheduleOpt,
     SeedOpt,
     TemperatureOpt,
     ThreadsOpt,
@@ -68,7 +69,7 @@ def serve(
         "closed.")] = DEFAULT_CLIENT_BUFFER_MB,
     models: ModelsOpt = None, tokenizer: TokenizerOpt = None, lm: LmOpt = None, decoder: DecoderOpt = None,
     device: DeviceOpt = None, dtype: DtypeOpt = None, quantize: QuantizeOpt = None, compile_lm: CompileOpt = None,
-    max_new_tokens: MaxTokensOpt = None, seed: SeedOpt = None,
+    max_new_tokens: MaxTokensOpt = None, seed: SeedOpt = None, schedule: ScheduleOpt = "default",
     temperature: TemperatureOpt = None, top_p: TopPOpt = None, threads: ThreadsOpt = None,
     lm_url: LmUrlOpt = None, lm_api_key: LmApiKeyOpt = None, lm_model: LmModelOpt = None,
     lm_timeout: LmTimeoutOpt = None,
@@ -94,6 +95,7 @@ def serve(
                                        overrides={"tokenizer": tokenizer, "lm": lm, "decoder": decoder},
                                        device=device, dtype=dtype, quantize=quantize, seed=seed, compile=compile_lm,
                                        server=lm_server(lm_url, lm_api_key, lm_model, lm_timeout),
+                                       schedule=schedule,  # every session's: the Realtime session has no field
                                        for_other_thread=True)  # the model worker runs them
             assistant.lm.ensure_slots(max_sessions)  # a compiled LM keeps every session's cache at once
             generation = with_sampling(GenerationOptions(max_new_tokens=max_new_tokens or DEFAULT_MAX_NEW_TOKENS,
