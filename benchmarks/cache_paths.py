@@ -15,6 +15,7 @@ import argparse
 import json
 import platform
 import statistics
+import sys
 import tempfile
 from pathlib import Path
 
@@ -24,6 +25,9 @@ from glmvoice_cli.lm.prompts import TextInput, turn_ids
 from glmvoice_cli.lm.voice_lm import GenerationOptions, VoiceLM
 from glmvoice_cli.options import LoadOptions
 from glmvoice_cli.tiny.lm import TinyLMSpec, write_tiny_lm
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from results_io import emit
 
 WIDE = TinyLMSpec(hidden_size=512, num_layers=4, num_heads=8, kv_groups=2, ffn_hidden_size=1024, seq_length=2048)
 PROMPTS = ("Tell me a story about the sea.", "What is the weather like today?", "Count to twenty, slowly.")
@@ -85,11 +89,7 @@ def main(argv: list[str] | None = None) -> int:
             [r["first_different_token"] if r["first_different_token"] is not None else args.tokens
              for r in rows if r["dtype"] == "bf16"]),
     }
-    text = json.dumps(result, indent=2)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
-    print(text)
+    emit(result, args.out)
     return 0
 
 

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import os
 import platform
 import shutil
@@ -61,6 +60,7 @@ from glmvoice_cli.tokenizer.whisper_vq import TokenizerConfig, WhisperVQEncoder
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from lm import SIZES, silence_stops  # the scaled LM of benchmarks/lm.py
+from results_io import emit
 
 RATE, OUT_RATE = 16_000, 22_050
 ANSWER_ROOM_S = 9.0  # silence after each question: the answer is generated and played in it
@@ -194,15 +194,6 @@ def envelope(load_before: float) -> dict:
     return {"torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
             "load_average_1min": {"before": load_before, "after": os.getloadavg()[0]},  # other jobs skew timings
             "platform": platform.platform(), "torch": torch.__version__, "commit": _commit()}
-
-
-def emit(result: dict, out: Path | None) -> None:
-    """Print the JSON, and write it to `out` when given."""
-    text = json.dumps(result, indent=2)
-    if out:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(text + "\n")
-    print(text)
 
 
 def stats(values: list[float]) -> dict[str, float | int | None]:

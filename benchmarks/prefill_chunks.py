@@ -32,6 +32,7 @@ from glmvoice_cli.tiny.lm import write_tiny_lm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from lm import SIZES  # the scaled LM
+from results_io import emit
 
 IDS_PER_SECOND = 12.5
 BLOCK_IDS = 50  # ids per 4 s tokenizer block
@@ -95,11 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         "threads": torch.get_num_threads(), "machine": platform.machine(), "torch": torch.__version__,
         "rows": rows, "median_extra_s": round(statistics.median(extra), 4), "max_extra_s": round(max(extra), 4),
     }
-    text = json.dumps(result, indent=2)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
-    print(text)
+    emit(result, args.out)
     return 0
 
 

@@ -39,6 +39,9 @@ from glmvoice_cli.tokenizer.features import FeatureConfig
 from glmvoice_cli.tokenizer.speech_tokenizer import SpeechTokenizer
 from glmvoice_cli.tokenizer.whisper_vq import CONV2_STRIDE, TokenizerConfig, WhisperVQEncoder
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from results_io import emit
+
 TOKENS_PER_SECOND = 12.5
 
 
@@ -200,11 +203,7 @@ def main(argv: list[str] | None = None) -> int:
         "rows": rows,
         "tokenizer_rows": tokenizer_rows(counts, args.quick, device),
     }
-    text = json.dumps(result, indent=2)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
-    print(text)
+    emit(result, args.out)
     return 0
 
 
