@@ -260,6 +260,17 @@ def _batcher_with(models, clock: _Clock):  # type: ignore[no-untyped-def]
     return decoder, DecoderBatcher(decoder, policy=policy, clock=clock)
 
 
+def _one_waiting_block(decoder: SpeechDecoder, batcher, priority) -> DecoderState:  # type: ignore[no-untyped-def]
+    """A stream with a whole block handed in to `batcher` (and tracked), waiting for its batch."""
+    waiting = decoder.new_state()
+    decoder.receive(waiting, _tokens(20, seed=0))
+    request = decoder.next_block(waiting)
+    assert request is not None
+    batcher.submit(request, priority)
+    batcher.track(waiting)
+    return waiting
+
+
 def _stream_short_of_its_block(decoder: SpeechDecoder, missing: int) -> DecoderState:
     state = decoder.new_state()
     decoder.receive(state, _tokens(20 - missing, seed=missing))
@@ -276,12 +287,7 @@ def test_the_batch_waits_only_for_a_close_stream_and_never_past_a_speaker(
         models, kind: int, queued_s: float, missing: int, holds: bool) -> None:  # type: ignore[no-untyped-def]
     clock = _Clock()
     decoder, batcher = _batcher_with(models, clock)
-    waiting = decoder.new_state()
-    decoder.receive(waiting, _tokens(20, seed=0))
-    request = decoder.next_block(waiting)
-    assert request is not None
-    batcher.submit(request, _answer(kind, queued_s))
-    batcher.track(waiting)
+    _one_waiting_block(decoder, batcher, _answer(kind, queued_s))
     batcher.track(_stream_short_of_its_block(decoder, missing))
     assert batcher.hold() is holds
     if holds:
@@ -292,11 +298,7 @@ def test_the_batch_waits_only_for_a_close_stream_and_never_past_a_speaker(
 def test_a_finished_or_cut_stream_is_not_waited_for(models) -> None:  # type: ignore[no-untyped-def]
     clock = _Clock()
     decoder, batcher = _batcher_with(models, clock)
-    waiting = decoder.new_state()
-    decoder.receive(waiting, _tokens(20, seed=0))
-    request = decoder.next_block(waiting)
-    assert request is not None
-    batcher.submit(request, _answer(0, 3.0))
+    _one_waiting_block(decoder, batcher, _answer(0, 3.0))
     close = _stream_short_of_its_block(decoder, 3)
     batcher.track(close)
     assert batcher.hold() is True
