@@ -395,3 +395,38 @@ def test_a_model_listing_of_megabytes_is_refused(lm_dir: Path, local: VoiceLM) -
     state = FakeState(vocab_size=local.model.config.vocab_size, models_padding=5 << 20)
     with FakeLMServer(local, state) as fake, pytest.raises(LMServerError, match="sent over 4 MiB for /models"):
         connect(lm_dir, fake)
+
+
+@pytest.mark.parametrize("server_closes", [False, True])
+def test_a_kept_connection_serves_the_next_call_and_a_closed_one_is_replaced(server_closes: bool) -> None:
+    """Keep-alive: two calls on one connection; when the server dropped the kept one meanwhile (its idle timeout),
+    the next call goes over a new connection at once instead of failing."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from glmvoice_cli.lm.http_client import HttpClient
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_GET(self) -> None:
+            body = b'{"ok": true}'
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+            self.close_connection = server_closes  # closed after the answer, without saying so
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        client = HttpClient(ServerURL.parse(f"http://127.0.0.1:{httpd.server_address[1]}"), read_timeout_s=10.0)
+        assert client.get_json("models") == {"ok": True}
+        assert client.get_json("models") == {"ok": True}
+        assert client.connections_opened == (2 if server_closes else 1)
+    finally:
+        httpd.shutdown()
+        httpd.server_close()

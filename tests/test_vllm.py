@@ -153,6 +153,19 @@ def test_the_prefix_cache_serves_the_resent_history(remote: RemoteVoiceLM) -> No
     assert conv.last_prefill_tokens < prompt // 2  # most of the history came from the server's cache
 
 
+def test_turns_of_a_conversation_share_one_connection(remote: RemoteVoiceLM) -> None:
+    """The client keeps the connection a finished answer came on, and serve-lm keeps idle connections open
+    past vLLM's 5 s default, so a pause between turns does not cost a new connection."""
+    conv = remote.new_conversation()
+    list(remote.stream(conv, TextInput("Hello there!"), GREEDY))
+    opened = remote.client.connections_opened
+    time.sleep(6.0)  # longer than vLLM's own keep-alive
+    for text in ("And then?", "Really?"):
+        ended = list(remote.stream(conv, TextInput(text), GREEDY))[-1]
+        assert isinstance(ended, TurnEnd) and ended.reason is not StopReason.CANCELLED
+    assert remote.client.connections_opened == opened  # both turns on the connection the first one used
+
+
 def _long_prompt(local: VoiceLM) -> TextInput:
     """A question whose full greedy answer runs to LONG_ANSWER tokens (no early stop to hide behind)."""
     options = GenerationOptions(temperature=0.0, max_new_tokens=LONG_ANSWER)

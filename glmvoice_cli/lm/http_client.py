@@ -71,13 +71,18 @@ class ServerURL:
 
 
 class HttpClient:
-    """JSON and event-stream calls to one server; one connection per call (no shared state)."""
+    """JSON and event-stream calls to one server. A connection whose last answer was read to its end is kept
+    and used again by the next call (HTTP/1.1 keep-alive: no new TCP handshake per turn); one that failed or
+    was cut is closed. A kept connection the server has closed meanwhile is replaced once, at once."""
 
     def __init__(self, url: ServerURL, api_key: str | None = None,
                  connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S,
                  read_timeout_s: float = DEFAULT_READ_TIMEOUT_S) -> None:
         self.url, self.api_key = url, api_key
         self.connect_timeout_s, self.read_timeout_s = connect_timeout_s, read_timeout_s
+        self._idle: http.client.HTTPConnection | None = None  # kept for the next call
+        self._idle_lock = threading.Lock()
+        self.connections_opened = 0  # new connections made so far (tests, diagnostics)
 
     def _headers(self, body: bytes | None) -> dict[str, str]:
         headers = {"Accept": "application/json, text/event-stream"}
@@ -92,6 +97,7 @@ class HttpClient:
         cls: Any = http.client.HTTPSConnection if self.url.scheme == "https" else http.client.HTTPConnection
         kwargs: dict[str, Any] = {"context": ssl.create_default_context()} if self.url.scheme == "https" else {}
         conn = cls(self.url.host, self.url.port, timeout=self.connect_timeout_s, **kwargs)
+        self.connections_opened += 1
         try:
             conn.connect()
         except (OSError, http.client.HTTPException) as e:
@@ -101,19 +107,41 @@ class HttpClient:
         conn.sock.settimeout(self.read_timeout_s)
         return conn
 
-    def request(self, method: str, endpoint: str, body: Any = None) -> http.client.HTTPResponse:
-        """Send one request and return the response (status checked; the caller reads the body).
+    def _take(self) -> tuple[http.client.HTTPConnection, bool]:
+        """The kept connection (True) or a new one (False)."""
+        with self._idle_lock:
+            conn, self._idle = self._idle, None
+        if conn is not None and conn.sock is not None:
+            return conn, True
+        return self.connect(), False
+
+    def keep(self, conn: http.client.HTTPConnection, response: http.client.HTTPResponse) -> None:
+        """Keep `conn` for the next call if `response` was read to its end and the server keeps it open."""
+        if not response.isclosed() or response.will_close or conn.sock is None:
+            conn.close()
+            return
+        with self._idle_lock:
+            old, self._idle = self._idle, conn
+        if old is not None:
+            old.close()
+
+    def request(self, method: str, endpoint: str, body: Any = None
+                ) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
+        """Send one request -> (its connection, the response: status checked; the caller reads the body and
+        hands both to `keep`).
 
         `body` is JSON-encoded, unless it is bytes already.
         """
         data = body if isinstance(body, bytes) or body is None else json.dumps(body, separators=(",", ":")).encode()
-        conn = self.connect()
+        conn, reused = self._take()
         try:
             with _deadline(conn.sock, self.read_timeout_s) as late:  # a status line trickled byte by byte too
                 conn.request(method, self.url.path(endpoint), body=data, headers=self._headers(data))
                 response = conn.getresponse()
         except (OSError, http.client.HTTPException) as e:
             conn.close()
+            if reused and not late.is_set():  # the server closed the kept connection: once more, on a new one
+                return self.request(method, endpoint, body)
             raise self._error(TimeoutError() if late.is_set() else e, "answer") from e
         if response.status >= 400:
             try:
@@ -122,33 +150,36 @@ class HttpClient:
                 detail = b""
             conn.close()
             raise self._status_error(response.status, response.reason, detail)
-        return response
+        return conn, response
 
     def get_json(self, endpoint: str) -> Any:
-        return self._read_json(self.request("GET", endpoint), endpoint)
+        return self._read_json(*self.request("GET", endpoint), endpoint)
 
     def post_json(self, endpoint: str, body: Any) -> Any:
-        return self._read_json(self.request("POST", endpoint, body), endpoint)
+        return self._read_json(*self.request("POST", endpoint, body), endpoint)
 
     def get_text(self, endpoint: str) -> str:
-        return self._read_body(self.request("GET", endpoint), endpoint).decode("utf-8", errors="replace")
+        return self._read_body(*self.request("GET", endpoint), endpoint).decode("utf-8", errors="replace")
 
-    def _read_body(self, response: http.client.HTTPResponse, endpoint: str) -> bytes:
-        """The whole body, within the read deadline and MAX_JSON_BYTES."""
+    def _read_body(self, conn: http.client.HTTPConnection, response: http.client.HTTPResponse, endpoint: str
+                   ) -> bytes:
+        """The whole body, within the read deadline and MAX_JSON_BYTES; the connection kept if it can be."""
         try:
             with _deadline(_socket_of(response), self.read_timeout_s) as late:
                 data = response.read(MAX_JSON_BYTES + 1)
         except (OSError, http.client.HTTPException) as e:
+            conn.close()
             raise self._error(TimeoutError() if late.is_set() else e, "answer") from e
-        finally:
-            response.close()
         if len(data) > MAX_JSON_BYTES:
+            conn.close()
             raise LMServerError(f"the LM server at {self.url} sent over {MAX_JSON_BYTES >> 20} MiB for "
                                 f"/{endpoint}: not an answer an LM server gives")
+        self.keep(conn, response)
         return data
 
-    def _read_json(self, response: http.client.HTTPResponse, endpoint: str) -> Any:
-        data = self._read_body(response, endpoint)
+    def _read_json(self, conn: http.client.HTTPConnection, response: http.client.HTTPResponse, endpoint: str
+                   ) -> Any:
+        data = self._read_body(conn, response, endpoint)
         try:
             return loads_json(data)
         except ValueError as e:
@@ -254,9 +285,9 @@ class EventStream:
             _shutdown(response)
 
     def _read(self) -> None:
-        response = None
+        response, conn, done = None, None, False
         try:
-            response = self._client.request("POST", self._endpoint, self._body)
+            conn, response = self._client.request("POST", self._endpoint, self._body)
             with self._lock:
                 self._response = response
                 closed = self._closed
@@ -264,6 +295,7 @@ class EventStream:
                 return
             for event in _parse_events(response, self._client.url, self._client.read_timeout_s):
                 self._queue.put(event)
+            done = _read_to_end(response, self._client.read_timeout_s)  # then the connection can serve again
             self._queue.put(_END)
         except LMServerError as e:
             self._queue.put(e)
@@ -271,8 +303,21 @@ class EventStream:
             if not self._closed:
                 self._queue.put(self._client._error(e, "answer"))
         finally:
-            if response is not None:
-                response.close()
+            if conn is not None and response is not None and done and not self._closed:
+                self._client.keep(conn, response)
+            elif conn is not None:
+                conn.close()
+
+
+def _read_to_end(response: http.client.HTTPResponse, seconds: float) -> bool:
+    """Read what follows `data: [DONE]` (the chunked body's end) within `seconds`; True if the body ended."""
+    try:
+        with _deadline(_socket_of(response), seconds):
+            while not response.isclosed() and response.read(READ_BYTES):
+                pass
+    except (OSError, http.client.HTTPException):
+        return False
+    return response.isclosed()
 
 
 def _socket_of(response: http.client.HTTPResponse) -> socket.socket | None:

@@ -22,6 +22,8 @@ ENV_VLLM_PYTHON = "GLMVOICE_VLLM_PYTHON"
 VLLM_SERVER_MODULE = "vllm.entrypoints.openai.api_server"  # the `vllm` script lacks metadata in some builds
 CPU_KV_CACHE_ENV = "VLLM_CPU_KVCACHE_SPACE"  # GiB of KV cache on vLLM's CPU build
 API_KEY_ENV = "VLLM_API_KEY"  # vLLM reads the key that clients must send from here
+KEEP_ALIVE_ENV = "VLLM_HTTP_TIMEOUT_KEEP_ALIVE"  # seconds an idle client connection stays open (vLLM: 5)
+KEEP_ALIVE_S = 600  # a conversation's pauses between turns: each turn reuses the connection (--lm-url)
 DEFAULT_PORT = 8000
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_SERVED_NAME = "glm-4-voice-9b"
@@ -94,6 +96,7 @@ def server_env(config: VllmServerConfig) -> dict[str, str]:
         env[CPU_KV_CACHE_ENV] = f"{config.cpu_kv_cache_gib:g}"
     if config.api_key is not None:
         env[API_KEY_ENV] = config.api_key  # vLLM's own way to take it, readable only by this user
+    env.setdefault(KEEP_ALIVE_ENV, str(KEEP_ALIVE_S))  # the user's own setting wins
     return env
 
 
