@@ -119,23 +119,30 @@ def test_a_line_just_too_long_is_refused_after_tokenizing_and_the_history_is_unc
     assert conv.ids == before
 
 
-def test_the_chat_engine_says_so_and_goes_on(lm: VoiceLM, tmp_path: Path) -> None:
+def _typed_chat(lm: VoiceLM, lines: list[str], store=None):  # type: ignore[no-untyped-def]
+    """Typed turns through a chat engine with long answers -> (the engine, every event it emitted)."""
     from glmvoice_cli.audio.fakes import NullSink
     from glmvoice_cli.chat.engine import ChatEngine, EngineConfig
-    from glmvoice_cli.events import Failed, TurnEnded
     from glmvoice_cli.pipeline.assistant import Assistant
-    from glmvoice_cli.sessions.store import SessionStore
 
-    store = SessionStore.create(session_dir=tmp_path / "s")
     config = EngineConfig(generation=GenerationOptions(max_new_tokens=2000, seed=0))
     engine = ChatEngine(Assistant(lm), None, NullSink(), store=store, config=config)
-    engine.type_text("y" * 100_000)
-    engine.type_text("Hello!")
+    for line in lines:
+        engine.type_text(line)
     engine.end_input()
     engine.run()
     events = []
     while (event := engine.events.get(timeout=5)) is not None:
         events.append(event)
+    return engine, events
+
+
+def test_the_chat_engine_says_so_and_goes_on(lm: VoiceLM, tmp_path: Path) -> None:
+    from glmvoice_cli.events import Failed, TurnEnded
+    from glmvoice_cli.sessions.store import SessionStore
+
+    store = SessionStore.create(session_dir=tmp_path / "s")
+    engine, events = _typed_chat(lm, ["y" * 100_000, "Hello!"], store)
     failed = [e for e in events if isinstance(e, Failed)]
     assert len(failed) == 1 and failed[0].recoverable and "context" in failed[0].message
     assert engine.error is None
@@ -182,22 +189,11 @@ def test_warming_past_the_context_computes_nothing(lm: VoiceLM) -> None:
 def test_the_view_hears_once_that_old_turns_were_left_out(lm: VoiceLM) -> None:
     import io
 
-    from glmvoice_cli.audio.fakes import NullSink
-    from glmvoice_cli.chat.engine import ChatEngine, EngineConfig
     from glmvoice_cli.events import ContextTrimmed
-    from glmvoice_cli.pipeline.assistant import Assistant
     from glmvoice_cli.ui.live_view import TranscriptState, status_line
     from glmvoice_cli.ui.view import PlainView
 
-    config = EngineConfig(generation=GenerationOptions(max_new_tokens=2000, seed=0))
-    engine = ChatEngine(Assistant(lm), None, NullSink(), config=config)
-    for text in ("Hello there!", "Why?", "And then?", "Really?"):  # each answer fills the context
-        engine.type_text(text)
-    engine.end_input()
-    engine.run()
-    events = []
-    while (event := engine.events.get(timeout=5)) is not None:
-        events.append(event)
+    engine, events = _typed_chat(lm, ["Hello there!", "Why?", "And then?", "Really?"])  # each fills the context
     trimmed = [e for e in events if isinstance(e, ContextTrimmed)]
     assert engine.conversation.dropped_turns >= 2  # turns were dropped more than once ...
     assert len(trimmed) == 1 and trimmed[0].dropped_turns == 1  # ... and said the first time only

@@ -333,7 +333,7 @@ def test_a_cut_row_and_a_failing_batch_reach_their_answers(models) -> None:  # t
     decoder.receive(state, _tokens(20, seed=2))
     request = decoder.next_block(state)
     assert request is not None
-    waiting = batcher.decode(request, _answer(0, 0.0))
+    waiting = batcher.wait(request, _answer(0, 0.0))
     next(waiting)  # handed in, waiting
     batcher.run()
     with pytest.raises(RuntimeError, match="out of memory"):

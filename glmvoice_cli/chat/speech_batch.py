@@ -6,7 +6,7 @@ batch as one unit when its most urgent row's turn comes (its priority is that ro
 
 from __future__ import annotations
 
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from typing import TYPE_CHECKING, Any
 
 from glmvoice_cli.chat.worker import READY, WAIT
@@ -43,9 +43,9 @@ def batcher_for(worker: ModelWorker, assistant: Assistant) -> DecoderBatcher | N
     decoder = assistant.decoder
     if decoder is None:
         return None
-    task = worker.shared(("decoder-batch", id(decoder)), lambda: BatcherTask(DecoderBatcher(decoder, worker.wake)))
-    assert isinstance(task.batcher, DecoderBatcher)
-    return task.batcher
+    batcher = _shared(worker, decoder, lambda: DecoderBatcher(decoder, worker.wake))
+    assert isinstance(batcher, DecoderBatcher)
+    return batcher
 
 
 def tokenizer_batcher_for(worker: ModelWorker, assistant: Assistant) -> TokenizerBatcher | None:
@@ -53,7 +53,11 @@ def tokenizer_batcher_for(worker: ModelWorker, assistant: Assistant) -> Tokenize
     tokenizer = assistant.speech_tokenizer
     if tokenizer is None:
         return None
-    task = worker.shared(("tokenizer-batch", id(tokenizer)),
-                         lambda: BatcherTask(TokenizerBatcher(tokenizer.model, worker.wake)))
-    assert isinstance(task.batcher, TokenizerBatcher)
-    return task.batcher
+    batcher = _shared(worker, tokenizer, lambda: TokenizerBatcher(tokenizer.model, worker.wake))
+    assert isinstance(batcher, TokenizerBatcher)
+    return batcher
+
+
+def _shared(worker: ModelWorker, model: object, make: Callable[[], Batcher[Any]]) -> Batcher[Any]:
+    """One batcher task per worker and model."""
+    return worker.shared(("speech-batch", id(model)), lambda: BatcherTask(make())).batcher

@@ -146,10 +146,6 @@ class BlockRequest:
     output: BlockOutput | None = None  # set once decoded
     cut: bool = False  # the cancel cut it: nothing decoded, the stream is spent (`state.cancelled`)
 
-    @property
-    def done(self) -> bool:
-        return self.output is not None or self.cut
-
     def is_cut(self) -> bool:
         return self.cancel is not None and self.cancel.is_set()
 
@@ -208,13 +204,7 @@ class SpeechDecoder:
         block cut there is dropped, the state is spent (`cancelled` is set), and what was decoded before it
         is returned. A block takes seconds on a CPU; the next turn no longer waits for it.
         """
-        self.receive(state, tokens)
-        chunks: list[np.ndarray] = []
-        while (request := self.next_block(state, cancel)) is not None:
-            self.decode_blocks([request])
-            if request.output is not None:
-                chunks.append(_to_numpy(request.output.speech))
-        return chunks
+        return self.push_streams([(state, tokens)], [cancel])[0]
 
     def next_block(self, state: DecoderState, cancel: threading.Event | None = None) -> BlockRequest | None:
         """The stream's next complete block, taken from its pending tokens (None: not enough yet)."""
@@ -240,7 +230,7 @@ class SpeechDecoder:
             self.decode_blocks([request for _, request in ready])
             for i, request in ready:
                 if request.output is not None:
-                    chunks[i].append(_to_numpy(request.output.speech))
+                    chunks[i].append(request.output.samples())
 
     def flush(self, state: DecoderState, cancel: threading.Event | None = None) -> np.ndarray:
         """Decode what is left, including the held-back tail, and reset the state (`cancel`: as in `push`)."""

@@ -272,13 +272,9 @@ class _Voice:
 
     def push(self, tokens: tuple[int, ...], start: float, cancel: threading.Event | None
              ) -> Iterator[AudioChunk | Pending]:
-        if self.blocks is None:
-            for chunk in self.decoder.push(self.state, tokens, cancel):  # a cancel cuts a block between flow steps
-                yield self._chunk(chunk, start)
-            return
         self.decoder.receive(self.state, tokens)
         while (request := self.decoder.next_block(self.state, cancel)) is not None:
-            yield from self._wait(request)
+            yield from self._decode(request)  # a cancel cuts a block between flow steps
             if request.output is None:
                 return
             yield self._chunk(request.output.samples(), start)
@@ -286,10 +282,7 @@ class _Voice:
     def flush(self, start: float, cancel: threading.Event | None) -> Iterator[AudioChunk | Pending]:
         final = self.decoder.final_block(self.state, cancel)
         if final is not None:
-            if self.blocks is not None:
-                yield from self._wait(final)
-            else:
-                self.decoder.decode_blocks([final])
+            yield from self._decode(final)
         tail = self.decoder.end(self.state, final)
         if len(tail):
             yield self._chunk(tail, start)
@@ -298,8 +291,11 @@ class _Voice:
         if self.blocks is not None:
             self.blocks.untrack(self.state)
 
-    def _wait(self, request: BlockRequest) -> Iterator[Pending]:
-        assert self.blocks is not None
+    def _decode(self, request: BlockRequest) -> Iterator[Pending]:
+        """Decode `request` here at once, or in the batcher (PENDING while it waits its turn)."""
+        if self.blocks is None:
+            self.decoder.decode_blocks([request])
+            return
         for _ in self.blocks.decode(request):
             yield PENDING
 

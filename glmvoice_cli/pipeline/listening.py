@@ -71,23 +71,11 @@ class TurnListener:
                    ) -> Iterator[None]:
         """`hear`; with `spans`, each completed block is encoded there (with other conversations' blocks),
         yielding while it waits its turn."""
-        from glmvoice_cli.tokenizer.block_encoder import encode_spans
-
         if turn_start != self.turn_start:
             self.stream.reset()
             self.turn_start, self.marks = turn_start, ListenMarks()
             self._warm(conv, [])  # the turn's header (and a first turn's system prompt) right away
-        steps = self.stream.push_steps(samples)
-        try:
-            span = next(steps)
-            while True:
-                if spans is None:
-                    result = encode_spans(self.stream.model, [span])[0]
-                else:
-                    result = yield from spans.encode(span)
-                span = steps.send(result)
-        except StopIteration as stop:
-            changed = bool(stop.value)
+        changed = self.stream.push(samples) if spans is None else (yield from _push_batched(self.stream, samples, spans))
         if changed:
             self.marks.last_block_s = time.perf_counter()
             if answer_waiting is None or not answer_waiting():
@@ -114,6 +102,17 @@ class TurnListener:
             return
         prefix = user_prefix_ids(self.lm, ids, conv.system_mode)
         self.marks.warmed_tokens += self.lm.warm(conv, prefix)
+
+
+def _push_batched(stream: StreamingTokenizer, samples: np.ndarray, spans: SpanQueue) -> Generator[None, None, bool]:
+    """`stream.push(samples)` with each completed block encoded by `spans` (yielding while it waits)."""
+    steps = stream.push_steps(samples)
+    try:
+        span = next(steps)
+        while True:
+            span = steps.send((yield from spans.encode(span)))
+    except StopIteration as stop:
+        return bool(stop.value)
 
 
 def user_prefix_ids(lm: LMBackend, audio_ids: list[int], system_mode: InputMode | None) -> list[int]:

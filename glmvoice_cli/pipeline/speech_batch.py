@@ -178,10 +178,6 @@ class DecoderBatcher(Batcher["BlockRequest"]):
         self._streams: dict[int, DecoderState] = {}  # answers decoding now: who might join a batch
         self._held_since: float | None = None
 
-    def decode(self, request: BlockRequest, priority: Priority) -> Iterator[None]:
-        """Hand `request` in and wait (yielding) until it is decoded or cut; a decoding failure is raised."""
-        yield from self.wait(request, priority)
-
     def track(self, state: DecoderState) -> None:
         """An answer started decoding: its next block may be worth waiting for."""
         with self._lock:
@@ -254,7 +250,8 @@ class StreamBlocks:
     priority: Priority
 
     def decode(self, request: BlockRequest) -> Iterator[None]:
-        return self.batcher.decode(request, self.priority)
+        """Hand `request` in and wait (yielding) until it is decoded or cut; a decoding failure is raised."""
+        yield from self.batcher.wait(request, self.priority)
 
     def track(self, state: DecoderState) -> None:
         self.batcher.track(state)

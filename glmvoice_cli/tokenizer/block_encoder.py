@@ -118,20 +118,19 @@ def encode_spans(model: WhisperVQEncoder, spans: list[Span]) -> list[SpanResult]
 
 
 def _left_padded(past: list[LayerCache | None], masks: list[torch.Tensor]) -> tuple[LayerCache | None, torch.Tensor]:
-    """Each row's keys/values of earlier blocks and its mask, padded on the left to the longest row."""
+    """Each row's keys/values of earlier blocks and its mask, padded on the left to the longest row (a row with
+    no earlier block is all padding)."""
     lengths = [0 if p is None else p[0].shape[2] for p in past]
     longest = max(lengths)
-    mask = torch.cat([F.pad(m, (longest - n, 0), value=torch.finfo(m.dtype).min) for m, n in zip(masks, lengths, strict=True)])
+    mask = torch.cat([F.pad(m, (longest - n, 0), value=torch.finfo(m.dtype).min)
+                      for m, n in zip(masks, lengths, strict=True)])
     if longest == 0:
         return None, mask
-    keys, values = [], []
-    for cache, n in zip(past, lengths, strict=True):
-        if cache is None:
-            ref = next(p for p in past if p is not None)[0]
-            cache = (ref.new_zeros(1, ref.shape[1], 0, ref.shape[3]), ref.new_zeros(1, ref.shape[1], 0, ref.shape[3]))
-        keys.append(F.pad(cache[0], (0, 0, longest - n, 0)))
-        values.append(F.pad(cache[1], (0, 0, longest - n, 0)))
-    return (torch.cat(keys), torch.cat(values)), mask
+    ref = next(p for p in past if p is not None)[0]
+    empty = ref.new_zeros(1, ref.shape[1], 0, ref.shape[3])
+    padded = [(F.pad(k, (0, 0, longest - n, 0)), F.pad(v, (0, 0, longest - n, 0)))
+              for (k, v), n in zip((p or (empty, empty) for p in past), lengths, strict=True)]
+    return (torch.cat([k for k, _ in padded]), torch.cat([v for _, v in padded])), mask
 
 
 def _encode_group(model: WhisperVQEncoder, spans: list[Span]) -> list[SpanResult]:
