@@ -209,6 +209,16 @@ class ContextTrimmed(Tagged):
 
 
 @dataclass(frozen=True)
+class TurnJudged(Tagged):
+    """The end-of-turn detector judged a pause in the user's turn (`--turn-detector smart`)."""
+
+    probability: float  # that the turn is complete
+    ended: bool  # at or above the threshold, with no speech since: the turn ended at the pause
+    seconds: float  # what the decision cost (features + model), off the capture and model threads
+    at_sample: int  # the input position the pause was judged at
+
+
+@dataclass(frozen=True)
 class AnswerAhead(Tagged):
     """On a virtual clock (`lockstep`), the input waits while the answer to a pause is generated ahead, held back
     until the pause proves to be the end of the turn: how far it has got, so a view shows the model at work

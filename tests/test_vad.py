@@ -184,7 +184,7 @@ def test_webrtcvad_hears_no_speech_in_silence_or_hum() -> None:
     quiet = 1e-4 * rng.standard_normal(len(t)).astype(np.float32)
     seg = Segmenter(VadConfig(aggressiveness=3))
     assert seg.push(quiet) + seg.finish() == []
-    assert WebRtcClassifier(3)(np.zeros(FRAME, dtype=np.int16)) is False
+    assert WebRtcClassifier(3)(np.zeros(FRAME, dtype=np.int16)) == 0.0
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,8 @@
 """Turn segmentation: 16 kHz microphone samples in, speech onsets and whole utterances out.
 
 `Segmenter` is a pure state machine. It cuts the incoming samples into fixed frames, asks a
-per-frame classifier "is this speech?" (webrtcvad by default, any callable in tests) and emits:
+per-frame classifier how likely the frame is speech (webrtcvad's yes/no as 1 or 0 by default, Silero VAD's
+probability with `engine="silero"`, any callable in tests) and emits:
 
 - `SpeechStarted` once an onset is confirmed by `start_frames` voiced frames in a row (a click or a
   cough shorter than that never starts a turn; barge-in listens to this event);
@@ -27,10 +28,17 @@ import numpy as np
 from glmvoice_cli.config import SAMPLE_RATE_IN, WINDOW_SECONDS
 from glmvoice_cli.errors import GlmVoiceError, UsageError
 
-FrameClassifier = Callable[[np.ndarray], bool]  # (frame_samples,) int16 -> is speech
+# (frame_samples,) int16 -> probability of speech in [0, 1] (a bool is read as 1 or 0)
+FrameClassifier = Callable[[np.ndarray], float]
 
+ENGINES = ("webrtc", "silero")
 WEBRTC_FRAME_MS = (10, 20, 30)  # the only frame lengths webrtcvad accepts
 WEBRTC_RATES = (8_000, 16_000, 32_000, 48_000)  # Hz, the only rates webrtcvad accepts
+SILERO_FRAME_MS = 32  # Silero VAD reads windows of 512 samples at 16 kHz (256 at 8 kHz)
+SILERO_RATES = (8_000, 16_000)  # Hz
+# Silero's own hysteresis: a frame starts speech at 0.5 and, once in a turn, stays speech down to 0.35
+DEFAULT_THRESHOLD = 0.5
+DEFAULT_RELEASE = 0.35
 INT16_SCALE = 32_767  # float [-1, 1] -> int16 full scale
 MS_PER_SECOND = 1_000
 
@@ -39,8 +47,11 @@ MS_PER_SECOND = 1_000
 class VadConfig:
     """How speech turns are found in the microphone stream."""
 
+    engine: str = "webrtc"  # the frame classifier: "webrtc" (webrtcvad's GMM) or "silero" (Silero VAD, a small net)
     aggressiveness: int = 2  # webrtcvad mode: 0 keeps most audio as speech, 3 filters non-speech hardest
-    frame_ms: int = 30  # classifier frame length: 10, 20 or 30 ms
+    frame_ms: int = 0  # classifier frame length; 0: the engine's (webrtc 30 of 10/20/30 ms, silero 32 ms)
+    threshold: float = DEFAULT_THRESHOLD  # speech probability at which a frame starts speech
+    release: float = DEFAULT_RELEASE  # in a turn, a frame counts as speech down to this probability
     start_frames: int = 3  # voiced frames in a row that confirm an onset (3 x 30 ms = 90 ms)
     hangover_ms: int = 700  # non-speech after the last voiced frame that ends the turn
     pre_roll_ms: int = 300  # audio kept before the onset, so the first syllable is not clipped
@@ -50,12 +61,21 @@ class VadConfig:
     sample_rate: int = SAMPLE_RATE_IN  # Hz
 
     def __post_init__(self) -> None:
+        if self.engine not in ENGINES:
+            raise UsageError(f"VAD must be one of {', '.join(ENGINES)}, not {self.engine!r}")
+        silero = self.engine == "silero"
+        if not self.frame_ms:
+            object.__setattr__(self, "frame_ms", SILERO_FRAME_MS if silero else WEBRTC_FRAME_MS[-1])
         if self.aggressiveness not in (0, 1, 2, 3):
             raise UsageError(f"VAD aggressiveness must be 0, 1, 2 or 3, not {self.aggressiveness}")
-        if self.frame_ms not in WEBRTC_FRAME_MS:
-            raise UsageError(f"VAD frame length must be 10, 20 or 30 ms, not {self.frame_ms}")
-        if self.sample_rate not in WEBRTC_RATES:
-            raise UsageError(f"VAD sample rate must be one of {WEBRTC_RATES} Hz, not {self.sample_rate}")
+        frames, rates = ((SILERO_FRAME_MS,), SILERO_RATES) if silero else (WEBRTC_FRAME_MS, WEBRTC_RATES)
+        if self.frame_ms not in frames:
+            raise UsageError(f"{self.engine} VAD frames are {' or '.join(map(str, frames))} ms, not {self.frame_ms}")
+        if self.sample_rate not in rates:
+            raise UsageError(f"{self.engine} VAD sample rate must be one of {rates} Hz, not {self.sample_rate}")
+        if not 0.0 < self.release <= self.threshold <= 1.0:
+            raise UsageError(f"VAD thresholds must satisfy 0 < release ({self.release}) <= threshold "
+                             f"({self.threshold}) <= 1")
         if self.start_frames < 1:
             raise UsageError(f"VAD start frames must be at least 1, not {self.start_frames}")
         for name in ("hangover_ms", "pre_roll_ms", "post_roll_ms", "min_turn_ms"):
@@ -163,7 +183,7 @@ class Segmenter:
         self.config = config or VadConfig()
         self.stream_turns = stream_turns
         self.pause_ms = None if pause_ms is None else max(pause_ms, self.config.post_roll_ms, 1)
-        self.classifier = classifier or WebRtcClassifier(self.config.aggressiveness, self.config.sample_rate)
+        self.classifier = classifier or make_classifier(self.config)
         self.state = SegmenterState()
         self._recent_frames = self.config.frames(self.config.pre_roll_ms) + self.config.start_frames
         self.state.recent = deque(maxlen=self._recent_frames)
@@ -171,6 +191,9 @@ class Segmenter:
     def reset(self, at_sample: int = 0) -> None:
         """Forget everything; the next sample pushed is ``at_sample`` on the timeline."""
         self.state = SegmenterState(position=at_sample, recent=deque(maxlen=self._recent_frames))
+        reset = getattr(self.classifier, "reset", None)
+        if callable(reset):  # a recurrent classifier (Silero) starts a new stream
+            reset()
 
     @property
     def in_turn(self) -> bool:
@@ -197,9 +220,22 @@ class Segmenter:
             return []
         return [self._close_turn(truncated=False)]
 
-    def _frame(self, frame: np.ndarray) -> list[SegmentEvent]:
+    def end_turn(self) -> list[SegmentEvent]:
+        """End a paused turn now (the end-of-turn detector judged it complete): its Utterance is the one its
+        SpeechPaused carried. Nothing if no turn is paused (speech resumed, or the turn already ended)."""
         st = self.state
-        voiced = bool(self.classifier(_as_int16(frame)))
+        if not (st.in_turn and st.paused):
+            return []
+        return [self._close_turn(truncated=False)]
+
+    def turn_audio(self) -> np.ndarray:
+        """Everything heard of the turn in progress, its pause included (empty outside a turn)."""
+        st = self.state
+        return np.concatenate(st.turn) if st.in_turn and st.turn else np.zeros(0, dtype=np.float32)
+
+    def _frame(self, frame: np.ndarray) -> list[SegmentEvent]:
+        st, cfg = self.state, self.config
+        voiced = float(self.classifier(_as_int16(frame))) >= (cfg.release if st.in_turn else cfg.threshold)
         frame_start = st.position
         st.position += len(frame)
         if not st.in_turn:
@@ -276,6 +312,15 @@ class Segmenter:
         return Utterance(samples, start, end, False, cfg.sample_rate)
 
 
+def make_classifier(config: VadConfig) -> FrameClassifier:
+    """The config's engine as a FrameClassifier (its package imported now: a missing one fails at once)."""
+    if config.engine == "silero":
+        from glmvoice_cli.audio.silero import SileroClassifier
+
+        return SileroClassifier(config.sample_rate)
+    return WebRtcClassifier(config.aggressiveness, config.sample_rate)
+
+
 class WebRtcClassifier:
     """webrtcvad's GMM voice detector as a FrameClassifier (imported on first use)."""
 
@@ -287,8 +332,8 @@ class WebRtcClassifier:
         self._vad = webrtcvad.Vad(aggressiveness)
         self._rate = sample_rate
 
-    def __call__(self, frame: np.ndarray) -> bool:
-        return bool(self._vad.is_speech(np.ascontiguousarray(frame, dtype=np.int16).tobytes(), self._rate))
+    def __call__(self, frame: np.ndarray) -> float:
+        return float(self._vad.is_speech(np.ascontiguousarray(frame, dtype=np.int16).tobytes(), self._rate))
 
 
 def _as_float32(samples: np.ndarray) -> np.ndarray:

@@ -36,6 +36,7 @@ zero and a whole conversation is reproducible.
 from __future__ import annotations
 
 import itertools
+import logging
 import queue
 import threading
 import time
@@ -44,6 +45,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from glmvoice_cli.audio.end_of_turn import JudgeThread, PauseRequest, TurnEndConfig, TurnEndPolicy, turn_vad
 from glmvoice_cli.audio.vad import (
     Segmenter,
     SpeechDiscarded,
@@ -65,6 +67,7 @@ from glmvoice_cli.events import (
     Interrupted,
     StatusChanged,
     Tagged,
+    TurnJudged,
     TypedQueued,
     UserAudio,
     UserTurnStarted,
@@ -77,12 +80,14 @@ if TYPE_CHECKING:
     from collections.abc import Generator
 
     from glmvoice_cli.audio.devices import AudioSink
+    from glmvoice_cli.audio.end_of_turn import Judgement, TurnJudge
     from glmvoice_cli.audio.vad import FrameClassifier
     from glmvoice_cli.chat.worker import ModelWorker
     from glmvoice_cli.pipeline import Conversation, GenerationOptions, NoiseSource
     from glmvoice_cli.pipeline.assistant import Assistant
     from glmvoice_cli.sessions.store import SessionStore
 
+log = logging.getLogger(__name__)
 TURN_TRANSCRIPT_MAX_TOKENS = 100  # --transcribe-user: text tokens for one spoken turn, which is short
 POLL_S = 0.01  # lockstep waits
 LEVEL_EVERY_BLOCKS = 5  # pushed blocks between input-level updates (150 ms at 30 ms blocks)
@@ -101,9 +106,16 @@ class EngineConfig:
     transcribe_max_new_tokens: int = TURN_TRANSCRIPT_MAX_TOKENS
     streaming: bool = True  # tokenize each completed block and prefill it while the user speaks
     speculative_pause_ms: int | None = SPECULATIVE_PAUSE_MS  # start answering (unheard) at this pause
+    # how the end of a turn is decided: silence, or the smart detector at the pause (needs a `turn_judge`)
+    turn_end: TurnEndConfig = field(default_factory=TurnEndConfig)
     # decoder blocks of all the worker's conversations decoded together (`chat.speech_batch`); False decodes
     # each at once on its own
     batch_speech: bool = True
+
+
+def _check_turn_end(config: TurnEndConfig, judge: JudgeThread | None) -> None:
+    if config.smart and judge is None:
+        raise UsageError("the smart turn detector needs its model (glmvoice models download turn)")
 
 
 @dataclass(frozen=True)
@@ -113,6 +125,7 @@ class TurnSettings:
     vad: VadConfig | None = None
     barge_in: bool | None = None
     speculative_pause_ms: int | None = None  # 0 turns speculation off
+    turn_end: TurnEndConfig | None = None
     generation: GenerationOptions | None = None  # sampling and length of the next answers
 
 
@@ -123,15 +136,19 @@ class ConversationCore:
                  store: SessionStore | None = None, conversation: Conversation | None = None,
                  config: EngineConfig | None = None, classifier: FrameClassifier | None = None,
                  hears_audio: bool = True, noise: NoiseSource | None = None,
-                 conversation_id: str | None = None) -> None:
+                 conversation_id: str | None = None, turn_judge: TurnJudge | JudgeThread | None = None) -> None:
+        """`turn_judge`: the end-of-turn detector (shared: a JudgeThread runs it for many conversations)."""
         self.id = conversation_id or f"conv-{next(_IDS)}"
         self.assistant, self.output, self.worker, self.store = assistant, output, worker, store
         self.config = config or EngineConfig()
+        self._judge = turn_judge if isinstance(turn_judge, JudgeThread) or turn_judge is None else JudgeThread(turn_judge)
+        _check_turn_end(self.config.turn_end, self._judge)
         self.conversation = conversation if conversation is not None else assistant.new_conversation()
         self.listener = assistant.listener() if self.config.streaming and hears_audio else None
         self._classifier = classifier
         self.segmenter = self._segmenter(self.config) if hears_audio else None
         self._pending_settings: TurnSettings | None = None
+        self._judge_failures = 0
         self._spec: Job | None = None  # the speculative answer under way (the input side's view)
         self.speculation = SpeculationStats()
         self._voice_end_at: float | None = None  # perf_counter of the last voiced frame pushed
@@ -310,6 +327,8 @@ class ConversationCore:
         in progress (a turn is cut by one VAD config); settings still waiting are merged, the newest winning."""
         from dataclasses import fields, replace
 
+        if settings.turn_end is not None:
+            _check_turn_end(settings.turn_end, self._judge)
         with self._input_lock:
             if settings.generation is not None:
                 self.config = replace(self.config, generation=settings.generation)
@@ -337,10 +356,20 @@ class ConversationCore:
 
     # ------------------------------------------------------------------ the input side
 
+    def _speculates(self, config: EngineConfig) -> bool:
+        return bool(config.speculative_pause_ms) and not config.transcribe_user
+
     def _segmenter(self, config: EngineConfig) -> Segmenter:
-        pause = config.speculative_pause_ms if not config.transcribe_user else None
-        return Segmenter(config.vad, self._classifier, stream_turns=self.listener is not None,
-                         pause_ms=pause or None)
+        """The segmenter of `config`; with the smart detector it pauses at the speculative pause (or the
+        default one when speculation is off) and ends on silence only after the longest pause."""
+        smart = config.turn_end.smart
+        pause = config.speculative_pause_ms if self._speculates(config) else None
+        if smart:
+            pause = pause or SPECULATIVE_PAUSE_MS
+        segmenter = Segmenter(turn_vad(config.vad, config.turn_end), self._classifier,
+                              stream_turns=self.listener is not None, pause_ms=pause)
+        self._policy = TurnEndPolicy(segmenter, config.turn_end)
+        return segmenter
 
     def _apply_settings(self) -> None:
         """Under _input_lock: settings wait for the end of a user turn (a turn is cut by one config)."""
@@ -357,6 +386,8 @@ class ConversationCore:
             config = replace(config, barge_in=settings.barge_in)
         if settings.speculative_pause_ms is not None:
             config = replace(config, speculative_pause_ms=settings.speculative_pause_ms or None)
+        if settings.turn_end is not None:
+            config = replace(config, turn_end=settings.turn_end)
         self.config = config
         if self.segmenter is not None:
             position = self.segmenter.state.position
@@ -367,7 +398,10 @@ class ConversationCore:
         if isinstance(event, TurnAudio):
             self._put(Heard(event.turn_start, event.samples))
         elif isinstance(event, SpeechPaused):
-            self._speculate(event.utterance)
+            if self._speculates(self.config):
+                self._speculate(event.utterance)
+            if self.config.turn_end.smart:
+                self._judge_pause(event.utterance)
         elif isinstance(event, SpeechResumed):
             self._drop_speculation()
         elif isinstance(event, SpeechStarted):
@@ -404,6 +438,39 @@ class ConversationCore:
         self._put(job)
         if self.config.lockstep:
             self._wait_lockstep(job.idle)
+
+    def _judge_pause(self, utterance: Utterance) -> None:
+        """Ask the detector whether the turn is complete: at once on a virtual clock (reproducible), else on
+        the judge thread while the input goes on; a complete turn ends at the pause (`_judged`)."""
+        from glmvoice_cli.audio.end_of_turn import judge
+
+        assert self._judge is not None  # _check_turn_end: smart needs a judge
+        request, policy = self._policy.request(utterance), self._policy
+        if self.config.lockstep:
+            try:
+                self._judged(policy, request, judge(self._judge.detector, request.samples))
+            except Exception as e:  # noqa: BLE001 - the detector failed: the turn ends on silence instead
+                self._judged(policy, request, e)
+            return
+
+        def done(result: Judgement | Exception) -> None:
+            with self._input_lock:
+                self._judged(policy, request, result)
+                self._apply_settings()
+
+        self._judge.submit(request.samples, done)
+
+    def _judged(self, policy: TurnEndPolicy, request: PauseRequest, result: Judgement | Exception) -> None:
+        """Under _input_lock: end the turn if it is complete and still paused (the segmenter not replaced)."""
+        if isinstance(result, Exception):
+            self._judge_failures += 1
+            if self._judge_failures == 1:
+                log.warning("the end-of-turn detector failed (%s); turns end on silence", result)
+            return
+        ended, events = (False, []) if policy is not self._policy else policy.decide(request, result.probability)
+        self._emit(TurnJudged(result.probability, ended, result.seconds, request.at_sample))
+        for event in events:
+            self._on_segment(event)
 
     def _drop_speculation(self) -> None:
         spec, self._spec = self._spec, None

@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 
     from glmvoice_cli.audio.devices import AudioSink, AudioSource
     from glmvoice_cli.audio.echo import EchoCanceller
+    from glmvoice_cli.audio.end_of_turn import TurnJudge
     from glmvoice_cli.audio.playback import Clock
     from glmvoice_cli.audio.vad import FrameClassifier
     from glmvoice_cli.events import ChatState
@@ -52,14 +53,15 @@ class ChatEngine:
                  store: SessionStore | None = None, conversation: Conversation | None = None,
                  echo: EchoCanceller | None = None, config: EngineConfig | None = None,
                  classifier: FrameClassifier | None = None, clock: Clock | None = None,
-                 worker: ModelWorker | None = None) -> None:
+                 worker: ModelWorker | None = None, turn_judge: TurnJudge | None = None) -> None:
         self.assistant, self.source, self.sink, self.store = assistant, source, sink, store
         self.echo = echo or NullEchoCanceller()
         self.clock = clock
         self._owns_worker = worker is None
         self.worker = worker if worker is not None else ModelWorker(prepare=assistant.prepare_thread)
         self.core = ConversationCore(assistant, sink, self.worker, store=store, conversation=conversation,
-                                     config=config, classifier=classifier, hears_audio=source is not None)
+                                     config=config, classifier=classifier, hears_audio=source is not None,
+                                     turn_judge=turn_judge)
         self._threads: list[threading.Thread] = []
 
     # ------------------------------------------------------------------ the core's face

@@ -40,11 +40,12 @@ class Which(str, Enum):
     tokenizer = "tokenizer"
     lm = "lm"
     decoder = "decoder"
+    turn = "turn"
     all = "all"
 
 
 def _stages(which: Which) -> list[hub.Stage]:
-    return list(hub.STAGES.values()) if which is Which.all else [hub.get_stage(which.value)]
+    return list(hub.ALL_STAGES.values()) if which is Which.all else [hub.get_stage(which.value)]
 
 
 def human_size(n: int) -> str:
@@ -237,7 +238,7 @@ def list_models(
 ) -> None:
     """Show each model: complete or not, size on disk, folder, and which setting chose it."""
     root = models  # --models DIR (or the older --dir): DIR/<model>
-    found = [_inspect(stage, root) for stage in hub.STAGES.values()]
+    found = [_inspect(stage, root) for stage in hub.ALL_STAGES.values()]
     rows = [_row(where, status) for where, status in found]
     if as_json:
         for r in rows:

@@ -81,7 +81,16 @@ DECODER = Stage(
     title="speech decoder (audio tokens -> 22.05 kHz speech)",
 )
 
-STAGES: dict[str, Stage] = {s.name: s for s in (TOKENIZER, LM, DECODER)}
+TURN = Stage(
+    name="turn",
+    repo_id="pipecat-ai/smart-turn-v3",
+    files=("smart-turn-v3.2-cpu.onnx",),
+    approx_bytes=8_679_182,
+    title="Smart Turn v3 end-of-turn detector (optional: --turn-detector smart)",
+)
+
+STAGES: dict[str, Stage] = {s.name: s for s in (TOKENIZER, LM, DECODER)}  # the pipeline
+ALL_STAGES: dict[str, Stage] = {**STAGES, TURN.name: TURN}  # and the optional models, for `glmvoice models`
 
 # With the LM on a server (--lm-url), this machine needs only the LM's config and tokenizer files.
 LM_WITHOUT_WEIGHTS = replace(
@@ -99,9 +108,9 @@ def stage_files(name: str, *, weights: bool = True) -> Stage:
 def get_stage(name: str) -> Stage:
     """The stage called `name`, or a ModelNotFoundError listing the valid names."""
     try:
-        return STAGES[name]
+        return ALL_STAGES[name]
     except KeyError:
-        raise ModelNotFoundError(f"unknown model {name!r}; choose one of {', '.join(STAGES)}") from None
+        raise ModelNotFoundError(f"unknown model {name!r}; choose one of {', '.join(ALL_STAGES)}") from None
 
 
 # --------------------------------------------------------------------------- inspection

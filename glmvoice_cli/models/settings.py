@@ -213,6 +213,24 @@ def resolve_model_dir(
     return require_complete(get_stage(where.stage), where.path, where.source)
 
 
+def turn_model_path(models: str | Path | None = None) -> Path | None:
+    """The Smart Turn model file: the `turn` stage's folder when complete (flag, environment, config, cache, as
+    for the other stages), else the copy inside an installed `pipecat-ai`, else None."""
+    import importlib.util
+
+    from glmvoice_cli.models.hub import TURN, inspect_stage
+
+    where = locate(TURN.name, models=models)
+    if inspect_stage(TURN, where.path).complete:
+        return where.path / TURN.files[0]
+    spec = importlib.util.find_spec("pipecat")  # found without importing it (its import logs and is slow)
+    for folder in (spec.submodule_search_locations or []) if spec is not None else []:
+        bundled = Path(folder) / "audio" / "turn" / "smart_turn" / "data" / TURN.files[0]
+        if bundled.is_file():
+            return bundled
+    return None
+
+
 @dataclass(frozen=True)
 class ModelPaths:
     """The three folders a full pipeline loads."""
