@@ -32,11 +32,11 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).parent / "turns"))
 
-from results_io import emit  # noqa: E402
+from results_io import emit
 
-from glmvoice_cli.audio.end_of_turn import TurnEndConfig, TurnEndPolicy, judge, turn_vad  # noqa: E402
-from glmvoice_cli.audio.vad import Segmenter, SpeechPaused, Utterance, VadConfig  # noqa: E402
-from glmvoice_cli.config import SPECULATIVE_PAUSE_MS  # noqa: E402
+from glmvoice_cli.audio.end_of_turn import TurnEndConfig, TurnEndPolicy, judge, turn_vad
+from glmvoice_cli.audio.vad import Segmenter, SpeechPaused, Utterance, VadConfig
+from glmvoice_cli.config import SPECULATIVE_PAUSE_MS
 
 SILENCES_MS = (400, 700, 1000)
 MS = 1000

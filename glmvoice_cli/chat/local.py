@@ -16,12 +16,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from glmvoice_cli.audio.end_of_turn import TurnEndConfig
 from glmvoice_cli.audio.vad import VadConfig
 from glmvoice_cli.config import SPECULATIVE_PAUSE_MS
 
 if TYPE_CHECKING:
     from glmvoice_cli.audio.devices import AudioSink, AudioSource
     from glmvoice_cli.audio.echo import EchoCanceller
+    from glmvoice_cli.audio.end_of_turn import TurnJudge
     from glmvoice_cli.audio.playback import Clock
     from glmvoice_cli.chat.engine import ChatEngine
     from glmvoice_cli.pipeline import Assistant, GenerationOptions
@@ -30,6 +32,7 @@ if TYPE_CHECKING:
 ECHO_DELAY_S = 0.03  # --simulate-echo: speaker-to-microphone delay of the simulated room
 
 _VAD = VadConfig()  # the turn-taking flags default to the segmenter's own values
+_TURN_END = TurnEndConfig()
 ONSET_MS = _VAD.start_frames * _VAD.frame_ms  # voiced time that confirms a turn or an interruption
 
 
@@ -46,12 +49,20 @@ class TurnTaking:
     barge_in: bool = True
     min_interruption_ms: int = ONSET_MS
     stream_input: bool = True
+    vad_engine: str = _VAD.engine
+    turn_detector: str = _TURN_END.detector
+    end_of_turn_threshold: float = _TURN_END.threshold
+    max_pause_ms: int = _TURN_END.max_pause_ms
 
     def vad(self) -> VadConfig:
-        frame_ms = _VAD.frame_ms
-        return VadConfig(aggressiveness=self.aggressiveness, hangover_ms=max(self.end_silence_ms, frame_ms),
-                         pre_roll_ms=self.pre_roll_ms, min_turn_ms=self.min_speech_ms, max_turn_s=self.max_turn_s,
+        frame_ms = VadConfig(engine=self.vad_engine).frame_ms
+        return VadConfig(engine=self.vad_engine, aggressiveness=self.aggressiveness,
+                         hangover_ms=max(self.end_silence_ms, frame_ms), pre_roll_ms=self.pre_roll_ms,
+                         min_turn_ms=self.min_speech_ms, max_turn_s=self.max_turn_s,
                          start_frames=max(1, -(-self.min_interruption_ms // frame_ms)))
+
+    def turn_end(self) -> TurnEndConfig:
+        return TurnEndConfig(self.turn_detector, self.end_of_turn_threshold, self.max_pause_ms)
 
 
 @dataclass(frozen=True)
@@ -152,16 +163,19 @@ def open_store(session_dir: Path | None, resume: Path | None, dirs: dict[str, Pa
 
 
 def make_engine(assistant: Assistant, audio: LocalAudio, store: SessionStore, turns: TurnTaking,
-                generation: GenerationOptions, transcribe_user: bool = False) -> ChatEngine:
-    """The chat engine over `audio`, continuing the history the store holds."""
+                generation: GenerationOptions, transcribe_user: bool = False,
+                turn_judge: TurnJudge | None = None) -> ChatEngine:
+    """The chat engine over `audio`, continuing the history the store holds (`turn_judge`: the end-of-turn
+    detector `--turn-detector smart` needs)."""
     from glmvoice_cli.chat.core import TURN_TRANSCRIPT_MAX_TOKENS, EngineConfig
     from glmvoice_cli.chat.engine import ChatEngine
     from glmvoice_cli.pipeline.history import restore_conversation
 
     config = EngineConfig(vad=turns.vad(), lockstep=audio.lockstep, barge_in=turns.barge_in,
                           streaming=turns.stream_input, speculative_pause_ms=turns.speculative_pause_ms or None,
+                          turn_end=turns.turn_end(),
                           generation=generation, transcribe_user=transcribe_user,
                           transcribe_max_new_tokens=min(generation.max_new_tokens, TURN_TRANSCRIPT_MAX_TOKENS))
     conversation = restore_conversation(assistant.lm, store.turns)
     return ChatEngine(assistant, audio.source, audio.sink, store=store, conversation=conversation, echo=audio.echo,
-                      config=config, clock=audio.clock)
+                      config=config, clock=audio.clock, turn_judge=turn_judge)

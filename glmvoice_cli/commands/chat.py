@@ -22,11 +22,13 @@ from __future__ import annotations
 import contextlib
 import sys
 import threading
+from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+from glmvoice_cli.audio.end_of_turn import TurnEndConfig
 from glmvoice_cli.audio.vad import VadConfig
 from glmvoice_cli.chat.local import (
     ONSET_MS,
@@ -59,6 +61,7 @@ from glmvoice_cli.commands.common import (
     TopPOpt,
     lm_server,
     load_assistant,
+    load_turn_judge,
     use_threads,
     with_sampling,
 )
@@ -66,6 +69,7 @@ from glmvoice_cli.config import SPECULATIVE_PAUSE_MS
 from glmvoice_cli.errors import UsageError
 
 if TYPE_CHECKING:
+    from glmvoice_cli.audio.end_of_turn import TurnJudge
     from glmvoice_cli.chat.engine import ChatEngine
     from glmvoice_cli.lm.voice_lm import GenerationOptions
     from glmvoice_cli.sessions.store import SessionStore
@@ -73,8 +77,19 @@ if TYPE_CHECKING:
 __all__ = ["TurnTaking", "chat"]  # TurnTaking lives in chat.local: the flags' defaults come from it
 
 _VAD = VadConfig()  # the turn-taking flags default to the segmenter's own values
+_TURN_END = TurnEndConfig()
 MAX_MS = 60_000  # a turn-taking time past a minute is a typo (and overflows the VAD's frame arithmetic)
 MAX_TURN_S = 600.0  # ten minutes of one turn, cut into tokenizer windows; inf would overflow the VAD
+
+
+class VadEngine(str, Enum):
+    webrtc = "webrtc"
+    silero = "silero"
+
+
+class TurnDetector(str, Enum):
+    silence = "silence"
+    smart = "smart"
 
 
 def chat(
@@ -112,6 +127,18 @@ def chat(
         ONSET_MS),
     stream_input: Annotated[bool, typer.Option(help=(
         "Tokenize and prefill your speech while you speak; --no-stream-input does it all after your turn."), rich_help_panel="Turn-taking")] = True,
+    vad: Annotated[VadEngine, typer.Option(help=(
+        "Voice detector: webrtc (webrtcvad) or silero (Silero VAD, a small net: steadier in noise)."), rich_help_panel="Turn-taking")] = (
+        VadEngine.webrtc),
+    turn_detector: Annotated[TurnDetector, typer.Option(help=(
+        "How your turn's end is found: silence (--end-silence-ms), or smart: Smart Turn judges each pause and a "
+        "finished turn ends at once, an unfinished one waits up to --max-pause-ms."), rich_help_panel="Turn-taking")] = (
+        TurnDetector.silence),
+    end_of_turn_threshold: Annotated[float, typer.Option(min=0.01, max=1.0, help=(
+        "Smart: the probability of 'finished' that ends the turn; higher waits for more certainty."), rich_help_panel="Turn-taking")] = (
+        _TURN_END.threshold),
+    max_pause_ms: Annotated[int, typer.Option(min=30, max=MAX_MS, help=(
+        "Smart: the longest pause in a turn judged unfinished."), rich_help_panel="Turn-taking")] = _TURN_END.max_pause_ms,
     session_dir: Annotated[Path | None, typer.Option(help="Save the session in this folder.", rich_help_panel="Sessions")] = None,
     resume: Annotated[str | None, typer.Option(
         autocompletion=_complete_session, help="Continue a saved session: 'last', an ID or a unique start of one, or a folder.", rich_help_panel="Sessions")] = None,
@@ -138,6 +165,7 @@ def chat(
                                                 input_device, output_device))
         try:
             use_threads(threads)
+            judge = None if text else _turn_judge(vad.value, turn_detector.value, models)  # before the slow loads
             stages = ("lm", "decoder") if text else ("tokenizer", "lm", "decoder")
             assistant = load_assistant(stages, models=models,
                                        overrides={"tokenizer": tokenizer, "lm": lm, "decoder": decoder},
@@ -151,9 +179,10 @@ def chat(
             if folder is None:  # a new folder of its own: locked against a `--resume last` elsewhere
                 held.enter_context(lock_session(store.path))
             turns = TurnTaking(vad_aggressiveness, end_silence_ms, speculative_pause_ms, pre_roll_ms,
-                               min_speech_ms, max_turn_s, barge_in, min_interruption_ms, stream_input)
+                               min_speech_ms, max_turn_s, barge_in, min_interruption_ms, stream_input,
+                               vad.value, turn_detector.value, end_of_turn_threshold, max_pause_ms)
             generation = with_sampling(_generation(max_new_tokens, seed), temperature, top_p)
-            engine = make_engine(assistant, io, store, turns, generation, transcribe_user)
+            engine = make_engine(assistant, io, store, turns, generation, transcribe_user, judge)
             io.start_clock()
             _converse(engine, store, text, live)
         finally:
@@ -161,6 +190,14 @@ def chat(
             if io.output_unwritten:
                 kept = " (the existing file is unchanged)" if output is not None and output.exists() else ""
                 typer.echo(f"nothing was played: {output} not written{kept}", err=True)
+
+
+def _turn_judge(vad: str, detector: str, models: Path | None) -> TurnJudge | None:
+    """Fail now, not after a minute of loading: the chosen VAD's package, and the smart detector's model."""
+    from glmvoice_cli.audio.vad import VadConfig, make_classifier
+
+    make_classifier(VadConfig(engine=vad))
+    return load_turn_judge(required=True, models=models) if detector == "smart" else None
 
 
 def _complete_session(incomplete: str) -> list[str]:

@@ -13,6 +13,7 @@ import typer
 from glmvoice_cli.commands.conventions import is_quiet
 
 if TYPE_CHECKING:
+    from glmvoice_cli.audio.end_of_turn import TurnJudge
     from glmvoice_cli.lm.voice_lm import GenerationOptions
     from glmvoice_cli.options import LMServer
     from glmvoice_cli.pipeline.assistant import Assistant
@@ -121,6 +122,27 @@ def lm_server(url: str | None, api_key: str | None, model: str | None, timeout_s
         return None
     return LMServer(url, (api_key or "").strip() or None, (model or "").strip() or None,
                     timeout_s or DEFAULT_LM_TIMEOUT_S)
+
+
+def load_turn_judge(*, required: bool, models: Path | None = None) -> TurnJudge | None:
+    """The Smart Turn detector (models cache, then an installed pipecat-ai). Missing: a one-line error naming the
+    download when `required` (`--turn-detector smart`), else None (`serve` offers semantic_vad only with it)."""
+    from glmvoice_cli.audio.end_of_turn import SmartTurn
+    from glmvoice_cli.errors import GlmVoiceError, ModelNotFoundError
+    from glmvoice_cli.models.settings import turn_model_path
+
+    path = turn_model_path(models)
+    if path is None:
+        if required:
+            raise ModelNotFoundError("--turn-detector smart needs the Smart Turn model: glmvoice models download turn")
+        return None
+    try:
+        return SmartTurn(path)
+    except GlmVoiceError:
+        if required:
+            raise
+        log.warning("the Smart Turn model at %s cannot be used; semantic_vad is off", path, exc_info=True)
+        return None
 
 
 def load_assistant(stages: tuple[str, ...], *, models: Path | None, overrides: dict[str, Path | None],

@@ -33,6 +33,7 @@ from glmvoice_cli.commands.common import (
     TopPOpt,
     lm_server,
     load_assistant,
+    load_turn_judge,
     use_threads,
     with_sampling,
 )
@@ -102,8 +103,10 @@ def serve(
                                                          seed=seed), temperature, top_p)
             if session_dir is not None:
                 session_dir.mkdir(parents=True, exist_ok=True)
+            judge = load_turn_judge(required=False, models=models)  # semantic_vad where its model is here
             server = RealtimeServer(assistant, generation, ServeOptions(api_key, max_sessions, save, session_dir,
-                                                                         client_buffer_bytes=client_buffer_mb << 20))
+                                                                         client_buffer_bytes=client_buffer_mb << 20,
+                                                                         turn_judge=judge))
             config = uvicorn.Config(server.app(), log_level="warning", ws_max_size=HARD_MESSAGE_BYTES,
                                     ws_ping_interval=PING_INTERVAL_S, ws_ping_timeout=PING_TIMEOUT_S,
                                     ws_per_message_deflate=False, timeout_graceful_shutdown=5)

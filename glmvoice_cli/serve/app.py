@@ -29,11 +29,13 @@ from starlette.routing import Mount, Route, WebSocketRoute
 from starlette.staticfiles import StaticFiles
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
+from glmvoice_cli.audio.end_of_turn import JudgeThread
 from glmvoice_cli.chat.worker import ModelWorker
 from glmvoice_cli.serve.protocol import ProtocolError, error_event
 from glmvoice_cli.serve.session import CLOSE, RealtimeSession
 
 if TYPE_CHECKING:
+    from glmvoice_cli.audio.end_of_turn import TurnJudge
     from glmvoice_cli.pipeline import GenerationOptions
     from glmvoice_cli.pipeline.assistant import Assistant
     from glmvoice_cli.sessions.store import SessionStore
@@ -60,6 +62,7 @@ class ServeOptions:
     session_root: Path | None = None  # None: each session in a new folder under the data folder
     model: str = "glm-4-voice-9b"
     client_buffer_bytes: int = DEFAULT_CLIENT_BUFFER_BYTES  # unsent output a connection may hold (see Outbox)
+    turn_judge: TurnJudge | None = None  # the end-of-turn detector for semantic_vad (None: server_vad only)
 
 
 class RealtimeServer:
@@ -68,6 +71,8 @@ class RealtimeServer:
     def __init__(self, assistant: Assistant, generation: GenerationOptions, options: ServeOptions) -> None:
         self.assistant, self.generation, self.options = assistant, generation, options
         self.worker = ModelWorker(prepare=assistant.prepare_thread)
+        # one thread judges every session's pauses (a decision is tens of milliseconds of one core)
+        self.judge = JudgeThread(options.turn_judge) if options.turn_judge is not None else None
         self._lock = threading.Lock()
         self._sessions: set[RealtimeSession] = set()
         self._slots = 0  # connections holding a session slot (reserved before the session exists)
@@ -137,7 +142,8 @@ class RealtimeServer:
                 await ws.send_text(json.dumps(error_event(failure)))
                 await ws.close(code=CLOSE_SERVER_ERROR)
                 return
-            session = RealtimeSession(self.assistant, self.worker, send, generation=self.generation, store=store)
+            session = RealtimeSession(self.assistant, self.worker, send, generation=self.generation, store=store,
+                                      turn_judge=self.judge)
             session.settings.model = ws.query_params.get("model") or self.options.model
             with self._lock:
                 self._sessions.add(session)

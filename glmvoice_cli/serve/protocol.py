@@ -79,20 +79,36 @@ def ms_of(samples: int, rate: int) -> int:
 # ---------------------------------------------------------------------- session settings
 
 
+# semantic_vad's eagerness -> (the smart detector's threshold, the longest pause of a turn it judged unfinished):
+# low waits for more certainty and longer, high ends turns sooner (as OpenAI describes the setting)
+EAGERNESS = {"low": (0.8, 3000), "medium": (0.5, 1500), "auto": (0.5, 1500), "high": (0.3, 800)}
+
+
 @dataclass
 class ServerVad:
-    """`turn_detection: {type: server_vad}` as glmvoice runs it (webrtcvad, see `audio.vad`)."""
+    """`turn_detection: {type: server_vad}` as glmvoice runs it (webrtcvad, see `audio.vad`), or
+    `{type: semantic_vad}`: the same VAD, with the smart end-of-turn detector at each pause
+    (`audio.end_of_turn`; needs its model on the server)."""
 
     threshold: float = 0.5  # 0..1, mapped onto webrtcvad's aggressiveness 0..3
     prefix_padding_ms: int = 300
     silence_duration_ms: int = 500
     create_response: bool = True
     interrupt_response: bool = True
+    type: str = "server_vad"
+    eagerness: str = "auto"  # semantic_vad: see EAGERNESS
 
     def aggressiveness(self) -> int:
         return min(3, int(self.threshold * 4))
 
+    @property
+    def semantic(self) -> bool:
+        return self.type == "semantic_vad"
+
     def as_json(self) -> dict[str, Any]:
+        if self.semantic:
+            return {"type": "semantic_vad", "eagerness": self.eagerness, "create_response": self.create_response,
+                    "interrupt_response": self.interrupt_response}
         return {"type": "server_vad", "threshold": self.threshold, "prefix_padding_ms": self.prefix_padding_ms,
                 "silence_duration_ms": self.silence_duration_ms, "create_response": self.create_response,
                 "interrupt_response": self.interrupt_response, "idle_timeout_ms": None}
@@ -207,15 +223,22 @@ def parse_turn_detection(value: Any, param: str = "turn_detection") -> ServerVad
     if not isinstance(value, dict):
         raise ProtocolError(f"'{param}' must be an object or null", param=param)
     kind = value.get("type", "server_vad")
-    if kind != "server_vad":
-        raise ProtocolError(f"turn detection '{kind}' is not supported: use server_vad or null (push-to-talk)",
-                            code="unsupported", param=f"{param}.type")
-    vad = ServerVad()
+    if kind not in ("server_vad", "semantic_vad"):
+        raise ProtocolError(f"turn detection '{kind}' is not supported: use server_vad, semantic_vad or null "
+                            "(push-to-talk)", code="unsupported", param=f"{param}.type")
+    vad = ServerVad(type=kind)
+    own = {"eagerness"} if vad.semantic else {"threshold", "prefix_padding_ms", "silence_duration_ms"}
     for key, item in value.items():
         sub = f"{param}.{key}"
         if key == "type" or item is None:
             continue
-        if key == "threshold":
+        if key in {"eagerness", "threshold", "prefix_padding_ms", "silence_duration_ms"} - own:
+            raise ProtocolError(f"'{key}' is not a setting of {kind}", code="unknown_parameter", param=sub)
+        if key == "eagerness":
+            if item not in EAGERNESS:
+                raise ProtocolError(f"'{sub}' must be one of {', '.join(EAGERNESS)}", param=sub)
+            vad.eagerness = item
+        elif key == "threshold":
             vad.threshold = _number(item, sub, 0.0, 1.0)
         elif key == "prefix_padding_ms":
             vad.prefix_padding_ms = int(_number(item, sub, 0, 5000))
@@ -225,7 +248,7 @@ def parse_turn_detection(value: Any, param: str = "turn_detection") -> ServerVad
             if not isinstance(item, bool):
                 raise ProtocolError(f"'{sub}' must be true or false", param=sub)
             if key == "create_response" and not item:
-                raise ProtocolError("with server_vad every turn is answered (create_response false is not "
+                raise ProtocolError(f"with {kind} every turn is answered (create_response false is not "
                                     "supported: use turn_detection null and response.create)", code="unsupported",
                                     param=sub)
             setattr(vad, key, item)

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from glmvoice_cli.audio.end_of_turn import JudgeThread, TurnEndConfig
 from glmvoice_cli.audio.vad import VadConfig
 from glmvoice_cli.chat.core import ConversationCore, EngineConfig, TurnSettings
 from glmvoice_cli.config import SAMPLE_RATE_IN
@@ -34,6 +35,7 @@ from glmvoice_cli.events import (
 )
 from glmvoice_cli.files import loads_json
 from glmvoice_cli.serve.protocol import (
+    EAGERNESS,
     WIRE_RATE,
     ProtocolError,
     SessionSettings,
@@ -101,7 +103,8 @@ class RealtimeSession:
 
     def __init__(self, assistant: Assistant, worker: ModelWorker, send: Callable[[object], None], *,
                  generation: GenerationOptions, store: SessionStore | None = None,
-                 session_id: str | None = None) -> None:
+                 session_id: str | None = None, turn_judge: JudgeThread | None = None) -> None:
+        """`turn_judge`: the server's end-of-turn detector, for `semantic_vad` (None: only server_vad)."""
         self.id = session_id or new_id("sess")
         self._send_raw = send
         self._lock = threading.RLock()
@@ -109,9 +112,11 @@ class RealtimeSession:
         self._base_generation = generation
         self.playback = ClientPlayback()
         vad = self._vad_config(self.settings)
-        config = EngineConfig(vad=vad, generation=self._generation(self.settings))
+        config = EngineConfig(vad=vad, generation=self._generation(self.settings),
+                              turn_end=self._turn_end(self.settings))
+        self._judge = turn_judge
         self.core = ConversationCore(assistant, self.playback, worker, store=store, config=config,
-                                     conversation_id=self.id)
+                                     conversation_id=self.id, turn_judge=turn_judge)
         self._events = self.core.subscribe()
         self._input = WireInput()
         self._buffer: list[np.ndarray] = []  # push-to-talk audio, 16 kHz
@@ -170,6 +175,9 @@ class RealtimeSession:
 
     def _session_update(self, event: dict[str, Any]) -> None:
         settings = apply_session_update(self.settings, event.get("session"))
+        if settings.turn_detection is not None and settings.turn_detection.semantic and self._judge is None:
+            raise ProtocolError("semantic_vad needs the Smart Turn model on the server (glmvoice models download "
+                                "turn); use server_vad", code="unsupported", param="session.turn_detection.type")
         before = self.settings
         self.settings = settings
         vad_changed = settings.turn_detection != before.turn_detection
@@ -178,6 +186,7 @@ class RealtimeSession:
         td = settings.turn_detection
         self.core.update(TurnSettings(
             vad=self._vad_config(settings) if vad_changed else None,
+            turn_end=self._turn_end(settings) if vad_changed else None,
             barge_in=None if td is None else td.interrupt_response,
             generation=self._generation(settings)))
         self._send({"type": "session.updated", "session": settings.as_json(self.id)})
@@ -452,6 +461,13 @@ class RealtimeSession:
             return VadConfig()
         return VadConfig(aggressiveness=td.aggressiveness(), hangover_ms=td.silence_duration_ms,
                          pre_roll_ms=td.prefix_padding_ms)
+
+    def _turn_end(self, settings: SessionSettings) -> TurnEndConfig:
+        td = settings.turn_detection
+        if td is None or not td.semantic:
+            return TurnEndConfig()
+        threshold, max_pause_ms = EAGERNESS[td.eagerness]
+        return TurnEndConfig("smart", threshold, max_pause_ms)
 
     def _generation(self, settings: SessionSettings) -> GenerationOptions:
         from dataclasses import replace
