@@ -299,7 +299,7 @@ def _bytes(tag: str, size: int) -> bytes:
 
 
 def official_repos(shard_bytes: int = 5_000) -> dict[str, dict[str, bytes]]:
-    """Tiny stand-ins for the three repositories, with the extra files the real ones carry."""
+    """Tiny stand-ins for the three repositories and Smart Turn's, with the extra files the real ones carry."""
     shards = [f"model-{i:05d}-of-{LM_SHARDS:05d}.safetensors" for i in range(1, LM_SHARDS + 1)]
     index = {"metadata": {"total_size": shard_bytes * LM_SHARDS}, "weight_map": {}}
     for i, shard in enumerate(shards):
@@ -327,6 +327,11 @@ def official_repos(shard_bytes: int = 5_000) -> dict[str, dict[str, bytes]]:
             "flow.pt": _bytes("flow", shard_bytes),
             "hift.pt": _bytes("hift", shard_bytes // 2),
             "README.md": b"# decoder",
+        },
+        "pipecat-ai/smart-turn-v3": {
+            "smart-turn-v3.2-cpu.onnx": _bytes("smart-turn", shard_bytes // 5),
+            "smart-turn-v3.2-gpu.onnx": _bytes("smart-turn-gpu", shard_bytes // 5),  # never fetched: not ours
+            "README.md": b"# smart turn",
         },
     }
     for shard in shards:

@@ -260,3 +260,28 @@ def test_the_resume_hint_works_from_any_directory_and_sessions_list_reads_a_sess
     assert [line["role"] for line in _lines(here / "mine")] == ["user", "assistant", "user", "assistant"]
     listed = runner.invoke(app, ["sessions", "list", "--json", "--dir", str(here)])
     assert listed.exit_code == 0 and json.loads(listed.stdout.splitlines()[0])["turns"] == 4
+
+
+def test_silero_vad_and_the_smart_detector_through_a_chat(models: Path, phrases, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """--vad silero (the real Silero net) finds both spoken turns; --turn-detector smart (the real Smart Turn model,
+    from the pipecat-ai wheel) judges their pauses; each turn is answered once and saved."""
+    q1, q2 = phrases
+    wav = _wav(tmp_path / "two.wav", _pause(0.5), q1, _pause(2.5), q2, _pause(3.0))
+    session = tmp_path / "S"
+    result = _chat(models, "--input-file", str(wav), "--session-dir", str(session), "--vad", "silero",
+                   "--turn-detector", "smart", "--end-of-turn-threshold", "0.5", "--max-pause-ms", "1200", "--no-barge-in")
+    assert result.exit_code == 0, result.output
+    assert [(line["role"], line["interrupted"]) for line in _lines(session)] == [
+        ("user", False), ("assistant", False), ("user", False), ("assistant", False)]
+
+
+def test_the_smart_detector_without_its_model_is_one_line(models: Path, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    from glmvoice_cli.models import settings
+
+    monkeypatch.setattr(settings, "turn_model_path", lambda models=None: None)
+    wav = _wav(tmp_path / "quiet.wav", _pause(1.0))
+    result = _chat(models, "--input-file", str(wav), "--turn-detector", "smart")
+    assert result.exit_code != 0
+    assert result.output.strip().splitlines()[-1] == (
+        "error: --turn-detector smart needs the Smart Turn model: glmvoice models download turn")

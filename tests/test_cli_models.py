@@ -48,6 +48,7 @@ def test_download_all_then_list(fake_hub: FakeHub) -> None:
     for name in hub.STAGES:
         assert f"{name}: complete" in result.stdout
     rows = _listing()
+    assert rows.pop("turn")["state"] == "absent"  # optional: `download all` is the pipeline's three
     for name, row in rows.items():
         assert row["complete"] and row["missing"] == []
         assert row["path"] == str(settings.cached_stage_dir(name)) and row["source"] == "cache"
@@ -55,6 +56,17 @@ def test_download_all_then_list(fake_hub: FakeHub) -> None:
         assert row["size_bytes"] > 0
     table = runner.invoke(models_app, ["list"])
     assert table.exit_code == 0 and table.stdout.count("complete") == 3 and "hint" not in table.stdout
+
+
+def test_download_the_turn_detector_and_find_it_first(fake_hub: FakeHub, tmp_path: Path) -> None:
+    result = runner.invoke(models_app, ["download", "turn", "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert fake_hub.fetched() == {f"{hub.TURN.repo_id}/{hub.TURN.files[0]}"}
+    found = settings.turn_model_path()
+    assert found is not None and found.parent == settings.cached_stage_dir("turn")  # before pipecat-ai's copy
+    assert _listing()["turn"]["complete"]
+    path = runner.invoke(models_app, ["path", "turn"])
+    assert path.exit_code == 0 and path.stdout.strip() == str(found.parent)
 
 
 def test_download_one_stage_into_a_models_folder(fake_hub: FakeHub, tmp_path: Path) -> None:

@@ -194,17 +194,20 @@ def test_chat_turn_taking_flags_come_from_env_and_config(tmp_path: Path, monkeyp
     monkeypatch.setattr(chat_command, "open_store",
                         lambda *a: type("S", (), {"path": tmp_path / "session", "warnings": ()})())
     monkeypatch.setattr(chat_command, "TurnTaking", capture)
-    _config(tmp_path, monkeypatch, "speculative_pause_ms = 120\npre-roll-ms = 90\n"
-                                   "[chat]\nbarge_in = false\nmax_turn_s = 12.5\nmin_interruption_ms = 40\n")
+    _config(tmp_path, monkeypatch, "speculative_pause_ms = 120\npre-roll-ms = 90\nturn_detector = 'smart'\n"
+                                   "max_pause_ms = 700\n"
+                                   "[chat]\nbarge_in = false\nmax_turn_s = 12.5\nmin_interruption_ms = 40\n"
+                                   "end_of_turn_threshold = 0.7\n")
     env = {"END_SILENCE_MS": "450", "VAD_AGGRESSIVENESS": "1", "MIN_SPEECH_MS": "250", "STREAM_INPUT": "0",
-           "PRE_ROLL_MS": "60"}  # the environment beats the file (pre_roll_ms)
+           "PRE_ROLL_MS": "60", "VAD": "silero"}  # the environment beats the file (pre_roll_ms)
     for name, value in env.items():
         monkeypatch.setenv(f"GLMVOICE_{name}", value)
-    result = runner.invoke(app, ["chat", "--text"])
+    result = runner.invoke(app, ["chat", "--text", "--max-pause-ms", "900"])  # the flag beats the file
     assert "captured" in result.output and len(seen) == 1, result.output
     assert seen[0] == turn_taking(
         aggressiveness=1, end_silence_ms=450, speculative_pause_ms=120, pre_roll_ms=60, min_speech_ms=250,
-        max_turn_s=12.5, barge_in=False, min_interruption_ms=40, stream_input=False)
+        max_turn_s=12.5, barge_in=False, min_interruption_ms=40, stream_input=False, vad_engine="silero",
+        turn_detector="smart", end_of_turn_threshold=0.7, max_pause_ms=900)
     hints = typing.get_type_hints(chat_command.chat, include_extras=True)
     own = [name for name, hint in hints.items() if getattr(getattr(hint, "__metadata__", [None])[0], "envvar", None)]
     assert own == []  # no option names its own variable: install_envvars gives every one the same way

@@ -293,6 +293,8 @@ def test_each_bad_input_gets_an_error_event_and_the_session_goes_on(server: Serv
             "transcription": {"model": "whisper-1"}}}}}), "unsupported"),
         (json.dumps({"type": "session.update", "session": {"audio": {"input": {
             "turn_detection": {"type": "server_vad", "silence_duration_ms": -5}}}}}), "invalid_value"),
+        (json.dumps({"type": "session.update", "session": {"audio": {"input": {
+            "turn_detection": {"type": "semantic_vad", "eagerness": "frantic"}}}}}), "invalid_value"),
         (json.dumps({"type": "conversation.item.truncate", "item_id": "item_nope", "content_index": 0,
                      "audio_end_ms": 10}), "item_not_found"),
         (json.dumps({"type": "conversation.item.delete", "item_id": "item_nope"}), "unsupported"),
@@ -502,3 +504,50 @@ def test_a_client_that_reads_nothing_is_dropped_without_holding_up_the_others(ti
     assert status in ("completed", "incomplete")
     assert dropped, "the client that reads nothing was never dropped"
     assert "Traceback" not in running.stderr()
+
+
+def test_semantic_vad_maps_eagerness_onto_the_smart_detector(server: Server, speech: np.ndarray) -> None:
+    """The server found the Smart Turn model (the pipecat-ai wheel): semantic_vad is accepted, echoed, and a
+    spoken turn under it is answered."""
+    async def talk() -> tuple[Any, list[Any], Answer]:
+        async with client(server).realtime.connect(model="glm-4-voice-9b") as conn:
+            await until(conn, "session.created")
+            await conn.session.update(session={"type": "realtime", "audio": {"input": {"turn_detection": {
+                "type": "semantic_vad", "eagerness": "high"}}}})
+            updated = (await until(conn, "session.updated"))[-1]
+            await stream(conn, speech)
+            before = await until(conn, "response.created")
+            return updated, before, await answer(conn)
+
+    updated, before, got = run(talk())
+    detection = updated.session.audio.input.turn_detection
+    assert detection.type == "semantic_vad" and detection.eagerness == "high"
+    assert "input_audio_buffer.speech_stopped" in [e.type for e in before]
+    _check_answer(got)
+
+
+def test_semantic_vad_without_the_model_is_refused_and_eagerness_sets_the_policy(tiny_models: TinyModelSet) -> None:
+    from glmvoice_cli.audio.end_of_turn import JudgeThread
+    from glmvoice_cli.chat.worker import ModelWorker
+    from glmvoice_cli.lm.voice_lm import GenerationOptions
+    from glmvoice_cli.options import LoadOptions
+    from glmvoice_cli.pipeline.assistant import Assistant
+    from glmvoice_cli.serve.protocol import EAGERNESS
+    from glmvoice_cli.serve.session import RealtimeSession
+
+    assistant = Assistant.load(tiny_models.dirs, LoadOptions(device="cpu", seed=0))
+    update = json.dumps({"type": "session.update", "session": {"audio": {"input": {"turn_detection": {
+        "type": "semantic_vad", "eagerness": "low"}}}}})
+    for judge in (None, JudgeThread(lambda samples: 0.5)):
+        sent: list[dict] = []
+        session = RealtimeSession(assistant, ModelWorker(), sent.append, generation=GenerationOptions(),
+                                  turn_judge=judge)
+        session.handle(update)
+        if judge is None:
+            assert sent[-1]["type"] == "error" and "Smart Turn model" in sent[-1]["error"]["message"]
+            assert session.core.config.turn_end.detector == "silence"
+        else:
+            assert sent[-1]["type"] == "session.updated"
+            session.core._apply_settings()  # no turn under way: applied
+            turn_end = session.core.config.turn_end
+            assert (turn_end.detector, turn_end.threshold, turn_end.max_pause_ms) == ("smart", *EAGERNESS["low"])

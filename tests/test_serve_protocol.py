@@ -54,7 +54,11 @@ def test_session_update_applies_what_glmvoice_honours() -> None:
     ({"audio": {"output": {"voice": "alloy"}}}, "session.audio.output.voice"),
     ({"audio": {"input": {"format": {"type": "audio/pcmu"}}}}, "session.audio.input.format"),
     ({"audio": {"input": {"format": {"type": "audio/pcm", "rate": 16000}}}}, "session.audio.input.format"),
-    ({"audio": {"input": {"turn_detection": {"type": "semantic_vad"}}}}, "session.audio.input.turn_detection.type"),
+    ({"audio": {"input": {"turn_detection": {"type": "llm_vad"}}}}, "session.audio.input.turn_detection.type"),
+    ({"audio": {"input": {"turn_detection": {"type": "semantic_vad", "silence_duration_ms": 300}}}},
+     "session.audio.input.turn_detection.silence_duration_ms"),
+    ({"audio": {"input": {"turn_detection": {"type": "semantic_vad", "eagerness": "frantic"}}}},
+     "session.audio.input.turn_detection.eagerness"),
     ({"audio": {"input": {"turn_detection": {"type": "server_vad", "create_response": False}}}},
      "session.audio.input.turn_detection.create_response"),
     ({"temperature": 9}, "session.temperature"),
@@ -67,6 +71,17 @@ def test_session_fields_glmvoice_cannot_honour_are_refused_by_name(session: dict
     assert caught.value.param == param
     event = error_event(caught.value, "evt_1")
     assert event["type"] == "error" and event["error"]["event_id"] == "evt_1" and event["error"]["param"] == param
+
+
+def test_semantic_vad_is_parsed_and_echoed() -> None:
+    settings = apply_session_update(SessionSettings(), {"audio": {"input": {"turn_detection": {
+        "type": "semantic_vad", "eagerness": "low", "interrupt_response": False}}}})
+    vad = settings.turn_detection
+    assert vad is not None and vad.semantic and vad.eagerness == "low" and not vad.interrupt_response
+    assert vad.as_json() == {"type": "semantic_vad", "eagerness": "low", "create_response": True,
+                             "interrupt_response": False}
+    assert apply_session_update(settings, {"audio": {"input": {"turn_detection": {"type": "server_vad"}}}}
+                                ).turn_detection.as_json()["type"] == "server_vad"  # type: ignore[union-attr]
 
 
 def test_typed_items() -> None:

@@ -45,7 +45,7 @@ class Which(str, Enum):
 
 
 def _stages(which: Which) -> list[hub.Stage]:
-    return list(hub.ALL_STAGES.values()) if which is Which.all else [hub.get_stage(which.value)]
+    return list(hub.STAGES.values()) if which is Which.all else [hub.get_stage(which.value)]  # all: the pipeline
 
 
 def human_size(n: int) -> str:
@@ -264,7 +264,9 @@ def list_models(
     Console(soft_wrap=True).print(table)
     for r in rows:  # whole, each on its own line: a path folded mid-word in a table cell cannot be copied
         typer.echo(f"{r['model']}: {r['path']}")
-    for line in hub.describe_missing(status for _, status in found):
+    # an optional model nobody fetched is not missing (the smart turn detector): only a partial one gets a hint
+    for line in hub.describe_missing(status for _, status in found
+                                     if status.stage.name in hub.STAGES or status.state == "incomplete"):
         typer.echo(f"hint: {line}")
     lm_where, lm_status = next(item for item in found if item[1].stage.name == hub.LM.name)
     if not lm_status.complete and hub.inspect_stage(hub.LM_WITHOUT_WEIGHTS, lm_where.path).complete:
