@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -14,28 +15,26 @@ from glmvoice_cli.audio.end_of_turn import (
     SmartTurn,
     TurnEndConfig,
     TurnEndPolicy,
+    TurnJudge,
     segment_with_judge,
     smart_turn_features,
     turn_vad,
 )
-from glmvoice_cli.audio.fakes import ArraySource, RecordingSink
-from glmvoice_cli.audio.playback import VirtualClock
+from glmvoice_cli.audio.fakes import RecordingSink
 from glmvoice_cli.audio.vad import Segmenter, SpeechPaused, Utterance, VadConfig
-from glmvoice_cli.chat.engine import ChatEngine, EngineConfig
+from glmvoice_cli.chat.engine import ChatEngine
 from glmvoice_cli.errors import CheckpointError, UsageError
 from glmvoice_cli.events import TurnJudged, UserUtterance
-from glmvoice_cli.lm.voice_lm import GenerationOptions
 from glmvoice_cli.models.settings import turn_model_path
 from glmvoice_cli.options import LoadOptions
 from glmvoice_cli.pipeline.assistant import Assistant
 from glmvoice_cli.sessions.store import SessionStore
 from glmvoice_cli.tiny.modelset import write_tiny_model_set
 
+from . import test_turn_taking as turn_taking
 from .chat_helpers import OUT_RATE, RATE, burst, energy_vad, silence
-from .test_turn_taking import AUDIBLE, lines, saved
+from .test_turn_taking import AUDIBLE, PAUSE_MS, VAD, lines, saved
 
-VAD = VadConfig(hangover_ms=300, pre_roll_ms=90, post_roll_ms=60, min_turn_ms=150)
-PAUSE_MS = 120  # the speculative pause, where the detector judges
 MAX_PAUSE_MS = 1500  # a turn judged unfinished ends after this much silence
 
 
@@ -60,24 +59,8 @@ def assistant(tmp_path_factory: pytest.TempPathFactory) -> Assistant:
 
 
 def converse(assistant: Assistant, user: np.ndarray, folder: Path, turn_end: TurnEndConfig,
-             judge: ScriptedJudge | None, *, vad: VadConfig = VAD, pause_ms: int | None = PAUSE_MS,
-             classifier: object = energy_vad) -> tuple[ChatEngine, RecordingSink, SessionStore, list[object]]:
-    clock = VirtualClock()
-    sink = RecordingSink(sample_rate=OUT_RATE, clock=clock)
-    store = SessionStore.create(session_dir=folder)
-    config = EngineConfig(vad=vad, generation=GenerationOptions(max_new_tokens=30, seed=1), lockstep=True,
-                          speculative_pause_ms=pause_ms, turn_end=turn_end)
-    engine = ChatEngine(assistant, ArraySource(user, RATE, clock=clock), sink, store=store, config=config,
-                        classifier=classifier, clock=clock, turn_judge=judge)  # type: ignore[arg-type]
-    engine.start()
-    assert engine.wait(300), "the engine did not finish"
-    engine.join()
-    sink.close()
-    events = []
-    while (event := engine.events.get_nowait()) is not None:
-        events.append(event)
-    assert engine.error is None
-    return engine, sink, store, events
+             judge: TurnJudge | None, **options: Any) -> tuple[ChatEngine, RecordingSink, SessionStore, list[object]]:
+    return turn_taking.converse(assistant, user, folder, turn_end=turn_end, turn_judge=judge, **options)
 
 
 def first_heard_s(sink: RecordingSink) -> float:
@@ -290,10 +273,37 @@ def test_silero_vad_and_the_real_detector_in_a_scripted_chat(assistant: Assistan
     user = np.concatenate([silence(0.5), spoken[0], silence(2.5), spoken[1], silence(3.0)])
     vad = VadConfig(engine="silero", hangover_ms=300, pre_roll_ms=96, post_roll_ms=64, min_turn_ms=150)
     judge = SmartTurn(model_file)
-    engine, _, store, events = converse(assistant, user, tmp_path / "s", SMART, judge, vad=vad,  # type: ignore[arg-type]
-                                        classifier=None)
+    engine, _, store, events = converse(assistant, user, tmp_path / "s", SMART, judge, vad=vad, classifier=None)
     assert isinstance(engine.core.segmenter.classifier, SileroClassifier)  # type: ignore[union-attr]
     assert engine.core.segmenter.config.frame_ms == 32  # type: ignore[union-attr]
     judged = [e for e in events if isinstance(e, TurnJudged)]
     assert len(judged) >= 2 and all(0.0 <= e.probability <= 1.0 for e in judged)
     assert [r["role"] for r in lines(store)] == ["user", "assistant", "user", "assistant"]
+
+
+def test_the_chat_flags_map_to_the_vad_and_the_policy() -> None:
+    from glmvoice_cli.chat.local import TurnTaking
+
+    turns = TurnTaking(vad_engine="silero", min_interruption_ms=100, end_silence_ms=20, turn_detector="smart",
+                       end_of_turn_threshold=0.8, max_pause_ms=900)
+    vad = turns.vad()
+    assert (vad.engine, vad.frame_ms, vad.start_frames, vad.hangover_ms) == ("silero", 32, 4, 32)
+    assert turns.turn_end() == TurnEndConfig("smart", 0.8, 900)
+    assert turn_vad(vad, turns.turn_end()).hangover_ms == 900 and turn_vad(vad, TurnEndConfig()) is vad
+    assert TurnTaking().vad().frame_ms == 30 and TurnTaking().turn_end() == TurnEndConfig()
+    for bad in ({"engine": "silero", "frame_ms": 30}, {"engine": "webrtc", "frame_ms": 32}, {"engine": "psychic"},
+                {"threshold": 0.3, "release": 0.5}, {"engine": "silero", "sample_rate": 48_000}):
+        with pytest.raises(UsageError):
+            VadConfig(**bad)  # type: ignore[arg-type]
+
+
+def test_doctor_says_whether_the_smart_detector_can_run(model_file: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from glmvoice_cli.commands import doctor
+    from glmvoice_cli.models import settings
+
+    found = doctor.check_turn_detector()
+    assert found.status == doctor.OK and str(model_file) in found.detail
+    monkeypatch.setattr(settings, "turn_model_path", lambda models=None: None)
+    missing = doctor.check_turn_detector()
+    assert missing.status == doctor.WARN and "its model" in missing.detail
+    assert "models download turn" in missing.fix

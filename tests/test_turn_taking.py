@@ -14,9 +14,10 @@ import numpy as np
 import pytest
 import torch
 
+from glmvoice_cli.audio.end_of_turn import TurnEndConfig, TurnJudge
 from glmvoice_cli.audio.fakes import ArraySource, RecordingSink
 from glmvoice_cli.audio.playback import VirtualClock
-from glmvoice_cli.audio.vad import VadConfig
+from glmvoice_cli.audio.vad import FrameClassifier, VadConfig
 from glmvoice_cli.chat.engine import ChatEngine, EngineConfig
 from glmvoice_cli.chat.turn_timing import compact_line, summary_text
 from glmvoice_cli.events import TextDelta, TurnEnded, UserUtterance
@@ -40,14 +41,17 @@ def assistant(tmp_path_factory: pytest.TempPathFactory) -> Assistant:
 
 
 def converse(assistant: Assistant, user: np.ndarray, folder: Path, *, streaming: bool = True,
-             pause_ms: int | None = PAUSE_MS) -> tuple[ChatEngine, RecordingSink, SessionStore, list[object]]:
+             pause_ms: int | None = PAUSE_MS, vad: VadConfig = VAD, turn_end: TurnEndConfig | None = None,
+             turn_judge: TurnJudge | None = None, classifier: FrameClassifier | None = energy_vad,
+             ) -> tuple[ChatEngine, RecordingSink, SessionStore, list[object]]:
+    """A scripted conversation on the virtual clock (`classifier` None: the VAD config's own engine)."""
     clock = VirtualClock()
     sink = RecordingSink(sample_rate=OUT_RATE, clock=clock)
     store = SessionStore.create(session_dir=folder)
-    config = EngineConfig(vad=VAD, generation=GenerationOptions(max_new_tokens=30, seed=1), lockstep=True,
-                          streaming=streaming, speculative_pause_ms=pause_ms)
+    config = EngineConfig(vad=vad, generation=GenerationOptions(max_new_tokens=30, seed=1), lockstep=True,
+                          streaming=streaming, speculative_pause_ms=pause_ms, turn_end=turn_end or TurnEndConfig())
     engine = ChatEngine(assistant, ArraySource(user, RATE, clock=clock), sink, store=store, config=config,
-                        classifier=energy_vad, clock=clock)
+                        classifier=classifier, clock=clock, turn_judge=turn_judge)
     engine.start()
     assert engine.wait(300), "the engine did not finish"
     engine.join()

@@ -52,6 +52,7 @@ def check_packages() -> list[Check]:
                       Check(dist, FAIL, "not installed", f"pip install '{dist}' (or reinstall glmvoice)"))
     checks.append(check_echo())
     checks.append(check_server())
+    checks.append(check_turn_detector())
     try:
         import soundfile
 
@@ -69,6 +70,21 @@ def check_server() -> Check:
                      "pip install 'glmvoice[server]' (only needed to serve the Realtime API)")
     return Check("glmvoice serve", OK, f"Realtime API server ready (starlette {_version('starlette')}, "
                  f"uvicorn {_version('uvicorn')})")
+
+
+def check_turn_detector() -> Check:
+    """The optional smart end-of-turn detector (`--turn-detector smart`, `semantic_vad`): its model and runtime."""
+    import importlib.util
+
+    from glmvoice_cli.models.settings import turn_model_path
+
+    path = turn_model_path()
+    runtime = importlib.util.find_spec("onnxruntime") is not None
+    if path is not None and runtime:
+        return Check("turn detector", OK, f"Smart Turn v3 at {path} (onnxruntime {_version('onnxruntime')})")
+    missing = [what for what, ok in (("its model", path is not None), ("onnxruntime", runtime)) if not ok]
+    return Check("turn detector", WARN, f"smart turn detection unavailable ({' and '.join(missing)} missing); "
+                 "turns end on silence", "glmvoice models download turn; pip install 'glmvoice[turn]'")
 
 
 def check_echo() -> Check:
