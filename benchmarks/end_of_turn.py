@@ -8,7 +8,7 @@ ends is read off the input timeline:
   began; a complete item answered before its last word, at a comma);
 - confirm latency: for complete items, end of voice -> turn confirmed, in ms of audio, plus (smart) the
   detector's own measured time for the decision that ended it (it runs while the audio goes on);
-- detector time: CPU seconds per decision (features + model), one thread.
+- detector time: wall and CPU milliseconds per decision (features + model), one thread.
 
 Policies: silence at 400/700/1000 ms, and the smart detector at each threshold given (the pause it judges at
 is the speculative pause, 200 ms; a turn it judges unfinished ends after `--max-pause-ms` of silence).
@@ -62,11 +62,13 @@ class CachedJudge:
     def __init__(self, detector: object) -> None:
         self.detector = detector
         self.seen: dict[tuple[str, int], tuple[float, float]] = {}
+        self.cpu: list[float] = []
 
     def __call__(self, key: tuple[str, int], samples: np.ndarray) -> tuple[float, float]:
         if key not in self.seen:
             j = judge(self.detector, samples)  # type: ignore[arg-type]
             self.seen[key] = (j.probability, j.seconds)
+            self.cpu.append(j.cpu_seconds)
         return self.seen[key]
 
 
@@ -190,6 +192,7 @@ def main() -> None:
         "max_pause_ms": args.max_pause_ms,
         "detector_ms_per_decision": {"median": round(statistics.median(seconds) * MS, 1),
                                      "p90": round(float(np.percentile(seconds, 90)) * MS, 1),
+                                     "cpu_median": round(statistics.median(detector.cpu) * MS, 1),
                                      "decisions": len(seconds), "threads": 1},
         "separation": sep,
         "policies": policies,

@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
@@ -75,6 +76,7 @@ class Judgement:
 
     probability: float
     seconds: float  # wall time of the decision (features + model)
+    cpu_seconds: float = 0.0  # CPU time of the deciding thread (onnxruntime runs one thread, on it)
 
 
 class TurnJudge(Protocol):
@@ -131,7 +133,7 @@ class SmartTurn:
         if path.stat().st_size > MAX_MODEL_BYTES:
             raise CheckpointError(f"{path}: {path.stat().st_size} bytes is not a Smart Turn model")
         options = ort.SessionOptions()
-        options.intra_op_num_threads = threads  # one decision is ~10 ms of one core; more threads only contend
+        options.intra_op_num_threads = threads  # a decision is ~40 ms of one core; more threads would take cores from the model
         options.inter_op_num_threads = 1
         options.log_severity_level = 3  # onnxruntime's warnings about unused initializers are not the user's
         try:
@@ -151,9 +153,9 @@ class SmartTurn:
 
 def judge(detector: TurnJudge, samples: np.ndarray) -> Judgement:
     """Time one decision."""
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.thread_time()
     probability = detector(samples)
-    return Judgement(probability, time.perf_counter() - start)
+    return Judgement(probability, time.perf_counter() - start, time.thread_time() - cpu)
 
 
 class JudgeThread:
@@ -163,15 +165,13 @@ class JudgeThread:
     def __init__(self, detector: TurnJudge) -> None:
         self.detector = detector
         self._lock = threading.Lock()
-        self._executor: object | None = None
+        self._executor: ThreadPoolExecutor | None = None  # started at the first decision
 
     def submit(self, samples: np.ndarray, done: Callable[[Judgement | Exception], None]) -> None:
-        from concurrent.futures import ThreadPoolExecutor
-
         with self._lock:
             if self._executor is None:
                 self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="glmvoice-turn")
-            executor: ThreadPoolExecutor = self._executor  # type: ignore[assignment]
+            executor = self._executor
         executor.submit(self._run, samples, done)
 
     def _run(self, samples: np.ndarray, done: Callable[[Judgement | Exception], None]) -> None:
