@@ -1,30 +1,32 @@
-"""A small HTTP/1.1 client for an OpenAI-compatible LM server, standard library only.
+"""HTTP calls to an OpenAI-compatible LM server, through httpx2 (the httpx line huggingface_hub installs).
 
 Two kinds of call: JSON in, JSON out (`get_json`, `post_json`), and a streamed completion read as
-server-sent events (`open_events`). Every call is bounded in time and size: connecting by
-`connect_timeout_s`; the headers, a whole JSON body and the gap between two events by `read_timeout_s`
-as a deadline (a server that trickles a byte at a time, or sends only `: keepalive` comments, does not
-reset it); a JSON body by MAX_JSON_BYTES and an event by MAX_EVENT_BYTES. A server that stalls, dawdles
-or floods is an error after that long, never a hang or a memory blow-up. A streamed answer is read by its own thread into a
-queue; the consumer waits on the queue in short steps and checks its cancel Event in between, so
-a barge-in closes the connection at once, whatever the server is doing (and closing it is how the
-server learns to stop generating). Every failure is an `LMServerError` with a one-line message.
+server-sent events (`open_events`). httpx2 keeps one connection alive across calls (no new TCP handshake
+per turn; a kept connection the server has closed meanwhile is replaced at once) and bounds connecting and
+each read. What it does not bound is added here: the headers, a whole JSON body and the gap between two
+events each get `read_timeout_s` as a deadline (a server that trickles a byte at a time, or sends only
+`: keepalive` comments, does not reset it; past the deadline the socket is shut), a JSON body is capped at
+MAX_JSON_BYTES and an event at MAX_EVENT_BYTES. A server that stalls, dawdles or floods is an error after
+that long, never a hang or a memory blow-up. A streamed answer is read by its own thread into a queue; the
+consumer waits on the queue in short steps and checks its cancel Event in between, so a barge-in shuts the
+connection at once, whatever the server is doing (and that is how the server learns to stop generating).
+Every failure is an `LMServerError` with a one-line message.
 """
 
 from __future__ import annotations
 
 import contextlib
-import http.client
 import json
 import queue
 import socket
-import ssl
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
+
+import httpx2
 
 from glmvoice_cli.errors import LMServerError, UsageError
 from glmvoice_cli.files import loads_json
@@ -66,120 +68,132 @@ class ServerURL:
         """`models` -> `/v1/models` (under the prefix); `/metrics` stays at the root of the prefix."""
         return f"{self.prefix}{endpoint}" if endpoint.startswith("/") else f"{self.prefix}{_API_PREFIX}/{endpoint}"
 
+    @property
+    def origin(self) -> str:
+        """`http://host:port`, an IPv6 host in brackets (paths come from `path`, prefix included)."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{self.scheme}://{host}:{self.port}"
+
     def __str__(self) -> str:
         return f"{self.scheme}://{self.host}:{self.port}{self.prefix}"
 
 
+@dataclass
+class _Socket:
+    """The socket a call runs on, learnt from httpx2's trace (a new connection) or the last call (a kept one),
+    so that a deadline or a cancel can shut it from another thread."""
+
+    sock: socket.socket | None = None
+    late: threading.Event = field(default_factory=threading.Event)  # a deadline shut it
+
+    def shut(self) -> None:
+        with contextlib.suppress(OSError):
+            if self.sock is not None:
+                self.sock.shutdown(socket.SHUT_RDWR)
+
+    @contextlib.contextmanager
+    def deadline(self, seconds: float) -> Iterator[None]:
+        """Shut the socket if the block still runs after `seconds` (httpx2 bounds each read, not a reply sent
+        a byte at a time)."""
+        def expire() -> None:
+            self.late.set()
+            self.shut()
+
+        timer = threading.Timer(seconds, expire)
+        timer.daemon = True
+        timer.start()
+        try:
+            yield
+        finally:
+            timer.cancel()
+
+
 class HttpClient:
-    """JSON and event-stream calls to one server. A connection whose last answer was read to its end is kept
-    and used again by the next call (HTTP/1.1 keep-alive: no new TCP handshake per turn); one that failed or
-    was cut is closed. A kept connection the server has closed meanwhile is replaced once, at once."""
+    """JSON and event-stream calls to one server over one kept-alive connection (see the module docstring)."""
 
     def __init__(self, url: ServerURL, api_key: str | None = None,
                  connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S,
                  read_timeout_s: float = DEFAULT_READ_TIMEOUT_S) -> None:
         self.url, self.api_key = url, api_key
         self.connect_timeout_s, self.read_timeout_s = connect_timeout_s, read_timeout_s
-        self._idle: http.client.HTTPConnection | None = None  # kept for the next call
-        self._idle_lock = threading.Lock()
+        headers = {"Accept": "application/json, text/event-stream"}
+        if api_key:
+            headers["Authorization"] = f"Bearer {api_key}"
+        # trust_env off: a proxy set for the internet must not carry the requests to a local LM server
+        self._http = httpx2.Client(
+            base_url=url.origin, headers=headers, trust_env=False, follow_redirects=False,
+            timeout=httpx2.Timeout(read_timeout_s, connect=connect_timeout_s),
+            limits=httpx2.Limits(max_keepalive_connections=1, keepalive_expiry=None))
+        self._kept: socket.socket | None = None  # the socket of the connection the last finished call left open
         self.connections_opened = 0  # new connections made so far (tests, diagnostics)
 
-    def _headers(self, body: bytes | None) -> dict[str, str]:
-        headers = {"Accept": "application/json, text/event-stream"}
-        if body is not None:
-            headers["Content-Type"] = "application/json"
-        if self.api_key:
-            headers["Authorization"] = f"Bearer {self.api_key}"
-        return headers
+    def _trace(self, holder: _Socket) -> Any:
+        def trace(name: str, info: dict[str, Any]) -> None:
+            if name == "connection.connect_tcp.complete":
+                self.connections_opened += 1
+                stream = info.get("return_value")
+                holder.sock = stream.get_extra_info("socket") if stream is not None else None
+        return trace
 
-    def connect(self) -> http.client.HTTPConnection:
-        """An open connection whose socket reads time out after `read_timeout_s`."""
-        cls: Any = http.client.HTTPSConnection if self.url.scheme == "https" else http.client.HTTPConnection
-        kwargs: dict[str, Any] = {"context": ssl.create_default_context()} if self.url.scheme == "https" else {}
-        conn = cls(self.url.host, self.url.port, timeout=self.connect_timeout_s, **kwargs)
-        self.connections_opened += 1
-        try:
-            conn.connect()
-        except (OSError, http.client.HTTPException) as e:
-            conn.close()
-            raise self._error(e, "connect") from e
-        assert conn.sock is not None
-        conn.sock.settimeout(self.read_timeout_s)
-        return conn
-
-    def _take(self) -> tuple[http.client.HTTPConnection, bool]:
-        """The kept connection (True) or a new one (False)."""
-        with self._idle_lock:
-            conn, self._idle = self._idle, None
-        if conn is not None and conn.sock is not None:
-            return conn, True
-        return self.connect(), False
-
-    def keep(self, conn: http.client.HTTPConnection, response: http.client.HTTPResponse) -> None:
-        """Keep `conn` for the next call if `response` was read to its end and the server keeps it open."""
-        if not response.isclosed() or response.will_close or conn.sock is None:
-            conn.close()
-            return
-        with self._idle_lock:
-            old, self._idle = self._idle, conn
-        if old is not None:
-            old.close()
-
+    @contextlib.contextmanager
     def request(self, method: str, endpoint: str, body: Any = None
-                ) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
-        """Send one request -> (its connection, the response: status checked; the caller reads the body and
-        hands both to `keep`).
+                ) -> Iterator[tuple[httpx2.Response, _Socket]]:
+        """One request, its response's status checked: (the response, its socket) while the caller reads the
+        body. A response read to its end leaves its connection for the next call; one cut short closes it.
 
         `body` is JSON-encoded, unless it is bytes already.
         """
         data = body if isinstance(body, bytes) or body is None else json.dumps(body, separators=(",", ":")).encode()
-        conn, reused = self._take()
+        holder = _Socket(self._kept)
+        headers = {"Content-Type": "application/json"} if data is not None else {}
+        request = self._http.build_request(method, self.url.path(endpoint), content=data, headers=headers,
+                                           extensions={"trace": self._trace(holder)})
         try:
-            with _deadline(conn.sock, self.read_timeout_s) as late:  # a status line trickled byte by byte too
-                conn.request(method, self.url.path(endpoint), body=data, headers=self._headers(data))
-                response = conn.getresponse()
-        except (OSError, http.client.HTTPException) as e:
-            conn.close()
-            if reused and not late.is_set():  # the server closed the kept connection: once more, on a new one
-                return self.request(method, endpoint, body)
-            raise self._error(TimeoutError() if late.is_set() else e, "answer") from e
-        if response.status >= 400:
-            try:
-                detail = response.read(READ_BYTES)
-            except (OSError, http.client.HTTPException):
+            with holder.deadline(self.read_timeout_s):  # a status line trickled byte by byte too
+                response = self._http.send(request, stream=True)
+        except httpx2.HTTPError as e:
+            raise self._error(TimeoutError() if holder.late.is_set() else e) from e
+        try:
+            stream = response.extensions.get("network_stream")
+            holder.sock = stream.get_extra_info("socket") if stream is not None else holder.sock
+            if response.status_code >= 400:
                 detail = b""
-            conn.close()
-            raise self._status_error(response.status, response.reason, detail)
-        return conn, response
+                with contextlib.suppress(httpx2.HTTPError), holder.deadline(self.read_timeout_s):
+                    for chunk in response.iter_raw():
+                        detail += chunk
+                        if len(detail) >= READ_BYTES:
+                            break
+                raise self._status_error(response.status_code, response.reason_phrase, detail)
+            yield response, holder
+            self._kept = holder.sock if response.is_stream_consumed else None
+        finally:
+            response.close()
 
     def get_json(self, endpoint: str) -> Any:
-        return self._read_json(*self.request("GET", endpoint), endpoint)
+        return self._json(self._body("GET", endpoint, None), endpoint)
 
     def post_json(self, endpoint: str, body: Any) -> Any:
-        return self._read_json(*self.request("POST", endpoint, body), endpoint)
+        return self._json(self._body("POST", endpoint, body), endpoint)
 
     def get_text(self, endpoint: str) -> str:
-        return self._read_body(*self.request("GET", endpoint), endpoint).decode("utf-8", errors="replace")
+        return self._body("GET", endpoint, None).decode("utf-8", errors="replace")
 
-    def _read_body(self, conn: http.client.HTTPConnection, response: http.client.HTTPResponse, endpoint: str
-                   ) -> bytes:
-        """The whole body, within the read deadline and MAX_JSON_BYTES; the connection kept if it can be."""
-        try:
-            with _deadline(_socket_of(response), self.read_timeout_s) as late:
-                data = response.read(MAX_JSON_BYTES + 1)
-        except (OSError, http.client.HTTPException) as e:
-            conn.close()
-            raise self._error(TimeoutError() if late.is_set() else e, "answer") from e
-        if len(data) > MAX_JSON_BYTES:
-            conn.close()
-            raise LMServerError(f"the LM server at {self.url} sent over {MAX_JSON_BYTES >> 20} MiB for "
-                                f"/{endpoint}: not an answer an LM server gives")
-        self.keep(conn, response)
+    def _body(self, method: str, endpoint: str, body: Any) -> bytes:
+        """The whole body, within the read deadline and MAX_JSON_BYTES."""
+        with self.request(method, endpoint, body) as (response, holder):
+            data = b""
+            try:
+                with holder.deadline(self.read_timeout_s):
+                    for chunk in response.iter_bytes():
+                        data += chunk
+                        if len(data) > MAX_JSON_BYTES:
+                            raise LMServerError(f"the LM server at {self.url} sent over {MAX_JSON_BYTES >> 20} MiB "
+                                                f"for /{endpoint}: not an answer an LM server gives")
+            except httpx2.HTTPError as e:
+                raise self._error(TimeoutError() if holder.late.is_set() else e) from e
         return data
 
-    def _read_json(self, conn: http.client.HTTPConnection, response: http.client.HTTPResponse, endpoint: str
-                   ) -> Any:
-        data = self._read_body(conn, response, endpoint)
+    def _json(self, data: bytes, endpoint: str) -> Any:
         try:
             return loads_json(data)
         except ValueError as e:
@@ -193,12 +207,13 @@ class HttpClient:
 
     # ------------------------------------------------------------------ errors
 
-    def _error(self, error: BaseException, stage: str) -> LMServerError:
-        if isinstance(error, (TimeoutError, socket.timeout)):
-            limit = self.connect_timeout_s if stage == "connect" else self.read_timeout_s
-            what = "accept a connection" if stage == "connect" else "answer"
-            return LMServerError(f"the LM server at {self.url} did not {what} within {limit:g} s")
-        if stage == "connect":
+    def _error(self, error: BaseException) -> LMServerError:
+        if isinstance(error, (httpx2.ConnectTimeout, httpx2.PoolTimeout)):
+            return LMServerError(f"the LM server at {self.url} did not accept a connection within "
+                                 f"{self.connect_timeout_s:g} s")
+        if isinstance(error, (TimeoutError, httpx2.TimeoutException)):
+            return LMServerError(f"the LM server at {self.url} did not answer within {self.read_timeout_s:g} s")
+        if isinstance(error, httpx2.ConnectError):
             return LMServerError(f"cannot reach the LM server at {self.url} ({_reason(error)}); "
                                  "is it running? (start one with `glmvoice serve-lm`)")
         return LMServerError(f"the LM server at {self.url} failed mid-answer ({_reason(error)})")
@@ -246,7 +261,7 @@ class EventStream:
     """One streamed completion: a reader thread turns server-sent events into parsed JSON objects.
 
     `events(cancel)` yields them in order and ends at `data: [DONE]`; it raises Cancelled when
-    `cancel` is set (after closing the connection), and LMServerError when the server fails,
+    `cancel` is set (after shutting the connection), and LMServerError when the server fails,
     stalls longer than the read timeout, or cuts the stream before [DONE].
     """
 
@@ -254,7 +269,7 @@ class EventStream:
         self._client, self._endpoint, self._body = client, endpoint, body
         self._queue: queue.Queue[Any] = queue.Queue()
         self._lock = threading.Lock()
-        self._response: http.client.HTTPResponse | None = None
+        self._socket: _Socket | None = None
         self._closed = False
         self._thread = threading.Thread(target=self._read, name="glmvoice-lm-stream", daemon=True)
 
@@ -280,84 +295,36 @@ class EventStream:
         """Drop the connection (from any thread): the server sees the client go and stops generating."""
         with self._lock:
             self._closed = True
-            response = self._response
-        if response is not None:
-            _shutdown(response)
+            holder = self._socket
+        if holder is not None:
+            holder.shut()
 
     def _read(self) -> None:
-        response, conn, done = None, None, False
+        client = self._client
         try:
-            conn, response = self._client.request("POST", self._endpoint, self._body)
-            with self._lock:
-                self._response = response
-                closed = self._closed
-            if closed:
-                return
-            for event in _parse_events(response, self._client.url, self._client.read_timeout_s):
-                self._queue.put(event)
-            done = _read_to_end(response, self._client.read_timeout_s)  # then the connection can serve again
+            with client.request("POST", self._endpoint, self._body) as (response, holder):
+                with self._lock:
+                    self._socket = holder
+                    closed = self._closed
+                if closed:
+                    return
+                chunks = response.iter_bytes()
+                for event in _parse_events(chunks, client.url, client.read_timeout_s):
+                    self._queue.put(event)
+                with contextlib.suppress(httpx2.HTTPError), holder.deadline(client.read_timeout_s):
+                    for _ in chunks:  # what follows [DONE] (the chunked body's end): then the connection can serve again
+                        pass
+                with self._lock:
+                    self._socket = None  # the connection goes back to the pool: a late close() must not shut it
             self._queue.put(_END)
         except LMServerError as e:
             self._queue.put(e)
         except Exception as e:  # noqa: BLE001 - a socket shut from another thread fails in many ways
             if not self._closed:
-                self._queue.put(self._client._error(e, "answer"))
-        finally:
-            if conn is not None and response is not None and done and not self._closed:
-                self._client.keep(conn, response)
-            elif conn is not None:
-                conn.close()
+                self._queue.put(client._error(e))
 
 
-def _read_to_end(response: http.client.HTTPResponse, seconds: float) -> bool:
-    """Read what follows `data: [DONE]` (the chunked body's end) within `seconds`; True if the body ended."""
-    try:
-        with _deadline(_socket_of(response), seconds):
-            while not response.isclosed() and response.read(READ_BYTES):
-                pass
-    except (OSError, http.client.HTTPException):
-        return False
-    return response.isclosed()
-
-
-def _socket_of(response: http.client.HTTPResponse) -> socket.socket | None:
-    sock = getattr(getattr(getattr(response, "fp", None), "raw", None), "_sock", None)
-    return sock if isinstance(sock, socket.socket) else None
-
-
-def _shut(sock: socket.socket | None) -> None:
-    try:
-        if sock is not None:
-            sock.shutdown(socket.SHUT_RDWR)
-    except OSError:
-        pass
-
-
-def _shutdown(response: http.client.HTTPResponse) -> None:
-    """Shut the socket under a response being read in another thread; that thread then closes it."""
-    _shut(_socket_of(response))
-
-
-@contextlib.contextmanager
-def _deadline(sock: socket.socket | None, seconds: float) -> Iterator[threading.Event]:
-    """Shut `sock` if the block is still running after `seconds`: the socket's own timeout bounds each read,
-    not a reply sent a byte at a time. The Event says whether it fired (the failure was the deadline)."""
-    fired = threading.Event()
-
-    def expire() -> None:
-        fired.set()
-        _shut(sock)
-
-    timer = threading.Timer(seconds, expire)
-    timer.daemon = True
-    timer.start()
-    try:
-        yield fired
-    finally:
-        timer.cancel()
-
-
-def _parse_events(response: http.client.HTTPResponse, url: ServerURL,
+def _parse_events(chunks: Iterator[bytes], url: ServerURL,
                   silence_s: float = DEFAULT_READ_TIMEOUT_S) -> Iterator[dict[str, Any]]:
     """The JSON object of each `data:` event until `data: [DONE]`; a cut stream, an event over MAX_EVENT_BYTES,
     anything but a JSON object, and `silence_s` without a complete event (comments and trickled bytes do not
@@ -365,7 +332,7 @@ def _parse_events(response: http.client.HTTPResponse, url: ServerURL,
     buffer, data, size = b"", [], 0
     last_event = time.monotonic()
     while True:
-        chunk = response.read1(READ_BYTES)
+        chunk = next(chunks, b"")
         if not chunk:
             raise LMServerError(f"the LM server at {url} closed the stream before the answer ended")
         buffer += chunk
