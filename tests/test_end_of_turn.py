@@ -22,7 +22,7 @@ from glmvoice_cli.audio.end_of_turn import (
 )
 from glmvoice_cli.audio.fakes import RecordingSink
 from glmvoice_cli.audio.vad import Segmenter, SpeechPaused, Utterance, VadConfig
-from glmvoice_cli.chat.engine import ChatEngine
+from glmvoice_cli.chat.engine import ChatEngine, EngineConfig
 from glmvoice_cli.errors import CheckpointError, UsageError
 from glmvoice_cli.events import TurnJudged, UserUtterance
 from glmvoice_cli.models.settings import turn_model_path
@@ -307,3 +307,8 @@ def test_doctor_says_whether_the_smart_detector_can_run(model_file: Path, monkey
     missing = doctor.check_turn_detector()
     assert missing.status == doctor.WARN and "its model" in missing.detail
     assert "models download turn" in missing.fix
+
+
+def test_typed_turns_need_no_detector_whatever_the_setting(assistant: Assistant) -> None:
+    engine = ChatEngine(assistant, None, RecordingSink(sample_rate=OUT_RATE), config=EngineConfig(turn_end=SMART))
+    assert engine.core.segmenter is None  # built, not refused: a --text chat with turn_detector = smart set

@@ -142,7 +142,8 @@ class ConversationCore:
         self.assistant, self.output, self.worker, self.store = assistant, output, worker, store
         self.config = config or EngineConfig()
         self._judge = turn_judge if isinstance(turn_judge, JudgeThread) or turn_judge is None else JudgeThread(turn_judge)
-        _check_turn_end(self.config.turn_end, self._judge)
+        if hears_audio:  # typed turns only: no pause to judge
+            _check_turn_end(self.config.turn_end, self._judge)
         self.conversation = conversation if conversation is not None else assistant.new_conversation()
         self.listener = assistant.listener() if self.config.streaming and hears_audio else None
         self._classifier = classifier
@@ -327,7 +328,7 @@ class ConversationCore:
         in progress (a turn is cut by one VAD config); settings still waiting are merged, the newest winning."""
         from dataclasses import fields, replace
 
-        if settings.turn_end is not None:
+        if settings.turn_end is not None and self.segmenter is not None:
             _check_turn_end(settings.turn_end, self._judge)
         with self._input_lock:
             if settings.generation is not None:
