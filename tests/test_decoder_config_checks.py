@@ -51,6 +51,13 @@ def test_the_tiny_config_passes() -> None:
         ("vocab_size", "!!int 1.5", "bad int value '1.5'.*line 62"),
         ("vocab_size", "[1, [2, [3]]]", "vocab_size"),
         ("base_channels", "33", "base_channels"),
+        ("input_layer", "conv2d", r"unsupported config\.flow\.encoder\.input_layer: 'conv2d'"),
+        ("t_scheduler", "cubic", r"cfm_params\.t_scheduler: 'cubic'"),
+        ("use_cnn_module", "true", "use_cnn_module"),
+        ("nsf_alpha", "true", "nsf_alpha"),  # a flag is no number
+        ("vocab_size", "true", "vocab_size"),
+        ("n_blocks", "-1", "n_blocks"),
+        ("audio_limit", "0", "audio_limit"),
     ],
 )
 def test_a_bad_value_names_file_and_key(key: str, value: str, named: str) -> None:

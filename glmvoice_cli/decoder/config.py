@@ -3,20 +3,29 @@
 The published file names Python classes and calls with `!new:`, `!apply:`, `!name:` and `!ref`
 tags (hyperpyyaml instantiates them on load). We read it with a PyYAML SafeLoader taught those
 tags as plain data: nothing named in the file is imported or called. The hyperparameters of
-the flow model and the HiFT vocoder are then copied into frozen dataclasses; the unused `llm`
-section and the seed calls are ignored.
+the flow model and the HiFT vocoder are then read into frozen pydantic models, whose field types
+say what each value may be (an int above 0, a finite number, the one variant we implement) and
+where in the file it sits; the unused `llm` section and the seed calls are ignored.
 """
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import yaml
+from pydantic import (
+    AliasPath,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    model_validator,
+)
 
 from glmvoice_cli.errors import CheckpointError, ModelNotFoundError
 from glmvoice_cli.files import read_limited
@@ -174,79 +183,106 @@ def read_hyperpyyaml_as_data(path: Path) -> dict[str, Any]:
     return parse_hyperpyyaml(text, path)
 
 
-@dataclass(frozen=True)
-class EncoderConfig:
+def _not_a_flag(value: Any) -> Any:
+    if isinstance(value, bool):  # YAML's true/false is no size or rate
+        raise ValueError("a number, not true/false")  # noqa: TRY004 - pydantic reports ValueError, not TypeError
+    return value
+
+
+# The field types say what each value may be; pydantic checks them, ranges included, when the file is read.
+Size = Annotated[int, Field(strict=True, gt=0)]  # a width, a count, a rate: an int (never true/false) above 0
+Count = Annotated[int, Field(strict=True, ge=0)]
+Number = Annotated[float, BeforeValidator(_not_a_flag), Field(allow_inf_nan=False)]  # YAML 1.1 reads 1e-06 as text
+Sizes = Annotated[tuple[Size, ...], Field(min_length=1)]
+
+
+class _Schema(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+
+def _at(*path: str) -> Any:
+    """The field's value sits at this path inside its section of config.yaml."""
+    return Field(validation_alias=AliasPath(*path))
+
+
+class EncoderConfig(_Schema):
     """BlockConformerEncoder (rel-pos self-attention, pre-LN, no conv module, no macaron)."""
 
-    input_size: int  # token embedding width fed to the input Linear
-    output_size: int  # model width d
-    attention_heads: int
-    linear_units: int  # feed-forward hidden width
-    num_blocks: int  # number of conformer layers
-    block_size: int  # tokens per attention block (keys of the same block are visible)
+    input_size: Size  # token embedding width fed to the input Linear
+    output_size: Size  # model width d
+    attention_heads: Size
+    linear_units: Size  # feed-forward hidden width
+    num_blocks: Size  # number of conformer layers
+    block_size: Size  # tokens per attention block (keys of the same block are visible)
+    # the only variant the reference ships (and we implement): any other value is refused by name
+    input_layer: Literal["linear"] = "linear"
+    pos_enc_layer_type: Literal["rel_pos_espnet"] = "rel_pos_espnet"
+    selfattention_layer_type: Literal["block_rel_selfattn"] = "block_rel_selfattn"
+    use_cnn_module: Literal[False] = False
+    macaron_style: Literal[False] = False
+    normalize_before: Literal[True] = True
 
 
-@dataclass(frozen=True)
-class EstimatorConfig:
+class EstimatorConfig(_Schema):
     """The U-Net velocity estimator (Matcha-TTS `ConditionalDecoder`)."""
 
-    in_channels: int  # x + mu + spks + cond = 4 x 80
-    out_channels: int  # mel bins
-    channels: tuple[int, ...]  # widths of the down path
-    attention_head_dim: int
-    num_heads: int
-    n_blocks: int  # transformer blocks after each resnet
-    num_mid_blocks: int
+    in_channels: Size  # x + mu + spks + cond = 4 x 80
+    out_channels: Size  # mel bins
+    channels: Sizes  # widths of the down path
+    attention_head_dim: Size
+    num_heads: Size
+    n_blocks: Count  # transformer blocks after each resnet
+    num_mid_blocks: Count
+    act_fn: Literal["gelu"] = "gelu"
 
     @property
     def time_embed_dim(self) -> int:
         return self.channels[0] * 4
 
 
-@dataclass(frozen=True)
-class FlowConfig:
+class FlowConfig(_Schema):
     """MaskedDiffWithXvec: tokens -> mel via encoder, length regulator and conditional flow matching."""
 
-    vocab_size: int
-    input_size: int  # token embedding width
-    output_size: int  # mel bins
-    spk_embed_dim: int
-    input_frame_rate: float  # tokens per second
+    vocab_size: Size
+    input_size: Size  # token embedding width
+    output_size: Size  # mel bins
+    spk_embed_dim: Size
+    input_frame_rate: Annotated[Number, Field(gt=0)]  # tokens per second
     encoder: EncoderConfig
-    regulator_channels: int
-    regulator_sampling_ratios: tuple[int, ...]
-    cfm_in_channels: int
-    spk_emb_dim: int  # projected speaker width inside the CFM
-    inference_cfg_rate: float  # classifier-free guidance weight
-    t_scheduler: str  # "cosine" or "linear"
-    sigma_min: float  # training-only
-    estimator: EstimatorConfig
+    regulator_channels: Size = _at("length_regulator", "channels")
+    regulator_sampling_ratios: tuple[Size, ...] = _at("length_regulator", "sampling_ratios")
+    cfm_in_channels: Size = _at("decoder", "in_channels")
+    spk_emb_dim: Size = _at("decoder", "spk_emb_dim")  # projected speaker width inside the CFM
+    inference_cfg_rate: Annotated[Number, Field(ge=0)] = _at("decoder", "cfm_params", "inference_cfg_rate")
+    t_scheduler: Literal["cosine", "linear"] = Field("cosine", validation_alias=AliasPath(
+        "decoder", "cfm_params", "t_scheduler"))
+    sigma_min: Number = Field(1e-6, validation_alias=AliasPath("decoder", "cfm_params", "sigma_min"))  # training only
+    estimator: EstimatorConfig = _at("decoder", "estimator")
 
 
-@dataclass(frozen=True)
-class HiFTConfig:
+class HiFTConfig(_Schema):
     """HiFTGenerator: neural source filter + iSTFT vocoder, with its ConvRNN F0 predictor."""
 
-    in_channels: int
-    base_channels: int
-    nb_harmonics: int
-    sampling_rate: int
-    nsf_alpha: float  # sine amplitude
-    nsf_sigma: float  # noise std in voiced regions
-    nsf_voiced_threshold: float  # Hz
-    upsample_rates: tuple[int, ...]
-    upsample_kernel_sizes: tuple[int, ...]
-    n_fft: int
-    hop_len: int
-    resblock_kernel_sizes: tuple[int, ...]
-    resblock_dilation_sizes: tuple[tuple[int, ...], ...]
-    source_resblock_kernel_sizes: tuple[int, ...]
-    source_resblock_dilation_sizes: tuple[tuple[int, ...], ...]
-    lrelu_slope: float
-    audio_limit: float
-    f0_num_class: int
-    f0_in_channels: int
-    f0_cond_channels: int
+    in_channels: Size
+    base_channels: Size
+    nb_harmonics: Count
+    sampling_rate: Size
+    nsf_alpha: Number  # sine amplitude
+    nsf_sigma: Number  # noise std in voiced regions
+    nsf_voiced_threshold: Number  # Hz
+    upsample_rates: Sizes
+    upsample_kernel_sizes: Sizes
+    n_fft: Size = _at("istft_params", "n_fft")
+    hop_len: Size = _at("istft_params", "hop_len")
+    resblock_kernel_sizes: Sizes
+    resblock_dilation_sizes: Annotated[tuple[Sizes, ...], Field(min_length=1)]
+    source_resblock_kernel_sizes: Sizes
+    source_resblock_dilation_sizes: Annotated[tuple[Sizes, ...], Field(min_length=1)]
+    lrelu_slope: Number
+    audio_limit: Annotated[Number, Field(gt=0)]
+    f0_num_class: Size = _at("f0_predictor", "num_class")
+    f0_in_channels: Size = _at("f0_predictor", "in_channels")
+    f0_cond_channels: Size = _at("f0_predictor", "cond_channels")
 
     @property
     def samples_per_frame(self) -> int:
@@ -257,172 +293,59 @@ class HiFTConfig:
         return n
 
 
-@dataclass(frozen=True)
-class DecoderConfig:
+class DecoderConfig(_Schema):
     flow: FlowConfig
     hift: HiFTConfig
-    sample_rate: int  # output sample rate, Hz
+    sample_rate: Size  # output sample rate, Hz
+
+    @model_validator(mode="before")
+    @classmethod
+    def _vocoder_rate(cls, data: Any) -> Any:
+        """A file without `sample_rate` speaks at its vocoder's rate."""
+        if isinstance(data, dict) and "sample_rate" not in data and isinstance(data.get("hift"), dict):
+            return {**data, "sample_rate": data["hift"].get("sampling_rate")}
+        return data
 
 
-def _section(node: Any, path: str, where: Path) -> dict[str, Any]:
+def _plain(node: Any) -> Any:
+    """The parsed YAML as plain dicts and lists: a `!new:` node is its arguments (an omegaconf DictConfig's
+    values sit under `content:`)."""
     if isinstance(node, Tagged):
-        node = node.args
-    if not isinstance(node, dict):
-        raise CheckpointError(f"{where}: missing or malformed section {path}")
+        args = node.args
+        if node.target.endswith("DictConfig") and isinstance(args, dict) and "content" in args:
+            args = args["content"]
+        return _plain(args)
+    if isinstance(node, dict):
+        return {k: _plain(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_plain(v) for v in node]
     return node
 
 
-class _Reader:
-    """Typed access to one section, with one-line errors naming the file and the key."""
-
-    def __init__(self, node: Any, path: str, where: Path) -> None:
-        self.data, self.path, self.where = _section(node, path, where), path, where
-
-    def sub(self, key: str) -> _Reader:
-        return _Reader(self.data.get(key), f"{self.path}.{key}", self.where)
-
-    def get(self, key: str, kind: type, default: Any = ...) -> Any:
-        if key not in self.data:
-            if default is ...:
-                raise CheckpointError(f"{self.where}: missing key {self.path}.{key}")
-            return default
-        value = self.data[key]
-        converted = _convert(value, kind)
-        if converted is _BAD:
-            shown = repr(value) if len(repr(value)) <= 80 else repr(value)[:77] + "..."
-            raise CheckpointError(f"{self.where}: bad value for {self.path}.{key}: {shown}")
-        return converted
-
-
-_BAD = object()
-
-
-def _convert(value: Any, kind: type) -> Any:
-    """`value` as `kind` (int, float, str, bool, tuple of ints or of int tuples), or _BAD."""
-    if kind is int:
-        return value if isinstance(value, int) and not isinstance(value, bool) else _BAD
-    if kind is float:
-        if isinstance(value, bool) or not isinstance(value, int | float | str):
-            return _BAD
-        try:
-            number = float(value)  # YAML 1.1 reads `1e-06` as a string: float() converts it
-        except (ValueError, OverflowError):
-            return _BAD
-        return number if math.isfinite(number) else _BAD
-    if kind is bool:
-        return value if isinstance(value, bool) else _BAD
-    if kind is str:
-        return value if isinstance(value, str) else _BAD
-    if not isinstance(value, list) or not value:
-        return _BAD
-    items = [tuple(v) if isinstance(v, list) else v for v in value]
-    flat = [x for item in items for x in (item if isinstance(item, tuple) else (item,))]
-    if not all(isinstance(x, int) and not isinstance(x, bool) for x in flat):
-        return _BAD
-    return tuple(items)
-
-
-def _encoder_config(r: _Reader) -> EncoderConfig:
-    expected = {
-        "input_layer": "linear",
-        "pos_enc_layer_type": "rel_pos_espnet",
-        "selfattention_layer_type": "block_rel_selfattn",
-    }
-    for key, value in expected.items():
-        if r.get(key, str, value) != value:
-            raise CheckpointError(f"{r.where}: unsupported {r.path}.{key} (expected {value!r})")
-    if r.get("use_cnn_module", bool, False) or r.get("macaron_style", bool, False):
-        raise CheckpointError(f"{r.where}: unsupported {r.path}: conv module / macaron style")
-    if not r.get("normalize_before", bool, True):
-        raise CheckpointError(f"{r.where}: unsupported {r.path}.normalize_before: false")
-    return EncoderConfig(
-        input_size=r.get("input_size", int),
-        output_size=r.get("output_size", int),
-        attention_heads=r.get("attention_heads", int),
-        linear_units=r.get("linear_units", int),
-        num_blocks=r.get("num_blocks", int),
-        block_size=r.get("block_size", int),
-    )
-
-
-def _estimator_config(r: _Reader) -> EstimatorConfig:
-    act = r.get("act_fn", str, "gelu")
-    if act != "gelu":
-        raise CheckpointError(f"{r.where}: unsupported {r.path}.act_fn {act!r} (expected 'gelu')")
-    return EstimatorConfig(
-        in_channels=r.get("in_channels", int),
-        out_channels=r.get("out_channels", int),
-        channels=r.get("channels", tuple),
-        attention_head_dim=r.get("attention_head_dim", int),
-        num_heads=r.get("num_heads", int),
-        n_blocks=r.get("n_blocks", int),
-        num_mid_blocks=r.get("num_mid_blocks", int),
-    )
-
-
-def _flow_config(r: _Reader) -> FlowConfig:
-    reg, cfm = r.sub("length_regulator"), r.sub("decoder")
-    params = cfm.sub("cfm_params")
-    if "content" in params.data:  # `!new:omegaconf.DictConfig` wraps the values in `content:`
-        params = params.sub("content")
-    return FlowConfig(
-        vocab_size=r.get("vocab_size", int),
-        input_size=r.get("input_size", int),
-        output_size=r.get("output_size", int),
-        spk_embed_dim=r.get("spk_embed_dim", int),
-        input_frame_rate=r.get("input_frame_rate", float),
-        encoder=_encoder_config(r.sub("encoder")),
-        regulator_channels=reg.get("channels", int),
-        regulator_sampling_ratios=reg.get("sampling_ratios", tuple),
-        cfm_in_channels=cfm.get("in_channels", int),
-        spk_emb_dim=cfm.get("spk_emb_dim", int),
-        inference_cfg_rate=params.get("inference_cfg_rate", float),
-        t_scheduler=params.get("t_scheduler", str, "cosine"),
-        sigma_min=params.get("sigma_min", float, 1e-6),
-        estimator=_estimator_config(cfm.sub("estimator")),
-    )
-
-
-def _hift_config(r: _Reader) -> HiFTConfig:
-    istft, f0 = r.sub("istft_params"), r.sub("f0_predictor")
-    return HiFTConfig(
-        in_channels=r.get("in_channels", int),
-        base_channels=r.get("base_channels", int),
-        nb_harmonics=r.get("nb_harmonics", int),
-        sampling_rate=r.get("sampling_rate", int),
-        nsf_alpha=r.get("nsf_alpha", float),
-        nsf_sigma=r.get("nsf_sigma", float),
-        nsf_voiced_threshold=r.get("nsf_voiced_threshold", float),
-        upsample_rates=r.get("upsample_rates", tuple),
-        upsample_kernel_sizes=r.get("upsample_kernel_sizes", tuple),
-        n_fft=istft.get("n_fft", int),
-        hop_len=istft.get("hop_len", int),
-        resblock_kernel_sizes=r.get("resblock_kernel_sizes", tuple),
-        resblock_dilation_sizes=r.get("resblock_dilation_sizes", tuple),
-        source_resblock_kernel_sizes=r.get("source_resblock_kernel_sizes", tuple),
-        source_resblock_dilation_sizes=r.get("source_resblock_dilation_sizes", tuple),
-        lrelu_slope=r.get("lrelu_slope", float),
-        audio_limit=r.get("audio_limit", float),
-        f0_num_class=f0.get("num_class", int),
-        f0_in_channels=f0.get("in_channels", int),
-        f0_cond_channels=f0.get("cond_channels", int),
-    )
+def _one_line(error: ValidationError, where: Path) -> CheckpointError:
+    """The first problem, naming the file and the key."""
+    first = error.errors(include_url=False)[0]
+    key = ".".join(["config", *map(str, first["loc"])])
+    if first["type"] == "missing":
+        return CheckpointError(f"{where}: missing key {key}")
+    shown = repr(first["input"]) if len(repr(first["input"])) <= 80 else repr(first["input"])[:77] + "..."
+    verb = "unsupported" if first["type"] == "literal_error" else "bad value for"
+    return CheckpointError(f"{where}: {verb} {key}: {shown} ({first['msg'].lower()})")
 
 
 def decoder_config_from_data(data: dict[str, Any], where: Path = Path(CONFIG_FILE)) -> DecoderConfig:
     """Build the typed config from parsed YAML data (the `llm` section is ignored)."""
-    root = _Reader(data, "", where)
-    root.path = "config"
-    hift = _hift_config(root.sub("hift"))
-    flow = _flow_config(root.sub("flow"))
-    sample_rate = root.get("sample_rate", int, hift.sampling_rate)
-    return DecoderConfig(flow=flow, hift=hift, sample_rate=sample_rate)
+    try:
+        return DecoderConfig.model_validate(_plain(data))
+    except ValidationError as e:
+        raise _one_line(e, where) from None  # pydantic's own text is many lines
 
 
 def load_decoder_config(path: Path) -> DecoderConfig:
     """Read `config.yaml` (a file, or a decoder folder holding it) without instantiating anything.
 
-    Field types are checked here; ranges and sizes by `config_checks.check_decoder_config`.
+    Types and ranges are checked here; consistency between fields and sizes by
+    `config_checks.check_decoder_config`.
     """
     path = Path(path)
     if path.is_dir():
