@@ -182,10 +182,10 @@ def test_turn_end_settings_are_checked() -> None:
     for bad in ({"detector": "psychic"}, {"threshold": 0.0}, {"threshold": 1.5}, {"max_pause_ms": 0}):
         with pytest.raises(UsageError):
             TurnEndConfig(**bad)  # type: ignore[arg-type]
-    from glmvoice_cli.chat.core import _check_turn_end
+    from glmvoice_cli.chat.settings import check_turn_end
 
     with pytest.raises(UsageError, match="models download turn"):  # the core refuses smart without a detector
-        _check_turn_end(SMART, None)
+        check_turn_end(SMART, None)
 
 
 # ---------------------------------------------------------------------- the real model

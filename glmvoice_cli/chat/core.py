@@ -40,12 +40,11 @@ import logging
 import queue
 import threading
 import time
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from glmvoice_cli.audio.end_of_turn import JudgeThread, PauseRequest, TurnEndConfig, TurnEndPolicy, turn_vad
+from glmvoice_cli.audio.end_of_turn import JudgeThread, PauseRequest, TurnEndPolicy, turn_vad
 from glmvoice_cli.audio.vad import (
     Segmenter,
     SpeechDiscarded,
@@ -54,10 +53,10 @@ from glmvoice_cli.audio.vad import (
     SpeechStarted,
     TurnAudio,
     Utterance,
-    VadConfig,
 )
 from glmvoice_cli.chat.answer import KIND_IDLE, KIND_LISTEN, TurnRunner, engine_error, one_line
 from glmvoice_cli.chat.jobs import END, Heard, Job, Truncation
+from glmvoice_cli.chat.settings import EngineConfig, TurnSettings, check_turn_end
 from glmvoice_cli.chat.worker import READY, WAIT
 from glmvoice_cli.config import SPECULATIVE_PAUSE_MS
 from glmvoice_cli.errors import GlmVoiceError, LMServerError, UsageError
@@ -83,50 +82,16 @@ if TYPE_CHECKING:
     from glmvoice_cli.audio.end_of_turn import Judgement, TurnJudge
     from glmvoice_cli.audio.vad import FrameClassifier
     from glmvoice_cli.chat.worker import ModelWorker
-    from glmvoice_cli.pipeline import Conversation, GenerationOptions, NoiseSource
+    from glmvoice_cli.pipeline import Conversation, NoiseSource
     from glmvoice_cli.pipeline.assistant import Assistant
     from glmvoice_cli.sessions.store import SessionStore
 
 log = logging.getLogger(__name__)
-TURN_TRANSCRIPT_MAX_TOKENS = 100  # --transcribe-user: text tokens for one spoken turn, which is short
 POLL_S = 0.01  # lockstep waits
 LEVEL_EVERY_BLOCKS = 5  # pushed blocks between input-level updates (150 ms at 30 ms blocks)
 MS_PER_SECOND = 1000
 _IDS = itertools.count(1)
 
-
-
-@dataclass(frozen=True)
-class EngineConfig:
-    vad: VadConfig = field(default_factory=VadConfig)
-    generation: GenerationOptions | None = None  # None: the LM's defaults
-    lockstep: bool = False  # see the module docstring (needs a VirtualClock)
-    barge_in: bool = True  # False: the user's speech while the assistant answers waits its turn
-    transcribe_user: bool = False  # a text-only LM pass before each answer (costs latency) fills the user's text
-    transcribe_max_new_tokens: int = TURN_TRANSCRIPT_MAX_TOKENS
-    streaming: bool = True  # tokenize each completed block and prefill it while the user speaks
-    speculative_pause_ms: int | None = SPECULATIVE_PAUSE_MS  # start answering (unheard) at this pause
-    # how the end of a turn is decided: silence, or the smart detector at the pause (needs a `turn_judge`)
-    turn_end: TurnEndConfig = field(default_factory=TurnEndConfig)
-    # decoder blocks of all the worker's conversations decoded together (`chat.speech_batch`); False decodes
-    # each at once on its own
-    batch_speech: bool = True
-
-
-def _check_turn_end(config: TurnEndConfig, judge: JudgeThread | None) -> None:
-    if config.smart and judge is None:
-        raise UsageError("the smart turn detector needs its model (glmvoice models download turn)")
-
-
-@dataclass(frozen=True)
-class TurnSettings:
-    """What `update()` may change mid-conversation (None: keep the current value)."""
-
-    vad: VadConfig | None = None
-    barge_in: bool | None = None
-    speculative_pause_ms: int | None = None  # 0 turns speculation off
-    turn_end: TurnEndConfig | None = None
-    generation: GenerationOptions | None = None  # sampling and length of the next answers
 
 
 class ConversationCore:
@@ -143,7 +108,7 @@ class ConversationCore:
         self.config = config or EngineConfig()
         self._judge = turn_judge if isinstance(turn_judge, JudgeThread) or turn_judge is None else JudgeThread(turn_judge)
         if hears_audio:  # typed turns only: no pause to judge
-            _check_turn_end(self.config.turn_end, self._judge)
+            check_turn_end(self.config.turn_end, self._judge)
         self.conversation = conversation if conversation is not None else assistant.new_conversation()
         self.listener = assistant.listener() if self.config.streaming and hears_audio else None
         self._classifier = classifier
@@ -329,7 +294,7 @@ class ConversationCore:
         from dataclasses import fields, replace
 
         if settings.turn_end is not None and self.segmenter is not None:
-            _check_turn_end(settings.turn_end, self._judge)
+            check_turn_end(settings.turn_end, self._judge)
         with self._input_lock:
             if settings.generation is not None:
                 self.config = replace(self.config, generation=settings.generation)

@@ -20,7 +20,8 @@ from typing import TYPE_CHECKING
 from glmvoice_cli.audio.echo import NullEchoCanceller
 from glmvoice_cli.audio.playback import VirtualClock
 from glmvoice_cli.chat.answer import TurnReport, engine_error
-from glmvoice_cli.chat.core import TURN_TRANSCRIPT_MAX_TOKENS, ConversationCore, EngineConfig
+from glmvoice_cli.chat.core import ConversationCore
+from glmvoice_cli.chat.settings import TURN_TRANSCRIPT_MAX_TOKENS, EngineConfig
 from glmvoice_cli.chat.worker import ModelWorker
 from glmvoice_cli.errors import GlmVoiceError
 

@@ -167,8 +167,8 @@ def make_engine(assistant: Assistant, audio: LocalAudio, store: SessionStore, tu
                 turn_judge: TurnJudge | None = None) -> ChatEngine:
     """The chat engine over `audio`, continuing the history the store holds (`turn_judge`: the end-of-turn
     detector `--turn-detector smart` needs)."""
-    from glmvoice_cli.chat.core import TURN_TRANSCRIPT_MAX_TOKENS, EngineConfig
     from glmvoice_cli.chat.engine import ChatEngine
+    from glmvoice_cli.chat.settings import TURN_TRANSCRIPT_MAX_TOKENS, EngineConfig
     from glmvoice_cli.pipeline.history import restore_conversation
 
     config = EngineConfig(vad=turns.vad(), lockstep=audio.lockstep, barge_in=turns.barge_in,
