@@ -68,7 +68,7 @@ def _cache_targets(stage: hub.Stage) -> list[Path]:
 
 
 class _RichReporter:
-    """hub.DownloadReporter feeding one overall Rich bar over every file of every stage fetched: files
+    """progress.DownloadReporter feeding one overall Rich bar over every file of every stage fetched: files
     download in parallel, so one row per file (or per stage) would jump around; the total grows as
     each batch's sizes become known."""
 
