@@ -199,7 +199,7 @@ def test_chat_turn_taking_flags_come_from_env_and_config(tmp_path: Path, monkeyp
                                    "[chat]\nbarge_in = false\nmax_turn_s = 12.5\nmin_interruption_ms = 40\n"
                                    "end_of_turn_threshold = 0.7\n")
     env = {"END_SILENCE_MS": "450", "VAD_AGGRESSIVENESS": "1", "MIN_SPEECH_MS": "250", "STREAM_INPUT": "0",
-           "PRE_ROLL_MS": "60", "VAD": "silero"}  # the environment beats the file (pre_roll_ms)
+           "PRE_ROLL_MS": "60", "VAD": "silero", "VAD_THRESHOLD": "0.6"}  # the environment beats the file (pre_roll_ms)
     for name, value in env.items():
         monkeypatch.setenv(f"GLMVOICE_{name}", value)
     result = runner.invoke(app, ["chat", "--text", "--max-pause-ms", "900"])  # the flag beats the file
@@ -207,7 +207,7 @@ def test_chat_turn_taking_flags_come_from_env_and_config(tmp_path: Path, monkeyp
     assert seen[0] == turn_taking(
         aggressiveness=1, end_silence_ms=450, speculative_pause_ms=120, pre_roll_ms=60, min_speech_ms=250,
         max_turn_s=12.5, barge_in=False, min_interruption_ms=40, stream_input=False, vad_engine="silero",
-        turn_detector="smart", end_of_turn_threshold=0.7, max_pause_ms=900)
+        turn_detector="smart", end_of_turn_threshold=0.7, max_pause_ms=900, vad_threshold=0.6)
     hints = typing.get_type_hints(chat_command.chat, include_extras=True)
     own = [name for name, hint in hints.items() if getattr(getattr(hint, "__metadata__", [None])[0], "envvar", None)]
     assert own == []  # no option names its own variable: install_envvars gives every one the same way

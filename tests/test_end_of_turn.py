@@ -285,9 +285,11 @@ def test_the_chat_flags_map_to_the_vad_and_the_policy() -> None:
     from glmvoice_cli.chat.local import TurnTaking
 
     turns = TurnTaking(vad_engine="silero", min_interruption_ms=100, end_silence_ms=20, turn_detector="smart",
-                       end_of_turn_threshold=0.8, max_pause_ms=900)
+                       end_of_turn_threshold=0.8, max_pause_ms=900, vad_threshold=0.7)
     vad = turns.vad()
     assert (vad.engine, vad.frame_ms, vad.start_frames, vad.hangover_ms) == ("silero", 32, 4, 32)
+    assert (vad.threshold, vad.release) == (0.7, pytest.approx(0.55))
+    assert TurnTaking(vad_threshold=0.1).vad().release == pytest.approx(0.05)  # never below half the threshold
     assert turns.turn_end() == TurnEndConfig("smart", 0.8, 900)
     assert turn_vad(vad, turns.turn_end()).hangover_ms == 900 and turn_vad(vad, TurnEndConfig()) is vad
     assert TurnTaking().vad().frame_ms == 30 and TurnTaking().turn_end() == TurnEndConfig()

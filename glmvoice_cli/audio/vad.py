@@ -38,7 +38,13 @@ SILERO_FRAME_MS = 32  # Silero VAD reads windows of 512 samples at 16 kHz (256 a
 SILERO_RATES = (8_000, 16_000)  # Hz
 # Silero's own hysteresis: a frame starts speech at 0.5 and, once in a turn, stays speech down to 0.35
 DEFAULT_THRESHOLD = 0.5
-DEFAULT_RELEASE = 0.35
+HYSTERESIS = 0.15
+DEFAULT_RELEASE = DEFAULT_THRESHOLD - HYSTERESIS
+
+
+def release_for(threshold: float) -> float:
+    """Silero's rule: once speaking, a frame stays speech down to 0.15 below the start threshold."""
+    return max(threshold - HYSTERESIS, threshold / 2)
 INT16_SCALE = 32_767  # float [-1, 1] -> int16 full scale
 MS_PER_SECOND = 1_000
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from glmvoice_cli.audio.end_of_turn import TurnEndConfig
-from glmvoice_cli.audio.vad import VadConfig
+from glmvoice_cli.audio.vad import VadConfig, release_for
 from glmvoice_cli.config import SPECULATIVE_PAUSE_MS
 
 if TYPE_CHECKING:
@@ -53,10 +53,12 @@ class TurnTaking:
     turn_detector: str = _TURN_END.detector
     end_of_turn_threshold: float = _TURN_END.threshold
     max_pause_ms: int = _TURN_END.max_pause_ms
+    vad_threshold: float = _VAD.threshold
 
     def vad(self) -> VadConfig:
         frame_ms = VadConfig(engine=self.vad_engine).frame_ms
-        return VadConfig(engine=self.vad_engine, aggressiveness=self.aggressiveness,
+        return VadConfig(engine=self.vad_engine, aggressiveness=self.aggressiveness, threshold=self.vad_threshold,
+                         release=release_for(self.vad_threshold),
                          hangover_ms=max(self.end_silence_ms, frame_ms), pre_roll_ms=self.pre_roll_ms,
                          min_turn_ms=self.min_speech_ms, max_turn_s=self.max_turn_s,
                          start_frames=max(1, -(-self.min_interruption_ms // frame_ms)))

@@ -130,6 +130,9 @@ def chat(
     vad: Annotated[VadEngine, typer.Option(help=(
         "Voice detector: webrtc (webrtcvad) or silero (Silero VAD, a small net: steadier in noise)."), rich_help_panel="Turn-taking")] = (
         VadEngine.webrtc),
+    vad_threshold: Annotated[float, typer.Option(min=0.01, max=1.0, help=(
+        "Silero: the speech probability that starts speech (it ends 0.15 lower). Raise it in a noisy room."), rich_help_panel="Turn-taking")] = (
+        _VAD.threshold),
     turn_detector: Annotated[TurnDetector, typer.Option(help=(
         "How your turn's end is found: silence (--end-silence-ms), or smart: Smart Turn judges each pause and a "
         "finished turn ends at once, an unfinished one waits up to --max-pause-ms."), rich_help_panel="Turn-taking")] = (
@@ -180,7 +183,7 @@ def chat(
                 held.enter_context(lock_session(store.path))
             turns = TurnTaking(vad_aggressiveness, end_silence_ms, speculative_pause_ms, pre_roll_ms,
                                min_speech_ms, max_turn_s, barge_in, min_interruption_ms, stream_input,
-                               vad.value, turn_detector.value, end_of_turn_threshold, max_pause_ms)
+                               vad.value, turn_detector.value, end_of_turn_threshold, max_pause_ms, vad_threshold)
             generation = with_sampling(_generation(max_new_tokens, seed), temperature, top_p)
             engine = make_engine(assistant, io, store, turns, generation, transcribe_user, judge)
             io.start_clock()
