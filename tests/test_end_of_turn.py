@@ -151,6 +151,7 @@ def test_a_judgement_on_time_ends_the_turn_with_the_pauses_utterance() -> None:
     events = segmenter.push(np.concatenate([silence(0.5), burst(1.0), silence(0.2)]))
     paused = next(e for e in events if isinstance(e, SpeechPaused))
     assert policy.decide(policy.request(paused.utterance), 0.2) == (False, [])  # below the threshold
+    assert policy.decide(policy.request(paused.utterance), float("nan")) == (False, [])  # a broken model: wait
     ended, closing = policy.decide(policy.request(paused.utterance), 0.7)
     assert ended and len(closing) == 1 and isinstance(closing[0], Utterance)
     assert (closing[0].start_sample, closing[0].end_sample) == (paused.utterance.start_sample,

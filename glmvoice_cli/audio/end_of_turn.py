@@ -218,7 +218,7 @@ class TurnEndPolicy:
 
     def decide(self, request: PauseRequest, probability: float) -> tuple[bool, list[SegmentEvent]]:
         """(the turn ended, the segmenter's events that end it)."""
-        if probability < self.config.threshold or not self.still_paused(request):
+        if not probability >= self.config.threshold or not self.still_paused(request):  # NaN: not done
             return False, []
         return True, self.segmenter.end_turn()
 
