@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import threading
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ from glmvoice_cli.options import LoadOptions
 from glmvoice_cli.pipeline.assistant import Assistant
 from glmvoice_cli.sessions.store import SessionStore
 from glmvoice_cli.tiny.modelset import write_tiny_model_set
+from glmvoice_cli.ui.view import PlainView
 
 from . import test_turn_taking as turn_taking
 from .chat_helpers import OUT_RATE, RATE, burst, energy_vad, silence
@@ -85,6 +87,11 @@ def test_a_turn_judged_complete_ends_at_the_pause_and_plays_the_speculative_answ
     assert [r["role"] for r in lines(store)] == ["user", "assistant"]
     early = first_heard_s(sink)
     assert early < voice_end_s + 0.5  # the pause (120 ms) plus the answer's own time, not 1.5 s of silence
+    shown = io.StringIO()
+    view = PlainView(shown)
+    for event in events:
+        view.show(event)
+    assert "s of speech, judged finished at 0.90)" in shown.getvalue()  # the plain view says why it ended
 
     # silence alone waits the full 1.5 s; the same history either way
     plain, plain_sink, plain_store, _ = converse(assistant, user, tmp_path / "plain", TurnEndConfig(), None,
@@ -105,6 +112,12 @@ def test_a_turn_judged_unfinished_waits_and_nothing_of_the_dropped_answer_leaks(
     engine, _, store, events = converse(assistant, user, tmp_path / "smart", SMART, judge)
     judged = [e for e in events if isinstance(e, TurnJudged)]
     assert len(judged) == 2 and not any(e.ended for e in judged)
+    out = io.StringIO()
+    view = PlainView(out)
+    for event in events:
+        view.show(event)
+    shown = out.getvalue()
+    assert "s of speech)" in shown and "judged finished" not in shown  # the silence ended it
     assert engine.speculation.started == 2 and engine.speculation.dropped == 1
     assert engine.speculation.confirmed == 1  # the last pause's answer, once 1.5 s of silence ended the turn
     assert sum(isinstance(e, UserUtterance) for e in events) == 1

@@ -11,7 +11,7 @@ import queue
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, TextIO
 
-from glmvoice_cli.events import ContextTrimmed, Failed, TextDelta, TurnEnded, UserUtterance
+from glmvoice_cli.events import ContextTrimmed, Failed, TextDelta, TurnEnded, TurnJudged, UserUtterance
 from glmvoice_cli.ui.live_view import CONTEXT_FULL, CONTEXT_FULL_NOTE, context_trimmed_note, timings_text
 
 if TYPE_CHECKING:
@@ -41,6 +41,7 @@ class PlainView:
     def __init__(self, out: TextIO) -> None:
         self.out = out
         self._speaking = False  # an assistant line is open
+        self._judged: TurnJudged | None = None  # the detector ended the turn being shown next
 
     def run(self, events: queue.Queue[Any]) -> None:
         while True:
@@ -61,7 +62,11 @@ class PlainView:
             elif event.duration_s > 0:
                 where = f" [{event.audio_path}]" if event.audio_path else ""
                 said = f" {event.text}" if event.text else ""
-                self._write(f"you: ({event.duration_s:.2f} s of speech){where}{said}\n")
+                judged = f", judged finished at {self._judged.probability:.2f}" if self._judged else ""
+                self._write(f"you: ({event.duration_s:.2f} s of speech{judged}){where}{said}\n")
+            self._judged = None
+        elif isinstance(event, TurnJudged):
+            self._judged = event if event.ended else None
         elif isinstance(event, TextDelta):
             if not self._speaking:
                 self._write("assistant: ")
