@@ -330,17 +330,26 @@ def test_typed_turns_need_no_detector_whatever_the_setting(assistant: Assistant)
     assert engine.core.segmenter is None  # built, not refused: a --text chat with turn_detector = smart set
 
 
-def test_a_broken_model_turns_semantic_vad_off_in_one_warning(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                              caplog: pytest.LogCaptureFixture) -> None:
+def test_a_broken_model_turns_semantic_vad_off_in_one_warning(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                                                              ) -> None:
+    import logging
+
     from glmvoice_cli.commands.common import load_turn_judge
     from glmvoice_cli.models import settings
 
     bad = tmp_path / "smart-turn-v3.2-cpu.onnx"
     bad.write_bytes(b"\x00" * 64)
     monkeypatch.setattr(settings, "turn_model_path", lambda models=None: bad)
-    with caplog.at_level("WARNING", logger="glmvoice_cli"):
+    logger, records = logging.getLogger("glmvoice_cli"), []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = records.append  # type: ignore[method-assign]  # whatever a CLI test set up before us
+    monkeypatch.setattr(logger, "level", logging.WARNING)
+    logger.addHandler(handler)
+    try:
         assert load_turn_judge(required=False) is None  # serve goes on with server_vad
-    (record,) = caplog.records
+    finally:
+        logger.removeHandler(handler)
+    (record,) = records
     assert record.exc_info is None and "\n" not in record.getMessage()  # one line, no traceback
     assert record.getMessage().startswith(f"semantic_vad is off: {bad}: not a readable ONNX model")
     with pytest.raises(CheckpointError, match="not a readable ONNX model"):
