@@ -30,6 +30,7 @@ from glmvoice_cli.events import (
     StatusChanged,
     TextDelta,
     TurnEnded,
+    TurnJudged,
     TurnTimings,
     TypedQueued,
     UserTurnStarted,
@@ -87,6 +88,7 @@ class TurnView:
     context_full: bool = False  # the answer stopped at the model's context length
     failed: str | None = None  # the error that ended this turn
     timings: TurnTimings | None = None
+    judged: float | None = None  # user: the detector ended the turn at this probability of "finished"
 
 
 @dataclass
@@ -128,6 +130,10 @@ class TranscriptState:
                 turn.interrupted = True
         elif isinstance(event, TurnEnded):
             self._apply_turn_end(event)
+        elif isinstance(event, TurnJudged):
+            turn = self._open("user")
+            if turn is not None:
+                turn.judged = event.probability if event.ended else None
         elif isinstance(event, ContextTrimmed):
             self.notice = context_trimmed_note(event)
         elif isinstance(event, Failed):
@@ -271,7 +277,8 @@ def _user_line(turn: TurnView) -> Text:
     if turn.typed:
         line.append("(typed) ", style="dim")
     else:
-        line.append(f"({turn.duration_s or 0.0:.1f} s) ", style="dim")
+        judged = f", judged finished at {turn.judged:.2f}" if turn.judged is not None else ""
+        line.append(f"({turn.duration_s or 0.0:.1f} s{judged}) ", style="dim")
     line.append(turn.text if turn.text else "[speech]", style="" if turn.text else "dim")
     return line
 
