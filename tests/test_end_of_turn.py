@@ -97,8 +97,8 @@ def test_a_turn_judged_complete_ends_at_the_pause_and_plays_the_speculative_answ
     state = TranscriptState()
     for event in events:
         state.apply(event)
-    (user,) = [t for t in state.turns if t.role == "user"]
-    assert "judged finished at 0.90" in _user_line(user).plain  # and so does the live view
+    (user_turn,) = [t for t in state.turns if t.role == "user"]
+    assert "judged finished at 0.90" in _user_line(user_turn).plain  # and so does the live view
 
     # silence alone waits the full 1.5 s; the same history either way
     plain, plain_sink, plain_store, _ = converse(assistant, user, tmp_path / "plain", TurnEndConfig(), None,
