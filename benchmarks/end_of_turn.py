@@ -25,6 +25,7 @@ import json
 import platform
 import statistics
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -34,8 +35,16 @@ sys.path.insert(0, str(Path(__file__).parent / "turns"))
 
 from results_io import emit
 
-from glmvoice_cli.audio.end_of_turn import TurnEndConfig, TurnEndPolicy, judge, turn_vad
-from glmvoice_cli.audio.vad import Segmenter, SpeechPaused, Utterance, VadConfig
+from glmvoice_cli.audio.end_of_turn import (
+    Decision,
+    Judgement,
+    TurnEndConfig,
+    TurnJudge,
+    judge,
+    judge_offline,
+    turn_vad,
+)
+from glmvoice_cli.audio.vad import Segmenter, SegmentEvent, Utterance, VadConfig
 from glmvoice_cli.config import SPECULATIVE_PAUSE_MS
 
 SILENCES_MS = (400, 700, 1000)
@@ -57,40 +66,42 @@ def load_set(folder: Path) -> list[dict]:
 
 
 class CachedJudge:
-    """The detector, each (item, pause position) decided once; the measured seconds kept with it."""
+    """The detector, each pause of each item decided once (the thresholds share the decisions), the measured
+    times kept with it. A pause is known by its item and the length of the turn heard up to it."""
 
-    def __init__(self, detector: object) -> None:
+    def __init__(self, detector: TurnJudge) -> None:
         self.detector = detector
-        self.seen: dict[tuple[str, int], tuple[float, float]] = {}
-        self.cpu: list[float] = []
+        self.item = ""  # the item being pushed
+        self.seen: dict[tuple[str, int], Judgement] = {}
 
-    def __call__(self, key: tuple[str, int], samples: np.ndarray) -> tuple[float, float]:
+    def __call__(self, samples: np.ndarray) -> Judgement:
+        key = (self.item, len(samples))
         if key not in self.seen:
-            j = judge(self.detector, samples)  # type: ignore[arg-type]
-            self.seen[key] = (j.probability, j.seconds)
-            self.cpu.append(j.cpu_seconds)
+            self.seen[key] = judge(self.detector, samples)
         return self.seen[key]
+
+
+def first_turn(item: dict, vad: VadConfig, turn_end: TurnEndConfig, detector: CachedJudge | None
+               ) -> Iterator[tuple[int, SegmentEvent | Decision]]:
+    """The chat's segmenter and policy over the item, up to the end of its first turn."""
+    smart = turn_end.smart and detector is not None
+    segmenter = Segmenter(turn_vad(vad, turn_end), pause_ms=SPECULATIVE_PAUSE_MS if smart else None)
+    if detector is not None:
+        detector.item = item["file"]
+    for at, event in judge_offline(segmenter, turn_end, detector if smart else None, item["audio"]):
+        yield at, event
+        if (isinstance(event, Decision) and event.ended) or (isinstance(event, Utterance) and not event.truncated):
+            return
 
 
 def first_turn_end(item: dict, vad: VadConfig, turn_end: TurnEndConfig, detector: CachedJudge | None
                    ) -> tuple[int | None, float, bool]:
     """(input sample at which the first turn ended or None, the deciding detector's seconds, ended by it)."""
-    smart = turn_end.smart and detector is not None
-    segmenter = Segmenter(turn_vad(vad, turn_end), pause_ms=SPECULATIVE_PAUSE_MS if smart else None)
-    policy = TurnEndPolicy(segmenter, turn_end)
-    audio, n = item["audio"], segmenter.config.frame_samples
-    for start in range(0, len(audio) - n + 1, n):
-        events = segmenter.push(audio[start : start + n])
-        for event in events:
-            if isinstance(event, Utterance) and not event.truncated:
-                return segmenter.state.position, 0.0, False
-            if smart and isinstance(event, SpeechPaused):
-                assert detector is not None
-                request = policy.request(event.utterance)
-                probability, seconds = detector((item["file"], request.at_sample), request.samples)
-                ended, _ = policy.decide(request, probability)
-                if ended:
-                    return request.at_sample, seconds, True
+    for at, event in first_turn(item, vad, turn_end, detector):
+        if isinstance(event, Decision) and event.ended:
+            return at, event.judgement.seconds, True
+        if isinstance(event, Utterance) and not event.truncated:
+            return at, 0.0, False
     return None, 0.0, False
 
 
@@ -136,17 +147,17 @@ def score(items: list[dict], vad: VadConfig, turn_end: TurnEndConfig, detector: 
 def separation(items: list[dict], vad: VadConfig, detector: CachedJudge) -> dict:
     """How well the probability alone tells the two kinds of pause apart: the first decision after a complete
     item's last word against the first one inside an incomplete item's pause (AUC 0.5: chance, 1: perfect)."""
-    never_ends = TurnEndConfig("smart", 1.0, TurnEndConfig().max_pause_ms)  # every pause of every item judged
+    never_ends = TurnEndConfig("smart", 1.0, TurnEndConfig().max_pause_ms)  # every pause of the turn judged
     complete, incomplete = [], []
     for item in items:
-        first_turn_end(item, vad, never_ends, detector)
-        at = sorted(k for f, k in detector.seen if f == item["file"])
+        judged = [(e.request.at_sample, e.judgement.probability)
+                  for _, e in first_turn(item, vad, never_ends, detector) if isinstance(e, Decision)]
         if item["label"] == "complete":
-            found = [k for k in at if k >= item["voice_end"]]
-            complete.extend(detector.seen[(item["file"], found[0])][:1] if found else [])
+            found = [p for at, p in judged if at >= item["voice_end"]]
+            complete.extend(found[:1])
         else:
-            found = [k for k in at if item["voice_end"] <= k < item["resumes_at"]]
-            incomplete.extend(detector.seen[(item["file"], found[0])][:1] if found else [])
+            found = [p for at, p in judged if item["voice_end"] <= at < item["resumes_at"]]
+            incomplete.extend(found[:1])
     c, i = np.array(complete)[:, None], np.array(incomplete)[None, :]
     auc = float(np.mean((c > i) + 0.5 * (c == i))) if c.size and i.size else None
     return {"auc": None if auc is None else round(auc, 3),
@@ -185,14 +196,14 @@ def main() -> None:
         config = TurnEndConfig("smart", threshold, args.max_pause_ms)
         policies[f"smart {threshold}"] = score(items, vad, config, detector)
     sep = separation(items, vad, detector)
-    seconds = [s for _, s in detector.seen.values()]
+    seconds = [j.seconds for j in detector.seen.values()]
     emit({
         "benchmark": "end_of_turn", "machine": platform.processor() or platform.machine(), "vad": args.vad,
         "items": len(items), "model": model.name, "speculative_pause_ms": SPECULATIVE_PAUSE_MS,
         "max_pause_ms": args.max_pause_ms,
         "detector_ms_per_decision": {"median": round(statistics.median(seconds) * MS, 1),
                                      "p90": round(float(np.percentile(seconds, 90)) * MS, 1),
-                                     "cpu_median": round(statistics.median(detector.cpu) * MS, 1),
+                                     "cpu_median": round(statistics.median(j.cpu_seconds for j in detector.seen.values()) * MS, 1),
                                      "decisions": len(seconds), "threads": 1},
         "separation": sep,
         "policies": policies,

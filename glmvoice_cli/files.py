@@ -18,6 +18,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from glmvoice_cli.threads import after
+
 TEMP_SUFFIX = ".partial"  # ".out.wav.1a2b3c4d.partial": hidden, and plainly not the finished file
 TEMP_RANDOM_BYTES = 4  # two writers of the same target never share a temporary file
 NEW_FILE_MODE = 0o666  # before the umask, as open() would create it
@@ -106,7 +108,6 @@ def waiting_note(path: str | Path) -> Iterator[None]:
     """Around a read of `path`: a named pipe with no writer blocks without a word, so if the read has not
     finished after a moment, say on stderr what is being waited for. Regular files say nothing."""
     import sys
-    import threading
 
     try:
         fifo = stat.S_ISFIFO(os.stat(path).st_mode)
@@ -120,10 +121,5 @@ def waiting_note(path: str | Path) -> Iterator[None]:
         print(f"waiting for something to write into the named pipe {path} (Ctrl-C to stop)", file=sys.stderr,
               flush=True)
 
-    timer = threading.Timer(FIFO_NOTE_AFTER_S, say)
-    timer.daemon = True
-    timer.start()
-    try:
+    with after(FIFO_NOTE_AFTER_S, say):
         yield
-    finally:
-        timer.cancel()

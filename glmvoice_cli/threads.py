@@ -9,9 +9,10 @@ them and a run gets several times slower (a seeded `tts` took 6.7-63.6 s with th
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -70,3 +71,15 @@ def on_passing_thread(fn: Callable[[], T], name: str = "glmvoice-load") -> T:
     if failure:
         raise failure[0]
     return result[0]
+
+
+@contextlib.contextmanager
+def after(seconds: float, action: Callable[[], None]) -> Iterator[None]:
+    """Run `action` on a timer thread if the block is still running after `seconds` (a deadline, a note)."""
+    timer = threading.Timer(seconds, action)
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()

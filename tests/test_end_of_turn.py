@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import io
 import threading
 from pathlib import Path
@@ -11,13 +12,15 @@ import numpy as np
 import pytest
 
 from glmvoice_cli.audio.end_of_turn import (
+    Decision,
     Judgement,
     JudgeThread,
     SmartTurn,
     TurnEndConfig,
     TurnEndPolicy,
     TurnJudge,
-    segment_with_judge,
+    judge,
+    judge_offline,
     smart_turn_features,
     turn_vad,
 )
@@ -177,7 +180,7 @@ def test_a_judgement_on_time_ends_the_turn_with_the_pauses_utterance() -> None:
     assert (closing[0].start_sample, closing[0].end_sample) == (paused.utterance.start_sample,
                                                                 paused.utterance.end_sample)
     np.testing.assert_array_equal(closing[0].samples, paused.utterance.samples)
-    assert not segmenter.in_turn and segmenter.end_turn() == []
+    assert not segmenter.in_turn and segmenter.end_turn(paused.utterance.start_sample, paused.utterance.end_sample) == []
 
 
 def test_the_judge_thread_answers_off_the_callers_thread() -> None:
@@ -259,7 +262,10 @@ def test_the_model_judges_every_pause_of_a_turn_offline(model_file: Path) -> Non
     detector = SmartTurn(model_file)
     user = np.concatenate([silence(0.5), speechlike(1.5, 4), silence(0.4), speechlike(1.0, 5), silence(2.0)])
     segmenter = Segmenter(turn_vad(VAD, SMART), energy_vad, pause_ms=PAUSE_MS)
-    events, decisions = segment_with_judge(segmenter, SMART, detector, user)
+    pushed = list(judge_offline(segmenter, SMART, functools.partial(judge, detector), user))
+    events = [e for _, e in pushed if not isinstance(e, Decision)]
+    decisions = [(e.request, e.judgement) for _, e in pushed if isinstance(e, Decision)]
+    assert [at for at, _ in pushed] == sorted(at for at, _ in pushed)  # in input order
     assert decisions and all(0.0 <= j.probability <= 1.0 and j.seconds > 0 for _, j in decisions)
     assert [r.at_sample for r, _ in decisions] == sorted(r.at_sample for r, _ in decisions)
     assert any(isinstance(e, Utterance) for e in events)

@@ -28,7 +28,7 @@ from glmvoice_cli.config import SAMPLE_RATE_IN
 from glmvoice_cli.errors import CheckpointError, GlmVoiceError, UsageError
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Iterator
 
 SMART_TURN_FILE = "smart-turn-v3.2-cpu.onnx"  # the int8 CPU export: 8.7 MB, as fast as the fp32 one on a CPU
 SMART_TURN_SECONDS = 8  # the model reads the last 8 s of the turn
@@ -174,12 +174,15 @@ class JudgeThread:
             executor = self._executor
         executor.submit(self._run, samples, done)
 
-    def _run(self, samples: np.ndarray, done: Callable[[Judgement | Exception], None]) -> None:
+    def decide(self, samples: np.ndarray) -> Judgement | Exception:
+        """One decision here and now (a virtual clock's reproducible runs, and this thread's work)."""
         try:
-            result: Judgement | Exception = judge(self.detector, samples)
+            return judge(self.detector, samples)
         except Exception as e:  # noqa: BLE001 - handed to the caller, who ends the turn on silence instead
-            result = e
-        done(result)
+            return e
+
+    def _run(self, samples: np.ndarray, done: Callable[[Judgement | Exception], None]) -> None:
+        done(self.decide(samples))
 
 
 @dataclass(frozen=True)
@@ -210,37 +213,43 @@ class TurnEndPolicy:
 
     def still_paused(self, request: PauseRequest) -> bool:
         """No speech since the pause was judged, in the same turn."""
-        sg = self.segmenter
-        post_roll = sg.config.samples(sg.config.post_roll_ms)
-        st = sg.state
-        return (st.in_turn and st.paused and st.turn_start == request.turn_start
-                and min(st.position, st.last_voiced_end + post_roll) == request.end_sample)
+        return self.segmenter.paused_turn() == (request.turn_start, request.end_sample)
 
     def decide(self, request: PauseRequest, probability: float) -> tuple[bool, list[SegmentEvent]]:
         """(the turn ended, the segmenter's events that end it)."""
-        if not probability >= self.config.threshold or not self.still_paused(request):  # NaN: not done
+        if not probability >= self.config.threshold:  # NaN too: a broken model leaves the turn to the silence
             return False, []
-        return True, self.segmenter.end_turn()
+        events = self.segmenter.end_turn(request.turn_start, request.end_sample)
+        return bool(events), events
 
 
-def segment_with_judge(segmenter: Segmenter, config: TurnEndConfig, detector: TurnJudge | None,
-                       samples: np.ndarray) -> tuple[list[SegmentEvent], list[tuple[PauseRequest, Judgement]]]:
-    """Offline: push `samples` and judge every pause at once (the benchmark and tests): the segmenter's events
-    with the early ends in place, and each decision. `detector` None: silence only."""
+@dataclass(frozen=True)
+class Decision:
+    """One pause judged offline, and whether it ended the turn."""
+
+    request: PauseRequest
+    judgement: Judgement
+    ended: bool
+
+
+def judge_offline(segmenter: Segmenter, config: TurnEndConfig, judging: Callable[[np.ndarray], Judgement] | None,
+                  samples: np.ndarray) -> Iterator[tuple[int, SegmentEvent | Decision]]:
+    """Offline (benchmarks, tests): push `samples` frame by frame as a microphone would and judge each pause at
+    once with `judging` (e.g. `functools.partial(judge, detector)`; None: silence only). Yields (the input
+    position when it happened, the segmenter's event or the Decision), the early ends in place. The turn still
+    open at the end is left open (call `segmenter.finish()` for it)."""
     policy = TurnEndPolicy(segmenter, config)
-    events: list[SegmentEvent] = []
-    decisions: list[tuple[PauseRequest, Judgement]] = []
     frame = segmenter.config.frame_samples
-    for start in range(0, len(samples), frame):
+    for start in range(0, len(samples) - frame + 1, frame):
         for event in segmenter.push(samples[start : start + frame]):
-            events.append(event)
-            if isinstance(event, SpeechPaused) and detector is not None and config.smart:
+            yield segmenter.state.position, event
+            if isinstance(event, SpeechPaused) and judging is not None and config.smart:
                 request = policy.request(event.utterance)
-                judgement = judge(detector, request.samples)
-                decisions.append((request, judgement))
-                events.extend(policy.decide(request, judgement.probability)[1])
-    events.extend(segmenter.finish())
-    return events, decisions
+                judgement = judging(request.samples)
+                ended, closing = policy.decide(request, judgement.probability)
+                yield request.at_sample, Decision(request, judgement, ended)
+                for closed in closing:
+                    yield segmenter.state.position, closed
 
 
 def turn_vad(vad: VadConfig, config: TurnEndConfig) -> VadConfig:

@@ -226,11 +226,15 @@ class Segmenter:
             return []
         return [self._close_turn(truncated=False)]
 
-    def end_turn(self) -> list[SegmentEvent]:
-        """End a paused turn now (the end-of-turn detector judged it complete): its Utterance is the one its
-        SpeechPaused carried. Nothing if no turn is paused (speech resumed, or the turn already ended)."""
+    def paused_turn(self) -> tuple[int, int] | None:
+        """(start, end sample) of the turn's Utterance while it is paused (no speech since its SpeechPaused)."""
         st = self.state
-        if not (st.in_turn and st.paused):
+        return (st.turn_start, self._end_now()) if st.in_turn and st.paused else None
+
+    def end_turn(self, turn_start: int, end_sample: int) -> list[SegmentEvent]:
+        """End the paused turn whose SpeechPaused carried this utterance (the end-of-turn detector judged it
+        complete): its Utterance is that one. Nothing if that pause is over (speech resumed, or the turn ended)."""
+        if self.paused_turn() != (turn_start, end_sample):
             return []
         return [self._close_turn(truncated=False)]
 
@@ -273,9 +277,14 @@ class Segmenter:
         speech = st.last_voiced_end - st.onset
         if (speech <= 0) if st.continued else (speech < cfg.samples(cfg.min_turn_ms)):
             return None
-        end = max(min(st.position, st.last_voiced_end + cfg.samples(cfg.post_roll_ms)), st.turn_start)
+        end = self._end_now()
         audio = np.concatenate(st.turn) if st.turn else np.zeros(0, dtype=np.float32)
         return Utterance(audio[: end - st.turn_start], st.turn_start, end, False, cfg.sample_rate)
+
+    def _end_now(self) -> int:
+        """Where the turn's Utterance would end if the turn ended now: the post-roll after its last voice."""
+        st = self.state
+        return max(min(st.position, st.last_voiced_end + self.config.samples(self.config.post_roll_ms)), st.turn_start)
 
     def _idle_frame(self, frame: np.ndarray, frame_start: int, voiced: bool) -> list[SegmentEvent]:
         st, cfg = self.state, self.config
@@ -299,12 +308,8 @@ class Segmenter:
         """Cut the current turn; a truncated one continues at once in a new turn."""
         st, cfg = self.state, self.config
         audio = np.concatenate(st.turn) if st.turn else np.zeros(0, dtype=np.float32)
-        if truncated:
-            end = st.position
-        else:
-            end = min(st.position, st.last_voiced_end + cfg.samples(cfg.post_roll_ms))
+        end = st.position if truncated else self._end_now()
         start, speech = st.turn_start, st.last_voiced_end - st.onset
-        end = max(end, start)
         samples = audio[: end - start]
         if truncated:
             st.turn, st.turn_start, st.onset, st.silent_run, st.continued = [], end, end, 0, True

@@ -408,15 +408,10 @@ class ConversationCore:
     def _judge_pause(self, utterance: Utterance) -> None:
         """Ask the detector whether the turn is complete: at once on a virtual clock (reproducible), else on
         the judge thread while the input goes on; a complete turn ends at the pause (`_judged`)."""
-        from glmvoice_cli.audio.end_of_turn import judge
-
-        assert self._judge is not None  # _check_turn_end: smart needs a judge
+        assert self._judge is not None  # check_turn_end: smart needs a judge
         request, policy = self._policy.request(utterance), self._policy
         if self.config.lockstep:
-            try:
-                self._judged(policy, request, judge(self._judge.detector, request.samples))
-            except Exception as e:  # noqa: BLE001 - the detector failed: the turn ends on silence instead
-                self._judged(policy, request, e)
+            self._judged(policy, request, self._judge.decide(request.samples))
             return
 
         def done(result: Judgement | Exception) -> None:

@@ -30,6 +30,7 @@ import httpx2
 
 from glmvoice_cli.errors import LMServerError, UsageError
 from glmvoice_cli.files import loads_json
+from glmvoice_cli.threads import after
 
 DEFAULT_CONNECT_TIMEOUT_S = 5.0
 DEFAULT_READ_TIMEOUT_S = 60.0  # longest wait for the headers or the next token (a long prefill included)
@@ -99,13 +100,8 @@ class _Socket:
             self.late.set()
             self.shut()
 
-        timer = threading.Timer(seconds, expire)
-        timer.daemon = True
-        timer.start()
-        try:
+        with after(seconds, expire):
             yield
-        finally:
-            timer.cancel()
 
 
 class HttpClient:
