@@ -56,6 +56,16 @@ def test_download_all_then_list(fake_hub: FakeHub) -> None:
         assert row["size_bytes"] > 0
     table = runner.invoke(models_app, ["list"])
     assert table.exit_code == 0 and table.stdout.count("complete") == 3 and "hint" not in table.stdout
+    bundled = settings.turn_model_path()  # pipecat-ai (the dev extra) bundles the detector's model
+    assert bundled is not None and "pipecat" in str(bundled)
+    note = f"note: turn: not in the cache; chat and serve use the copy installed with pipecat-ai: {bundled}"
+    assert note in table.stdout
+
+
+def test_a_downloaded_turn_detector_needs_no_note(fake_hub: FakeHub) -> None:
+    assert runner.invoke(models_app, ["download", "turn", "--quiet"]).exit_code == 0
+    table = runner.invoke(models_app, ["list"])
+    assert table.exit_code == 0 and "note:" not in table.stdout
 
 
 def test_download_the_turn_detector_and_find_it_first(fake_hub: FakeHub, tmp_path: Path) -> None:

@@ -135,8 +135,8 @@ def test_resolve_models_with_a_models_folder(tmp_path: Path) -> None:
     root = tmp_path / "M"
     for stage in hub.STAGES.values():
         _complete(root / stage.name, stage)
-    paths = settings.resolve_model_paths(models=root)
-    assert paths == settings.ModelPaths(root / "tokenizer", root / "lm", root / "decoder")
+    paths = settings.resolve_models(models=root)
+    assert paths == {"tokenizer": root / "tokenizer", "lm": root / "lm", "decoder": root / "decoder"}
     other_lm = _complete(tmp_path / "other_lm", hub.LM)
     assert settings.resolve_models(models=root, lm=other_lm, stages=("lm",)) == {"lm": other_lm}
 

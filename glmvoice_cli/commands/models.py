@@ -268,6 +268,10 @@ def list_models(
     for line in hub.describe_missing(status for _, status in found
                                      if status.stage.name in hub.STAGES or status.state == "incomplete"):
         typer.echo(f"hint: {line}")
+    turn = next(status for _, status in found if status.stage.name == hub.TURN.name)
+    bundled = None if turn.complete or root is not None else settings.turn_model_path()
+    if bundled is not None:  # the detector runs from pipecat-ai's copy: "absent" alone would send people to download
+        typer.echo(f"note: turn: not in the cache; chat and serve use the copy installed with pipecat-ai: {bundled}")
     lm_where, lm_status = next(item for item in found if item[1].stage.name == hub.LM.name)
     if not lm_status.complete and hub.inspect_stage(hub.LM_WITHOUT_WEIGHTS, lm_where.path).complete:
         typer.echo("hint: lm: its config and tokenizer are here, enough for --lm-url (the LM on a server)")

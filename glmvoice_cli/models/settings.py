@@ -231,15 +231,6 @@ def turn_model_path(models: str | Path | None = None) -> Path | None:
     return None
 
 
-@dataclass(frozen=True)
-class ModelPaths:
-    """The three folders a full pipeline loads."""
-
-    tokenizer: Path
-    lm: Path
-    decoder: Path
-
-
 def resolve_models(
     *,
     models: str | Path | None = None,
@@ -256,14 +247,3 @@ def resolve_models(
     overrides = {"tokenizer": tokenizer, "lm": lm, "decoder": decoder}
     return {s: resolve_model_dir(s, models=models, override=overrides[s]) for s in stages}
 
-
-def resolve_model_paths(
-    *,
-    models: str | Path | None = None,
-    tokenizer: str | Path | None = None,
-    lm: str | Path | None = None,
-    decoder: str | Path | None = None,
-) -> ModelPaths:
-    """All three checked folders as a ModelPaths."""
-    found = resolve_models(models=models, tokenizer=tokenizer, lm=lm, decoder=decoder)
-    return ModelPaths(found["tokenizer"], found["lm"], found["decoder"])
