@@ -40,13 +40,13 @@ SILERO_RATES = (8_000, 16_000)  # Hz
 DEFAULT_THRESHOLD = 0.5
 HYSTERESIS = 0.15
 DEFAULT_RELEASE = DEFAULT_THRESHOLD - HYSTERESIS
+INT16_SCALE = 32_767  # float [-1, 1] -> int16 full scale
+MS_PER_SECOND = 1_000
 
 
 def release_for(threshold: float) -> float:
     """Silero's rule: once speaking, a frame stays speech down to 0.15 below the start threshold."""
     return max(threshold - HYSTERESIS, threshold / 2)
-INT16_SCALE = 32_767  # float [-1, 1] -> int16 full scale
-MS_PER_SECOND = 1_000
 
 
 @dataclass(frozen=True)
@@ -307,20 +307,17 @@ class Segmenter:
     def _close_turn(self, truncated: bool) -> SegmentEvent:
         """Cut the current turn; a truncated one continues at once in a new turn."""
         st, cfg = self.state, self.config
-        audio = np.concatenate(st.turn) if st.turn else np.zeros(0, dtype=np.float32)
-        end = st.position if truncated else self._end_now()
-        start, speech = st.turn_start, st.last_voiced_end - st.onset
-        samples = audio[: end - start]
+        start = st.turn_start
         if truncated:
+            end = st.position
+            samples = np.concatenate(st.turn)[: end - start] if st.turn else np.zeros(0, dtype=np.float32)
             st.turn, st.turn_start, st.onset, st.silent_run, st.continued = [], end, end, 0, True
             st.paused = False
             return Utterance(samples, start, end, True, cfg.sample_rate)
         # the tail of a cut turn is kept however short, unless it holds no speech at all
-        short = speech <= 0 if st.continued else speech < cfg.samples(cfg.min_turn_ms)
+        utterance, end = self._utterance_so_far(), self._end_now()
         st.in_turn, st.turn, st.silent_run, st.continued, st.paused = False, [], 0, False, False
-        if short:
-            return SpeechDiscarded(start, end)
-        return Utterance(samples, start, end, False, cfg.sample_rate)
+        return utterance if utterance is not None else SpeechDiscarded(start, end)
 
 
 def make_classifier(config: VadConfig) -> FrameClassifier:
