@@ -179,22 +179,30 @@ def _long_prompt(local: VoiceLM) -> TextInput:
 def test_a_cancelled_turn_stops_generating_on_the_server(remote: RemoteVoiceLM, local: VoiceLM,
                                                          vllm_url: str) -> None:
     user = _long_prompt(local)
-    before = _metric(vllm_url, "vllm:generation_tokens_total")
-    cancel, events = threading.Event(), []
     options = GenerationOptions(temperature=0.0, max_new_tokens=LONG_ANSWER)
-    for event in remote.stream(remote.new_conversation(), user, options, cancel):
-        events.append(event)
-        if len(events) == 5:
-            cancel.set()
-    assert events[-1] == TurnEnd(StopReason.CANCELLED, 5)
-    deadline = time.monotonic() + 30
-    while _metric(vllm_url, "vllm:num_requests_running") > 0 and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert _metric(vllm_url, "vllm:num_requests_running") == 0
-    settled = _metric(vllm_url, "vllm:generation_tokens_total") - before
-    time.sleep(1.0)
-    after = _metric(vllm_url, "vllm:generation_tokens_total") - before
-    assert after == settled < LONG_ANSWER // 2  # the server stopped, far short of the full answer
+    counts = []
+    # The prompt's whole answer is LONG_ANSWER tokens, so an answer the server cut short can only be the cancel's
+    # doing. A client starved of CPU for the answer's whole length (CI's two cores, shared with vLLM and the other
+    # test worker) may cancel after the server has finished: that try proves nothing either way and is run again.
+    for _ in range(3):
+        before = _metric(vllm_url, "vllm:generation_tokens_total")
+        cancel, events = threading.Event(), []
+        for event in remote.stream(remote.new_conversation(), user, options, cancel):
+            events.append(event)
+            if len(events) == 5:
+                cancel.set()
+        assert events[-1] == TurnEnd(StopReason.CANCELLED, 5)
+        deadline = time.monotonic() + 30
+        while _metric(vllm_url, "vllm:num_requests_running") > 0 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert _metric(vllm_url, "vllm:num_requests_running") == 0
+        settled = _metric(vllm_url, "vllm:generation_tokens_total") - before
+        time.sleep(1.0)
+        assert _metric(vllm_url, "vllm:generation_tokens_total") - before == settled  # and it stays stopped
+        counts.append(settled)
+        if settled < LONG_ANSWER:
+            break
+    assert counts[-1] < LONG_ANSWER // 2, f"the server generated {counts} tokens after each cancel"
 
 
 def _barge_in_chat(assistant: Assistant, tmp_path: Path) -> list[dict]:
