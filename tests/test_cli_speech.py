@@ -41,6 +41,13 @@ def test_tts_writes_speech_and_prints_text(models: Path, tmp_path: Path) -> None
     assert result.stdout.endswith("\n")
 
 
+def test_the_flag_knows_the_decoders_schedules() -> None:
+    from glmvoice_cli.commands.common import SCHEDULE_NAMES
+    from glmvoice_cli.decoder.speech_decoder import SCHEDULES
+
+    assert tuple(SCHEDULES) == SCHEDULE_NAMES  # the CLI's copy of the names (no torch at start-up) stays in step
+
+
 @pytest.mark.parametrize("schedule", ["default", "reference"])
 def test_tts_schedule_sets_the_decoders_blocks(models: Path, tmp_path: Path, schedule: str,
                                                monkeypatch: pytest.MonkeyPatch) -> None:

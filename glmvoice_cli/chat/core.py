@@ -488,9 +488,10 @@ class ConversationCore:
             self._turns += 1
             job.turn = self._turns
             self._open.append(job)
-        if job.samples is not None and self.store is not None:
-            job.audio_path = self.store.audio_name("user")
-        if self.store is not None:  # the answer's name now, not when it ends: a later turn's speech comes after
+        if self.store is not None:
+            if job.samples is not None:
+                job.audio_path = self.store.audio_name("user")
+            # the answer's name now, not when it ends: a later turn's speech comes after it
             job.answer_audio_path = self.store.audio_name("assistant")
         if job.samples is not None:
             self._emit(UserAudio(job.turn, job.samples, self.config.vad.sample_rate, job.audio_path,

@@ -48,17 +48,18 @@ MaxTokensOpt = Annotated[int | None, typer.Option(
     "--max-new-tokens", min=1, max=1_000_000, help="Cap on generated tokens per answer (or per piece / window).", rich_help_panel="Sampling")]
 SeedOpt = Annotated[int | None, typer.Option(
     "--seed", min=0, max=2**64 - 1, help="Seed for sampling and the decoder's noise (0 to 2**64-1).", rich_help_panel="Sampling")]
-SCHEDULE_NAMES = ("default", "reference")
+SCHEDULE_NAMES = ("default", "reference")  # decoder.speech_decoder.SCHEDULES' keys, without importing torch
 
 
-def _known_schedule(value: str) -> str:
+def known_schedule(value: str) -> str:
+    """`--schedule`'s check, at parse time (every command that takes it)."""
     if value not in SCHEDULE_NAMES:
-        raise typer.BadParameter(f"{value!r} is not one of {', '.join(SCHEDULE_NAMES)}")
+        raise typer.BadParameter(f"unknown schedule {value!r}: not one of {', '.join(SCHEDULE_NAMES)}")
     return value
 
 
 ScheduleOpt = Annotated[str, typer.Option(
-    "--schedule", callback=_known_schedule, autocompletion=lambda incomplete: [n for n in SCHEDULE_NAMES if n.startswith(incomplete)],
+    "--schedule", callback=known_schedule, autocompletion=lambda incomplete: [n for n in SCHEDULE_NAMES if n.startswith(incomplete)],
     help="Speech decoder blocks: 'default' (first audio after 10 tokens) or 'reference' (the GLM-4-Voice demo's: "
     "first block 25 tokens, the whole answer re-encoded as prompt, noise re-seeded per block).", rich_help_panel="Models")]
 CompileOpt = Annotated[bool | None, typer.Option(

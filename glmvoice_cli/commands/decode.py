@@ -20,6 +20,7 @@ from glmvoice_cli.commands.common import (
     DeviceOpt,
     ModelsOpt,
     ThreadsOpt,
+    known_schedule,
     status_line,
     use_threads,
 )
@@ -36,7 +37,6 @@ if TYPE_CHECKING:
     from glmvoice_cli.audio.devices import AudioSink
 
 _TOKEN_WORD = re.compile(r"[^\s,]+")  # ids are separated by whitespace and/or commas
-SCHEDULES = ("default", "reference")
 MAX_TOKEN_DIGITS = 9  # no speech vocabulary has a billion ids: longer digit runs are refused before int()
 SHOWN_VALUE_CHARS = 40  # a bad value is quoted in the error up to this length
 TOKENS_MAX_BYTES = 64 << 20  # ~10 million ids, nine days of speech: more is a wrong file (or /dev/zero)
@@ -150,7 +150,7 @@ def decode(
     models: ModelsOpt = None,
     stream: Annotated[bool, typer.Option("--stream", help="Decode block by block, as the assistant speaks.")] = False,
     schedule: Annotated[str, typer.Option(
-        "--schedule", help="With --stream: 'default' (first audio after 10 tokens) or 'reference' (the demo's).")
+        "--schedule", callback=known_schedule, help="With --stream: 'default' (first audio after 10 tokens) or 'reference' (the demo's).")
     ] = "default",
     seed: Annotated[int | None, typer.Option("--seed", help="Seed of the decoder's noise (default 0; the reference schedule always seeds 42).")] = None,
     device: DeviceOpt = None,
@@ -162,8 +162,6 @@ def decode(
 ) -> None:
     """Turn speech token ids (12.5 per second) into 22.05 kHz speech: played, written to a file, or both."""
     ids = read_tokens(tokens)
-    if schedule not in SCHEDULES:
-        raise UsageError(f"unknown schedule {schedule!r} (use {', '.join(SCHEDULES)})")
     if output is not None and output.suffix.lower() not in (".wav", ".flac", ".ogg"):
         raise UsageError(f"cannot write {output}: use a .wav, .flac or .ogg file name")
     from glmvoice_cli.device import DTYPES

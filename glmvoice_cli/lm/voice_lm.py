@@ -288,7 +288,6 @@ class VoiceLM:
         For input known ahead of its turn (the user's speech tokens while they speak): the next
         `prefill` whose ids start the same way only computes the rest.
         """
-
         target = conv.ids + ids
         self._check_slot(conv)
         _crop_cache(conv, min(common_prefix_length(conv.cached_ids, target), conv.stable))

@@ -66,6 +66,11 @@ def context_trimmed_note(event: ContextTrimmed) -> str:
             "them from now on (the session keeps them)")
 
 
+def judged_note(probability: float | None) -> str:
+    """", judged finished at 0.93" after a turn the end-of-turn detector ended ("" for one silence ended)."""
+    return f", judged finished at {probability:.2f}" if probability is not None else ""
+
+
 @dataclass(frozen=True)
 class DraftChanged:
     """The line being typed (not yet sent with Enter): the view shows it, since the terminal's own echo
@@ -277,8 +282,7 @@ def _user_line(turn: TurnView) -> Text:
     if turn.typed:
         line.append("(typed) ", style="dim")
     else:
-        judged = f", judged finished at {turn.judged:.2f}" if turn.judged is not None else ""
-        line.append(f"({turn.duration_s or 0.0:.1f} s{judged}) ", style="dim")
+        line.append(f"({turn.duration_s or 0.0:.1f} s{judged_note(turn.judged)}) ", style="dim")
     line.append(turn.text if turn.text else "[speech]", style="" if turn.text else "dim")
     return line
 

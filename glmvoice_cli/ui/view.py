@@ -12,7 +12,13 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, TextIO
 
 from glmvoice_cli.events import ContextTrimmed, Failed, TextDelta, TurnEnded, TurnJudged, UserUtterance
-from glmvoice_cli.ui.live_view import CONTEXT_FULL, CONTEXT_FULL_NOTE, context_trimmed_note, timings_text
+from glmvoice_cli.ui.live_view import (
+    CONTEXT_FULL,
+    CONTEXT_FULL_NOTE,
+    context_trimmed_note,
+    judged_note,
+    timings_text,
+)
 
 if TYPE_CHECKING:
     from glmvoice_cli.sessions.store import TurnRecord
@@ -62,7 +68,7 @@ class PlainView:
             elif event.duration_s > 0:
                 where = f" [{event.audio_path}]" if event.audio_path else ""
                 said = f" {event.text}" if event.text else ""
-                judged = f", judged finished at {self._judged.probability:.2f}" if self._judged else ""
+                judged = judged_note(self._judged.probability if self._judged else None)
                 self._write(f"you: ({event.duration_s:.2f} s of speech{judged}){where}{said}\n")
             self._judged = None
         elif isinstance(event, TurnJudged):
